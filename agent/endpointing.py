@@ -1,0 +1,164 @@
+"""Endpointing: from per-frame voice activity to turn boundaries.
+
+Feeds 16 kHz caller audio through a VoiceActivityDetector (re-chunked to the
+detector's frame size) and reports, with sample-exact timestamps:
+
+* SpeechStarted — `min_speech_ms` of voiced audio in a row;
+* SpeechPaused  — the first unvoiced frame after voiced ones (a chance to
+  start transcribing early);
+* SpeechResumed — voice again before the hangover expired;
+* SpeechEnded   — `hangover_ms` of silence: the turn is over.  It carries the
+  *true* end of speech, where the latency clock starts, not the moment the
+  hangover expired.
+
+The true end is refined below the detector's frame: webrtcvad keeps calling
+frames voiced for ~100 ms after the voice stops (its own internal hangover),
+which would start the latency clock late and flatter every figure.  So the
+end is moved back to the last 10 ms block whose energy is within
+`END_DROP_DB` of the utterance's loudest block, and the hangover is counted
+from there.
+
+Sample indices count from the start of the call, so callers can cut the
+utterance out of their audio history.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.protocols import SAMPLE_RATE, VoiceActivityDetector
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    sample: int       # first voiced sample
+    time: float
+
+
+@dataclass(frozen=True)
+class SpeechPaused:
+    sample: int       # end of the last voiced frame
+    time: float
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    sample: int
+    time: float
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    start_sample: int
+    end_sample: int   # end of the last voiced frame
+    speech_end: float  # when that sample arrived: the true end of speech
+    endpoint: float    # when the hangover expired
+
+
+EndpointEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
+
+BLOCK = 160               # 10 ms energy blocks for refining the end of speech
+END_DROP_DB = 30.0        # a block this far below the utterance's peak is silence
+END_FLOOR_DBFS = -55.0    # ... and so is anything below this absolute level
+END_SEARCH_S = 0.35       # how far back from the detector's last voiced frame to look
+
+
+def _block_levels(frame: np.ndarray) -> list[float]:
+    """dBFS of consecutive 10 ms blocks of a frame (the last block takes the remainder)."""
+    n = max(1, len(frame) // BLOCK)
+    levels = []
+    for k in range(n):
+        block = frame[k * BLOCK: len(frame) if k == n - 1 else (k + 1) * BLOCK].astype(np.float64)
+        rms = np.sqrt(np.mean(block * block)) / 32768.0 if len(block) else 0.0
+        levels.append(20 * np.log10(rms) if rms > 0 else -120.0)
+    return levels
+
+
+class Endpointer:
+    def __init__(self, vad: VoiceActivityDetector, *, min_speech_ms: int, hangover_ms: int):
+        self._vad = vad.new_stream()
+        self._threshold = vad.threshold
+        self._frame = vad.frame_samples
+        self._min_speech = max(1, round(min_speech_ms * SAMPLE_RATE / 1000))
+        self._hangover = round(hangover_ms * SAMPLE_RATE / 1000)
+        self._pending = np.zeros(0, np.int16)
+        self._pending_start = 0        # absolute index of _pending[0]
+        self.samples_seen = 0          # absolute index after the last sample fed
+        self.in_speech = False
+        self._run_start: int | None = None   # start of the current voiced run (before speech starts)
+        self._start_sample = 0
+        self._last_voiced_end = 0
+        self._last_voiced_time = 0.0
+        self._paused = False
+        self._peak_db = -120.0
+        # (end sample, arrival time of that sample, level) of recent 10 ms blocks
+        self._levels: deque[tuple[int, float, float]] = deque(maxlen=int(END_SEARCH_S * 100) + 8)
+
+    def feed(self, samples: np.ndarray, timestamp: float) -> list[EndpointEvent]:
+        """`samples`: int16 16 kHz; `timestamp`: arrival time of its last sample."""
+        events: list[EndpointEvent] = []
+        end_index = self.samples_seen + len(samples)
+        self.samples_seen = end_index
+        self._pending = np.concatenate([self._pending, samples.astype(np.int16, copy=False)])
+        while len(self._pending) >= self._frame:
+            frame = self._pending[: self._frame]
+            self._pending = self._pending[self._frame:]
+            frame_start = self._pending_start
+            frame_end = frame_start + self._frame
+            self._pending_start = frame_end
+            # Arrival time of this frame's last sample, from the chunk's timestamp.
+            frame_time = timestamp - (end_index - frame_end) / SAMPLE_RATE
+            voiced = self._vad.speech_probability(frame) >= self._threshold
+            levels = _block_levels(frame)
+            for k, level in enumerate(levels):
+                block_end = frame_start + (k + 1) * BLOCK if k < len(levels) - 1 else frame_end
+                self._levels.append((block_end, frame_time - (frame_end - block_end) / SAMPLE_RATE, level))
+            self._step(voiced, frame_start, frame_end, frame_time, events)
+        return events
+
+    def _step(self, voiced: bool, start: int, end: int, time: float, events: list[EndpointEvent]) -> None:
+        if not self.in_speech:
+            if not voiced:
+                self._run_start = None
+                return
+            if self._run_start is None:
+                self._run_start = start
+            if end - self._run_start >= self._min_speech:
+                self.in_speech = True
+                self._start_sample = self._run_start
+                self._last_voiced_end, self._last_voiced_time = end, time
+                self._paused = False
+                self._peak_db = max((lv for e, _, lv in self._levels if e > self._run_start), default=-120.0)
+                events.append(SpeechStarted(self._run_start, time - (end - self._run_start) / SAMPLE_RATE))
+            return
+        if voiced:
+            if self._paused:
+                self._paused = False
+                events.append(SpeechResumed(start, time))
+            self._last_voiced_end, self._last_voiced_time = end, time
+            self._peak_db = max([self._peak_db] + [lv for e, _, lv in self._levels if e > start])
+            return
+        if not self._paused:
+            self._paused = True
+            self._last_voiced_end, self._last_voiced_time = self._refined_end()
+            events.append(SpeechPaused(self._last_voiced_end, self._last_voiced_time))
+        if end - self._last_voiced_end >= self._hangover:
+            self.in_speech = False
+            self._run_start = None
+            self._paused = False
+            events.append(SpeechEnded(self._start_sample, self._last_voiced_end, self._last_voiced_time, time))
+
+    def _refined_end(self) -> tuple[int, float]:
+        """The end of the last loud 10 ms block at or before the detector's last voiced frame."""
+        floor = max(END_FLOOR_DBFS, self._peak_db - END_DROP_DB)
+        earliest = self._last_voiced_end - int(END_SEARCH_S * SAMPLE_RATE)
+        for block_end, block_time, level in reversed(self._levels):
+            if block_end > self._last_voiced_end:
+                continue
+            if block_end <= max(earliest, self._start_sample):
+                break
+            if level >= floor:
+                return block_end, block_time
+        return self._last_voiced_end, self._last_voiced_time

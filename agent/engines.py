@@ -1,0 +1,167 @@
+"""Build the process-wide engines from configuration.
+
+One registry per stage maps the configured engine name to a factory; the
+rest of the code only sees the protocols in models/protocols.py.  Factories
+import their engine lazily, so an engine that is not configured costs
+nothing.  Each process loads its engines once and shares them between calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from models.bundled import is_bundled, resolve_bundled
+from models.protocols import (
+    LanguageModel,
+    ModelUnavailable,
+    SpeechRecognizer,
+    SpeechSynthesizer,
+    VoiceActivityDetector,
+)
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+# ------------------------------------------------------------------ factories
+def _webrtc_vad(c: Config) -> VoiceActivityDetector:
+    from models.vad_webrtc import WebRtcVad
+
+    return WebRtcVad(aggressiveness=c.vad.aggressiveness, frame_ms=c.vad.frame_ms)
+
+
+def _silero_vad(c: Config) -> VoiceActivityDetector:
+    from models.vad_silero import SileroVad
+
+    return SileroVad(threshold=c.vad.threshold)
+
+
+def _whisper(c: Config) -> SpeechRecognizer:
+    from models.stt_whisper import WhisperRecognizer
+
+    return WhisperRecognizer(
+        c.stt.model,
+        device=c.stt.device,
+        compute_type=c.stt.compute_type,
+        cpu_threads=c.stt.cpu_threads,
+        beam_size=c.stt.beam_size,
+        language=c.stt.language or None,
+        padding=c.stt.padding,
+        allow_download=c.models.allow_download,
+    )
+
+
+def embedded_llm_dir(c: Config, progress: Progress = print) -> Path:
+    """The CTranslate2 directory for the embedded LLM, converting a GGUF once."""
+    ref = c.llm.model
+    path = resolve_bundled(ref) if is_bundled(ref) else Path(os.path.expanduser(ref))
+    if path.suffix == ".gguf":
+        from models.gguf_to_ct2 import ensure_ct2_from_gguf
+
+        return ensure_ct2_from_gguf(path, c.cache_path / "ct2", progress=progress)
+    if not path.is_dir():
+        raise ModelUnavailable(f"llm.model: {ref!r} is neither a .gguf file nor a CTranslate2 directory")
+    return path
+
+
+def _embedded_llm(c: Config) -> LanguageModel:
+    from models.llm_ct2 import CTranslate2ChatModel
+
+    return CTranslate2ChatModel(
+        embedded_llm_dir(c, progress=lambda m: log.info("%s", m)),
+        device=c.llm.device,
+        compute_type=c.llm.compute_type,
+        threads=c.llm.threads,
+    )
+
+
+def _openai_llm(c: Config) -> LanguageModel:
+    from models.llm_openai import OpenAIChatModel
+
+    return OpenAIChatModel(
+        c.llm.base_url,
+        c.llm.remote_model,
+        api_key=os.environ.get(c.llm.api_key_env) or None,
+        connect_timeout_s=c.llm.connect_timeout_s,
+        first_token_timeout_s=c.llm.first_token_timeout_s,
+    )
+
+
+def _piper(c: Config) -> SpeechSynthesizer:
+    from models.tts_piper import PiperSynthesizer
+
+    return PiperSynthesizer(c.tts.voice)
+
+
+def _espeak(c: Config) -> SpeechSynthesizer:
+    from models.tts_espeak import EspeakSynthesizer
+
+    return EspeakSynthesizer(c.tts.espeak_voice, speed_wpm=c.tts.espeak_speed_wpm)
+
+
+VAD_ENGINES: dict[str, Callable[[Config], VoiceActivityDetector]] = {"webrtc": _webrtc_vad, "silero": _silero_vad}
+STT_ENGINES: dict[str, Callable[[Config], SpeechRecognizer]] = {"faster-whisper": _whisper}
+LLM_ENGINES: dict[str, Callable[[Config], LanguageModel]] = {"embedded": _embedded_llm, "openai": _openai_llm}
+TTS_ENGINES: dict[str, Callable[[Config], SpeechSynthesizer]] = {"piper": _piper, "espeak": _espeak}
+
+
+# ------------------------------------------------------------------ the bundle
+@dataclass
+class Engines:
+    vad: VoiceActivityDetector
+    stt: SpeechRecognizer
+    llm: LanguageModel
+    tts: SpeechSynthesizer
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "vad": self.vad.name,
+            "stt": f"{self.stt.name} ({self.stt.device})",
+            "llm": self.llm.name,
+            "tts": self.tts.name,
+        }
+
+    async def aclose(self) -> None:
+        close = getattr(self.llm, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def load_engines(config: Config, progress: Progress = print) -> Engines:
+    """Load every configured engine (blocking: seconds on first run)."""
+
+    def timed(what: str, factory: Callable[[Config], object]):
+        t0 = time.perf_counter()
+        engine = factory(config)
+        progress(f"loaded {what}: {getattr(engine, 'name', '?')} in {time.perf_counter() - t0:.1f} s")
+        return engine
+
+    return Engines(
+        vad=timed("VAD", VAD_ENGINES[config.vad.engine]),
+        stt=timed("STT", STT_ENGINES[config.stt.engine]),
+        llm=timed("LLM", LLM_ENGINES[config.llm.engine]),
+        tts=timed("TTS", TTS_ENGINES[config.tts.engine]),
+    )
+
+
+async def warm_up(engines: Engines, config: Config) -> None:
+    """Run each local engine once so the first caller does not pay one-time costs.
+
+    A remote LLM is not warmed (that would cost the user tokens); its first
+    turn includes connection set-up, and the ledger shows it.
+    """
+    silence = np.zeros(16_000, np.float32)
+    await asyncio.to_thread(engines.stt.transcribe, silence)
+    await asyncio.to_thread(lambda: list(engines.tts.synthesize("Hello.")))
+    if config.llm.engine == "embedded":
+        async for _ in engines.llm.stream_chat([{"role": "user", "content": "Hi"}], max_tokens=2):
+            pass

@@ -1,0 +1,86 @@
+"""What a conversation tells the outside world (CLI, data channel, metrics).
+
+Plain dataclasses with a `kind`, so a transport can serialise them with
+`to_dict()` without knowing each type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .ledger import TurnLedger
+
+
+class TurnState(str, enum.Enum):
+    LISTENING = "listening"
+    CALLER_SPEAKING = "caller_speaking"
+    THINKING = "thinking"
+    AGENT_SPEAKING = "agent_speaking"
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    state: TurnState
+    kind: str = "state"
+
+
+@dataclass(frozen=True)
+class TranscriptEvent:
+    turn: int
+    text: str
+    final: bool
+    kind: str = "transcript"
+
+
+@dataclass(frozen=True)
+class AgentSpeech:
+    """A piece of the reply handed to TTS (the page shows it as it is spoken)."""
+
+    turn: int
+    text: str
+    kind: str = "agent_text"
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    turn: int
+    transcript: str
+    reply: str
+    ledger: TurnLedger
+    kind: str = "turn"
+
+
+@dataclass(frozen=True)
+class TurnDiscarded:
+    """Speech was detected but held no words (a cough, a click, noise)."""
+
+    turn: int
+    reason: str
+    kind: str = "turn_discarded"
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    """An engine failed for this turn; the call goes on."""
+
+    turn: int
+    error: str
+    kind: str = "turn_failed"
+
+
+Event = StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
+EventHandler = Callable[[Event], None]
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, TurnLedger):
+            value = value.to_dict()
+        elif isinstance(value, enum.Enum):
+            value = value.value
+        out[f.name] = value
+    return out

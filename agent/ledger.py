@@ -1,0 +1,126 @@
+"""The latency ledger: named marks of one turn on one monotonic clock.
+
+It is the single source for logs, the CLI report, the demo page, the metrics
+and the benchmarks.  Stage durations are derived from the marks along the
+critical path from the caller's true end of speech to the agent's first
+sound, so they add up to voice-to-voice exactly; work that ran in the
+shadow of another stage (for instance a transcription started during the
+endpointing silence) is reported as overlap instead of being counted twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Marks in the order they normally happen.
+MARKS = (
+    "speech_start",      # first voiced frame of the caller's turn
+    "speech_end",        # end of the last voiced frame: the true end of speech (clock starts here)
+    "stt_start",         # the final transcription started (may precede endpoint: early final)
+    "endpoint",          # the silence hangover expired: the turn is over
+    "stt_final",         # final transcript ready
+    "llm_start",         # request sent to the language model
+    "llm_first_token",   # first text from the language model
+    "first_sentence",    # first sentence/clause complete and handed to TTS
+    "tts_start",         # TTS started on the first piece
+    "tts_first_audio",   # TTS produced its first audio chunk
+    "first_audio_out",   # the transport played/sent the first agent audio frame
+    "llm_done",          # the language model finished
+    "last_audio_out",    # the last agent audio frame went out
+)
+
+#: Critical-path stages: (stage name, mark that ends it).  Each starts where the previous ended.
+STAGES = (
+    ("endpointing", "endpoint"),
+    ("stt", "stt_final"),
+    ("llm_first_token", "llm_first_token"),
+    ("first_sentence", "first_sentence"),
+    ("tts_first_audio", "tts_first_audio"),
+    ("send", "first_audio_out"),
+)
+
+
+@dataclass
+class TurnLedger:
+    turn: int
+    marks: dict[str, float] = field(default_factory=dict)
+    #: free-form facts about the turn: engines, speculation, word counts
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def mark(self, name: str, at: float) -> None:
+        """Record a mark; the first write wins so retries cannot move it."""
+        if name not in MARKS:
+            raise KeyError(f"unknown ledger mark {name!r}")
+        self.marks.setdefault(name, at)
+
+    def has(self, name: str) -> bool:
+        return name in self.marks
+
+    def between_ms(self, start: str, end: str) -> float | None:
+        if start in self.marks and end in self.marks:
+            return (self.marks[end] - self.marks[start]) * 1000.0
+        return None
+
+    @property
+    def voice_to_voice_ms(self) -> float | None:
+        return self.between_ms("speech_end", "first_audio_out")
+
+    def stages_ms(self) -> dict[str, float]:
+        """Critical-path durations from speech_end; they sum to voice_to_voice_ms.
+
+        A stage whose end mark came before the previous stage ended (it ran
+        in the shadow of an earlier one) counts 0 here; see overlaps_ms().
+        """
+        if "speech_end" not in self.marks:
+            return {}
+        out: dict[str, float] = {}
+        cursor = self.marks["speech_end"]
+        for stage, end_mark in STAGES:
+            if end_mark not in self.marks:
+                break
+            end = max(cursor, self.marks[end_mark])
+            out[stage] = (end - cursor) * 1000.0
+            cursor = end
+        return out
+
+    def overlaps_ms(self) -> dict[str, float]:
+        """Engine time that was hidden behind another stage (not in stages_ms)."""
+        out: dict[str, float] = {}
+        if {"stt_start", "endpoint"} <= self.marks.keys():
+            hidden = self.marks["endpoint"] - self.marks["stt_start"]
+            if hidden > 0:
+                out["stt_before_endpoint"] = hidden * 1000.0
+        return out
+
+    def relative_marks_ms(self) -> dict[str, float]:
+        """Marks in ms relative to speech_end (negative = before it), in MARKS order."""
+        origin = self.marks.get("speech_end")
+        if origin is None:
+            return {}
+        return {m: round((self.marks[m] - origin) * 1000.0, 1) for m in MARKS if m in self.marks}
+
+    def to_dict(self) -> dict[str, Any]:
+        v2v = self.voice_to_voice_ms
+        return {
+            "turn": self.turn,
+            "marks_ms": self.relative_marks_ms(),
+            "stages_ms": {k: round(v, 1) for k, v in self.stages_ms().items()},
+            "overlaps_ms": {k: round(v, 1) for k, v in self.overlaps_ms().items()},
+            "voice_to_voice_ms": None if v2v is None else round(v2v, 1),
+            "notes": dict(self.notes),
+        }
+
+    def format_table(self, budget_ms: float | None = None) -> str:
+        """A short human report: one line per critical-path stage."""
+        lines = [f"turn {self.turn} ledger (ms after the caller's true end of speech):"]
+        for stage, ms in self.stages_ms().items():
+            lines.append(f"  {stage:<16} {ms:8.1f}")
+        for name, ms in self.overlaps_ms().items():
+            lines.append(f"  ({name:<14} {ms:8.1f}  overlapped, not on the critical path)")
+        v2v = self.voice_to_voice_ms
+        if v2v is not None:
+            verdict = ""
+            if budget_ms is not None:
+                verdict = "  within budget" if v2v <= budget_ms else f"  over the {budget_ms:.0f} ms budget"
+            lines.append(f"  {'voice_to_voice':<16} {v2v:8.1f}{verdict}")
+        return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Transports and audio plumbing: files, WebRTC (aiortc), SIP + RTP."""

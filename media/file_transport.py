@@ -1,0 +1,76 @@
+"""The file transport: a WAV (or any audio file) plays the caller, in real time.
+
+The caller's audio is fed 20 ms at a time on the wall clock, exactly as a
+phone or browser would deliver it, so the ledger's latencies are real.  The
+agent's audio is pulled from the playout queue on the same 20 ms clock and
+placed on a timeline at the moment it would have been heard: OUT.wav lines
+up with IN.wav sample for sample.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from agent.audio import AudioFrame
+from agent.conversation import Conversation
+from models.protocols import SAMPLE_RATE
+
+from .pacing import Ticker
+
+FRAME_MS = 20
+
+
+@dataclass
+class FileCallResult:
+    #: agent audio on the caller's timeline, at the playout rate
+    timeline: np.ndarray
+    sample_rate: int
+    input_seconds: float
+    timed_out: bool = False
+
+
+@dataclass
+class FileCall:
+    conversation: Conversation
+    caller_audio: np.ndarray
+    #: keep the line open after the file ends until the agent is done, at most this long
+    max_tail_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _timeline: list[np.ndarray] = field(default_factory=list)
+
+    async def run(self) -> FileCallResult:
+        frame = SAMPLE_RATE * FRAME_MS // 1000
+        playout = self.conversation.playout
+        out_frame = playout.sample_rate * FRAME_MS // 1000
+        ticker = Ticker(FRAME_MS / 1000, self.clock)
+        silence = np.zeros(frame, np.int16)
+        n_frames = -(-len(self.caller_audio) // frame)
+        tail_limit = n_frames + int(self.max_tail_s * 1000 / FRAME_MS)
+        i = 0
+        timed_out = False
+        while True:
+            deadline = await ticker.wait()
+            # Agent audio that plays during this 20 ms slot.
+            pulled = playout.pull(out_frame)
+            self._timeline.append(pulled if pulled is not None else np.zeros(out_frame, np.int16))
+            # Caller audio whose last sample arrives at this deadline.
+            if i < n_frames:
+                chunk = self.caller_audio[i * frame:(i + 1) * frame]
+                if len(chunk) < frame:
+                    chunk = np.concatenate([chunk, silence[: frame - len(chunk)]])
+            else:
+                chunk = silence  # the caller stays on the line, silent, while the agent answers
+                if not self.conversation.busy:
+                    break
+                if i >= tail_limit:
+                    timed_out = True
+                    break
+            self.conversation.push_frame(AudioFrame(chunk, deadline))
+            i += 1
+            await asyncio.sleep(0)  # let STT/LLM/TTS tasks run between frames
+        return FileCallResult(np.concatenate(self._timeline), playout.sample_rate,
+                              len(self.caller_audio) / SAMPLE_RATE, timed_out)

@@ -1,0 +1,324 @@
+"""Embedded chat LLM on CTranslate2 (implements models.protocols.LanguageModel).
+
+Reads a CTranslate2 decoder model directory, as produced by
+``models.gguf_to_ct2.ensure_ct2_from_gguf`` (``sub300_llm.json`` holds the
+chat template and stop tokens) or by ``ct2-transformers-converter
+--copy_files tokenizer.json tokenizer_config.json`` for bigger models.
+Run time needs only ctranslate2, tokenizers and jinja2.
+
+Generation runs in one worker thread per call (``Generator.generate_batch``
+with a per-token callback); text pieces go to the asyncio consumer through
+``loop.call_soon_threadsafe``.  Closing or cancelling the consumer sets an
+event that the callback checks, so CTranslate2 stops at the next token and
+the worker thread ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+
+from .chat_template import render_chat
+from .device import Placement, select_placement
+from .gguf_to_ct2 import METADATA_FILE, TOKENIZER_FILE
+from .protocols import ChatMessage, ModelError, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+_STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
+
+
+class _Done:
+    pass
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = _Done()
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces whose concatenation equals
+    ``tokenizer.decode(all_ids)``.
+
+    It re-decodes a short window of recent ids and emits the new suffix, holding
+    back text that ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Any, skip_ids: frozenset[int] = frozenset()):
+        self._tok = tokenizer
+        self._skip = skip_ids
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window being re-decoded
+        self._read = 0    # ids before this are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        if token_id in self._skip:
+            return ""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            piece = new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        if self._read >= len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text):]
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):  # tokenizer_config.json AddedToken form
+        return value.get("content")
+    return value
+
+
+def _load_metadata(model_dir: Path, tokenizer: Any) -> dict[str, Any]:
+    meta_path = model_dir / METADATA_FILE
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    # A CT2 directory converted from a Hugging Face model with its tokenizer files copied.
+    meta: dict[str, Any] = {"model_name": model_dir.name}
+    tc_path = model_dir / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+    ct2_config_path = model_dir / "config.json"
+    ct2_config = json.loads(ct2_config_path.read_text()) if ct2_config_path.is_file() else {}
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja_file = model_dir / "chat_template.jinja"
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text()
+    meta["chat_template"] = template
+    meta["bos_token"] = _token_content(tc.get("bos_token")) or ct2_config.get("bos_token")
+    meta["eos_token"] = _token_content(tc.get("eos_token")) or ct2_config.get("eos_token")
+    meta["add_bos_token"] = bool(tc.get("add_bos_token", False))
+    for key in ("bos", "eos"):
+        tok = meta[f"{key}_token"]
+        meta[f"{key}_token_id"] = tokenizer.token_to_id(tok) if tok else None
+    meta["context_length"] = tc.get("model_max_length") if isinstance(tc.get("model_max_length"), int) and tc["model_max_length"] < 10**7 else None
+    return meta
+
+
+class CTranslate2ChatModel:
+    """A chat model on CTranslate2, streamed token by token."""
+
+    def __init__(self, model_dir: Path, *, device: str = "auto", compute_type: str = "auto", threads: int = 0):
+        model_dir = Path(model_dir)
+        if not (model_dir / "model.bin").is_file():
+            raise ModelUnavailable(f"no CTranslate2 model (model.bin) in {model_dir}")
+        if not (model_dir / TOKENIZER_FILE).is_file():
+            raise ModelUnavailable(f"no {TOKENIZER_FILE} in {model_dir}; the LLM needs its tokenizer")
+        try:
+            import ctranslate2
+            from tokenizers import Tokenizer
+        except ImportError as exc:  # pragma: no cover - both are hard dependencies
+            raise ModelUnavailable(f"CTranslate2 LLM needs ctranslate2 and tokenizers: {exc}") from exc
+
+        self.model_dir = model_dir
+        try:
+            self._tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+            self._meta = _load_metadata(model_dir, self._tokenizer)
+        except Exception as exc:
+            raise ModelUnavailable(f"cannot read the tokenizer/metadata in {model_dir}: {exc}") from exc
+        self.name = f"ct2:{self._meta.get('model_name') or model_dir.name}"
+        self.placement: Placement = select_placement(
+            self.name, device, compute_type, cpu_default="float32"
+        )
+        self.threads = threads or os.cpu_count() or 1
+        t0 = time.monotonic()
+        try:
+            self._generator = ctranslate2.Generator(
+                str(model_dir),
+                device=self.placement.device,
+                compute_type=self.placement.compute_type,
+                intra_threads=self.threads,
+                inter_threads=1,
+            )
+        except Exception as exc:
+            raise ModelUnavailable(f"CTranslate2 could not load {model_dir} on {self.placement}: {exc}") from exc
+        log.info("%s loaded on %s in %.2f s", self.name, self.placement, time.monotonic() - t0)
+
+        stop_ids = set(self._meta.get("stop_token_ids") or [])
+        if self._meta.get("eos_token_id") is not None:
+            stop_ids.add(int(self._meta["eos_token_id"]))
+        for tok in _STOP_TOKEN_NAMES:
+            tid = self._tokenizer.token_to_id(tok)
+            if tid is not None:
+                stop_ids.add(tid)
+        self._stop_ids = frozenset(stop_ids)
+        self._end_tokens = [self._tokenizer.id_to_token(i) for i in sorted(self._stop_ids)]
+        self.context_length: int | None = self._meta.get("context_length")
+
+    @property
+    def device(self) -> str:
+        return str(self.placement)
+
+    # ------------------------------------------------------------ prompt
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        return render_chat(
+            self._meta.get("chat_template"),
+            messages,
+            add_generation_prompt=True,
+            bos_token=self._meta.get("bos_token"),
+            eos_token=self._meta.get("eos_token"),
+        )
+
+    def encode_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        ids = self._tokenizer.encode(self.render_prompt(messages), add_special_tokens=False).ids
+        bos = self._meta.get("bos_token_id")
+        if self._meta.get("add_bos_token") and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def _fit_prompt(self, messages: Sequence[ChatMessage], max_tokens: int) -> list[int]:
+        """Encode, dropping the oldest non-system turns if the context would overflow."""
+        msgs = list(messages)
+        ids = self.encode_prompt(msgs)
+        limit = self.context_length
+        if not limit:
+            return ids
+        while len(ids) + max_tokens > limit:
+            drop = next((i for i, m in enumerate(msgs[:-1]) if m.get("role") != "system"), None)
+            if drop is None:
+                raise ModelError(
+                    f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the "
+                    f"{limit}-token context of {self.name}"
+                )
+            del msgs[drop]
+            ids = self.encode_prompt(msgs)
+        return ids
+
+    # -------------------------------------------------------- generation
+    def _generate(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float,
+        emit: Callable[[str], None],
+        stop: threading.Event,
+    ) -> None:
+        """Blocking: generate, calling ``emit`` with each text piece, until done or ``stop``."""
+        decoder = IncrementalDecoder(self._tokenizer, self._stop_ids)
+        callback_error: list[BaseException] = []
+        stop_ids = self._stop_ids
+
+        def on_step(step: Any) -> bool:
+            try:
+                if stop.is_set():
+                    return True
+                if step.token_id in stop_ids:
+                    return True
+                piece = decoder.add(step.token_id)
+                if piece:
+                    emit(piece)
+                return stop.is_set()
+            except BaseException as exc:  # never let an exception cross into C++
+                callback_error.append(exc)
+                return True
+
+        if temperature and temperature > 0:
+            sampling = {"sampling_topk": 50, "sampling_topp": 0.95, "sampling_temperature": float(temperature)}
+        else:
+            sampling = {"sampling_topk": 1}
+        tokens = [self._tokenizer.id_to_token(i) for i in prompt_ids]
+        try:
+            self._generator.generate_batch(
+                [tokens],
+                max_length=max_tokens,
+                beam_size=1,
+                include_prompt_in_result=False,
+                end_token=self._end_tokens,
+                callback=on_step,
+                **sampling,
+            )
+        except Exception as exc:
+            raise ModelError(f"{self.name} generation failed: {exc}") from exc
+        if callback_error:
+            raise ModelError(f"{self.name} streaming failed: {callback_error[0]}") from callback_error[0]
+        if not stop.is_set():
+            tail = decoder.flush()
+            if tail:
+                emit(tail)
+
+    def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int, temperature: float = 0.0) -> str:
+        """Blocking, non-streamed answer (same generation path as ``stream_chat``)."""
+        pieces: list[str] = []
+        if max_tokens < 1:
+            return ""
+        self._generate(self._fit_prompt(messages, max_tokens), max_tokens, temperature, pieces.append, threading.Event())
+        return "".join(pieces)
+
+    async def stream_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[str]:
+        if max_tokens < 1:
+            return
+        prompt_ids = self._fit_prompt(messages, max_tokens)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        finished: asyncio.Future[None] = loop.create_future()
+        stop = threading.Event()
+
+        def post(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                stop.set()
+
+        def mark_finished() -> None:
+            if not finished.done():
+                finished.set_result(None)
+
+        def worker() -> None:
+            try:
+                self._generate(prompt_ids, max_tokens, temperature, post, stop)
+            except BaseException as exc:
+                post(_Failed(exc))
+            finally:
+                post(_DONE)
+                try:
+                    loop.call_soon_threadsafe(mark_finished)
+                except RuntimeError:
+                    pass
+
+        thread = threading.Thread(target=worker, name=f"llm-{self.name}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failed):
+                    if isinstance(item.exc, ModelError):
+                        raise item.exc
+                    raise ModelError(f"{self.name} generation failed: {item.exc}") from item.exc
+                yield item
+        finally:
+            stop.set()
+            if not finished.done():
+                # The callback sees `stop` at the next token; a long prompt's prefill
+                # cannot be interrupted, so wait without blocking the event loop.
+                await asyncio.shield(finished)
+            thread.join(timeout=1.0)

@@ -1,0 +1,276 @@
+"""A LanguageModel that streams from any OpenAI-compatible chat endpoint.
+
+vLLM, SGLang, llama.cpp's server, a hosted API, or another sub300's own
+``/v1/chat/completions`` (web/openai_api.py): the request is
+``POST {base_url}/chat/completions`` with ``stream: true`` and the answer is
+read as server-sent events, one ``chat.completion.chunk`` per ``data:`` line,
+until ``data: [DONE]``.
+
+Every failure becomes an EndpointError that names the URL: connection
+refused, DNS, a timeout, an HTTP error status (with a short excerpt of the
+body), an error event inside the stream, or a stream that cannot be parsed.
+Nothing waits forever: connecting is bounded by ``connect_timeout_s``, the
+first token by ``first_token_timeout_s`` (counted from the request's start),
+and every later gap between two reads by ``idle_timeout_s``.  Cancelling the
+consumer (or ``aclose()`` on the iterator) closes the HTTP connection at once,
+which is how a server such as vLLM learns to stop generating.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Sequence
+
+import aiohttp
+
+from .protocols import ChatMessage, EndpointError
+
+#: how much of an error body goes into the exception message
+_BODY_EXCERPT_CHARS = 300
+
+
+class OpenAIChatModel:
+    """Streams chat completions from an OpenAI-compatible HTTP endpoint."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout_s: float = 3.0,
+        first_token_timeout_s: float = 10.0,
+        idle_timeout_s: float = 10.0,
+        extra_body: dict | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.model = model
+        self.name = f"openai:{model}"
+        self._api_key = api_key
+        self.connect_timeout_s = connect_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.extra_body = dict(extra_body or {})
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatModel({self.url!r}, model={self.model!r})"
+
+    # ------------------------------------------------------------ session
+    def _get_session(self) -> aiohttp.ClientSession:
+        """The shared HTTP session, created lazily in the running loop."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            headers = {"Accept": "text/event-stream"}
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            self._session = aiohttp.ClientSession(
+                headers=headers,
+                # connect covers DNS and the TCP/TLS handshake; reads are
+                # bounded per read in stream_chat (first token, then idle).
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.connect_timeout_s, sock_connect=self.connect_timeout_s
+                ),
+                # no pool limit: a wait for a free pooled connection would eat
+                # into the connect timeout under many concurrent calls.
+                connector=aiohttp.TCPConnector(limit=0),
+            )
+            self._session_loop = loop
+        return self._session
+
+    async def aclose(self) -> None:
+        session, self._session, self._session_loop = self._session, None, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    # ------------------------------------------------------------ request
+    def _payload(self, messages: Sequence[ChatMessage], max_tokens: int, temperature: float) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "max_tokens": int(max_tokens),
+            "temperature": float(temperature),
+            "stream": True,
+        }
+        body.update(self.extra_body)
+        return body
+
+    def _error(self, what: str) -> EndpointError:
+        return EndpointError(f"LLM endpoint {self.url}: {what}")
+
+    async def stream_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[str]:
+        """Yield the content pieces of the streamed answer, in order."""
+        payload = self._payload(messages, max_tokens, temperature)
+        session = self._get_session()
+        loop = asyncio.get_running_loop()
+        first_deadline = loop.time() + self.first_token_timeout_s
+        got_token = False
+
+        def read_deadline() -> float:
+            return first_deadline if not got_token else loop.time() + self.idle_timeout_s
+
+        def timeout_error() -> EndpointError:
+            if got_token:
+                return self._error(f"no data for {self.idle_timeout_s:g} s (idle timeout)")
+            return self._error(f"no first token within {self.first_token_timeout_s:g} s")
+
+        try:
+            async with asyncio.timeout_at(first_deadline):
+                resp = await session.post(self.url, json=payload)
+        except TimeoutError:
+            # aiohttp's own connect timeout also lands here (it is a TimeoutError)
+            raise self._error(
+                f"timed out connecting or waiting for the response "
+                f"(connect {self.connect_timeout_s:g} s, first token {self.first_token_timeout_s:g} s)"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise self._error(f"cannot connect ({exc.os_error or exc})") from exc
+        except aiohttp.ClientError as exc:
+            raise self._error(f"request failed ({type(exc).__name__}: {exc})") from exc
+
+        finished_cleanly = False
+        try:
+            if resp.status >= 400:
+                raise self._error(f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+                                  + await self._body_excerpt(resp))
+            ctype = resp.content_type
+            if ctype == "application/json":
+                # A server that ignored stream=true and answered in one piece.
+                try:
+                    async with asyncio.timeout_at(read_deadline()):
+                        raw = await resp.read()
+                except TimeoutError:
+                    raise timeout_error() from None
+                text = self._content_of_completion(raw)
+                if text:
+                    yield text
+                finished_cleanly = True
+                return
+            if ctype != "text/event-stream":
+                raise self._error(f"unexpected content type {ctype!r}" + await self._body_excerpt(resp))
+
+            data_lines: list[str] = []
+            finish_reason: str | None = None
+            while True:
+                try:
+                    async with asyncio.timeout_at(read_deadline()):
+                        raw_line = await resp.content.readline()
+                except TimeoutError:
+                    raise timeout_error() from None
+                except ValueError as exc:  # a line beyond the reader's limit
+                    raise self._error(f"malformed event stream ({exc})") from exc
+                except aiohttp.ClientError as exc:
+                    raise self._error(f"connection lost while streaming ({type(exc).__name__}: {exc})") from exc
+                at_eof = raw_line == b""
+                line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
+                if line and not at_eof:
+                    if line.startswith(":"):
+                        continue  # SSE comment / keep-alive
+                    field, _, value = line.partition(":")
+                    if field == "data":
+                        data_lines.append(value[1:] if value.startswith(" ") else value)
+                    elif field not in ("event", "id", "retry"):
+                        raise self._error(f"malformed event stream line {line[:80]!r}")
+                    continue
+                if at_eof and line:
+                    # last line without its newline: still one field of the event
+                    if line.startswith("data:"):
+                        data_lines.append(line[5:].lstrip(" "))
+                # blank line (or end of stream): dispatch the event
+                if data_lines:
+                    data, data_lines = "\n".join(data_lines), []
+                    if data.strip() == "[DONE]":
+                        finished_cleanly = True
+                        return
+                    piece, reason = self._parse_chunk(data)
+                    if reason:
+                        finish_reason = reason
+                    if piece:
+                        got_token = True
+                        yield piece
+                if at_eof:
+                    if finish_reason is None:
+                        raise self._error("stream ended before [DONE] or a finish_reason")
+                    finished_cleanly = True  # some servers close without [DONE]
+                    return
+        finally:
+            if finished_cleanly:
+                resp.release()
+            else:
+                # cancelled, closed early or failed: drop the connection so the
+                # server sees the disconnect and stops generating.
+                resp.close()
+
+    # ------------------------------------------------------------ parsing
+    async def _body_excerpt(self, resp: aiohttp.ClientResponse) -> str:
+        try:
+            async with asyncio.timeout(min(2.0, self.idle_timeout_s)):
+                raw = await resp.content.read(4096)
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return ""
+        text = raw.decode("utf-8", errors="replace").strip()
+        try:  # OpenAI-style {"error": {"message": ...}}
+            err = json.loads(text).get("error")
+            if isinstance(err, dict) and err.get("message"):
+                text = str(err["message"])
+            elif isinstance(err, str):
+                text = err
+        except (ValueError, AttributeError):
+            pass
+        text = " ".join(text.split())
+        if len(text) > _BODY_EXCERPT_CHARS:
+            text = text[:_BODY_EXCERPT_CHARS] + "…"
+        return f": {text}" if text else ""
+
+    def _parse_chunk(self, data: str) -> tuple[str, str | None]:
+        """One ``chat.completion.chunk`` → (content piece, finish_reason)."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise self._error(f"malformed event data {data[:80]!r}") from None
+        if not isinstance(obj, dict):
+            raise self._error(f"malformed event data {data[:80]!r}")
+        if obj.get("error"):
+            err = obj["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            raise self._error(f"error in stream: {str(msg)[:_BODY_EXCERPT_CHARS]}")
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            raise self._error(f"chunk without choices: {data[:80]!r}")
+        if not choices:
+            return "", None  # e.g. a final usage-only chunk
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise self._error(f"malformed choice in chunk: {data[:80]!r}")
+        delta = choice.get("delta") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if content is not None and not isinstance(content, str):
+            raise self._error(f"non-text delta content: {data[:80]!r}")
+        return content or "", choice.get("finish_reason")
+
+    def _content_of_completion(self, raw: bytes) -> str:
+        try:
+            obj = json.loads(raw)
+            if obj.get("error"):
+                raise self._error(f"error: {str(obj['error'])[:_BODY_EXCERPT_CHARS]}")
+            content = obj["choices"][0]["message"]["content"]
+        except EndpointError:
+            raise
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise self._error(f"malformed completion {raw[:80]!r}") from None
+        if content is not None and not isinstance(content, str):
+            raise self._error(f"non-text completion content {raw[:80]!r}")
+        return content or ""
+
+
+__all__ = ["OpenAIChatModel"]

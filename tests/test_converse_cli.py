@@ -1,0 +1,133 @@
+"""`sub300 converse` end to end: real engines, bundled models, real-time pacing.
+
+A spoken question made at test time with espeak-ng goes in; the agent's
+spoken answer comes out; transcribing that answer back gives the words of
+the reply text — a round trip through VAD, STT, LLM and TTS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from agent.audio import int16_to_float32
+from media.audio_file import read_audio
+
+from .speech import compose, save, speak, voiced_span
+
+ORDER = ["speech_start", "speech_end", "endpoint", "stt_final", "llm_start", "llm_first_token",
+         "first_sentence", "tts_start", "tts_first_audio", "first_audio_out", "last_audio_out"]
+
+
+def converse(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
+    return subprocess.run([sys.executable, "-m", "agent.cli", "converse", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+@pytest.fixture(scope="module")
+def one_question(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("converse")
+    caller = compose(0.8, speak("What is the capital of France?"), 1.0)
+    wav = save(tmp / "question.wav", caller)
+    out = tmp / "answer.wav"
+    result = converse(str(wav), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    turns = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return caller, out, turns, result
+
+
+def test_question_is_heard_and_answered(one_question):
+    _, _, turns, _ = one_question
+    assert len(turns) == 1
+    turn = turns[0]
+    assert {"capital", "france"} <= words(turn["transcript"]), turn["transcript"]
+    assert turn["reply"].strip()
+
+
+def test_ledger_marks_are_ordered_and_stages_add_up(one_question):
+    turn = one_question[2][0]
+    marks = turn["marks"]
+    assert set(ORDER) <= set(marks), set(ORDER) - set(marks)
+    assert marks["speech_end"] == 0.0
+    seq = [marks[m] for m in ORDER if m != "stt_final"]
+    assert seq == sorted(seq), marks
+    assert marks["stt_final"] <= marks["llm_start"]
+    assert sum(turn["stages_ms"].values()) == pytest.approx(turn["voice_to_voice_ms"], abs=0.5)
+    assert turn["voice_to_voice_ms"] == pytest.approx(marks["first_audio_out"], abs=0.2)
+    assert turn["voice_to_voice_ms"] > 0
+
+
+def test_answer_audio_is_speech_and_says_the_reply(one_question, engines):
+    caller, out, turns, _ = one_question
+    agent = read_audio(out)  # OUT.wav is resampled back to 16 kHz for the checks
+    span = voiced_span(agent)
+    assert span is not None, "the agent's audio is silent"
+    transcript = engines.stt.transcribe(int16_to_float32(agent[int(span[0] * 16000):])).text
+    reply_words, heard = words(turns[0]["reply"]), words(transcript)
+    common = reply_words & heard
+    assert len(common) >= max(2, len(reply_words) // 2), (turns[0]["reply"], transcript)
+
+
+def test_out_wav_is_on_the_callers_timeline(one_question):
+    """The agent's first sound sits where the ledger says: speech_end + voice_to_voice."""
+    caller, out, turns, _ = one_question
+    agent = read_audio(out)
+    caller_end = voiced_span(caller)[1]
+    agent_start = voiced_span(agent)[0]
+    measured_ms = (agent_start - caller_end) * 1000
+    # 20 ms frames on both sides + the refinement of the end of speech + Piper's soft onset
+    assert measured_ms == pytest.approx(turns[0]["voice_to_voice_ms"], abs=80), measured_ms
+
+
+def test_two_questions_give_two_turns_with_history(tmp_path):
+    caller = compose(0.5, speak("What is the capital of France?"), 2.5,
+                     speak("How many days are in a week?"), 1.0)
+    result = converse(str(save(tmp_path / "two.wav", caller)), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    turns = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [t["turn"] for t in turns] == [1, 2]
+    assert "france" in words(turns[0]["transcript"])
+    assert {"days", "week"} <= words(turns[1]["transcript"])
+
+
+def test_silence_only_gives_no_turn(tmp_path):
+    rng = np.random.default_rng(1)
+    quiet = compose(2.0, rng.normal(0, 20, 16000).astype(np.int16), 1.0)
+    result = converse(str(save(tmp_path / "quiet.wav", quiet)), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == ""
+    assert "no turn was answered" in result.stderr
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.wav", None, "no such file"),
+    ("empty.wav", b"", "empty file"),
+    ("noise.wav", b"this is not audio at all" * 20, "cannot decode"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    result = converse(str(path), timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_file(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = save(tmp_path / "locked.wav", compose(1.0))
+    path.chmod(0)
+    result = converse(str(path), timeout=60)
+    assert result.returncode == 2 and "not readable" in result.stderr

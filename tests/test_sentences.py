@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from agent.sentences import SentenceSplitter, clean_for_speech
+
+
+def split(tokens: list[str], min_clause_chars: int = 12) -> list[str]:
+    splitter = SentenceSplitter(min_clause_chars)
+    out = []
+    for token in tokens:
+        out += splitter.push(token)
+    return out + splitter.flush()
+
+
+def test_sentences_come_out_as_soon_as_the_next_token_confirms_them():
+    splitter = SentenceSplitter()
+    assert splitter.push("The capital of France is Paris.") == []  # could still be "Paris.com"
+    assert splitter.push(" It") == ["The capital of France is Paris."]
+    assert splitter.flush() == ["It"]
+
+
+def test_numbers_and_abbreviations_do_not_split():
+    assert split(["It costs 3", ".", "5 euros. Dr", ". Smith agrees."]) == ["It costs 3.5 euros.", "Dr. Smith agrees."]
+
+
+def test_only_the_first_piece_splits_at_a_clause_and_only_when_long_enough():
+    assert split(["Yes, the capital of France, as you know, is Paris. Well, ", "it is."]) == [
+        "Yes, the capital of France,", "as you know, is Paris.", "Well, it is."]
+    assert split(["Yes, indeed."], min_clause_chars=0) == ["Yes,", "indeed."]
+
+
+def test_markdown_is_not_read_aloud():
+    assert clean_for_speech("**Paris** is the `capital`\n- item") == "Paris is the capital item"
+    assert split(["*** ", "Hello."]) == ["Hello."]
+
+
+def test_empty_stream():
+    assert split([]) == []
+    assert split(["   "]) == []

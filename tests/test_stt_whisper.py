@@ -1,0 +1,160 @@
+"""Whisper STT with the bundled tiny.en model, fed speech that espeak-ng makes at test time."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.protocols import SAMPLE_RATE, ModelUnavailable, SpeechRecognizer
+from models.stt_whisper import WhisperRecognizer, trim_repetition
+from models.text_normalize import normalize, wer
+
+SENTENCE = "Please call me back tomorrow morning about the weather report."
+KEY_WORDS = {"call", "tomorrow", "morning", "weather"}
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def _read_16k(path: Path) -> np.ndarray:
+    import av
+
+    out = []
+    with av.open(str(path)) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        for frame in container.decode(audio=0):
+            out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+        out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    return np.concatenate(out).astype(np.float32)
+
+
+def speak(text: str, tmp: Path) -> np.ndarray:
+    wav = tmp / "speech.wav"
+    subprocess.run(["espeak-ng", "-s", "150", "-w", str(wav), text], check=True, capture_output=True)
+    return _read_16k(wav)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed")
+    return speak(SENTENCE, tmp_path_factory.mktemp("tts"))
+
+
+@pytest.fixture(scope="module", params=["short", "full"])
+def recognizer(request) -> WhisperRecognizer:
+    return WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", cpu_threads=2, padding=request.param)
+
+
+# ------------------------------------------------------------ real model
+@pytest.mark.slow
+@needs_espeak
+def test_transcribes_spoken_sentence(recognizer, speech):
+    assert isinstance(recognizer, SpeechRecognizer)
+    assert recognizer.device == "cpu/int8"
+    tr = recognizer.transcribe(speech)
+    words = set(normalize(tr.text).split())
+    assert KEY_WORDS <= words, tr.text
+    assert tr.audio_seconds == pytest.approx(len(speech) / SAMPLE_RATE)
+    assert tr.inference_seconds > 0
+
+
+@pytest.mark.slow
+def test_silence_and_empty_give_empty_text(recognizer):
+    assert recognizer.transcribe(np.zeros(2 * SAMPLE_RATE, np.float32)).text == ""
+    assert recognizer.transcribe(np.zeros(0, np.float32)).text == ""
+    assert recognizer.transcribe(np.zeros(400, np.float32)).text == ""  # 25 ms
+    quiet = np.random.default_rng(0).normal(0, 3e-4, 2 * SAMPLE_RATE).astype(np.float32)
+    assert recognizer.transcribe(quiet).text == ""
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_concurrent_calls_from_two_threads(speech):
+    rec = WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", cpu_threads=1, padding="short")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(rec.transcribe, [speech, speech[: len(speech) // 2]]))
+    assert KEY_WORDS <= set(normalize(results[0].text).split()), results[0].text
+    assert results[1].text  # the first half of the sentence, whatever it says
+    assert results[0].text == rec.transcribe(speech).text  # same answer as a lone call
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_short_mode_falls_back_to_full_past_30_seconds(speech):
+    rec = WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", padding="short")
+    gap = np.zeros(SAMPLE_RATE, np.float32)
+    long = np.concatenate([speech, gap] * (int(31 * SAMPLE_RATE / (len(speech) + len(gap))) + 1))
+    assert len(long) > 30 * SAMPLE_RATE
+    tr = rec.transcribe(long)
+    assert "weather" in normalize(tr.text)
+
+
+# ------------------------------------------------------------ loading errors
+def test_missing_local_directory_is_model_unavailable(tmp_path):
+    with pytest.raises(ModelUnavailable):
+        WhisperRecognizer(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_directory_without_weights_is_model_unavailable(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelUnavailable, match="model.bin"):
+        WhisperRecognizer(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["sub300-test/not-a-cached-whisper", "distil-large-v3-not-a-size"])
+def test_uncached_hub_name_without_download_is_model_unavailable_quickly(name):
+    t0 = time.monotonic()
+    with pytest.raises(ModelUnavailable):
+        WhisperRecognizer(name, device="cpu", allow_download=False)
+    assert time.monotonic() - t0 < 10
+
+
+def test_unknown_bundled_name_is_model_unavailable():
+    with pytest.raises(ModelUnavailable):
+        WhisperRecognizer("bundled:whisper-huge", device="cpu")
+
+
+def test_bad_padding_is_rejected():
+    with pytest.raises(ValueError):
+        WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", padding="medium")
+
+
+# ------------------------------------------------------------ pure helpers
+@pytest.mark.parametrize(
+    "text, seconds, expected",
+    [
+        ("Thank you. Thank you. Thank you. Thank", 0.8, "Thank you."),
+        ("added added added added", 0.6, "added"),
+        ("Your call cannot be completed. Your call cannot be completed. Your", 2.0, "Your call cannot be completed."),
+        ("bye bye", 0.8, "bye bye"),  # a normal rate: kept
+        ("Press one to continue.", 2.0, "Press one to continue."),
+    ],
+)
+def test_trim_repetition(text, seconds, expected):
+    assert trim_repetition(text, seconds) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Please press 1, then #.", "please press 1 then pound"),
+        ("please press one then pound", "please press 1 then pound"),
+        ("Twenty-one o'clock", "21 oclock"),
+        ("one two three", "1 2 3"),
+        ("one hundred and five", "105"),
+        ("You're the twenty first caller; we can't wait!", "you are the 21st caller we can not wait"),
+        ("[this is a simple beep tone]", ""),
+        ("Um, Mr. Smith's   A.M. call-forward", "mister smith is am call forward"),
+    ],
+)
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+def test_wer_counts_words_over_reference():
+    assert wer(["Press one.", "Thank you"], ["press 1", "thank you very much"]) == pytest.approx(2 / 4)

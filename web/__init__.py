@@ -1,0 +1,1 @@
+"""aiohttp application: signalling, demo page, metrics, OpenAI-compatible endpoint."""

@@ -1,0 +1,333 @@
+"""sub300's own OpenAI-compatible endpoint, serving any LanguageModel.
+
+``POST /v1/chat/completions`` answers with a ``chat.completion`` JSON, or with
+``stream: true`` as server-sent events of ``chat.completion.chunk`` objects
+ending with ``data: [DONE]``; ``GET /v1/models`` lists the one model.  Any
+OpenAI client (or another sub300 through models/llm_openai.py) can then use
+the embedded model.
+
+Differences from OpenAI's API, on purpose:
+
+* ``temperature`` defaults to 0 (greedy), the LanguageModel default, not 1.
+* ``n`` must be 1; tools, function calls and non-text content parts are refused
+  with 400; ``stop`` (up to 4 strings) is applied here, on the text.
+* ``finish_reason`` is ``"length"`` when the model yielded ``max_tokens``
+  pieces (engines yield about one piece per token), otherwise ``"stop"``.
+* No ``usage``: the LanguageModel interface does not count tokens.
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type"}}``: 400 for a bad
+request, 401 for a wrong key (only when ``api_key`` is given), 502 when the
+model is itself a remote endpoint that failed, 500 for another model failure.
+A failure after the stream has started arrives as one ``data: {"error": …}``
+event, and the stream ends without ``[DONE]``.  When the client goes away,
+the model's iterator is closed at the next piece, which stops its generation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextlib import suppress
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from models.protocols import EndpointError, LanguageModel, ModelError
+
+log = logging.getLogger(__name__)
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_MAX_STOPS = 4
+
+
+class BadRequest(ValueError):
+    """A request that does not follow the chat-completions schema."""
+
+
+def _error_response(status: int, message: str, err_type: str, *, code: str | None = None) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": err_type, "param": None, "code": code}}, status=status
+    )
+
+
+# --------------------------------------------------------------- validation
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _message_text(i: int, content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
+
+
+def parse_chat_request(body: Any, default_max_tokens: int) -> dict[str, Any]:
+    """Validate a chat-completions body; returns the arguments for the model."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' is required and must be a non-empty array")
+    clean: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {sorted(_ROLES)}")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise BadRequest(f"messages[{i}]: tool calls are not supported")
+        clean.append({"role": _ROLES[role], "content": _message_text(i, m.get("content"))})
+
+    if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
+        raise BadRequest("'model' must be a string")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean")
+
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    elif not _is_int(max_tokens) or max_tokens < 1:
+        raise BadRequest("'max_tokens' must be a positive integer")
+
+    temperature = body.get("temperature")
+    if temperature is None:
+        temperature = 0.0
+    elif not _is_number(temperature) or not 0 <= temperature <= 2:
+        raise BadRequest("'temperature' must be a number between 0 and 2")
+
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise BadRequest("only n=1 is supported")
+    if body.get("tools") or body.get("functions"):
+        raise BadRequest("tools and functions are not supported")
+
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= _MAX_STOPS:
+        stops = list(stop)
+    else:
+        raise BadRequest(f"'stop' must be a string or an array of at most {_MAX_STOPS} strings")
+    stops = [s for s in stops if s]
+
+    return {
+        "messages": clean,
+        "stream": stream,
+        "max_tokens": int(max_tokens),
+        "temperature": float(temperature),
+        "stops": stops,
+    }
+
+
+# --------------------------------------------------------------- stop strings
+class _StopFilter:
+    """Cuts streamed text at the first stop string; holds back a possible prefix."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.buf = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if not self.stops:
+            return piece
+        self.buf += piece
+        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf, self.stopped = self.buf[:cut], "", True
+            return out
+        if len(self.buf) <= self.hold:
+            return ""
+        out, self.buf = self.buf[: len(self.buf) - self.hold], self.buf[len(self.buf) - self.hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+# --------------------------------------------------------------- routes
+def add_openai_routes(
+    app: web.Application,
+    model: LanguageModel,
+    *,
+    model_name: str,
+    default_max_tokens: int = 256,
+    api_key: str | None = None,
+) -> None:
+    """Serve `model` as ``model_name`` under /v1 on `app`."""
+    created = int(time.time())
+
+    def authorized(request: web.Request) -> bool:
+        return api_key is None or request.headers.get("Authorization", "") == f"Bearer {api_key}"
+
+    async def list_models(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return _error_response(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
+        return web.json_response({
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "sub300"}],
+        })
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        if not authorized(request):
+            return _error_response(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _error_response(413, exc.text or "request too large", "invalid_request_error")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error_response(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        try:
+            req = parse_chat_request(body, default_max_tokens)
+        except BadRequest as exc:
+            return _error_response(400, str(exc), "invalid_request_error")
+
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        pieces = model.stream_chat(req["messages"], max_tokens=req["max_tokens"], temperature=req["temperature"])
+        try:
+            if req["stream"]:
+                return await _stream(request, pieces, req, completion_id)
+            return await _complete(request, pieces, req, completion_id)
+        finally:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:
+                with suppress(Exception):
+                    await aclose()
+
+    def chunk(completion_id: str, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        obj = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+    def model_failure(exc: ModelError) -> tuple[int, str]:
+        log.warning("model %s failed: %s", getattr(model, "name", model_name), exc)
+        if isinstance(exc, EndpointError):
+            return 502, "upstream_error"
+        return 500, "server_error"
+
+    def client_gone(request: web.Request) -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    async def _complete(
+        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str
+    ) -> web.StreamResponse:
+        stop = _StopFilter(req["stops"])
+        out: list[str] = []
+        count = 0
+        try:
+            async for piece in pieces:
+                count += 1
+                out.append(stop.feed(piece))
+                if stop.stopped or client_gone(request):
+                    break
+        except ModelError as exc:
+            status, err_type = model_failure(exc)
+            return _error_response(status, f"model failed: {exc}", err_type)
+        out.append(stop.flush())
+        finish = "length" if count >= req["max_tokens"] and not stop.stopped else "stop"
+        return web.json_response({
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(out)},
+                "finish_reason": finish,
+            }],
+        })
+
+    async def _stream(
+        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str
+    ) -> web.StreamResponse:
+        stop = _StopFilter(req["stops"])
+        it = pieces.__aiter__()
+        # Wait for the first piece before sending headers, so that a model that
+        # fails at once gets a proper HTTP error status instead of an SSE event.
+        try:
+            first: str | None = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except ModelError as exc:
+            status, err_type = model_failure(exc)
+            return _error_response(status, f"model failed: {exc}", err_type)
+
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        })
+        await resp.prepare(request)
+        count = 0
+        try:
+            await resp.write(chunk(completion_id, {"role": "assistant", "content": ""}, None))
+            piece = first
+            while piece is not None:
+                count += 1
+                text = stop.feed(piece)
+                if text:
+                    await resp.write(chunk(completion_id, {"content": text}, None))
+                if stop.stopped or client_gone(request):
+                    break
+                try:
+                    piece = await it.__anext__()
+                except StopAsyncIteration:
+                    piece = None
+            if client_gone(request):
+                return resp
+            tail = stop.flush()
+            if tail:
+                await resp.write(chunk(completion_id, {"content": tail}, None))
+            finish = "length" if count >= req["max_tokens"] and not stop.stopped else "stop"
+            await resp.write(chunk(completion_id, {}, finish))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ModelError as exc:
+            _, err_type = model_failure(exc)
+            error = {"error": {"message": f"model failed: {exc}", "type": err_type, "param": None, "code": None}}
+            with suppress(ConnectionError):
+                await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+                await resp.write_eof()
+        except ConnectionError:
+            # the client went away while we wrote; the caller closes the model's
+            # iterator (aiohttp's ClientConnectionResetError is a ConnectionError)
+            log.debug("client left %s mid-stream", completion_id)
+        return resp
+
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+
+
+__all__ = ["add_openai_routes", "parse_chat_request", "BadRequest"]
