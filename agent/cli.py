@@ -67,12 +67,10 @@ def cmd_converse(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _converse(args, config: Config, engines, caller, write_wav) -> int:
-    from media.file_transport import FileCall
+    from media.file_transport import converse_with_file
 
-    from .conversation import Conversation
     from .engines import warm_up
     from .events import TurnDiscarded, TurnFailed, TurnFinished
-    from .playout import PlayoutQueue
 
     failures = 0
 
@@ -102,18 +100,13 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
 
     try:
         await warm_up(engines, config)
-        playout = PlayoutQueue(engines.tts.sample_rate, time.monotonic)
-        conversation = Conversation(engines, config, playout, listeners=[report])
-        try:
-            result = await FileCall(conversation, caller).run()
-        finally:
-            await conversation.aclose()
+        result, finished = await converse_with_file(engines, config, caller, [report])
         if result.timed_out:
             _progress("gave up waiting for the agent to finish (timeout)")
         if args.out:
             write_wav(args.out, result.timeline, result.sample_rate)
             _progress(f"wrote {args.out} ({len(result.timeline) / result.sample_rate:.1f} s)")
-        if not conversation.finished:
+        if not finished:
             _progress("no turn was answered (no speech detected?)")
         return 1 if failures or result.timed_out else 0
     finally:

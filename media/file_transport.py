@@ -74,3 +74,17 @@ class FileCall:
             await asyncio.sleep(0)  # let STT/LLM/TTS tasks run between frames
         return FileCallResult(np.concatenate(self._timeline), playout.sample_rate,
                               len(self.caller_audio) / SAMPLE_RATE, timed_out)
+
+
+async def converse_with_file(engines, config, caller_audio: np.ndarray, listeners=(), *,
+                             max_tail_s: float = 60.0) -> tuple[FileCallResult, list]:
+    """Play `caller_audio` to a fresh conversation on shared engines; return the timeline and finished turns."""
+    from agent.playout import PlayoutQueue
+
+    playout = PlayoutQueue(engines.tts.sample_rate, time.monotonic)
+    conversation = Conversation(engines, config, playout, listeners=list(listeners))
+    try:
+        result = await FileCall(conversation, caller_audio, max_tail_s=max_tail_s).run()
+    finally:
+        await conversation.aclose()
+    return result, conversation.finished

@@ -44,7 +44,7 @@ class OpenAIChatModel:
         extra_body: dict | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+            raise EndpointError(f"LLM base_url must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
@@ -179,8 +179,7 @@ class OpenAIChatModel:
                     field, _, value = line.partition(":")
                     if field == "data":
                         data_lines.append(value[1:] if value.startswith(" ") else value)
-                    elif field not in ("event", "id", "retry"):
-                        raise self._error(f"malformed event stream line {line[:80]!r}")
+                    # other fields (event, id, retry, unknown) are ignored, as SSE says
                     continue
                 if at_eof and line:
                     # last line without its newline: still one field of the event

@@ -70,28 +70,30 @@ LOOP_WORDS_PER_SECOND = 4.0
 def trim_repetition(text: str, seconds: float) -> str:
     """Cut a decoding loop ("Thank you. Thank you. Thank you.") down to its first copy.
 
-    Whisper fed a short window sometimes repeats the whole utterance until its
-    token budget runs out.  A tail that repeats a phrase at least three times,
-    or twice at an implausible speaking rate, is cut after the first copy; the
-    last word may be a truncated copy.  "bye bye" at a normal rate is left alone.
+    Whisper fed a short window sometimes repeats the end of the utterance until
+    its token budget runs out.  A tail that repeats the phrase before it — at
+    least three times, or at an implausible speaking rate — is cut after the
+    first copy; the last copy may be partial and its last word truncated.
+    "bye bye" at a normal rate is left alone.
     """
     words = text.split()
     keys = ["".join(ch for ch in w.lower() if ch.isalnum()) for w in words]
     n = len(keys)
     if n < 2 or n > 300:
         return text
-    rate = n / max(seconds, 1e-3)
+    fast = n / max(seconds, 1e-3) > LOOP_WORDS_PER_SECOND
     for start in range(n - 1):
-        for period in range(1, (n - start) // 2 + 1):
-            last_ok = keys[n - 1] == keys[n - 1 - period] or (
-                keys[n - 1] != "" and keys[n - 1 - period].startswith(keys[n - 1])
-            )
-            if not last_ok:
+        for period in range(1, n - start):
+            repeated = n - start - period  # words after the first copy
+            if repeated < min(period, max(2, (period + 1) // 2)):
+                break
+            if not (fast or repeated >= 2 * period):
+                continue
+            last, model = keys[n - 1], keys[n - 1 - period]
+            if not (last == model or (last and model.startswith(last))):
                 continue
             if all(keys[i] == keys[i - period] for i in range(start + period, n - 1)):
-                copies = (n - start) / period
-                if copies >= 3 or rate > LOOP_WORDS_PER_SECOND:
-                    return " ".join(words[: start + period])
+                return " ".join(words[: start + period])
     return text
 
 

@@ -41,7 +41,9 @@ def converted(cache_dir) -> tuple[Path, float]:
 
 @pytest.fixture(scope="session")
 def llm(converted) -> CTranslate2ChatModel:
-    return CTranslate2ChatModel(converted[0], device="cpu")
+    # One intra-op thread: other test processes share this CPU, and libgomp's
+    # spinning makes 2 threads several times slower than 1 under contention.
+    return CTranslate2ChatModel(converted[0], device="cpu", threads=1)
 
 
 # ------------------------------------------------------------ conversion
@@ -184,3 +186,21 @@ def test_bad_model_dir_is_unavailable(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ModelUnavailable):
         CTranslate2ChatModel(tmp_path, device="cpu")  # garbage files
+
+
+@pytest.mark.slow
+def test_long_history_is_trimmed_to_context(llm, monkeypatch):
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(20):
+        history += [{"role": "user", "content": f"Question number {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    history.append({"role": "user", "content": "Last question?"})
+    full = len(llm.encode_prompt(history))
+    monkeypatch.setattr(llm, "context_length", full // 2)
+    ids = llm._fit_prompt(history, max_tokens=16)
+    assert len(ids) + 16 <= full // 2
+    text = llm._tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nBe brief.") and "Last question?" in text
+    assert "Question number 0?" not in text
+    monkeypatch.setattr(llm, "context_length", 8)
+    with pytest.raises(ModelError):
+        llm._fit_prompt(history, max_tokens=16)

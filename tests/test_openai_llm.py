@@ -165,10 +165,11 @@ def real_model(tmp_path_factory):
     except ModelUnavailable as exc:
         pytest.skip(f"bundled SmolLM2 GGUF unavailable: {exc}")
     model_dir = ensure_ct2_from_gguf(gguf, tmp_path_factory.mktemp("ct2-llm"), progress=lambda _m: None)
-    return CTranslate2ChatModel(model_dir, device="cpu")
+    return CTranslate2ChatModel(model_dir)  # device="auto": CUDA when present
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_stream_from_own_endpoint_serving_real_model(real_model):
     app = web.Application()
     add_openai_routes(app, real_model, model_name="smollm2-135m")
@@ -187,6 +188,7 @@ async def test_stream_from_own_endpoint_serving_real_model(real_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_non_stream_and_models_listing_real_model(real_model):
     app = web.Application()
     add_openai_routes(app, real_model, model_name="smollm2-135m")
@@ -227,6 +229,7 @@ async def test_non_stream_and_models_listing_real_model(real_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_cancel_mid_stream_stops_real_generation(real_model):
     recording = Recording(real_model)
     app = web.Application()
@@ -372,14 +375,6 @@ async def test_unreachable_endpoint_fails_fast():
     assert "connect" in str(info.value)
 
 
-async def test_unresolvable_host_is_an_endpoint_error():
-    async with client_for("http://no-such-host.invalid/v1", connect_timeout_s=3.0) as llm:
-        t0 = time.monotonic()
-        with pytest.raises(EndpointError, match="no-such-host.invalid"):
-            await collect(llm, QUESTION, max_tokens=8)
-        assert time.monotonic() - t0 < 8.0
-
-
 async def test_endpoint_that_never_answers_times_out():
     """Fake remote endpoint: accepts the TCP connection, reads, never answers."""
     conns: list[asyncio.StreamWriter] = []
@@ -476,7 +471,8 @@ async def test_http_500_is_an_endpoint_error_with_status_and_excerpt():
         (sse({"no": "choices"}), "without choices"),
         (sse(delta("Hi")), "ended before"),  # connection closed without [DONE] nor finish_reason
         (sse(delta("Hi"), {"error": {"message": "model crashed"}}), "model crashed"),
-        (b"garbage line\n\n", "malformed"),
+        (b"garbage line\n\n", "ended before"),  # not SSE: ignored, then nothing
+        (b"data: [1, 2]\n\n", "malformed"),
     ],
 )
 async def test_malformed_streams_are_endpoint_errors(payload, match):

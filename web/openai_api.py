@@ -289,9 +289,9 @@ def add_openai_routes(
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
         })
-        await resp.prepare(request)
         count = 0
         try:
+            await resp.prepare(request)
             await resp.write(chunk(completion_id, {"role": "assistant", "content": ""}, None))
             piece = first
             while piece is not None:

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Turn latency through the paced file path: p50/p95 per stage and voice-to-voice.
+
+Each question is spoken (Piper, made here), played to a fresh conversation in
+real time on the process's shared engines, exactly like `sub300 converse`,
+and its ledger is collected.  Variants given with --compare run in the same
+process on the same audio, interleaved question by question, so they share
+the machine's state.
+
+    .venv/bin/python scripts/bench_turns.py --questions 10
+    .venv/bin/python scripts/bench_turns.py --compare stt.early_final=true,false
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np  # noqa: E402
+
+from agent.audio import resample  # noqa: E402
+from agent.config import _apply, load_config, validate  # noqa: E402
+from agent.engines import load_engines, warm_up  # noqa: E402
+from agent.ledger import STAGES  # noqa: E402
+from machine_info import describe_machine, percentile  # noqa: E402
+from media.file_transport import converse_with_file  # noqa: E402
+
+QUESTIONS = [
+    ("What is the capital of France?", {"capital", "france"}),
+    ("How many days are in a week?", {"days", "week"}),
+    ("What color is the sky on a clear day?", {"color", "sky"}),
+    ("Can you recommend a good book?", {"recommend", "book"}),
+    ("What is two plus two?", {"two", "plus"}),
+    ("Tell me a fun fact about cats.", {"fact", "cats"}),
+    ("What is the largest ocean on Earth?", {"largest", "ocean"}),
+    ("How do I boil an egg?", {"boil", "egg"}),
+    ("What time zone is London in?", {"time", "london"}),
+    ("Why do leaves change color in autumn?", {"leaves", "autumn"}),
+    ("Who wrote Romeo and Juliet?", {"wrote", "romeo"}),
+    ("What is the speed of light?", {"speed", "light"}),
+]
+
+
+def speak_questions(tts, n: int) -> list[tuple[str, set[str], np.ndarray]]:
+    out = []
+    for text, keys in (QUESTIONS * (1 + n // len(QUESTIONS)))[:n]:
+        pcm = resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, 16000)
+        lead, tail = np.zeros(8000, np.int16), np.zeros(16000, np.int16)
+        out.append((text, keys, np.concatenate([lead, pcm, tail])))
+    return out
+
+
+def variant_configs(base, compare: str | None):
+    if not compare:
+        return [("default", base)]
+    key, _, values = compare.partition("=")
+    section, _, name = key.partition(".")
+    variants = []
+    for value in values.split(","):
+        config = copy.deepcopy(base)
+        _apply(config, {section: {name: value}} if name else {section: value}, "")
+        variants.append((f"{key}={value}", validate(config)))
+    return variants
+
+
+def summarize(label: str, ledgers: list, heard: int, total: int) -> str:
+    rows = []
+    columns = [stage for stage, _ in STAGES]
+    for stage in columns:
+        vals = [l.stages_ms().get(stage) for l in ledgers if stage in l.stages_ms()]
+        rows.append((stage, vals))
+    extra = {
+        "(stt engine time)": [l.notes.get("stt_inference_ms") for l in ledgers if l.notes.get("stt_inference_ms")],
+        "(llm first token)": [l.between_ms("llm_start", "llm_first_token") for l in ledgers if l.between_ms("llm_start", "llm_first_token") is not None],
+        "(tts first audio)": [l.between_ms("tts_start", "tts_first_audio") for l in ledgers if l.between_ms("tts_start", "tts_first_audio") is not None],
+        "(stt before endpoint)": [l.overlaps_ms().get("stt_before_endpoint", 0.0) for l in ledgers],
+    }
+    rows += list(extra.items())
+    rows.append(("**voice_to_voice**", [l.voice_to_voice_ms for l in ledgers if l.voice_to_voice_ms is not None]))
+    lines = [f"\n### {label}: {len(ledgers)} turns answered of {total}, key words heard in {heard}\n",
+             "| stage (critical path, ms) | p50 | p95 |", "|---|---:|---:|"]
+    for name, vals in rows:
+        vals = [v for v in vals if v is not None]
+        lines.append(f"| {name} | {percentile(vals, 50):.0f} | {percentile(vals, 95):.0f} |")
+    return "\n".join(lines)
+
+
+async def main_async(args) -> None:
+    base = load_config(args.config)
+    variants = variant_configs(base, args.compare)
+    engines = load_engines(base, progress=lambda m: print(f"# {m}", file=sys.stderr))
+    await warm_up(engines, base)
+    questions = speak_questions(engines.tts, args.questions)
+    results = {label: ([], 0) for label, _ in variants}
+    for i, (text, keys, pcm) in enumerate(questions):
+        for label, config in variants:
+            _, finished = await converse_with_file(engines, config, pcm)
+            ledgers, heard = results[label]
+            for turn in finished:
+                ledgers.append(turn.ledger)
+                words = set(re.findall(r"[a-z0-9']+", turn.transcript.lower()))
+                heard += keys <= words
+                print(f"# [{label}] q{i + 1} {turn.transcript!r} -> {turn.reply[:60]!r} "
+                      f"v2v {turn.ledger.voice_to_voice_ms:.0f} ms", file=sys.stderr)
+            results[label] = (ledgers, heard)
+    await engines.aclose()
+    print(f"Turn latency, paced file path — {describe_machine()}")
+    print(f"engines: {engines.describe()}; hangover {base.vad.hangover_ms} ms; "
+          f"stt padding {base.stt.padding}; llm max_tokens {base.llm.max_tokens}")
+    for label, _ in variants:
+        ledgers, heard = results[label]
+        print(summarize(label, ledgers, heard, len(questions)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--config")
+    parser.add_argument("--compare", help="SECTION.KEY=V1,V2: run each value on the same audio in one run")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
