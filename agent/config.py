@@ -86,6 +86,32 @@ class TtsConfig:
 
 
 @dataclass
+class WebRtcConfig:
+    # STUN/TURN servers handed to aiortc and to the page; empty = host candidates only
+    stun_urls: list[str] = field(default_factory=list)
+    turn_urls: list[str] = field(default_factory=list)
+    turn_username: str = ""
+    turn_credential_env: str = "SUB300_TURN_CREDENTIAL"   # env var holding the TURN secret
+    max_calls: int = 8
+
+
+@dataclass
+class SipConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"            # SIP listen address (UDP and TCP)
+    port: int = 5060
+    public_address: str = ""           # address written into SDP/Contact; default: host
+    rtp_port_min: int = 20000
+    rtp_port_max: int = 20999
+    max_calls: int = 8                 # 503 beyond this
+    allowed_sources: list[str] = field(default_factory=lambda: ["127.0.0.1/32"])  # CIDRs allowed to INVITE
+    auth_username: str = ""            # digest auth for INVITE when set
+    auth_password_env: str = "SUB300_SIP_PASSWORD"
+    realm: str = "sub300"
+    codecs: list[str] = field(default_factory=lambda: ["PCMU", "PCMA"])
+
+
+@dataclass
 class ModelsConfig:
     cache_dir: str = "~/.cache/sub300"   # converted models (GGUF → CTranslate2)
     allow_download: bool = False         # hub names load only from the local cache unless true
@@ -94,11 +120,15 @@ class ModelsConfig:
 @dataclass
 class Config:
     budget_ms: int = 300
+    # the agent hangs up after answering a turn that contains one of these
+    hangup_phrases: list[str] = field(default_factory=lambda: ["goodbye", "good bye", "bye bye", "hang up"])
     server: ServerConfig = field(default_factory=ServerConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     stt: SttConfig = field(default_factory=SttConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    sip: SipConfig = field(default_factory=SipConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
 
     @property
@@ -116,6 +146,7 @@ CHOICES = {
     ("llm", "device"): {"auto", "cpu", "cuda"},
     ("tts", "engine"): {"piper", "espeak"},
 }
+LIST_CHOICES = {("sip", "codecs"): {"PCMU", "PCMA"}}
 RANGES = {
     ("server", "port"): (0, 65535),
     ("vad", "aggressiveness"): (0, 3),
@@ -134,6 +165,11 @@ RANGES = {
     ("tts", "min_clause_chars"): (0, 1000),
     ("tts", "espeak_speed_wpm"): (80, 500),
     ("", "budget_ms"): (1, 60_000),
+    ("webrtc", "max_calls"): (1, 10_000),
+    ("sip", "port"): (0, 65535),
+    ("sip", "rtp_port_min"): (1024, 65535),
+    ("sip", "rtp_port_max"): (1024, 65535),
+    ("sip", "max_calls"): (1, 10_000),
 }
 
 
@@ -167,7 +203,13 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    elif typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):  # from the environment: comma-separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
 def _apply(target: Any, values: Mapping[str, Any], where: str) -> None:
@@ -196,6 +238,14 @@ def validate(config: Config) -> Config:
         if not low <= value <= high:
             name = f"{section}.{key}" if section else key
             raise ConfigError(f"{name}: {value} is outside [{low}, {high}]")
+    for (section, key), allowed in LIST_CHOICES.items():
+        bad = [v for v in getattr(getattr(config, section), key) if v not in allowed]
+        if bad:
+            raise ConfigError(f"{section}.{key}: {bad} not in {sorted(allowed)}")
+    if config.sip.rtp_port_min > config.sip.rtp_port_max:
+        raise ConfigError("sip.rtp_port_min must not exceed sip.rtp_port_max")
+    if not config.sip.codecs:
+        raise ConfigError("sip.codecs: at least one codec is needed")
     if config.vad.engine == "webrtc" and config.vad.frame_ms not in (10, 20, 30):
         raise ConfigError("vad.frame_ms must be 10, 20 or 30 for webrtcvad")
     return config
@@ -245,6 +295,8 @@ def to_toml(config: Config) -> str:
             return "true" if value else "false"
         if isinstance(value, str):
             return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
         return repr(value)
 
     lines = []

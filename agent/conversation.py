@@ -35,6 +35,7 @@ from .endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, S
 from .engines import Engines
 from .events import (
     Event,
+    HangupRequested,
     StateChanged,
     TranscriptEvent,
     TurnDiscarded,
@@ -248,6 +249,11 @@ class Conversation:
         log.info("turn %d: %r → %r, voice-to-voice %.0f ms", ledger.turn, text, reply.text,
                  ledger.voice_to_voice_ms or -1)
         self._emit(finished)
+        said = " ".join(re.findall(r"[a-z']+", text.lower()))
+        for phrase in self.config.hangup_phrases:
+            if re.search(rf"\b{re.escape(phrase.lower())}\b", said):
+                self._emit(HangupRequested(ledger.turn, f"the caller said {phrase!r}"))
+                break
 
     # ------------------------------------------------------------ state & events
     def _set_state(self) -> None:

@@ -70,7 +70,16 @@ class TurnFailed:
     kind: str = "turn_failed"
 
 
-Event = StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
+@dataclass(frozen=True)
+class HangupRequested:
+    """The agent wants to end the call (the caller said goodbye); sent after its reply has played."""
+
+    turn: int
+    reason: str
+    kind: str = "hangup"
+
+
+Event = HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
 EventHandler = Callable[[Event], None]
 
 

@@ -17,8 +17,10 @@ done
 
 say() { echo "[setup] $*" >&2; }
 
-# Debian packages used by the tests: espeak-ng (second TTS engine, test speech), sox.
-DEBIAN_TEST_PACKAGES=(espeak-ng sox)
+# Debian packages used by the tests: espeak-ng (second TTS engine, test speech), sox,
+# chromium (the real browser, driven by Playwright), iproute2 (loopback-only netns),
+# sip-tester (sipp), baresip-core, kamailio and rtpengine-daemon (real SIP peers).
+DEBIAN_TEST_PACKAGES=(espeak-ng sox chromium iproute2 sip-tester baresip-core kamailio rtpengine-daemon)
 if [[ $TEST_DEPS == 1 ]]; then
   missing=()
   for pkg in "${DEBIAN_TEST_PACKAGES[@]}"; do
