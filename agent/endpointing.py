@@ -16,7 +16,8 @@ frames voiced for ~100 ms after the voice stops (its own internal hangover),
 which would start the latency clock late and flatter every figure.  So the
 end is moved back to the last 10 ms block whose energy is within
 `END_DROP_DB` of the utterance's loudest block, and the hangover is counted
-from there.
+from there.  The reverse also happens (a soft final consonant the detector
+calls unvoiced), so loud blocks shortly after the detector's end extend it.
 
 Sample indices count from the start of the call, so callers can cut the
 utterance out of their audio history.
@@ -60,7 +61,7 @@ class SpeechEnded:
 EndpointEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
 
 BLOCK = 160               # 10 ms energy blocks for refining the end of speech
-END_DROP_DB = 30.0        # a block this far below the utterance's peak is silence
+END_DROP_DB = 40.0        # a block this far below the utterance's peak is silence
 END_FLOOR_DBFS = -55.0    # ... and so is anything below this absolute level
 END_SEARCH_S = 0.35       # how far back from the detector's last voiced frame to look
 
@@ -93,6 +94,7 @@ class Endpointer:
         self._last_voiced_time = 0.0
         self._paused = False
         self._peak_db = -120.0
+        self._vad_voiced_end = 0
         # (end sample, arrival time of that sample, level) of recent 10 ms blocks
         self._levels: deque[tuple[int, float, float]] = deque(maxlen=int(END_SEARCH_S * 100) + 8)
 
@@ -142,13 +144,29 @@ class Endpointer:
             return
         if not self._paused:
             self._paused = True
+            self._vad_voiced_end = self._last_voiced_end
             self._last_voiced_end, self._last_voiced_time = self._refined_end()
             events.append(SpeechPaused(self._last_voiced_end, self._last_voiced_time))
+        else:
+            self._extend_end(start)
         if end - self._last_voiced_end >= self._hangover:
             self.in_speech = False
             self._run_start = None
             self._paused = False
             events.append(SpeechEnded(self._start_sample, self._last_voiced_end, self._last_voiced_time, time))
+
+    def _extend_end(self, frame_start: int) -> None:
+        """A loud block shortly after the detector's last voiced frame is still speech.
+
+        At its most aggressive setting webrtcvad calls a final fricative ("cat-s")
+        unvoiced; without this the turn would end, and be transcribed, without it.
+        Bounded to END_SEARCH_S so a noisy line cannot hold the turn open.
+        """
+        floor = max(END_FLOOR_DBFS, self._peak_db - END_DROP_DB)
+        limit = self._vad_voiced_end + int(END_SEARCH_S * SAMPLE_RATE)
+        for block_end, block_time, level in self._levels:
+            if frame_start < block_end <= limit and block_end > self._last_voiced_end and level >= floor:
+                self._last_voiced_end, self._last_voiced_time = block_end, block_time
 
     def _refined_end(self) -> tuple[int, float]:
         """The end of the last loud 10 ms block at or before the detector's last voiced frame."""
