@@ -3,6 +3,8 @@
 Feeds 16 kHz caller audio through a VoiceActivityDetector (re-chunked to the
 detector's frame size) and reports, with sample-exact timestamps:
 
+* VoiceOnset    — `onset_ms` of voiced audio in a row (optional, shorter than
+  `min_speech_ms`): enough to pause a speaking agent at once, not yet a turn;
 * SpeechStarted — `min_speech_ms` of voiced audio in a row;
 * SpeechPaused  — the first unvoiced frame after voiced ones (a chance to
   start transcribing early);
@@ -33,6 +35,12 @@ from models.protocols import SAMPLE_RATE, VoiceActivityDetector
 
 
 @dataclass(frozen=True)
+class VoiceOnset:
+    sample: int       # first voiced sample of the run
+    time: float       # when that sample arrived
+
+
+@dataclass(frozen=True)
 class SpeechStarted:
     sample: int       # first voiced sample
     time: float
@@ -58,7 +66,7 @@ class SpeechEnded:
     endpoint: float    # when the hangover expired
 
 
-EndpointEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
+EndpointEvent = VoiceOnset | SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
 
 BLOCK = 160               # 10 ms energy blocks for refining the end of speech
 END_DROP_DB = 40.0        # a block this far below the utterance's peak is silence
@@ -78,12 +86,17 @@ def _block_levels(frame: np.ndarray) -> list[float]:
 
 
 class Endpointer:
-    def __init__(self, vad: VoiceActivityDetector, *, min_speech_ms: int, hangover_ms: int):
+    def __init__(self, vad: VoiceActivityDetector, *, min_speech_ms: int, hangover_ms: int,
+                 onset_ms: int | None = None):
         self._vad = vad.new_stream()
         self._threshold = vad.threshold
         self._frame = vad.frame_samples
         self._min_speech = max(1, round(min_speech_ms * SAMPLE_RATE / 1000))
         self._hangover = round(hangover_ms * SAMPLE_RATE / 1000)
+        self._onset = None if onset_ms is None else max(1, round(onset_ms * SAMPLE_RATE / 1000))
+        self._onset_sent = False
+        #: arrival time of the last frame the detector called voiced (any run, turn or not)
+        self.last_voiced_time = float("-inf")
         self._pending = np.zeros(0, np.int16)
         self._pending_start = 0        # absolute index of _pending[0]
         self.samples_seen = 0          # absolute index after the last sample fed
@@ -97,6 +110,16 @@ class Endpointer:
         self._vad_voiced_end = 0
         # (end sample, arrival time of that sample, level) of recent 10 ms blocks
         self._levels: deque[tuple[int, float, float]] = deque(maxlen=int(END_SEARCH_S * 100) + 8)
+
+    @property
+    def paused(self) -> bool:
+        """In a turn, and silent since the last voiced frame."""
+        return self.in_speech and self._paused
+
+    @property
+    def voiced_end_sample(self) -> int:
+        """End of the last voiced audio of the current (or last) utterance."""
+        return self._last_voiced_end
 
     def feed(self, samples: np.ndarray, timestamp: float) -> list[EndpointEvent]:
         """`samples`: int16 16 kHz; `timestamp`: arrival time of its last sample."""
@@ -121,19 +144,27 @@ class Endpointer:
         return events
 
     def _step(self, voiced: bool, start: int, end: int, time: float, events: list[EndpointEvent]) -> None:
+        if voiced:
+            self.last_voiced_time = time
         if not self.in_speech:
             if not voiced:
                 self._run_start = None
+                self._onset_sent = False
                 return
             if self._run_start is None:
                 self._run_start = start
+            run_start_time = time - (end - self._run_start) / SAMPLE_RATE
+            if self._onset is not None and not self._onset_sent and end - self._run_start >= self._onset:
+                self._onset_sent = True
+                events.append(VoiceOnset(self._run_start, run_start_time))
             if end - self._run_start >= self._min_speech:
                 self.in_speech = True
                 self._start_sample = self._run_start
                 self._last_voiced_end, self._last_voiced_time = end, time
                 self._paused = False
                 self._peak_db = max((lv for e, _, lv in self._levels if e > self._run_start), default=-120.0)
-                events.append(SpeechStarted(self._run_start, time - (end - self._run_start) / SAMPLE_RATE))
+                self._onset_sent = False
+                events.append(SpeechStarted(self._run_start, run_start_time))
             return
         if voiced:
             if self._paused:

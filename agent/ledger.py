@@ -86,10 +86,12 @@ class TurnLedger:
     def overlaps_ms(self) -> dict[str, float]:
         """Engine time that was hidden behind another stage (not in stages_ms)."""
         out: dict[str, float] = {}
-        if {"stt_start", "endpoint"} <= self.marks.keys():
-            hidden = self.marks["endpoint"] - self.marks["stt_start"]
-            if hidden > 0:
-                out["stt_before_endpoint"] = hidden * 1000.0
+        for name, start in (("stt_before_endpoint", "stt_start"), ("llm_before_endpoint", "llm_start"),
+                            ("tts_before_endpoint", "tts_start")):
+            if {start, "endpoint"} <= self.marks.keys():
+                hidden = self.marks["endpoint"] - self.marks[start]
+                if hidden > 0:
+                    out[name] = hidden * 1000.0
         return out
 
     def relative_marks_ms(self) -> dict[str, float]:

@@ -4,7 +4,9 @@ The conversation pushes synthesized audio; the transport's paced clock pulls
 fixed-size frames (20 ms for WebRTC and RTP, any size for a file) and hands
 them to the caller.  The queue knows which turn each sample belongs to, so it
 can say when a turn's first sample went out (the ledger's `first_audio_out`)
-and how much of a turn was actually played (for barge-in truncation).
+and how much of each piece of a reply was actually played (for barge-in
+truncation).  It can pause at once (the caller may be interrupting) and
+resume from the start of the interrupted segment (it was only a cough).
 Single-threaded: used only from the event loop.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ Clock = Callable[[], float]
 class _Segment:
     pcm: np.ndarray
     turn: int
+    piece: int
     on_first_out: Callable[[float], None] | None
     offset: int = 0
 
@@ -33,21 +36,34 @@ class PlayoutQueue:
     clock: Clock
     _segments: deque[_Segment] = field(default_factory=deque)
     _played: dict[int, int] = field(default_factory=dict)
+    #: (turn, piece) -> [samples played, samples queued in all]
+    _pieces: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    paused: bool = False
+    #: when the transport first found the queue paused (the agent fell silent)
+    silenced_at: float | None = None
+    #: called with (pcm, time) for every pulled frame of agent audio (the echo guard listens)
+    on_played: Callable[[np.ndarray, float], None] | None = None
 
     def __post_init__(self) -> None:
         self._idle.set()
 
-    def push(self, pcm: np.ndarray, *, turn: int, on_first_out: Callable[[float], None] | None = None) -> None:
+    def push(self, pcm: np.ndarray, *, turn: int, piece: int = 0,
+             on_first_out: Callable[[float], None] | None = None) -> None:
         if len(pcm) == 0:
             return
-        self._segments.append(_Segment(np.asarray(pcm, dtype=np.int16), turn, on_first_out))
+        self._segments.append(_Segment(np.asarray(pcm, dtype=np.int16), turn, piece, on_first_out))
+        self._pieces.setdefault((turn, piece), [0, 0])[1] += len(pcm)
         self._idle.clear()
 
     def pull(self, n: int) -> np.ndarray | None:
-        """The next `n` samples (zero-padded at the end of the queue), or None when idle."""
+        """The next `n` samples (zero-padded at the end of the queue), or None when idle or paused."""
         if not self._segments:
             self._idle.set()
+            return None
+        if self.paused:
+            if self.silenced_at is None:
+                self.silenced_at = self.clock()  # the first frame that goes out silent
             return None
         out = np.zeros(n, np.int16)
         filled = 0
@@ -62,16 +78,35 @@ class PlayoutQueue:
             seg.offset += take
             filled += take
             self._played[seg.turn] = self._played.get(seg.turn, 0) + take
+            self._pieces[(seg.turn, seg.piece)][0] += take
             if seg.offset >= len(seg.pcm):
                 self._segments.popleft()
         if not self._segments:
             self._idle.set()
+        if self.on_played is not None:
+            self.on_played(out, now)
         return out
+
+    def pause(self) -> None:
+        """Stop playing at once, keeping what is queued."""
+        if not self.paused:
+            self.paused = True
+            self.silenced_at = None
+
+    def resume(self, rewind: bool = True) -> None:
+        """Play again; with `rewind`, from the start of the segment that was cut."""
+        if rewind and self._segments:
+            seg = self._segments[0]
+            self._played[seg.turn] -= seg.offset
+            self._pieces[(seg.turn, seg.piece)][0] -= seg.offset
+            seg.offset = 0
+        self.paused = False
 
     def flush(self) -> int:
         """Drop everything not yet played; returns the number of samples dropped."""
         dropped = sum(len(s.pcm) - s.offset for s in self._segments)
         self._segments.clear()
+        self.paused = False
         self._idle.set()
         return dropped
 
@@ -82,9 +117,25 @@ class PlayoutQueue:
     def played_samples(self, turn: int) -> int:
         return self._played.get(turn, 0)
 
+    def played_fraction(self, turn: int, piece: int) -> float:
+        """Share of a reply piece that went out (0 when it was never queued)."""
+        played, total = self._pieces.get((turn, piece), (0, 0))
+        return played / total if total else 0.0
+
+    def forget_turn(self, turn: int) -> None:
+        """Drop the bookkeeping of a finished turn."""
+        self._played.pop(turn, None)
+        for key in [k for k in self._pieces if k[0] == turn]:
+            del self._pieces[key]
+
     @property
     def idle(self) -> bool:
         return not self._segments
+
+    @property
+    def audible(self) -> bool:
+        """Agent audio is going out right now."""
+        return bool(self._segments) and not self.paused
 
     async def wait_idle(self) -> None:
         """Return once everything queued has been pulled (or flushed)."""

@@ -1,15 +1,23 @@
 """One turn's answer: LLM tokens → sentence/clause pieces → TTS → playout.
 
 The LLM and TTS run as two tasks joined by a queue, so the first piece is
-spoken while the rest is still being generated.  Both belong to a TaskGroup:
-cancelling the reply (hang-up, barge-in) cancels both, and an engine failure
-in one cancels the other.
+spoken while the rest is still being generated.  A reply can start *held*
+(speculatively, on the early transcript, while the caller might still go
+on): its audio is kept back until `commit()`, or thrown away by `cancel()`.
+Its marks go to a scratch ledger until commit, so a wasted speculation
+leaves no trace in the turn's ledger.
+
+The Reply owns its task; the conversation awaits or cancels it.
 """
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import logging
+import re
+from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import numpy as np
 
 from models.protocols import ChatMessage, LanguageModel, SpeechSynthesizer
 
@@ -21,79 +29,151 @@ from .sentences import SentenceSplitter
 from .threads import iterate_in_thread
 
 Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class ReplyResult:
-    #: every piece of text handed to TTS, in order
-    pieces: list[str] = field(default_factory=list)
+class ReplySettings:
+    max_tokens: int
+    temperature: float
+    min_clause_chars: int
+
+
+class Reply:
+    def __init__(
+        self,
+        *,
+        turn: int,
+        messages: Sequence[ChatMessage],
+        llm: LanguageModel,
+        tts: SpeechSynthesizer,
+        playout: PlayoutQueue,
+        clock: Clock,
+        emit: EventHandler,
+        settings: ReplySettings,
+        on_first_audio_out: Callable[[float], None] | None = None,
+    ):
+        self.turn = turn
+        self.messages = list(messages)
+        self.pieces: list[str] = []
+        self.ledger = TurnLedger(turn)          # scratch until commit
+        self.committed = False
+        self.interrupted = False
+        self._llm, self._tts, self._playout = llm, tts, playout
+        self._clock, self._emit, self._settings = clock, emit, settings
+        self._on_first_audio_out = on_first_audio_out
+        self._held: list[tuple[np.ndarray, int]] = []   # audio made before commit: (pcm, piece)
+        self._first_pushed = False
+        self.task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ control
+    def start(self) -> "Reply":
+        self.task = asyncio.ensure_future(self._run())
+        return self
+
+    def commit(self, ledger: TurnLedger) -> None:
+        """The turn is real: adopt the turn's ledger and release held audio."""
+        for name, at in self.ledger.marks.items():
+            ledger.mark(name, at)
+        self.ledger = ledger
+        self.committed = True
+        for index, piece in enumerate(self.pieces):
+            self._emit(AgentSpeech(self.turn, piece))
+        held, self._held = self._held, []
+        for pcm, piece in held:
+            self._push(pcm, piece)
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self.task is not None and self.task.done()
+
+    def heard_text(self) -> str:
+        """What the caller actually heard: whole pieces played, and the played share of the one cut."""
+        heard: list[str] = []
+        for index, piece in enumerate(self.pieces):
+            fraction = self._playout.played_fraction(self.turn, index)
+            if fraction >= 0.999:
+                heard.append(piece)
+                continue
+            words = piece.split()
+            cut = int(len(words) * fraction)
+            if cut:
+                heard.append(" ".join(words[:cut]))
+            break
+        return " ".join(heard)
 
     @property
     def text(self) -> str:
         return " ".join(self.pieces)
 
+    # ------------------------------------------------------------ work
+    def _push(self, pcm: np.ndarray, piece: int) -> None:
+        if not self.committed:
+            self._held.append((pcm, piece))
+            return
+        first = not self._first_pushed and len(pcm) > 0
+        self._first_pushed = self._first_pushed or first
+        self._playout.push(pcm, turn=self.turn, piece=piece, on_first_out=self._first_out if first else None)
 
-async def speak_reply(
-    *,
-    turn: int,
-    messages: Sequence[ChatMessage],
-    llm: LanguageModel,
-    tts: SpeechSynthesizer,
-    playout: PlayoutQueue,
-    ledger: TurnLedger,
-    clock: Clock,
-    emit: EventHandler,
-    max_tokens: int,
-    temperature: float,
-    min_clause_chars: int,
-    on_first_audio_out: Callable[[float], None] | None = None,
-) -> ReplyResult:
-    result = ReplyResult()
-    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    def _first_out(self, at: float) -> None:
+        self.ledger.mark("first_audio_out", at)
+        if self._on_first_audio_out is not None:
+            self._on_first_audio_out(at)
 
-    async def generate() -> None:
-        splitter = SentenceSplitter(min_clause_chars)
-        ledger.mark("llm_start", clock())
-        stream = llm.stream_chat(messages, max_tokens=max_tokens, temperature=temperature)
+    async def _run(self) -> None:
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._generate(queue), name=f"turn{self.turn}-llm")
+            group.create_task(self._synthesize(queue), name=f"turn{self.turn}-tts")
+
+    async def _generate(self, queue: asyncio.Queue[str | None]) -> None:
+        settings = self._settings
+        splitter = SentenceSplitter(settings.min_clause_chars)
+        self.ledger.mark("llm_start", self._clock())
+        stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
+                                       temperature=settings.temperature)
         try:
             async for text in stream:
-                if text and not ledger.has("llm_first_token"):
-                    ledger.mark("llm_first_token", clock())
+                if text and not self.ledger.has("llm_first_token"):
+                    self.ledger.mark("llm_first_token", self._clock())
                 for piece in splitter.push(text):
-                    ledger.mark("first_sentence", clock())
-                    pieces.put_nowait(piece)
+                    self.ledger.mark("first_sentence", self._clock())
+                    queue.put_nowait(piece)
         finally:
             await stream.aclose()
         for piece in splitter.flush():
-            ledger.mark("first_sentence", clock())
-            pieces.put_nowait(piece)
-        ledger.mark("llm_done", clock())
-        pieces.put_nowait(None)
+            self.ledger.mark("first_sentence", self._clock())
+            queue.put_nowait(piece)
+        self.ledger.mark("llm_done", self._clock())
+        queue.put_nowait(None)
 
-    def first_out(at: float) -> None:
-        ledger.mark("first_audio_out", at)
-        if on_first_audio_out is not None:
-            on_first_audio_out(at)
-
-    async def synthesize() -> None:
-        resampler = StreamResampler(tts.sample_rate, playout.sample_rate)
-        first = True
-        while (piece := await pieces.get()) is not None:
-            result.pieces.append(piece)
-            emit(AgentSpeech(turn, piece))
-            ledger.mark("tts_start", clock())
-            chunks = iterate_in_thread(lambda text=piece: tts.synthesize(text))
+    async def _synthesize(self, queue: asyncio.Queue[str | None]) -> None:
+        resampler = StreamResampler(self._tts.sample_rate, self._playout.sample_rate)
+        index = -1
+        while (piece := await queue.get()) is not None:
+            index += 1
+            self.pieces.append(piece)
+            if self.committed:
+                self._emit(AgentSpeech(self.turn, piece))
+            self.ledger.mark("tts_start", self._clock())
+            chunks = iterate_in_thread(lambda text=piece: self._tts.synthesize(_speakable(text)))
             try:
                 async for chunk in chunks:
-                    ledger.mark("tts_first_audio", clock())
-                    pcm = resampler.process(chunk)
-                    playout.push(pcm, turn=turn, on_first_out=first_out if first else None)
-                    first = first and len(pcm) == 0
+                    self.ledger.mark("tts_first_audio", self._clock())
+                    self._push(resampler.process(chunk), index)
             finally:
                 await chunks.aclose()
-        playout.push(resampler.flush(), turn=turn)
+        if index >= 0:
+            self._push(resampler.flush(), index)
 
-    async with asyncio.TaskGroup() as group:
-        group.create_task(generate(), name=f"turn{turn}-llm")
-        group.create_task(synthesize(), name=f"turn{turn}-tts")
-    return result
+
+_SPEAKABLE = re.compile(r"°C|°F|°")
+
+
+def _speakable(text: str) -> str:
+    """Small fixes for symbols TTS voices read badly."""
+    return _SPEAKABLE.sub(lambda m: {"°C": " degrees Celsius", "°F": " degrees Fahrenheit", "°": " degrees"}[m.group()], text)

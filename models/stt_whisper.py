@@ -18,6 +18,15 @@ Two ways to feed the model:
   full path when the output looks like a loop (hit the budget, or compresses
   too well), and a repeated tail is trimmed to its first copy.  Clips longer
   than 30 s always take the full path.
+* ``padding="window"`` — like "short", but the mel is padded with silence to
+  at least ``window_s`` seconds (default 10 s): max(clip + 1 s, window_s).
+  The encoder still costs a fraction of the 30 s window (its cost grows
+  faster than linearly with the frame count), and the decoder sees an input
+  closer to what Whisper was trained on.  Same decode path and guards as
+  "short"; a guard that trips redoes the clip with full padding, and that
+  time is part of the call.  (faster-whisper's ``chunk_length`` cannot do
+  this: `transcribe` pads every segment to 3000 frames with `pad_or_trim`
+  whatever the chunk length.)
 
 The default is "full": on the Asterisk set (scripts/bench_asr.py, tiny.en int8,
 2 CPU cores) short padding was 3–5× faster (p50 74 ms vs 558 ms) but its WER
@@ -45,7 +54,7 @@ from .protocols import SAMPLE_RATE, ModelError, ModelUnavailable, Transcript
 
 log = logging.getLogger(__name__)
 
-PADDINGS = ("short", "full")
+PADDINGS = ("short", "window", "full")
 
 #: shorter clips are not worth a model call: nothing intelligible fits in them
 MIN_AUDIO_SECONDS = 0.1
@@ -53,6 +62,10 @@ MIN_AUDIO_SECONDS = 0.1
 SILENCE_PEAK = 1e-3
 #: seconds of silence appended to the utterance in "short" mode
 SHORT_PAD_SECONDS = 1.0
+#: default minimum input length in "window" mode
+WINDOW_SECONDS = 10.0
+#: Whisper's input window: longer clips always take faster-whisper's own path
+MAX_WINDOW_SECONDS = 30.0
 #: Whisper's own thresholds for "this window holds no speech"
 NO_SPEECH_THRESHOLD = 0.6
 LOG_PROB_THRESHOLD = -1.0
@@ -120,13 +133,17 @@ class WhisperRecognizer:
         beam_size: int = 1,
         language: str | None = "en",
         padding: str = "full",
+        window_s: float = WINDOW_SECONDS,
         allow_download: bool = False,
     ) -> None:
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, not {padding!r}")
+        if not 0.0 < window_s <= MAX_WINDOW_SECONDS:
+            raise ValueError(f"window_s must be in (0, {MAX_WINDOW_SECONDS:g}], not {window_s!r}")
         if beam_size < 1:
             raise ValueError("beam_size must be >= 1")
         self.padding = padding
+        self.window_s = float(window_s)
         self.beam_size = beam_size
         self.placement = select_placement("stt", device, compute_type, cpu_default="int8", cuda_default="float16")
         self.device = str(self.placement)
@@ -154,9 +171,21 @@ class WhisperRecognizer:
         self.language = language if self.multilingual else "en"
         self._tokenizers: dict[str, object] = {}
         self._tok_lock = threading.Lock()
-        #: how many short-padding decodes tripped the loop guard and were redone padded
-        self.short_fallbacks = 0
-        log.info("stt: %s on %s, padding=%s, beam=%d", self.name, self.device, padding, beam_size)
+        #: how many short/window decodes tripped a guard and were redone with full padding
+        self.fallbacks = 0
+        log.info(
+            "stt: %s on %s, padding=%s%s, beam=%d",
+            self.name, self.device, padding, f" ({self.window_s:g} s)" if padding == "window" else "", beam_size,
+        )
+
+    @property
+    def short_fallbacks(self) -> int:
+        """Older name of `fallbacks`."""
+        return self.fallbacks
+
+    @short_fallbacks.setter
+    def short_fallbacks(self, value: int) -> None:
+        self.fallbacks = value
 
     # ------------------------------------------------------------ loading
     @staticmethod
@@ -203,10 +232,11 @@ class WhisperRecognizer:
         if seconds < MIN_AUDIO_SECONDS or not np.isfinite(audio).all() or float(np.abs(audio).max()) < SILENCE_PEAK:
             return Transcript("", seconds, time.perf_counter() - start)
         try:
-            if self.padding == "short" and seconds <= 30.0:
-                text = self._transcribe_short(audio)
+            if self.padding != "full" and seconds <= MAX_WINDOW_SECONDS:
+                min_seconds = self.window_s if self.padding == "window" else 0.0
+                text = self._transcribe_short(audio, min_seconds)
                 if text is None:  # the guard tripped: take Whisper's trained path
-                    self.short_fallbacks += 1
+                    self.fallbacks += 1
                     text = self._transcribe_full(audio)
             else:
                 text = self._transcribe_full(audio)
@@ -228,22 +258,28 @@ class WhisperRecognizer:
         )
         return " ".join(s.text.strip() for s in segments if s.text.strip()).strip()
 
-    def _features(self, audio: np.ndarray) -> np.ndarray:
-        """Log-mel of the utterance plus ~1 s of trailing silence, no 30 s padding."""
+    def _features(self, audio: np.ndarray, min_seconds: float = 0.0) -> np.ndarray:
+        """Log-mel of the utterance plus trailing silence: ~1 s, or up to `min_seconds` in all.
+
+        Never more than Whisper's 3000 frames (30 s).
+        """
         fe = self._fw.feature_extractor
-        pad = int(SHORT_PAD_SECONDS * SAMPLE_RATE)
-        # padding= appends zero samples before the STFT, like Whisper's own pad_or_trim
-        feats = fe(audio, padding=pad)[:, :-1]
+        total = max(len(audio) + int(SHORT_PAD_SECONDS * SAMPLE_RATE), int(min_seconds * SAMPLE_RATE))
+        total = min(total, max(len(audio), int(MAX_WINDOW_SECONDS * SAMPLE_RATE)))
+        # padding= appends zero samples before the STFT, like Whisper's own log_mel_spectrogram
+        feats = fe(audio, padding=total - len(audio))[:, :-1]
+        feats = feats[:, : fe.nb_max_frames]
         if feats.shape[1] % 2:  # the encoder's stride-2 convolution wants an even count
             feats = feats[:, :-1]
         return np.ascontiguousarray(feats[None].astype(np.float32))
 
-    def _transcribe_short(self, audio: np.ndarray) -> str | None:
+    def _transcribe_short(self, audio: np.ndarray, min_seconds: float = 0.0) -> str | None:
+        """Decode a clip of at most 30 s fed without 30 s padding; None when a guard trips."""
         import ctranslate2
         from faster_whisper.transcribe import get_suppressed_tokens
 
         seconds = len(audio) / SAMPLE_RATE
-        features = ctranslate2.StorageView.from_array(self._features(audio))
+        features = ctranslate2.StorageView.from_array(self._features(audio, min_seconds))
         language = self.language
         if language is None:  # multilingual model, detect from this clip
             ranked = self._ct2.detect_language(features)[0]

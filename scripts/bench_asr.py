@@ -8,11 +8,17 @@ fetched with `apt-get download` into a cache directory and unpacked there
 with `dpkg-deb -x`; nothing is installed system-wide.
 
     python scripts/bench_asr.py --compare                # short vs full padding, all clips
-    python scripts/bench_asr.py --padding full --limit 50
+    python scripts/bench_asr.py --compare full,window:8,window:10,window:15,short
+    python scripts/bench_asr.py --padding window --window-s 10 --limit 50
     python scripts/bench_asr.py --model /models/distil-large-v3 --device cuda --compare
 
+A mode is "full", "short", "window" (with --window-s) or "window:W".
+
 WER uses `models.text_normalize` (Whisper-style) on both sides.  Latency is the
-wall time of one `transcribe` call per clip, clips run one after another.
+wall time of one `transcribe` call per clip (a guard's redo with full padding
+included).  With several modes the runs are interleaved clip by clip — every
+mode on clip 1, then on clip 2, … with the order rotated from clip to clip —
+so that background load on a shared machine falls on all of them alike.
 """
 from __future__ import annotations
 
@@ -139,48 +145,87 @@ class Result:
     failures: list[dict]
 
 
-def run_one(args: argparse.Namespace, padding: str, clips: list[Clip]) -> Result:
-    from models.stt_whisper import WhisperRecognizer
+def parse_mode(spec: str, window_s: float) -> tuple[str, float]:
+    """"full" | "short" | "window" | "window:W" → (padding, window seconds)."""
+    name, _, w = spec.strip().partition(":")
+    if name not in ("full", "short", "window") or (w and name != "window"):
+        raise argparse.ArgumentTypeError(f"bad mode {spec!r}: use full, short, window or window:SECONDS")
+    try:
+        return name, float(w) if w else window_s
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad window length in {spec!r}") from None
 
-    rec = WhisperRecognizer(
-        args.model,
-        device=args.device,
-        compute_type=args.compute_type,
-        cpu_threads=args.cpu_threads,
-        beam_size=args.beam_size,
-        padding=padding,
-    )
-    rec.transcribe(clips[0].audio)  # warm-up, not counted
-    rec.short_fallbacks = 0
-    errors = words = 0
-    lat: list[float] = []
-    failures: list[dict] = []
-    for i, clip in enumerate(clips):
+
+def mode_label(padding: str, window_s: float) -> str:
+    return f"window:{window_s:g}" if padding == "window" else padding
+
+
+class _Run:
+    """One mode's recognizer and its running tallies."""
+
+    def __init__(self, args: argparse.Namespace, padding: str, window_s: float) -> None:
+        from models.stt_whisper import WhisperRecognizer
+
+        self.label = mode_label(padding, window_s)
+        self.rec = WhisperRecognizer(
+            args.model,
+            device=args.device,
+            compute_type=args.compute_type,
+            cpu_threads=args.cpu_threads,
+            beam_size=args.beam_size,
+            padding=padding,
+            window_s=window_s,
+        )
+        self.errors = self.words = 0
+        self.lat: list[float] = []
+        self.failures: list[dict] = []
+
+    def step(self, clip: Clip) -> None:
         t0 = time.perf_counter()
-        tr = rec.transcribe(clip.audio)
-        lat.append(time.perf_counter() - t0)
+        tr = self.rec.transcribe(clip.audio)
+        self.lat.append(time.perf_counter() - t0)
         ref, hyp = normalize(clip.reference).split(), normalize(tr.text).split()
         e = edit_distance(ref, hyp)
-        errors += e
-        words += len(ref)
+        self.errors += e
+        self.words += len(ref)
         if e:
-            failures.append({"name": clip.name, "errors": e, "ref": clip.reference, "hyp": tr.text})
+            self.failures.append({"name": clip.name, "errors": e, "ref": clip.reference, "hyp": tr.text})
+
+    def result(self, clips: list[Clip]) -> Result:
+        ms = np.array(self.lat) * 1000
+        return Result(
+            padding=self.label,
+            device=self.rec.device,
+            wer=self.errors / max(1, self.words),
+            errors=self.errors,
+            words=self.words,
+            audio_s=sum(c.seconds for c in clips),
+            infer_s=float(sum(self.lat)),
+            p50_ms=float(np.percentile(ms, 50)),
+            p95_ms=float(np.percentile(ms, 95)),
+            fallbacks=self.rec.fallbacks,
+            failures=self.failures,
+        )
+
+
+def run_modes(args: argparse.Namespace, modes: list[tuple[str, float]], clips: list[Clip]) -> list[Result]:
+    """Every mode on clip 1, then every mode on clip 2, …, the order rotated by one each clip."""
+    runs = [_Run(args, padding, w) for padding, w in modes]
+    for run in runs:
+        run.rec.transcribe(clips[0].audio)  # warm-up, not counted
+        run.rec.fallbacks = 0
+    for i, clip in enumerate(clips):
+        k = i % len(runs)
+        for run in runs[k:] + runs[:k]:
+            run.step(clip)
         if args.progress and (i + 1) % 50 == 0:
-            print(f"  [{padding}] {i + 1}/{len(clips)} WER so far {100 * errors / max(1, words):.2f}%", file=sys.stderr)
-    ms = np.array(lat) * 1000
-    return Result(
-        padding=padding,
-        device=rec.device,
-        wer=errors / max(1, words),
-        errors=errors,
-        words=words,
-        audio_s=sum(c.seconds for c in clips),
-        infer_s=float(sum(lat)),
-        p50_ms=float(np.percentile(ms, 50)),
-        p95_ms=float(np.percentile(ms, 95)),
-        fallbacks=getattr(rec, "short_fallbacks", 0),
-        failures=failures,
-    )
+            so_far = ", ".join(f"{r.label} {100 * r.errors / max(1, r.words):.2f}%" for r in runs)
+            print(f"  {i + 1}/{len(clips)} WER so far: {so_far}", file=sys.stderr)
+    return [run.result(clips) for run in runs]
+
+
+def run_one(args: argparse.Namespace, padding: str, clips: list[Clip], window_s: float = 10.0) -> Result:
+    return run_modes(args, [(padding, window_s)], clips)[0]
 
 
 def machine() -> str:
@@ -201,16 +246,17 @@ def table(args: argparse.Namespace, clips: list[Clip], results: list[Result]) ->
     lines = [
         f"ASR on Asterisk core sounds ({len(clips)} clips, {audio / 60:.1f} min, "
         f"{min(c.seconds for c in clips):.1f}–{max(c.seconds for c in clips):.1f} s each), "
-        f"model `{args.model}`, beam {args.beam_size} — {now}, {machine()}",
+        f"model `{args.model}`, beam {args.beam_size}, cpu_threads {args.cpu_threads} — {now}, {machine()}"
+        + (", modes interleaved clip by clip" if len(results) > 1 else ""),
         "",
-        "| padding | device | WER | errors / words | RTF | p50 latency | p95 latency | short→full fallbacks |",
+        "| padding | device | WER | errors / words | RTF | p50 latency | p95 latency | fallbacks to full |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.padding} | {r.device} | {100 * r.wer:.2f} % | {r.errors} / {r.words} | "
             f"{r.infer_s / r.audio_s:.3f} | {r.p50_ms:.0f} ms | {r.p95_ms:.0f} ms | "
-            f"{r.fallbacks if r.padding == 'short' else '–'} |"
+            f"{'–' if r.padding == 'full' else r.fallbacks} |"
         )
     return "\n".join(lines)
 
@@ -222,8 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute-type", default="auto")
     ap.add_argument("--cpu-threads", type=int, default=0)
     ap.add_argument("--beam-size", type=int, default=1)
-    ap.add_argument("--padding", choices=("short", "full"), default="short")
-    ap.add_argument("--compare", action="store_true", help="run both short and full padding")
+    ap.add_argument("--padding", choices=("short", "window", "full"), default="short")
+    ap.add_argument("--window-s", type=float, default=10.0, help="minimum input seconds for --padding window")
+    ap.add_argument(
+        "--compare",
+        nargs="?",
+        const="short,full",
+        metavar="MODES",
+        help="run several modes interleaved clip by clip, e.g. full,window:8,window:10,short "
+        "(bare --compare: short,full)",
+    )
     ap.add_argument("--limit", type=int, default=0, help="first N clips only (0 = all)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     ap.add_argument("--json", type=Path, help="also write results (with every mistranscribed clip) here")
@@ -235,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     clips = load_clips(root, args.limit or None)
     if not clips:
         sys.exit("no clips found")
-    paddings = ["short", "full"] if args.compare else [args.padding]
-    results = [run_one(args, p, clips) for p in paddings]
+    try:
+        specs = args.compare.split(",") if args.compare else [args.padding]
+        modes = [parse_mode(m, args.window_s) for m in specs if m.strip()]
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
+    results = run_modes(args, modes, clips)
     print(table(args, clips, results))
     for r in results:
         for f in r.failures[: args.show_errors]:

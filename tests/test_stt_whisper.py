@@ -45,7 +45,7 @@ def speech(tmp_path_factory) -> np.ndarray:
     return speak(SENTENCE, tmp_path_factory.mktemp("tts"))
 
 
-@pytest.fixture(scope="module", params=["short", "full"])
+@pytest.fixture(scope="module", params=["short", "window", "full"])
 def recognizer(request) -> WhisperRecognizer:
     return WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", cpu_threads=2, padding=request.param)
 
@@ -94,6 +94,37 @@ def test_short_mode_falls_back_to_full_past_30_seconds(speech):
     assert "weather" in normalize(tr.text)
 
 
+@pytest.mark.slow
+@needs_espeak
+@pytest.mark.parametrize("window_s", [3.0, 8.0, 15.0])
+def test_window_mode_transcribes_at_several_window_lengths(speech, window_s):
+    rec = WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", cpu_threads=2, padding="window", window_s=window_s)
+    assert rec.window_s == window_s
+    tr = rec.transcribe(speech)
+    assert KEY_WORDS <= set(normalize(tr.text).split()), tr.text
+    assert rec.transcribe(np.zeros(SAMPLE_RATE, np.float32)).text == ""
+
+
+@pytest.mark.slow
+def test_window_features_pad_to_the_window_but_not_past_30_seconds():
+    rec = WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", padding="window", window_s=10.0)
+    frames = lambda seconds, w: rec._features(np.zeros(int(seconds * SAMPLE_RATE), np.float32), w).shape[-1]
+    assert 990 <= frames(2.0, 10.0) <= 1000  # padded up to the 10 s window
+    assert 1290 <= frames(12.0, 10.0) <= 1300  # longer than the window: clip + 1 s
+    assert 190 <= frames(1.0, 0.0) <= 200  # "short": clip + 1 s
+    assert frames(29.8, 10.0) <= 3000 and frames(29.8, 10.0) % 2 == 0  # never past Whisper's window
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_window_mode_guard_fallback_is_counted(speech, monkeypatch):
+    rec = WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", cpu_threads=2, padding="window")
+    monkeypatch.setattr(rec, "_transcribe_short", lambda audio, min_seconds=0.0: None)  # the guard trips
+    tr = rec.transcribe(speech)
+    assert KEY_WORDS <= set(normalize(tr.text).split()), tr.text  # redone with full padding
+    assert rec.fallbacks == 1 and rec.short_fallbacks == 1
+
+
 # ------------------------------------------------------------ loading errors
 def test_missing_local_directory_is_model_unavailable(tmp_path):
     with pytest.raises(ModelUnavailable):
@@ -122,6 +153,12 @@ def test_unknown_bundled_name_is_model_unavailable():
 def test_bad_padding_is_rejected():
     with pytest.raises(ValueError):
         WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", padding="medium")
+
+
+@pytest.mark.parametrize("window_s", [0.0, -1.0, 31.0])
+def test_bad_window_is_rejected(window_s):
+    with pytest.raises(ValueError, match="window_s"):
+        WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", padding="window", window_s=window_s)
 
 
 # ------------------------------------------------------------ pure helpers

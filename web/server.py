@@ -1,25 +1,34 @@
 """`sub300 serve`: the aiohttp server that shares one set of engines between callers.
 
-Today it serves health and the OpenAI-compatible API over the embedded LLM;
-browser (WebRTC) and phone (SIP) callers attach to the same engines.
+Routes: the latency demo page (`/`, `/static/…`), WebRTC signalling
+(`POST /offer`, `GET /webrtc/config`), `/healthz`, `/metrics` (Prometheus)
+and the OpenAI-compatible API over the embedded LLM.  Browser (WebRTC) and,
+when enabled, phone (SIP) callers use the same engines and report to the
+same metrics observer.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
 
 from agent.config import Config
 from agent.engines import Engines, load_engines, warm_up
+from agent.metrics import CONTENT_TYPE, MetricsObserver
 
 from .openai_api import add_openai_routes
+from .signalling import Signalling, describe_calls
 
 log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
 ENGINES_KEY = web.AppKey("engines", Engines)
 STARTED_KEY = web.AppKey("started", float)
+METRICS_KEY = web.AppKey("metrics", MetricsObserver)
+SIGNALLING_KEY = web.AppKey("signalling", Signalling)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -28,14 +37,34 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "ok",
         "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 1),
         "engines": engines.describe(),
+        "calls": describe_calls(request.app[SIGNALLING_KEY]),
     })
 
 
-def build_app(config: Config, engines: Engines) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    # prometheus' content type carries its own charset and version parameters
+    response = web.Response(body=request.app[METRICS_KEY].render())
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def build_app(config: Config, engines: Engines, observer: MetricsObserver | None = None) -> web.Application:
     app = web.Application(client_max_size=256 * 1024)
+    observer = observer or MetricsObserver(config.budget_ms)
+    signalling = Signalling(config, engines, observer)
     app[ENGINES_KEY] = engines
     app[STARTED_KEY] = time.monotonic()
+    app[METRICS_KEY] = observer
+    app[SIGNALLING_KEY] = signalling
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    signalling.add_routes(app)
     add_openai_routes(app, engines.llm, model_name=engines.llm.name, default_max_tokens=config.llm.max_tokens)
 
     async def close_engines(app: web.Application) -> None:
@@ -45,25 +74,43 @@ def build_app(config: Config, engines: Engines) -> web.Application:
     return app
 
 
+async def start_sip(config: Config, engines: Engines, observer: MetricsObserver):
+    """The SIP service (media/sip), sharing engines and metrics; None when disabled."""
+    if not config.sip.enabled:
+        return None
+    try:
+        from media.sip.service import start_sip_service
+    except ImportError as exc:
+        raise RuntimeError(f"sip.enabled is true but the SIP transport is not available: {exc}") from exc
+    return await start_sip_service(config, engines, observer)
+
+
 def serve(config: Config, progress: Callable[[str], None] = print) -> int:
     engines = load_engines(config, progress=progress)
 
     async def main() -> None:
         await warm_up(engines, config)
-        app = build_app(config, engines)
+        observer = MetricsObserver(config.budget_ms)
+        app = build_app(config, engines, observer)
         runner = web.AppRunner(app, handle_signals=True)
         await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port)
-        await site.start()
-        progress(f"serving on http://{config.server.host}:{config.server.port} "
-                 f"(/healthz, /v1/chat/completions); engines: {engines.describe()}")
+        sip = None
         try:
+            site = web.TCPSite(runner, config.server.host, config.server.port)
+            await site.start()
+            sip = await start_sip(config, engines, observer)
+            progress(f"serving on http://{config.server.host}:{config.server.port} "
+                     f"(/ demo page, /offer, /metrics, /healthz, /v1/chat/completions"
+                     f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
+                     f"engines: {engines.describe()}")
             await asyncio.Event().wait()
         finally:
-            await runner.cleanup()
+            if sip is not None:
+                await sip.close()
+            await runner.cleanup()   # on_shutdown closes every WebRTC call
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, web.GracefulExit):  # Ctrl-C or SIGTERM: a normal stop
         pass
     return 0

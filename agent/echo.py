@@ -1,0 +1,78 @@
+"""Recognise the agent's own voice coming back on the caller's line.
+
+Phones have no echo canceller in the path we control: what the agent says
+comes back on the inbound RTP stream, delayed and codec-distorted, and would
+otherwise make the agent interrupt (or answer) itself.  The guard keeps the
+last second of audio the agent actually played (resampled to 16 kHz) and
+flags an inbound frame as echo when its normalised cross-correlation with
+that history, at any delay, exceeds a threshold.  Caller speech on top of
+the echo correlates much less, so a real barge-in still gets through.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from models.protocols import SAMPLE_RATE
+
+from .audio import StreamResampler
+
+HISTORY_S = 1.0
+#: inbound audio compared at once: 20 ms frames are too short (any voiced
+#: sound correlates well with *some* 20 ms of speech); 160 ms is not
+WINDOW_S = 0.16
+#: frames quieter than this are not worth checking (the VAD will not fire on them)
+MIN_RMS = 100.0
+
+
+class EchoGuard:
+    def __init__(self, played_rate: int, threshold: float = 0.6):
+        self.threshold = threshold
+        self._resampler = StreamResampler(played_rate, SAMPLE_RATE)
+        self._history = np.zeros(int(HISTORY_S * SAMPLE_RATE), np.float32)
+        self._last_played = float("-inf")
+        self._recent_scores: deque[float] = deque(maxlen=50)
+        self._inbound = np.zeros(int(WINDOW_S * SAMPLE_RATE), np.float32)
+
+    def note_played(self, pcm: np.ndarray, at: float) -> None:
+        """Called by the playout queue for every frame of agent audio that went out."""
+        audio = self._resampler.process(pcm).astype(np.float32)
+        if len(audio) == 0:
+            return
+        n = min(len(audio), len(self._history))
+        self._history = np.roll(self._history, -n)
+        self._history[-n:] = audio[-n:]
+        if np.any(audio):
+            self._last_played = at
+
+    def active(self, now: float) -> bool:
+        return now - self._last_played < HISTORY_S
+
+    def score(self, frame: np.ndarray) -> float:
+        """Highest normalised correlation of the latest inbound audio with the played history (0..1)."""
+        n_new = min(len(frame), len(self._inbound))
+        self._inbound = np.roll(self._inbound, -n_new)
+        self._inbound[-n_new:] = frame[-n_new:]
+        frame_rms = float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) if len(frame) else 0.0
+        if frame_rms < MIN_RMS:
+            return 0.0
+        x = self._inbound - self._inbound.mean()
+        energy = float(np.dot(x, x))
+        h = self._history
+        n = len(h) + len(x) - 1
+        size = 1 << (n - 1).bit_length()
+        corr = np.fft.irfft(np.fft.rfft(h, size) * np.conj(np.fft.rfft(x, size)), size)[: len(h) - len(x) + 1]
+        # energy of each history window of len(x)
+        c = np.concatenate([[0.0], np.cumsum(h.astype(np.float64) ** 2)])
+        windows = c[len(x):] - c[: len(h) - len(x) + 1]
+        denom = np.sqrt(np.maximum(windows, 1e-9) * energy)
+        valid = windows > energy * 1e-4
+        if not np.any(valid):
+            return 0.0
+        best = float(np.max(np.abs(corr[valid]) / denom[valid]))
+        self._recent_scores.append(best)
+        return best
+
+    def is_echo(self, frame: np.ndarray, now: float) -> bool:
+        return self.active(now) and self.score(frame) >= self.threshold

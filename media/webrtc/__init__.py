@@ -1,0 +1,1 @@
+"""Browser callers over WebRTC (aiortc): one peer connection ↔ one Conversation."""

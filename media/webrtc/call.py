@@ -1,0 +1,180 @@
+"""One browser call: an aiortc peer connection glued to its own Conversation.
+
+    caller's track ─ read_caller_audio ─▶ Conversation.push_frame
+    Conversation ─▶ PlayoutQueue ─ PlayoutTrack (paced 20 ms, 48 kHz) ─▶ caller
+    Conversation events ─▶ JSON on the caller's data channel (and the observer)
+
+The call owns its tasks (the inbound reader, the closing task) and its
+conversation; `close()` is idempotent, safe from any callback, and leaves
+nothing running: reader cancelled, track stopped, conversation closed, peer
+connection closed, observer told exactly once.  It ends on the page's
+hang-up message, the agent's own hang-up, ICE/DTLS failure or closure, the
+end or silence of the caller's track, or server shutdown.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Callable
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+from agent.calls import CallObserver
+from agent.config import Config
+from agent.conversation import Conversation
+from agent.engines import Engines
+from agent.events import Event, HangupRequested, event_to_dict
+from agent.playout import PlayoutQueue
+
+from .inbound import CallerAudioStopped, read_caller_audio
+from .outbound import PlayoutTrack
+
+log = logging.getLogger(__name__)
+TRANSPORT = "webrtc"
+PLAYOUT_RATE = 48_000
+#: after the agent's goodbye has been pulled, let the last frames cross the network before closing
+_HANGUP_GRACE_S = 0.6
+#: events queued while the data channel is not open yet; older ones are dropped beyond this
+_MAX_BACKLOG = 500
+
+
+class WebRtcCall:
+    def __init__(
+        self,
+        call_id: str,
+        pc: RTCPeerConnection,
+        engines: Engines,
+        config: Config,
+        observer: CallObserver,
+        on_closed: Callable[["WebRtcCall"], None] = lambda call: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.call_id = call_id
+        self.pc = pc
+        self.config = config
+        self.observer = observer
+        self.clock = clock
+        self._on_closed = on_closed
+        self.playout = PlayoutQueue(PLAYOUT_RATE, clock)
+        self.out_track = PlayoutTrack(self.playout, clock)
+        listener = observer.call_started(TRANSPORT, call_id)
+        self.conversation = Conversation(engines, config, self.playout, clock, listeners=[listener, self._on_event])
+        self.reader: asyncio.Task | None = None
+        self.close_reason: str | None = None
+        self._closing: asyncio.Task | None = None
+        self._hangup: asyncio.Task | None = None
+        self._channel = None
+        self._backlog: list[str] = []
+        self._engines = engines
+
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_connection_state)
+
+    # ------------------------------------------------------------ set-up
+    async def accept(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        """Apply the caller's offer and return our answer (host candidates included)."""
+        await self.pc.setRemoteDescription(offer)
+        self.pc.addTrack(self.out_track)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind != "audio" or self.reader is not None or self.close_reason is not None:
+            return  # one caller voice per call; video is ignored
+        self.reader = asyncio.ensure_future(self._read(track))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        try:
+            await read_caller_audio(track, self.conversation.push_frame)
+            self.request_close("track_ended")
+        except CallerAudioStopped as stop:
+            self.request_close(f"no_audio: {stop}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.exception("call %s: reading caller audio failed", self.call_id)
+            self.request_close(f"error: {error!r}")
+
+    def _on_datachannel(self, channel) -> None:
+        self._channel = channel
+        channel.on("open", self._flush_backlog)
+        channel.on("message", self._on_message)
+        self._send({"kind": "hello", "call_id": self.call_id, "budget_ms": self.config.budget_ms,
+                    "engines": self._engines.describe()})
+        self._flush_backlog()
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("call %s: connection %s", self.call_id, state)
+        if state in ("failed", "closed"):
+            self.request_close(f"connection_{state}")
+
+    # ------------------------------------------------------------ events to the page
+    def _on_event(self, event: Event) -> None:
+        self._send(event_to_dict(event))
+        if isinstance(event, HangupRequested) and self._hangup is None:
+            self._hangup = asyncio.ensure_future(self._hang_up_after_grace())
+
+    async def _hang_up_after_grace(self) -> None:
+        await asyncio.sleep(_HANGUP_GRACE_S)
+        self.request_close("agent_hangup")
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            data = json.loads(message)
+        except (TypeError, ValueError):
+            return
+        if isinstance(data, dict) and data.get("type") == "hangup":
+            self.request_close("hangup")
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        text = json.dumps(payload, ensure_ascii=False)
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        elif self.close_reason is None:
+            self._backlog.append(text)
+            del self._backlog[:-_MAX_BACKLOG]
+
+    def _flush_backlog(self) -> None:
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        backlog, self._backlog = self._backlog, []
+        for text in backlog:
+            channel.send(text)
+
+    # ------------------------------------------------------------ teardown
+    def request_close(self, reason: str) -> None:
+        """From any callback: start closing (once); `close()` awaits the same work."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(reason))
+
+    async def close(self, reason: str = "closed") -> None:
+        self.request_close(reason)
+        await asyncio.shield(self._closing)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None and self._closing.done()
+
+    async def _close(self, reason: str) -> None:
+        self.close_reason = reason
+        log.info("call %s: closing (%s)", self.call_id, reason)
+        own = [t for t in (self.reader, self._hangup) if t is not None and t is not asyncio.current_task()]
+        for task in own:
+            task.cancel()
+        try:
+            await asyncio.gather(*own, return_exceptions=True)
+            self.out_track.stop()
+            await self.conversation.aclose()
+            await self.pc.close()
+        except Exception:
+            log.exception("call %s: error while closing", self.call_id)
+        finally:
+            self.observer.call_ended(TRANSPORT, self.call_id, reason)
+            self._on_closed(self)

@@ -1,0 +1,57 @@
+"""The agent's track out: 20 ms frames at the playout rate, paced on the wall clock.
+
+aiortc's sender calls `recv()` in a loop and sends whatever it returns, so
+the pacing lives here: each frame is pulled from the PlayoutQueue at its
+deadline, the moment it goes on the wire — which makes the queue's
+first-sample callback the ledger's true `first_audio_out`.  Silence is sent
+while the queue is idle; flushing the queue (barge-in) silences the very
+next frame.
+"""
+from __future__ import annotations
+
+import fractions
+import time
+from typing import Callable
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from agent.playout import PlayoutQueue
+from media.pacing import Ticker
+
+FRAME_MS = 20
+#: after a stall longer than this (a blocked event loop), restart the clock instead of bursting to catch up
+_MAX_LAG_S = 0.5
+
+
+class PlayoutTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, playout: PlayoutQueue, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.playout = playout
+        self.clock = clock
+        self.rate = playout.sample_rate
+        self.samples = self.rate * FRAME_MS // 1000
+        self._time_base = fractions.Fraction(1, self.rate)
+        self._ticker: Ticker | None = None
+        self._pts = 0
+        self._silence = np.zeros(self.samples, np.int16)
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._ticker is None or self.clock() - self._ticker.next_deadline > _MAX_LAG_S:
+            self._ticker = Ticker(FRAME_MS / 1000, self.clock)
+        await self._ticker.wait()
+        if self.readyState != "live":  # stopped while we slept
+            raise MediaStreamError
+        pcm = self.playout.pull(self.samples)
+        frame = av.AudioFrame.from_ndarray(
+            (self._silence if pcm is None else pcm).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.rate
+        frame.pts = self._pts
+        frame.time_base = self._time_base
+        self._pts += self.samples
+        return frame

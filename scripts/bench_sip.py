@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Voice-to-voice for phone calls: sipp calls the SIP service, p50/p95 per stage.
+
+Each call: sipp streams a spoken question (Piper, made here) as μ-law RTP,
+then "Goodbye."; the agent answers, says goodbye and hangs up.  The first
+turn's ledger is collected (the goodbye turn waits for the first reply, so
+it is not a latency sample).  For the SIP path, `first_audio_out` is the
+moment the reply's first RTP packet leaves, and `speech_end` the arrival of
+the caller's last voiced packet.  With --file, the same questions also go
+through the paced file path in the same process, interleaved, as a
+baseline for what SIP adds.
+
+    .venv/bin/python scripts/bench_sip.py --calls 8 --file
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np  # noqa: E402
+
+from agent.audio import resample  # noqa: E402
+from agent.config import load_config  # noqa: E402
+from agent.engines import load_engines, warm_up  # noqa: E402
+from bench_turns import QUESTIONS, summarize  # noqa: E402
+from machine_info import describe_machine  # noqa: E402
+from media.audio_file import write_wav  # noqa: E402
+from media.file_transport import converse_with_file  # noqa: E402
+from media.sip.service import start_sip_service  # noqa: E402
+from tests.test_sip_support import RecordingObserver, scenario_call, sipp  # noqa: E402
+
+
+def spoken(tts, text: str) -> np.ndarray:
+    return resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, 16000)
+
+
+async def main_async(args) -> None:
+    config = load_config(args.config)
+    config.sip.host, config.sip.port = "127.0.0.1", 0
+    engines = load_engines(config, progress=lambda m: print(f"# {m}", file=sys.stderr))
+    await warm_up(engines, config)
+    observer = RecordingObserver()
+    service = await start_sip_service(config, engines, observer)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_sip_"))
+    goodbye = spoken(engines.tts, "Goodbye.")
+    sip_ledgers, file_ledgers, heard = [], [], 0
+    try:
+        for i, (text, keys) in enumerate((QUESTIONS * (1 + args.calls // len(QUESTIONS)))[: args.calls]):
+            pcm = np.concatenate([np.zeros(8000, np.int16), spoken(engines.tts, text), np.zeros(12800, np.int16),
+                                  goodbye, np.zeros(16000, np.int16)])
+            wav, ulaw = tmp / f"q{i}.wav", tmp / f"q{i}.ulaw"
+            write_wav(wav, pcm, 16000)
+            subprocess.run(["sox", str(wav), "-r", "8000", "-c", "1", "-t", "ul", str(ulaw)], check=True)
+            before = set(observer.calls)
+            peer = sipp(tmp, scenario_call(str(ulaw), timeout_ms=60000), service.address, f"sipp{i}")
+            try:
+                rc = await peer.wait(90)
+            finally:
+                peer.stop()
+            await observer.wait_ended(len(before) + 1)
+            (call_id,) = set(observer.calls) - before
+            turns = observer.calls[call_id].turns
+            if rc != 0 or not turns:
+                print(f"# call {i + 1}: sipp rc {rc}, {len(turns)} turns: skipped", file=sys.stderr)
+                continue
+            turn = turns[0]
+            sip_ledgers.append(turn.ledger)
+            heard += keys <= set(re.findall(r"[a-z0-9']+", turn.transcript.lower()))
+            print(f"# sip  q{i + 1} {turn.transcript!r} -> {turn.reply[:50]!r} v2v {turn.ledger.voice_to_voice_ms:.0f} ms",
+                  file=sys.stderr)
+            if args.file:
+                _, finished = await converse_with_file(engines, config, pcm[: len(pcm) - len(goodbye) - 16000])
+                if finished:
+                    file_ledgers.append(finished[0].ledger)
+                    print(f"# file q{i + 1} v2v {finished[0].ledger.voice_to_voice_ms:.0f} ms", file=sys.stderr)
+    finally:
+        await service.close()
+        await engines.aclose()
+    print(f"Voice-to-voice, phone calls (sipp → SIP/RTP G.711 → sub300, loopback) — {describe_machine()}")
+    print(f"engines: {engines.describe()}; hangover {config.vad.hangover_ms} ms; llm max_tokens {config.llm.max_tokens}")
+    print(summarize("SIP (PCMU 8 kHz)", sip_ledgers, heard, args.calls))
+    if args.file:
+        print(summarize("file path, same questions (baseline)", file_ledgers, len(file_ledgers), args.calls))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=8)
+    parser.add_argument("--config")
+    parser.add_argument("--file", action="store_true", help="also run the paced file path on the same questions")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

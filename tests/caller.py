@@ -1,0 +1,80 @@
+"""A scripted caller for conversation tests: speaks, listens, reacts, in real time.
+
+Like the file transport, it delivers 20 ms of caller audio and pulls 20 ms of
+agent audio per tick on the wall clock; unlike a file, what it says next can
+wait for what the agent does (e.g. interrupt once the agent is audible), so
+the tests do not depend on how fast this machine answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from agent.audio import AudioFrame
+from agent.conversation import Conversation
+from agent.events import Event
+from agent.playout import PlayoutQueue
+from media.pacing import Ticker
+
+FRAME = 320
+
+
+@dataclass
+class ScriptedCaller:
+    engines: object
+    config: object
+    #: what the caller's microphone picks up of the agent (echo), given the agent frame; None = nothing
+    echo: Callable[[np.ndarray], np.ndarray | None] | None = None
+    events: list[Event] = field(default_factory=list)
+    agent_audio: list[tuple[float, np.ndarray]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.playout = PlayoutQueue(16000, time.monotonic)
+        self.conversation = Conversation(self.engines, self.config, self.playout, listeners=[self.events.append])
+        self._ticker = Ticker(0.02, time.monotonic)
+        self._echo_queue: list[np.ndarray] = []
+
+    async def _tick(self, caller: np.ndarray) -> None:
+        deadline = await self._ticker.wait()
+        pulled = self.playout.pull(FRAME)
+        if pulled is not None:
+            self.agent_audio.append((deadline, pulled))
+        if self.echo is not None:
+            echoed = self.echo(pulled if pulled is not None else np.zeros(FRAME, np.int16))
+            self._echo_queue.append(echoed if echoed is not None else np.zeros(FRAME, np.int16))
+            if len(self._echo_queue) > 3:  # 60 ms round trip
+                caller = np.clip(caller.astype(np.int32) + self._echo_queue.pop(0), -32768, 32767).astype(np.int16)
+        self.conversation.push_frame(AudioFrame(caller, deadline))
+        await asyncio.sleep(0)
+
+    async def say(self, pcm: np.ndarray) -> None:
+        for i in range(0, len(pcm), FRAME):
+            chunk = pcm[i:i + FRAME]
+            if len(chunk) < FRAME:
+                chunk = np.concatenate([chunk, np.zeros(FRAME - len(chunk), np.int16)])
+            await self._tick(chunk)
+
+    async def silence(self, seconds: float) -> None:
+        await self.say(np.zeros(int(seconds * 16000), np.int16))
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+        """Stay silent on the line until `predicate()` holds."""
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                raise TimeoutError("the agent did not get there in time")
+            await self._tick(np.zeros(FRAME, np.int16))
+
+    async def until_idle(self, timeout: float = 60.0) -> None:
+        await self.wait_until(lambda: not self.conversation.busy, timeout)
+
+    def agent_audio_after(self, t: float) -> float:
+        """Seconds of non-silent agent audio pulled after time t."""
+        return sum(len(f) for at, f in self.agent_audio if at > t and np.abs(f).max() > 64) / 16000
+
+    async def close(self) -> None:
+        await self.conversation.aclose()

@@ -1,0 +1,100 @@
+// The latency panel: one waterfall row per turn (the server's ledger, stage by
+// stage against the budget line), the browser's mouth-to-ear tick on the same
+// scale, and p50/p95 over the call.
+export const STAGES = [
+  ["endpointing", "endpointing"],
+  ["stt", "speech-to-text"],
+  ["llm_first_token", "LLM first token"],
+  ["first_sentence", "first sentence"],
+  ["tts_first_audio", "TTS first audio"],
+  ["send", "send"],
+];
+
+/** Linear-interpolated percentile (numpy's default), or null for no data. */
+export function percentile(values, q) {
+  if (!values.length) return null;
+  const s = [...values].sort((a, b) => a - b);
+  const pos = (s.length - 1) * q / 100;
+  const lo = Math.floor(pos), hi = Math.ceil(pos);
+  return s[lo] + (s[hi] - s[lo]) * (pos - lo);
+}
+
+const ms = (v) => (v == null ? "–" : `${Math.round(v)} ms`);
+
+export class Latency {
+  constructor({ waterfall, legend, cards }, budgetMs = 300) {
+    this.el = waterfall;
+    this.cards = cards;
+    this.budget = budgetMs;
+    this.rows = new Map();   // turn → {ledger, m2e}
+    legend.innerHTML = STAGES.map(([k, label]) => `<span><i style="background:var(--${k})"></i>${label}</span>`).join("");
+    this.render();
+  }
+
+  setBudget(budgetMs) { this.budget = budgetMs; this.render(); }
+  reset() { this.rows.clear(); this.render(); }
+
+  row(turn) {
+    if (!this.rows.has(turn)) this.rows.set(turn, { ledger: null, m2e: null });
+    return this.rows.get(turn);
+  }
+  addLedger(turn, ledger) { this.row(turn).ledger = ledger; this.render(); }
+  addMouthToEar(turn, m2e) { this.row(turn).m2e = m2e; this.render(); }
+
+  values() {
+    const rows = [...this.rows.values()];
+    return {
+      v2v: rows.map((r) => r.ledger && r.ledger.voice_to_voice_ms).filter((v) => v != null),
+      m2e: rows.map((r) => r.m2e).filter((v) => v != null),
+    };
+  }
+
+  render() {
+    const { v2v, m2e } = this.values();
+    const top = Math.max(this.budget * 2, ...v2v, ...m2e);
+    const step = top <= 1000 ? 100 : top <= 3000 ? 500 : 1000;
+    const scale = Math.ceil(top / step) * step;
+    const pct = (v) => `${Math.min(100, (100 * v) / scale).toFixed(2)}%`;
+    const parts = [];
+    for (const [turn, r] of [...this.rows.entries()].sort((a, b) => a[0] - b[0])) {
+      let cursor = 0, segs = "";
+      if (r.ledger) {
+        for (const [k, label] of STAGES) {
+          const d = r.ledger.stages_ms[k];
+          if (d == null) continue;
+          segs += `<div class="seg" title="${label}: ${Math.round(d)} ms" style="left:${pct(cursor)};width:${pct(d)};background:var(--${k})"></div>`;
+          cursor += d;
+        }
+      }
+      const tick = r.m2e == null ? "" : `<div class="m2e" title="mouth-to-ear ${Math.round(r.m2e)} ms" style="left:${pct(r.m2e)}"></div>`;
+      const v = r.ledger ? r.ledger.voice_to_voice_ms : null;
+      parts.push(`<div class="row" data-turn="${turn}"><span class="name">turn ${turn}</span>
+        <div class="track">${segs}<div class="budget" style="left:${pct(this.budget)}"></div>${tick}</div>
+        <span class="nums"><span class="v2v">${ms(v)}</span> · <span class="m2e-val" title="mouth-to-ear">ear ${ms(r.m2e)}</span></span></div>`);
+    }
+    if (parts.length) {
+      const every = scale / step <= 10 ? step : step * 2;
+      const ticks = Array.from({ length: Math.floor(scale / every) + 1 }, (_, i) => `<span style="left:${pct(i * every)}">${i * every}</span>`).join("");
+      parts.push(`<div class="axis"><span></span><div class="scale">${ticks}</div><span>ms after end of speech</span></div>`);
+    } else {
+      parts.push(`<p class="hint">No turns yet.</p>`);
+    }
+    this.el.innerHTML = parts.join("");
+    this.renderCards(v2v, m2e);
+  }
+
+  renderCards(v2v, m2e) {
+    const c = this.cards;
+    const last = (a) => (a.length ? a[a.length - 1] : null);
+    const lastV = last(v2v);
+    c.v2vLast.textContent = ms(lastV);
+    c.v2vLast.className = "v" + (lastV == null ? "" : lastV <= this.budget ? " under" : " over");
+    c.v2vPct.textContent = `p50 ${ms(percentile(v2v, 50))} · p95 ${ms(percentile(v2v, 95))}`;
+    const lastM = last(m2e);
+    c.m2eLast.textContent = ms(lastM);
+    c.m2ePct.textContent = `p50 ${ms(percentile(m2e, 50))} · p95 ${ms(percentile(m2e, 95))}`;
+    const within = v2v.filter((v) => v <= this.budget).length;
+    c.goodput.textContent = v2v.length ? `${Math.round((100 * within) / v2v.length)}%` : "–";
+    c.turnCount.textContent = `${within} of ${v2v.length} turns`;
+  }
+}
