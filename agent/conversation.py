@@ -91,6 +91,7 @@ class _Utterance:
     speculation: Reply | None = None          # reply started on the candidate, held
     last_partial_at: float = 0.0
     partial: _Transcription | None = None
+    relaunch_pending: bool = False
     #: set when this utterance paused the agent: it must earn the interruption
     barge_in: "BargeIn | None" = None
 
@@ -213,9 +214,33 @@ class Conversation:
     def _on_speech_paused(self, event: SpeechPaused) -> None:
         utterance = self._utterance
         if utterance is not None and self.config.stt.early_final:
-            utterance.candidate = self._transcribe(utterance, self._ring.end)
-            candidate = utterance.candidate
-            candidate.task.add_done_callback(lambda _t, u=utterance, c=candidate: self._maybe_speculate(u, c))
+            self._launch_candidate(utterance)
+
+    def _launch_candidate(self, utterance: _Utterance) -> None:
+        """Transcribe what was said so far, unless a transcription of this utterance is running.
+
+        One at a time: on a small CPU, overlapping runs slow each other down; the
+        running one relaunches this when it ends if the caller is still silent.
+        """
+        running = [t for t in (utterance.candidate, utterance.partial) if t is not None and not t.task.done()]
+        if running:
+            if not utterance.relaunch_pending:
+                utterance.relaunch_pending = True
+                running[0].task.add_done_callback(lambda _t, u=utterance: self._relaunch_candidate(u))
+            return
+        if utterance.speculation is not None:  # built on a transcript that is now too short
+            utterance.speculation.cancel()
+            utterance.speculation = None
+            utterance.ledger.notes["speculation_wasted"] = utterance.ledger.notes.get("speculation_wasted", 0) + 1
+        candidate = self._transcribe(utterance, self._ring.end)
+        utterance.candidate = candidate
+        candidate.task.add_done_callback(lambda _t, u=utterance, c=candidate: self._maybe_speculate(u, c))
+
+    def _relaunch_candidate(self, utterance: _Utterance) -> None:
+        utterance.relaunch_pending = False
+        stale = utterance.candidate is None or utterance.candidate.end_sample < self.endpointer.voiced_end_sample
+        if self._utterance is utterance and self.endpointer.paused and not self._closed and stale:
+            self._launch_candidate(utterance)
 
     def _on_speech_resumed(self) -> None:
         utterance = self._utterance

@@ -73,13 +73,16 @@ async def main_async(args) -> None:
                 print(f"# call {i + 1}: sipp rc {rc}, {len(turns)} turns: skipped", file=sys.stderr)
                 continue
             turn = turns[0]
+            if turn.ledger.voice_to_voice_ms is None:
+                print(f"# call {i + 1}: no first_audio_out in the ledger: skipped", file=sys.stderr)
+                continue
             sip_ledgers.append(turn.ledger)
             heard += keys <= set(re.findall(r"[a-z0-9']+", turn.transcript.lower()))
             print(f"# sip  q{i + 1} {turn.transcript!r} -> {turn.reply[:50]!r} v2v {turn.ledger.voice_to_voice_ms:.0f} ms",
                   file=sys.stderr)
             if args.file:
                 _, finished = await converse_with_file(engines, config, pcm[: len(pcm) - len(goodbye) - 16000])
-                if finished:
+                if finished and finished[0].ledger.voice_to_voice_ms is not None:
                     file_ledgers.append(finished[0].ledger)
                     print(f"# file q{i + 1} v2v {finished[0].ledger.voice_to_voice_ms:.0f} ms", file=sys.stderr)
     finally:
