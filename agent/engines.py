@@ -56,6 +56,7 @@ def _whisper(c: Config) -> SpeechRecognizer:
         beam_size=c.stt.beam_size,
         language=c.stt.language or None,
         padding=c.stt.padding,
+        window_s=c.stt.window_s,
         allow_download=c.models.allow_download,
     )
 

@@ -224,7 +224,7 @@ def run_modes(args: argparse.Namespace, modes: list[tuple[str, float]], clips: l
     return [run.result(clips) for run in runs]
 
 
-def run_one(args: argparse.Namespace, padding: str, clips: list[Clip], window_s: float = 10.0) -> Result:
+def run_one(args: argparse.Namespace, padding: str, clips: list[Clip], window_s: float = 12.0) -> Result:
     return run_modes(args, [(padding, window_s)], clips)[0]
 
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-threads", type=int, default=0)
     ap.add_argument("--beam-size", type=int, default=1)
     ap.add_argument("--padding", choices=("short", "window", "full"), default="short")
-    ap.add_argument("--window-s", type=float, default=10.0, help="minimum input seconds for --padding window")
+    ap.add_argument("--window-s", type=float, default=12.0, help="minimum input seconds for --padding window")
     ap.add_argument(
         "--compare",
         nargs="?",

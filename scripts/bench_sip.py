@@ -1,10 +1,9 @@
 #!/usr/bin/env python3
 """Voice-to-voice for phone calls: sipp calls the SIP service, p50/p95 per stage.
 
-Each call: sipp streams a spoken question (Piper, made here) as μ-law RTP,
-then "Goodbye."; the agent answers, says goodbye and hangs up.  The first
-turn's ledger is collected (the goodbye turn waits for the first reply, so
-it is not a latency sample).  For the SIP path, `first_audio_out` is the
+Each call: sipp streams a spoken question (Piper, made here) as μ-law RTP;
+once the answer has played, sipp says "Goodbye." and the agent hangs up.
+The first turn's ledger is the sample.  For the SIP path, `first_audio_out` is the
 moment the reply's first RTP packet leaves, and `speech_end` the arrival of
 the caller's last voiced packet.  With --file, the same questions also go
 through the paced file path in the same process, interleaved, as a
@@ -36,7 +35,8 @@ from machine_info import describe_machine  # noqa: E402
 from media.audio_file import write_wav  # noqa: E402
 from media.file_transport import converse_with_file  # noqa: E402
 from media.sip.service import start_sip_service  # noqa: E402
-from tests.test_sip_support import RecordingObserver, scenario_call, sipp  # noqa: E402
+from agent.events import TurnFinished  # noqa: E402
+from tests.test_sip_support import RecordingObserver, poke_when, scenario_call, sipp  # noqa: E402
 
 
 def spoken(tts, text: str) -> np.ndarray:
@@ -51,18 +51,23 @@ async def main_async(args) -> None:
     observer = RecordingObserver()
     service = await start_sip_service(config, engines, observer)
     tmp = Path(tempfile.mkdtemp(prefix="bench_sip_"))
-    goodbye = spoken(engines.tts, "Goodbye.")
+    goodbye = np.concatenate([np.zeros(4800, np.int16), spoken(engines.tts, "Goodbye."), np.zeros(16000, np.int16)])
+    write_wav(tmp / "goodbye.wav", goodbye, 16000)
+    subprocess.run(["sox", str(tmp / "goodbye.wav"), "-r", "8000", "-c", "1", "-t", "ul", str(tmp / "goodbye.ulaw")],
+                   check=True)
     sip_ledgers, file_ledgers, heard = [], [], 0
     try:
         for i, (text, keys) in enumerate((QUESTIONS * (1 + args.calls // len(QUESTIONS)))[: args.calls]):
-            pcm = np.concatenate([np.zeros(8000, np.int16), spoken(engines.tts, text), np.zeros(12800, np.int16),
-                                  goodbye, np.zeros(16000, np.int16)])
+            pcm = np.concatenate([np.zeros(8000, np.int16), spoken(engines.tts, text), np.zeros(16000, np.int16)])
             wav, ulaw = tmp / f"q{i}.wav", tmp / f"q{i}.ulaw"
             write_wav(wav, pcm, 16000)
             subprocess.run(["sox", str(wav), "-r", "8000", "-c", "1", "-t", "ul", str(ulaw)], check=True)
             before = set(observer.calls)
-            peer = sipp(tmp, scenario_call(str(ulaw), timeout_ms=60000), service.address, f"sipp{i}")
+            peer = sipp(tmp, scenario_call(str(ulaw), timeout_ms=60000, goodbye=str(tmp / "goodbye.ulaw")),
+                        service.address, f"sipp{i}")
             try:
+                await poke_when(service, observer,
+                                lambda events: any(isinstance(e, TurnFinished) for e in events), timeout=60)
                 rc = await peer.wait(90)
             finally:
                 peer.stop()
@@ -81,7 +86,7 @@ async def main_async(args) -> None:
             print(f"# sip  q{i + 1} {turn.transcript!r} -> {turn.reply[:50]!r} v2v {turn.ledger.voice_to_voice_ms:.0f} ms",
                   file=sys.stderr)
             if args.file:
-                _, finished = await converse_with_file(engines, config, pcm[: len(pcm) - len(goodbye) - 16000])
+                _, finished = await converse_with_file(engines, config, pcm)
                 if finished and finished[0].ledger.voice_to_voice_ms is not None:
                     file_ledgers.append(finished[0].ledger)
                     print(f"# file q{i + 1} v2v {finished[0].ledger.voice_to_voice_ms:.0f} ms", file=sys.stderr)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_sip_support import Peer, scenario_call, sip_service, sipp, sipp_errors, ulaw_question, words
+from agent.events import TurnFinished
+
+from .test_sip_support import Peer, poke_when, scenario_call, sip_service, sipp, sipp_errors, ulaw_question, words
 
 CFG = Path(__file__).resolve().parent.parent / "scripts" / "kamailio" / "kamailio.cfg"
 RTPENGINE_PORTS = (31000, 31999)
@@ -39,7 +41,8 @@ async def _wait_udp_listener(port: int, timeout: float = 10.0) -> None:
 
 
 async def test_call_through_kamailio_and_rtpengine(config, engines, tmp_path):
-    ulaw, _ = ulaw_question(tmp_path, "q", 0.5, "What is the capital of France?", 0.8, "Goodbye.", 1.0)
+    ulaw, _ = ulaw_question(tmp_path, "q", 0.5, "What is the capital of France?", 1.0)
+    goodbye, _ = ulaw_question(tmp_path, "bye", 0.3, "Goodbye.", 1.0)
     ng_port, sip_port = _free_udp_port(), _free_udp_port()
     async with sip_service(config, engines) as (service, observer):
         (tmp_path / "sub300.list").write_text(f"1 sip:127.0.0.1:{service.address[1]}\n")
@@ -55,8 +58,9 @@ async def test_call_through_kamailio_and_rtpengine(config, engines, tmp_path):
         try:
             await _wait_udp_listener(ng_port)
             await _wait_udp_listener(sip_port)
-            caller = sipp(tmp_path, scenario_call(ulaw), ("127.0.0.1", sip_port))
+            caller = sipp(tmp_path, scenario_call(ulaw, goodbye=goodbye), ("127.0.0.1", sip_port))
             try:
+                await poke_when(service, observer, lambda events: any(isinstance(e, TurnFinished) for e in events))
                 rc = await caller.wait(60)
             finally:
                 caller.stop()

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 
 import pytest
-from sipmessage import URI
 
 from agent.events import AgentSpeech, TurnFinished
 
@@ -22,7 +20,7 @@ from .test_sip_support import (
     scenario_call,
     scenario_cancel,
     scenario_rejected,
-    poke,
+    poke_when,
     sip_service,
     sipp,
     sipp_errors,
@@ -37,7 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("sipp") is None,
 def audio(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sip_audio")
     return {
-        "goodbye": ulaw_question(tmp, "goodbye", 0.5, "What is the capital of France?", 0.8, "Goodbye.", 1.0),
+        "question": ulaw_question(tmp, "question", 0.5, "What is the capital of France?", 1.0),
+        "goodbye": ulaw_question(tmp, "goodbye", 0.3, "Goodbye.", 1.0),
         "story": ulaw_question(tmp, "story", 0.5, "Tell me a long story about a dragon.", 0.5),
     }
 
@@ -64,9 +63,8 @@ def _sipp_media_port_bound(pid: int, port: int) -> bool:
 
 
 async def test_sipp_call_is_heard_answered_and_hung_up_by_the_agent(config, engines, audio, tmp_path):
-    ulaw, _ = audio["goodbye"]
     async with sip_service(config, engines) as (service, observer):
-        peer = sipp(tmp_path, scenario_call(ulaw), service.address)
+        peer = sipp(tmp_path, scenario_call(audio["question"][0], goodbye=audio["goodbye"][0]), service.address)
         try:
             # while sipp is up: the agent's RTP goes to a socket that sipp holds
             latched = None
@@ -78,6 +76,8 @@ async def test_sipp_call_is_heard_answered_and_hung_up_by_the_agent(config, engi
                     break
             assert latched is not None, "no RTP from sipp"
             assert _sipp_media_port_bound(peer.pid, latched[1]), latched
+            # once the answer has played, the caller says goodbye
+            await poke_when(service, observer, lambda events: any(isinstance(e, TurnFinished) for e in events))
             rc = await peer.wait(60)
         finally:
             peer.stop()
@@ -113,17 +113,7 @@ async def test_caller_bye_in_the_middle_of_the_reply_leaves_nothing_running(conf
         peer = sipp(tmp_path, scenario_call(ulaw, then="bye_on_info"), service.address)
         try:
             # the caller hangs up as soon as the agent has started its reply
-            for _ in range(1200):
-                await asyncio.sleep(0.05)
-                records = list(observer.calls.values())
-                if records and any(isinstance(e, AgentSpeech) for e in records[0].events):
-                    break
-            (dialog,) = service.uas.dialogs.values()
-            await asyncio.sleep(0.5)
-            target = URI.parse(dialog.remote_target)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind(("127.0.0.1", 0))
-                s.sendto(poke(dialog, s.getsockname()[1]), (target.host, target.port))
+            await poke_when(service, observer, lambda events: any(isinstance(e, AgentSpeech) for e in events))
             rc = await peer.wait(40)
         finally:
             peer.stop()

@@ -210,14 +210,23 @@ _ANSWER_BYE = """  <recv request="BYE" timeout="{timeout_ms}"/>
 PCMU = ("0 101", "      a=rtpmap:0 PCMU/8000\n      a=rtpmap:101 telephone-event/8000\n      a=fmtp:101 0-15")
 
 
-def scenario_call(ulaw: str, *, then: str = "agent_bye", bye_after_ms: int = 0, timeout_ms: int = 45000) -> str:
-    """INVITE → 200 → ACK → stream `ulaw` → wait for the agent's BYE, or send BYE after `bye_after_ms`."""
+def scenario_call(ulaw: str, *, then: str = "agent_bye", bye_after_ms: int = 0, timeout_ms: int = 45000,
+                  goodbye: str | None = None) -> str:
+    """INVITE → 200 → ACK → stream `ulaw` → then:
+
+    agent_bye: wait for the agent's BYE (with `goodbye`: first wait for a poke, then stream `goodbye`,
+    so the goodbye never barges into the first answer); bye_on_info: BYE when poked; else BYE after
+    `bye_after_ms`.
+    """
     out = _HEAD.format(name="call") + _INVITE.format(formats=PCMU[0], rtpmaps=PCMU[1])
     out += ('  <recv response="100" optional="true"/>\n  <recv response="180" optional="true"/>\n'
             '  <recv response="200" rtd="true" rrs="true"/>\n')
     out += _ACK_2XX
     out += f'  <nop><action><exec rtp_stream="{ulaw},1,0"/></action></nop>\n'
     if then == "agent_bye":
+        if goodbye is not None:
+            out += _ANSWER_BYE.replace("BYE", "INFO").format(timeout_ms=timeout_ms)
+            out += f'  <nop><action><exec rtp_stream="{goodbye},1,0"/></action></nop>\n'
         out += _ANSWER_BYE.format(timeout_ms=timeout_ms)
     elif then == "bye_on_info":   # the test pokes sipp with an INFO when it wants the caller to hang up
         out += _ANSWER_BYE.replace("BYE", "INFO").format(timeout_ms=timeout_ms) + _BYE
@@ -232,6 +241,27 @@ def poke(dialog, port: int) -> bytes:
     return (f"INFO {dialog.remote_target} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-poke\r\n"
             f"From: {invite.to};tag={dialog.local_tag}\r\nTo: {invite.from_}\r\nCall-ID: {invite.call_id}\r\n"
             "CSeq: 9 INFO\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+async def poke_when(service, observer, condition, timeout: float = 60.0) -> None:
+    """Wait until the (only) live call's events satisfy `condition`, then poke sipp (see `poke`)."""
+    import socket
+
+    from sipmessage import URI
+
+    records: list[CallRecord] = []
+    for _ in range(int(timeout / 0.05)):
+        records = [r for r in observer.calls.values() if r.ended is None]
+        if len(records) == 1 and condition(records[0].events) and len(service.uas.dialogs) == 1:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"condition not met: {[r.kinds() for r in records]}")
+    (dialog,) = service.uas.dialogs.values()
+    target = URI.parse(dialog.remote_target)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.sendto(poke(dialog, s.getsockname()[1]), (target.host, target.port or 5060))
 
 
 def scenario_cancel(cancel_after_ms: int = 300) -> str:
