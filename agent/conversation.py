@@ -58,6 +58,7 @@ from .reply import Reply, ReplySettings
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 _WORDS = re.compile(r"[A-Za-z0-9]")
+KEYPAD_TIMEOUT_S = 2.0
 
 
 def has_words(text: str) -> bool:
@@ -145,6 +146,8 @@ class Conversation:
         self._reply: Reply | None = None           # the reply being spoken (committed)
         self._barge: BargeIn | None = None
         self._answering = False                    # the responder is working on a turn
+        self._keypad: list[str] = []               # DTMF digits not yet submitted
+        self._keypad_at = 0.0
         self._closed = False
         self._echo = EchoGuard(self.playout.sample_rate, interrupt.echo_correlation) if interrupt.echo_guard else None
         if self._echo is not None:
@@ -186,11 +189,44 @@ class Conversation:
                 self.endpointer.in_speech = False
                 self._on_speech_ended(SpeechEnded(utterance.start_sample, self._ring.end, frame.timestamp, frame.timestamp))
         self._maybe_resume_after_false_start()
+        self._maybe_submit_keypad()
 
     @property
     def _agent_active(self) -> bool:
         """The agent has a reply in flight or audio still queued."""
         return self._reply is not None or not self.playout.idle
+
+    # ------------------------------------------------------------ keypad
+    def push_dtmf(self, digit: str) -> None:
+        """A key the caller pressed (phones).  '#' or a 2 s pause ends the entry,
+        which then becomes a turn the agent answers like a spoken one."""
+        if self._closed:
+            return
+        if digit == "#":
+            self._submit_keypad_entry()
+            return
+        self._keypad.append(digit)
+        self._keypad_at = self.clock()
+
+    def _submit_keypad_entry(self) -> None:
+        digits, self._keypad = "".join(self._keypad), []
+        if not digits:
+            return
+        self._turn_counter += 1
+        ledger = TurnLedger(self._turn_counter, notes={"engines": self.engines.describe(), "keypad": digits})
+        now = self.clock()
+        ledger.mark("speech_end", now)
+        ledger.mark("endpoint", now)
+        text = f"I pressed {' '.join(digits)} on my keypad."
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        done.set_result(Transcript(text, 0.0, 0.0))
+        self._pending.put_nowait(_PendingTurn(ledger, _Transcription(done, 0, now, now), None))  # type: ignore[arg-type]
+        self._ensure_responder()
+        self._set_state()
+
+    def _maybe_submit_keypad(self) -> None:
+        if self._keypad and self.clock() - self._keypad_at >= KEYPAD_TIMEOUT_S:
+            self._submit_keypad_entry()
 
     # ------------------------------------------------------------ endpointing events
     def _on_voice_onset(self, event: VoiceOnset) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from agent.events import AgentSpeech, TurnDiscarded, TurnFinished
 
-from .caller import ScriptedCaller
+from media.scripted_caller import ScriptedCaller
 from .speech import speak
 
 STORY = "Tell me a long story about a brave knight and a dragon."
@@ -161,3 +161,18 @@ async def test_echo_of_the_agent_does_not_interrupt_it(engines, configured, stor
     else:
         # The control: without the guard the agent reacts to its own voice.
         assert heard_itself
+
+
+async def test_keypad_digits_become_a_turn(engines, configured):
+    caller = ScriptedCaller(engines, configured())
+    try:
+        await caller.silence(0.3)
+        for digit in "42#":
+            caller.conversation.push_dtmf(digit)
+        await caller.silence(0.1)
+        await caller.until_idle()
+    finally:
+        await caller.close()
+    (turn,) = [e for e in caller.events if isinstance(e, TurnFinished)]
+    assert turn.ledger.notes["keypad"] == "42"
+    assert "4 2" in turn.transcript and turn.reply

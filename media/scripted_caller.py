@@ -1,4 +1,4 @@
-"""A scripted caller for conversation tests: speaks, listens, reacts, in real time.
+"""A scripted caller for tests and benchmarks: speaks, listens, reacts, in real time.
 
 Like the file transport, it delivers 20 ms of caller audio and pulls 20 ms of
 agent audio per tick on the wall clock; unlike a file, what it says next can
