@@ -28,7 +28,7 @@ ALONE = ("france", "What is the capital of France?", {"capital", "france"})
 TOGETHER = [
     ("spider", "How many legs does a spider have?", {"legs", "spider"}),
     ("ocean", "What is the largest ocean on Earth?", {"largest", "ocean"}),
-    ("sky", "What color is the sky on a clear day?", {"color", "sky"}),
+    ("sky", "What color is the sky on a clear day?", {"sky", "clear"}),  # tiny.en sometimes hears "colors"
 ]
 
 
