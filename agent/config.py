@@ -85,9 +85,11 @@ class LlmConfig:
 class TtsConfig:
     engine: str = "piper"             # piper (GPL-3.0) | espeak
     voice: str = "bundled:piper-joe"  # piper: bundled:NAME | .onnx path
+    threads: int = 2                  # piper: ONNX threads per synthesis (the LLM pauses while the first piece is made)
     espeak_voice: str = "en-us"
     espeak_speed_wpm: int = 175
     min_clause_chars: int = 12        # a clause shorter than this waits for more text before TTS
+    first_piece_max_words: int = 6    # first piece: cut after this many words if no punctuation came (0 = off)
 
 
 @dataclass
@@ -182,6 +184,8 @@ RANGES = {
     ("llm", "threads"): (0, 512),
     ("llm", "history_turns"): (0, 1000),
     ("tts", "min_clause_chars"): (0, 1000),
+    ("tts", "threads"): (1, 64),
+    ("tts", "first_piece_max_words"): (0, 100),
     ("tts", "espeak_speed_wpm"): (80, 500),
     ("", "budget_ms"): (1, 60_000),
     ("webrtc", "max_calls"): (1, 10_000),

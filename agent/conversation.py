@@ -385,7 +385,8 @@ class Conversation:
             playout=self.playout,
             clock=self.clock,
             emit=self._emit,
-            settings=ReplySettings(llm.max_tokens, llm.temperature, self.config.tts.min_clause_chars),
+            settings=ReplySettings(llm.max_tokens, llm.temperature, self.config.tts.min_clause_chars,
+                                   self.config.tts.first_piece_max_words),
             on_first_audio_out=lambda _: self._set_state(),
         )
 

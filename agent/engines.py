@@ -100,7 +100,7 @@ def _openai_llm(c: Config) -> LanguageModel:
 def _piper(c: Config) -> SpeechSynthesizer:
     from models.tts_piper import PiperSynthesizer
 
-    return PiperSynthesizer(c.tts.voice)
+    return PiperSynthesizer(c.tts.voice, threads=c.tts.threads)
 
 
 def _espeak(c: Config) -> SpeechSynthesizer:

@@ -37,6 +37,7 @@ class ReplySettings:
     max_tokens: int
     temperature: float
     min_clause_chars: int
+    first_piece_max_words: int = 0
 
 
 class Reply:
@@ -64,6 +65,7 @@ class Reply:
         self._on_first_audio_out = on_first_audio_out
         self._held: list[tuple[np.ndarray, int]] = []   # audio made before commit: (pcm, piece)
         self._first_pushed = False
+        self._first_audio = asyncio.Event()   # TTS made the first audio (or gave up)
         self.task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ control
@@ -132,7 +134,7 @@ class Reply:
 
     async def _generate(self, queue: asyncio.Queue[str | None]) -> None:
         settings = self._settings
-        splitter = SentenceSplitter(settings.min_clause_chars)
+        splitter = SentenceSplitter(settings.min_clause_chars, settings.first_piece_max_words)
         self.ledger.mark("llm_start", self._clock())
         stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
                                        temperature=settings.temperature)
@@ -143,6 +145,10 @@ class Reply:
                 for piece in splitter.push(text):
                     self.ledger.mark("first_sentence", self._clock())
                     queue.put_nowait(piece)
+                if queue.qsize() and not self._first_audio.is_set():
+                    # The caller is waiting for the first piece's audio: leave the CPU
+                    # to TTS (an engine with flow control pauses meanwhile).
+                    await self._first_audio.wait()
         finally:
             await stream.aclose()
         for piece in splitter.flush():
@@ -165,7 +171,9 @@ class Reply:
                 async for chunk in chunks:
                     self.ledger.mark("tts_first_audio", self._clock())
                     self._push(resampler.process(chunk), index)
+                    self._first_audio.set()
             finally:
+                self._first_audio.set()
                 await chunks.aclose()
         if index >= 0:
             self._push(resampler.flush(), index)

@@ -2,7 +2,8 @@
 
 A piece ends at a sentence end (. ! ? followed by whitespace).  The *first*
 piece may also end at a clause break (, ; : — followed by whitespace) once it
-is at least `min_clause_chars` long: that is what the caller waits for, while
+is at least `min_clause_chars` long, or after `first_piece_max_words` words
+when no punctuation has come by then: that is what the caller waits for, while
 later pieces are synthesized during playback, where whole sentences sound
 better and the LLM is far ahead of speech anyway.  A break is only taken once the next character is seen, so
 "3.5" and "e.g." mid-word do not split.  Markdown decorations that small
@@ -23,8 +24,9 @@ def clean_for_speech(text: str) -> str:
 
 
 class SentenceSplitter:
-    def __init__(self, min_clause_chars: int = 12):
+    def __init__(self, min_clause_chars: int = 12, first_piece_max_words: int = 0):
         self.min_clause_chars = min_clause_chars
+        self.first_piece_max_words = first_piece_max_words
         self._buffer = ""
         self._pieces_out = 0
 
@@ -64,4 +66,10 @@ class SentenceSplitter:
                 break
             if len(clean_for_speech(self._buffer[: match.end()])) >= self.min_clause_chars:
                 return match.end()
+        if sentence is None and self.first_piece_max_words:
+            # No punctuation in sight: start speaking after a phrase's worth of words.
+            # A word counts once the next one has begun (the space after it is seen).
+            words = list(re.finditer(r"\S+(?=\s+\S)", self._buffer))
+            if len(words) >= self.first_piece_max_words:
+                return words[self.first_piece_max_words - 1].end()
         return sentence

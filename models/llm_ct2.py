@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from .chat_template import render_chat
 from .device import Placement, select_placement
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 _STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
 
+
+
+#: text pieces the generation thread may run ahead of its consumer
+AHEAD = 4
 
 class _Done:
     pass
@@ -280,6 +284,10 @@ class CTranslate2ChatModel:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         finished: asyncio.Future[None] = loop.create_future()
         stop = threading.Event()
+        # Flow control: the worker runs at most AHEAD pieces ahead of the consumer.
+        # A consumer that stops reading (the reply synthesizing its first clause)
+        # thereby pauses generation and frees the CPU for what the caller waits for.
+        credit = threading.Semaphore(AHEAD)
 
         def post(item: Any) -> None:
             try:
@@ -287,13 +295,19 @@ class CTranslate2ChatModel:
             except RuntimeError:  # loop closed: nobody is listening any more
                 stop.set()
 
+        def post_piece(piece: str) -> None:
+            while not credit.acquire(timeout=0.05):
+                if stop.is_set():
+                    return
+            post(piece)
+
         def mark_finished() -> None:
             if not finished.done():
                 finished.set_result(None)
 
         def worker() -> None:
             try:
-                self._generate(prompt_ids, max_tokens, temperature, post, stop)
+                self._generate(prompt_ids, max_tokens, temperature, post_piece, stop)
             except BaseException as exc:
                 post(_Failed(exc))
             finally:
@@ -314,6 +328,7 @@ class CTranslate2ChatModel:
                     if isinstance(item.exc, ModelError):
                         raise item.exc
                     raise ModelError(f"{self.name} generation failed: {item.exc}") from item.exc
+                credit.release()
                 yield item
         finally:
             stop.set()

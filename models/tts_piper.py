@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from .bundled import is_bundled, resolve_bundled
+from .onnx import cpu_session
 from .protocols import ModelError, ModelUnavailable
 
 _MAX_INT16 = 32767.0
@@ -58,7 +59,6 @@ class PiperSynthesizer:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
         model, config_path = _resolve_voice(voice)
         try:
-            import onnxruntime
             from piper import PiperVoice
             from piper.config import PiperConfig, SynthesisConfig
         except ImportError as exc:
@@ -68,16 +68,7 @@ class PiperSynthesizer:
                 config = PiperConfig.from_dict(json.load(f))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelUnavailable(f"bad Piper voice config {config_path}: {exc}") from exc
-        opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            session = onnxruntime.InferenceSession(
-                str(model), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:
-            raise ModelUnavailable(f"cannot load Piper voice {model}: {exc}") from exc
+        session = cpu_session(model, "Piper voice", threads=threads)
         # PiperVoice.load() would build a session with default (all-core)
         # threading; build the same dataclass around our own session instead.
         self._voice = PiperVoice(session=session, config=config)

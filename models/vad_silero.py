@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .onnx import cpu_session
 from .protocols import SAMPLE_RATE, ModelError, ModelUnavailable
 
 FRAME_SAMPLES = 512  # 32 ms at 16 kHz: the only chunk size the model takes there
@@ -34,21 +35,7 @@ def _shared_session(path: Path):
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
         if session is None:
-            try:
-                import onnxruntime
-            except ImportError as exc:  # pragma: no cover - dependency is declared
-                raise ModelUnavailable("onnxruntime is not installed") from exc
-            opts = onnxruntime.SessionOptions()
-            opts.intra_op_num_threads = 1
-            opts.inter_op_num_threads = 1
-            opts.enable_cpu_mem_arena = False
-            opts.log_severity_level = 4
-            try:
-                session = onnxruntime.InferenceSession(
-                    str(key), sess_options=opts, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:
-                raise ModelUnavailable(f"cannot load Silero VAD model {key}: {exc}") from exc
+            session = cpu_session(key, "Silero VAD model", threads=1, memory_arena=False, log_level=4)
             _SESSIONS[key] = session
         return session
 

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute-type", default="auto")
     ap.add_argument("--cpu-threads", type=int, default=0)
     ap.add_argument("--beam-size", type=int, default=1)
-    ap.add_argument("--padding", choices=("short", "window", "full"), default="short")
+    ap.add_argument("--padding", choices=("short", "window", "full"), default="window")
     ap.add_argument("--window-s", type=float, default=12.0, help="minimum input seconds for --padding window")
     ap.add_argument(
         "--compare",

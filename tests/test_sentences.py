@@ -36,3 +36,16 @@ def test_markdown_is_not_read_aloud():
 def test_empty_stream():
     assert split([]) == []
     assert split(["   "]) == []
+
+
+def test_first_piece_is_cut_after_a_phrase_when_no_punctuation_comes():
+    tokens = ["Two", " plus", " two", " is", " a", " mathematical", " operation", " that", " adds.", " Done."]
+    assert split(tokens, 12) == ["Two plus two is a mathematical operation that adds.", "Done."]
+    splitter = SentenceSplitter(12, first_piece_max_words=6)
+    out = []
+    for token in tokens:
+        out += splitter.push(token)
+    assert out + splitter.flush() == ["Two plus two is a mathematical", "operation that adds.", "Done."]
+    # a word is only complete once the next one has begun
+    splitter = SentenceSplitter(12, first_piece_max_words=2)
+    assert splitter.push("Hello wor") == ["Hello"]

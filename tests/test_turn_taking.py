@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from agent.events import AgentSpeech, TurnDiscarded, TurnFinished
+from agent.events import AgentSpeech, TurnFinished
 
 from media.scripted_caller import ScriptedCaller
 from .speech import speak

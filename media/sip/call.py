@@ -94,7 +94,7 @@ class SipCall:
         ticker = Ticker(TICK_S, self.clock)
         silence16 = np.zeros(SAMPLE_RATE * 20 // 1000, np.int16)
         while True:
-            now = await ticker.wait()
+            await ticker.wait()
             endpoint = self.endpoint
             if endpoint is not None:
                 endpoint.send(self.playout.pull(SAMPLES_PER_PACKET))
