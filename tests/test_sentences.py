@@ -48,4 +48,5 @@ def test_first_piece_is_cut_after_a_phrase_when_no_punctuation_comes():
     assert out + splitter.flush() == ["Two plus two is a mathematical", "operation that adds.", "Done."]
     # a word is only complete once the next one has begun
     splitter = SentenceSplitter(12, first_piece_max_words=2)
-    assert splitter.push("Hello wor") == ["Hello"]
+    assert splitter.push("Hello wor") == []
+    assert splitter.push("ld and") == ["Hello world"]

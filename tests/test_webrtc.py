@@ -159,7 +159,7 @@ async def test_the_agent_hangs_up_after_saying_goodbye(config, engines):
         caller = s.caller()
         await caller.connect()
         call = s.signalling.calls[caller.call_id]
-        caller.say(compose(0.8, speak("Thank you, goodbye."), 1.0))
+        caller.say(compose(0.8, speak("Okay goodbye now."), 1.0))  # one breath: no pause to split the turn
         await caller.wait_for(lambda: bool(caller.events_of("hangup")), TURN_TIMEOUT, "hang-up event")
         await wait_until(lambda: call.closed, 10, "the server to hang up")
         assert call.close_reason == "agent_hangup" and not s.signalling.calls
