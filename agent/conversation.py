@@ -41,6 +41,7 @@ from .echo import EchoGuard
 from .endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VoiceOnset
 from .engines import Engines
 from .events import (
+    BargeInEvent,
     Event,
     HangupRequested,
     StateChanged,
@@ -159,14 +160,14 @@ class Conversation:
         """Feed one frame of caller audio (call from the event loop)."""
         if self._closed:
             return
-        samples = frame.samples
+        suppressed = False
         if self._agent_active and self.config.interrupt.mode == "half_duplex":
-            samples = np.zeros_like(samples)  # the caller cannot interrupt: hear nothing while speaking
-        elif self._echo is not None and self._echo.is_echo(samples, frame.timestamp):
+            suppressed = True   # the caller cannot interrupt: hear nothing while speaking
+        elif self._echo is not None and self._echo.is_echo(frame.samples, frame.timestamp):
             self.echo_frames += 1
-            samples = np.zeros_like(samples)  # our own voice coming back: silence for the VAD
+            suppressed = True   # our own voice coming back: silence for the VAD
         self._ring.append(frame.samples)
-        for event in self.endpointer.feed(samples, frame.timestamp):
+        for event in self.endpointer.feed(frame.samples, frame.timestamp, suppressed=suppressed):
             if isinstance(event, VoiceOnset):
                 self._on_voice_onset(event)
             elif isinstance(event, SpeechStarted):
@@ -234,6 +235,7 @@ class Conversation:
             self.playout.pause()
             self._barge = BargeIn(onset=event.time, paused_at=self.clock(), reply=self._reply)
             log.debug("voice while the agent speaks: paused")
+            self._emit(BargeInEvent("paused", None))
 
     def _on_speech_started(self, event: SpeechStarted) -> None:
         self._turn_counter += 1
@@ -433,6 +435,7 @@ class Conversation:
         if self._barge is barge:
             self._barge = None
         self.barge_ins.append((barge.onset, self.playout.silenced_at or barge.paused_at))
+        self._emit(BargeInEvent("interrupted", round(self.barge_in_reactions[-1] * 1000, 1)))
         log.info("barge-in (%s): dropped %.2f s of agent audio", why, dropped / self.playout.sample_rate)
         self._set_state()
 
@@ -445,6 +448,7 @@ class Conversation:
         self.false_interruptions += 1
         self.barge_ins.append((barge.onset, self.playout.silenced_at or barge.paused_at))
         self.playout.resume(rewind=True)
+        self._emit(BargeInEvent("resumed", round(self.barge_in_reactions[-1] * 1000, 1)))
         log.info("false interruption: the agent resumes")
         self._set_state()
 

@@ -22,7 +22,8 @@ HISTORY_S = 1.0
 #: inbound audio compared at once: 20 ms frames are too short (any voiced
 #: sound correlates well with *some* 20 ms of speech); 160 ms is not
 WINDOW_S = 0.16
-#: frames quieter than this are not worth checking (the VAD will not fire on them)
+#: while the agent speaks, inbound frames quieter than this (about -50 dBFS) are
+#: not a voice to interrupt with; webrtcvad would call some of them voiced
 MIN_RMS = 100.0
 
 
@@ -75,4 +76,11 @@ class EchoGuard:
         return best
 
     def is_echo(self, frame: np.ndarray, now: float) -> bool:
-        return self.active(now) and self.score(frame) >= self.threshold
+        """Inbound audio that must not count as the caller's voice while the agent speaks:
+        its echo, or audio too quiet to interrupt with (the decaying tail of the echo)."""
+        if not self.active(now):
+            return False
+        if len(frame) == 0 or float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) < MIN_RMS:
+            self.score(frame)  # keep the inbound window current
+            return True
+        return self.score(frame) >= self.threshold

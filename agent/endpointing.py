@@ -108,6 +108,7 @@ class Endpointer:
         self._paused = False
         self._peak_db = -120.0
         self._vad_voiced_end = 0
+        self._suppressed: deque[tuple[int, int]] = deque()   # sample ranges of suppressed audio
         # (end sample, arrival time of that sample, level) of recent 10 ms blocks
         self._levels: deque[tuple[int, float, float]] = deque(maxlen=int(END_SEARCH_S * 100) + 8)
 
@@ -121,10 +122,18 @@ class Endpointer:
         """End of the last voiced audio of the current (or last) utterance."""
         return self._last_voiced_end
 
-    def feed(self, samples: np.ndarray, timestamp: float) -> list[EndpointEvent]:
-        """`samples`: int16 16 kHz; `timestamp`: arrival time of its last sample."""
+    def feed(self, samples: np.ndarray, timestamp: float, *, suppressed: bool = False) -> list[EndpointEvent]:
+        """`samples`: int16 16 kHz; `timestamp`: arrival time of its last sample.
+
+        `suppressed`: this audio is known not to be the caller (the agent's echo):
+        it counts as silence and is not shown to the detector, whose own hangover
+        would otherwise carry a voiced run across it.
+        """
         events: list[EndpointEvent] = []
         end_index = self.samples_seen + len(samples)
+        if suppressed:
+            samples = np.zeros_like(samples)
+            self._suppressed.append((self.samples_seen, end_index))
         self.samples_seen = end_index
         self._pending = np.concatenate([self._pending, samples.astype(np.int16, copy=False)])
         while len(self._pending) >= self._frame:
@@ -135,7 +144,12 @@ class Endpointer:
             self._pending_start = frame_end
             # Arrival time of this frame's last sample, from the chunk's timestamp.
             frame_time = timestamp - (end_index - frame_end) / SAMPLE_RATE
-            voiced = self._vad.speech_probability(frame) >= self._threshold
+            while self._suppressed and self._suppressed[0][1] <= frame_start:
+                self._suppressed.popleft()
+            if any(a < frame_end and b > frame_start for a, b in self._suppressed):
+                voiced = False
+            else:
+                voiced = self._vad.speech_probability(frame) >= self._threshold
             levels = _block_levels(frame)
             for k, level in enumerate(levels):
                 block_end = frame_start + (k + 1) * BLOCK if k < len(levels) - 1 else frame_end

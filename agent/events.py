@@ -71,6 +71,15 @@ class TurnFailed:
 
 
 @dataclass(frozen=True)
+class BargeInEvent:
+    """Caller voice while the agent spoke: `paused` at once, then `interrupted` or `resumed`."""
+
+    outcome: str              # paused | interrupted | resumed
+    reaction_ms: float | None  # voice onset → agent silent, once known
+    kind: str = "barge_in"
+
+
+@dataclass(frozen=True)
 class HangupRequested:
     """The agent wants to end the call (the caller said goodbye); sent after its reply has played."""
 
@@ -79,7 +88,7 @@ class HangupRequested:
     kind: str = "hangup"
 
 
-Event = HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
+Event = BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
 EventHandler = Callable[[Event], None]
 
 

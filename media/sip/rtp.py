@@ -28,12 +28,17 @@ log = logging.getLogger(__name__)
 SAMPLES_PER_PACKET = 160   # 20 ms at 8 kHz
 
 
+
+#: a new SSRC replaces the current one only after the current one is quiet this long
+SSRC_SWITCH_S = 0.2
+
 @dataclass
 class RtpStats:
     received: int = 0
     sent: int = 0
     dtmf: int = 0
     malformed: int = 0
+    other_ssrc: int = 0      # packets of a second, interleaved stream, dropped
     latched: tuple[str, int] | None = None
 
 
@@ -72,6 +77,7 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self._jitter = ReorderBuffer()
         self._events = TelephoneEvents()
         self._remote_ssrc: int | None = None
+        self._remote_last = float("-inf")
         self._seq = random.randrange(1 << 16)
         self._timestamp = random.randrange(1 << 32)
         self._ssrc = random.randrange(1, 1 << 32)
@@ -108,8 +114,15 @@ class RtpEndpoint(asyncio.DatagramProtocol):
             log.debug("RTP latched to %s:%d (ssrc %08x)", *source, packet.ssrc)
             self.stats.latched = source
         if packet.ssrc != self._remote_ssrc:
+            # One caller, one stream (RFC 3550 source validation): a second SSRC is
+            # taken only once the current one has gone quiet, so two interleaved
+            # streams (a bridge, a peer reflecting our own packets) are not mixed.
+            if self._remote_ssrc is not None and now - self._remote_last < SSRC_SWITCH_S:
+                self.stats.other_ssrc += 1
+                return
             self._remote_ssrc = packet.ssrc
             self._jitter = ReorderBuffer()
+        self._remote_last = now
         if packet.payload_type == self.params.dtmf_payload_type:
             digit = self._events.feed(packet.payload, packet.timestamp)
             # the event's sequence numbers still count: let the buffer see a silent frame

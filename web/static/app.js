@@ -100,6 +100,11 @@ function onEvent(ev) {
     case "turn_failed":
       bubble("system", "", `turn ${ev.turn} failed: ${ev.error}`);
       break;
+    case "barge_in":
+      // the agent paused for the caller's voice; it then stopped for good or went on
+      if (ev.outcome === "interrupted") bubble("system", "", `interrupted: the agent fell silent in ${ev.reaction_ms} ms`);
+      else if (ev.outcome === "resumed") bubble("system", "", "not an interruption: the agent went on");
+      break;
     case "hangup":
       state.hangup = ev.reason;
       bubble("system", "", `the agent hung up (${ev.reason})`);
