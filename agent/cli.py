@@ -77,15 +77,16 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
         nonlocal failures
         if isinstance(event, TurnFinished):
             if args.json:
+                ledger = event.ledger.to_dict()
                 doc = {
                     "turn": event.turn,
                     "transcript": event.transcript,
                     "reply": event.reply,
-                    "marks": event.ledger.relative_marks_ms(),
-                    "stages_ms": event.ledger.to_dict()["stages_ms"],
-                    "overlaps_ms": event.ledger.to_dict()["overlaps_ms"],
-                    "voice_to_voice_ms": event.ledger.to_dict()["voice_to_voice_ms"],
-                    "notes": event.ledger.notes,
+                    "marks": ledger["marks_ms"],
+                    "stages_ms": ledger["stages_ms"],
+                    "overlaps_ms": ledger["overlaps_ms"],
+                    "voice_to_voice_ms": ledger["voice_to_voice_ms"],
+                    "notes": ledger["notes"],
                 }
                 print(json.dumps(doc), flush=True)
             else:

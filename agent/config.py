@@ -164,8 +164,8 @@ CHOICES = {
     ("llm", "engine"): {"embedded", "openai"},
     ("llm", "device"): {"auto", "cpu", "cuda"},
     ("tts", "engine"): {"piper", "espeak"},
+    ("interrupt", "mode"): {"barge_in", "half_duplex"},
 }
-CHOICES[("interrupt", "mode")] = {"barge_in", "half_duplex"}
 LIST_CHOICES = {("sip", "codecs"): {"PCMU", "PCMA"}}
 RANGES = {
     ("server", "port"): (0, 65535),

@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 
 from models.protocols import SAMPLE_RATE, ModelError, Transcript
 

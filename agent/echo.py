@@ -10,8 +10,6 @@ the echo correlates much less, so a real barge-in still gets through.
 """
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from models.protocols import SAMPLE_RATE
@@ -33,7 +31,6 @@ class EchoGuard:
         self._resampler = StreamResampler(played_rate, SAMPLE_RATE)
         self._history = np.zeros(int(HISTORY_S * SAMPLE_RATE), np.float32)
         self._last_played = float("-inf")
-        self._recent_scores: deque[float] = deque(maxlen=50)
         self._inbound = np.zeros(int(WINDOW_S * SAMPLE_RATE), np.float32)
 
     def note_played(self, pcm: np.ndarray, at: float) -> None:
@@ -41,9 +38,7 @@ class EchoGuard:
         audio = self._resampler.process(pcm).astype(np.float32)
         if len(audio) == 0:
             return
-        n = min(len(audio), len(self._history))
-        self._history = np.roll(self._history, -n)
-        self._history[-n:] = audio[-n:]
+        _shift_in(self._history, audio)
         if np.any(audio):
             self._last_played = at
 
@@ -52,12 +47,10 @@ class EchoGuard:
 
     def score(self, frame: np.ndarray) -> float:
         """Highest normalised correlation of the latest inbound audio with the played history (0..1)."""
-        n_new = min(len(frame), len(self._inbound))
-        self._inbound = np.roll(self._inbound, -n_new)
-        self._inbound[-n_new:] = frame[-n_new:]
-        frame_rms = float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) if len(frame) else 0.0
-        if frame_rms < MIN_RMS:
-            return 0.0
+        _shift_in(self._inbound, frame)
+        return self._correlation()
+
+    def _correlation(self) -> float:
         x = self._inbound - self._inbound.mean()
         energy = float(np.dot(x, x))
         h = self._history
@@ -67,20 +60,27 @@ class EchoGuard:
         # energy of each history window of len(x)
         c = np.concatenate([[0.0], np.cumsum(h.astype(np.float64) ** 2)])
         windows = c[len(x):] - c[: len(h) - len(x) + 1]
-        denom = np.sqrt(np.maximum(windows, 1e-9) * energy)
         valid = windows > energy * 1e-4
-        if not np.any(valid):
+        if energy == 0.0 or not np.any(valid):
             return 0.0
-        best = float(np.max(np.abs(corr[valid]) / denom[valid]))
-        self._recent_scores.append(best)
-        return best
+        denom = np.sqrt(windows[valid] * energy)
+        return float(np.max(np.abs(corr[valid]) / denom))
 
     def is_echo(self, frame: np.ndarray, now: float) -> bool:
         """Inbound audio that must not count as the caller's voice while the agent speaks:
         its echo, or audio too quiet to interrupt with (the decaying tail of the echo)."""
         if not self.active(now):
             return False
+        _shift_in(self._inbound, frame)  # keep the window current, even for quiet frames
         if len(frame) == 0 or float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) < MIN_RMS:
-            self.score(frame)  # keep the inbound window current
             return True
-        return self.score(frame) >= self.threshold
+        return self._correlation() >= self.threshold
+
+
+def _shift_in(buffer: np.ndarray, new: np.ndarray) -> None:
+    """Append `new` to the end of a fixed-size buffer in place, dropping the oldest samples."""
+    n = min(len(new), len(buffer))
+    if n == 0:
+        return
+    buffer[:-n] = buffer[n:]
+    buffer[-n:] = new[-n:]

@@ -154,10 +154,11 @@ class Endpointer:
             for k, level in enumerate(levels):
                 block_end = frame_start + (k + 1) * BLOCK if k < len(levels) - 1 else frame_end
                 self._levels.append((block_end, frame_time - (frame_end - block_end) / SAMPLE_RATE, level))
-            self._step(voiced, frame_start, frame_end, frame_time, events)
+            self._step(voiced, frame_start, frame_end, frame_time, max(levels), events)
         return events
 
-    def _step(self, voiced: bool, start: int, end: int, time: float, events: list[EndpointEvent]) -> None:
+    def _step(self, voiced: bool, start: int, end: int, time: float, frame_peak: float,
+              events: list[EndpointEvent]) -> None:
         if voiced:
             self.last_voiced_time = time
         if not self.in_speech:
@@ -185,7 +186,7 @@ class Endpointer:
                 self._paused = False
                 events.append(SpeechResumed(start, time))
             self._last_voiced_end, self._last_voiced_time = end, time
-            self._peak_db = max([self._peak_db] + [lv for e, _, lv in self._levels if e > start])
+            self._peak_db = max(self._peak_db, frame_peak)
             return
         if not self._paused:
             self._paused = True

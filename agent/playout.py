@@ -35,7 +35,6 @@ class PlayoutQueue:
     sample_rate: int
     clock: Clock
     _segments: deque[_Segment] = field(default_factory=deque)
-    _played: dict[int, int] = field(default_factory=dict)
     #: (turn, piece) -> [samples played, samples queued in all]
     _pieces: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,7 +76,6 @@ class PlayoutQueue:
             out[filled:filled + take] = seg.pcm[seg.offset:seg.offset + take]
             seg.offset += take
             filled += take
-            self._played[seg.turn] = self._played.get(seg.turn, 0) + take
             self._pieces[(seg.turn, seg.piece)][0] += take
             if seg.offset >= len(seg.pcm):
                 self._segments.popleft()
@@ -97,7 +95,6 @@ class PlayoutQueue:
         """Play again; with `rewind`, from the start of the segment that was cut."""
         if rewind and self._segments:
             seg = self._segments[0]
-            self._played[seg.turn] -= seg.offset
             self._pieces[(seg.turn, seg.piece)][0] -= seg.offset
             seg.offset = 0
         self.paused = False
@@ -115,7 +112,7 @@ class PlayoutQueue:
         return sum(len(s.pcm) - s.offset for s in self._segments)
 
     def played_samples(self, turn: int) -> int:
-        return self._played.get(turn, 0)
+        return sum(played for (t, _), (played, _total) in self._pieces.items() if t == turn)
 
     def played_fraction(self, turn: int, piece: int) -> float:
         """Share of a reply piece that went out (0 when it was never queued)."""
@@ -124,7 +121,6 @@ class PlayoutQueue:
 
     def forget_turn(self, turn: int) -> None:
         """Drop the bookkeeping of a finished turn."""
-        self._played.pop(turn, None)
         for key in [k for k in self._pieces if k[0] == turn]:
             del self._pieces[key]
 

@@ -79,7 +79,7 @@ class Reply:
             ledger.mark(name, at)
         self.ledger = ledger
         self.committed = True
-        for index, piece in enumerate(self.pieces):
+        for piece in self.pieces:
             self._emit(AgentSpeech(self.turn, piece))
         held, self._held = self._held, []
         for pcm, piece in held:

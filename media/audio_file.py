@@ -8,7 +8,6 @@ from pathlib import Path
 import av
 import numpy as np
 
-from agent.audio import StreamResampler
 from models.protocols import SAMPLE_RATE
 
 
@@ -56,4 +55,4 @@ def write_wav(path: str | os.PathLike, pcm: np.ndarray, rate: int) -> None:
         out.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
 
 
-__all__ = ["AudioFileError", "read_audio", "write_wav", "StreamResampler"]
+__all__ = ["AudioFileError", "read_audio", "write_wav"]

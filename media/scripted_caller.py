@@ -72,9 +72,5 @@ class ScriptedCaller:
     async def until_idle(self, timeout: float = 60.0) -> None:
         await self.wait_until(lambda: not self.conversation.busy, timeout)
 
-    def agent_audio_after(self, t: float) -> float:
-        """Seconds of non-silent agent audio pulled after time t."""
-        return sum(len(f) for at, f in self.agent_audio if at > t and np.abs(f).max() > 64) / 16000
-
     async def close(self) -> None:
         await self.conversation.aclose()

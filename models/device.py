@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import ctranslate2
 
+from .protocols import ModelUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,6 @@ def select_placement(
         if device == "cpu":
             log.info("%s: no CUDA device visible to CTranslate2, running on CPU", what)
     elif device == "cuda" and gpus == 0:
-        from .protocols import ModelUnavailable
-
         raise ModelUnavailable(f"{what}: device 'cuda' requested but CTranslate2 sees no CUDA device")
     if compute_type == "auto":
         compute_type = cuda_default if device == "cuda" else cpu_default

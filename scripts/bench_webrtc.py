@@ -33,7 +33,7 @@ import aiohttp  # noqa: E402
 from agent.ledger import STAGES  # noqa: E402
 from bench_turns import QUESTIONS  # noqa: E402
 from machine_info import describe_machine, percentile  # noqa: E402
-from media.webrtc.client import ScriptedCaller  # noqa: E402
+from media.webrtc.client import AiortcCaller  # noqa: E402
 from tests.speech import compose, speak  # noqa: E402
 
 LEAD_S, TAIL_S = 0.8, 1.5
@@ -59,7 +59,7 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, timeout: float 
 
 async def one_call(session, url: str, index: int, question: tuple, timeout: float) -> dict:
     text, keys, pcm = question
-    caller = ScriptedCaller(url, session)
+    caller = AiortcCaller(url, session)
     row = {"call": index, "question": text}
     try:
         await caller.connect()

@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiortc import RTCPeerConnection
 
-from media.webrtc.client import ScriptedCaller
+from media.webrtc.client import AiortcCaller
 from web.server import METRICS_KEY, SIGNALLING_KEY, build_app
 
 from .speech import compose, speak
@@ -64,8 +64,8 @@ class Server:
     def metrics(self):
         return self.app[METRICS_KEY]
 
-    def caller(self) -> ScriptedCaller:
-        return ScriptedCaller(self.url, self.session)
+    def caller(self) -> AiortcCaller:
+        return AiortcCaller(self.url, self.session)
 
 
 def live_pipeline_tasks() -> list[asyncio.Task]:

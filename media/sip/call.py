@@ -74,9 +74,7 @@ class SipCall:
         self.digits.append(digit)
         log.info("call %s: DTMF %s (%s)", self.call_id, digit, source)
         self._safe_listener(DtmfReceived(digit, source))
-        push = getattr(self.conversation, "push_dtmf", None)   # when the conversation learns to use keys
-        if push is not None:
-            push(digit)
+        self.conversation.push_dtmf(digit)
 
     def _safe_listener(self, event) -> None:
         try:

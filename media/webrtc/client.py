@@ -52,7 +52,7 @@ class Onset:
 
 
 @dataclass
-class ScriptedCaller:
+class AiortcCaller:
     base_url: str
     session: aiohttp.ClientSession
     clock: Callable[[], float] = time.monotonic
