@@ -139,7 +139,7 @@ class ModelsConfig:
 class Config:
     budget_ms: int = 300
     # the agent hangs up after answering a turn that contains one of these
-    hangup_phrases: list[str] = field(default_factory=lambda: ["goodbye", "good bye", "bye bye", "hang up"])
+    hangup_phrases: list[str] = field(default_factory=lambda: ["goodbye", "good bye", "bye", "hang up"])
     server: ServerConfig = field(default_factory=ServerConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     stt: SttConfig = field(default_factory=SttConfig)
