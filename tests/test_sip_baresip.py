@@ -6,6 +6,8 @@ give the words of the agent's reply.
 """
 from __future__ import annotations
 
+import difflib
+
 import shutil
 
 import numpy as np
@@ -60,6 +62,9 @@ async def test_baresip_hears_the_agents_reply(config, engines, tmp_path):
     span = voiced_span(heard)
     assert span is not None, "baresip heard silence"
     text = engines.stt.transcribe(int16_to_float32(heard[int(span[0] * 16000):])).text
-    common = words(reply) & words(text)
-    assert len(common) >= max(2, len(words(reply)) // 2), (reply, text)
+    # tiny.en on 8 kHz G.711 misspells names ("France is Paris" → "Francis Perris"):
+    # a reply word counts as heard when a transcribed word is spelled nearly the same
+    recognised = {w for w in words(reply)
+                  if any(difflib.SequenceMatcher(None, w, t).ratio() >= 0.7 for t in words(text))}
+    assert len(recognised) >= max(2, len(words(reply)) // 2), (reply, text)
     assert np.abs(heard).max() > 1000
