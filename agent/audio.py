@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from models.protocols import SAMPLE_RATE
+from sub300.models.protocols import SAMPLE_RATE
 
 
 @dataclass(frozen=True)

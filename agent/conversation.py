@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-from models.protocols import SAMPLE_RATE, ModelError, Transcript
+from sub300.models.protocols import SAMPLE_RATE, ModelError, Transcript
 
 from .audio import AudioFrame, int16_to_float32
 from .audio_ring import AudioRing

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.protocols import SAMPLE_RATE
+from sub300.models.protocols import SAMPLE_RATE
 
 from .audio import StreamResampler
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.protocols import SAMPLE_RATE, VoiceActivityDetector
+from sub300.models.protocols import SAMPLE_RATE, VoiceActivityDetector
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from models.bundled import is_bundled, resolve_bundled
-from models.protocols import (
+from sub300.models.bundled import is_bundled, resolve_bundled
+from sub300.models.protocols import (
     LanguageModel,
     ModelUnavailable,
     SpeechRecognizer,
@@ -34,19 +34,19 @@ Progress = Callable[[str], None]
 
 # ------------------------------------------------------------------ factories
 def _webrtc_vad(c: Config) -> VoiceActivityDetector:
-    from models.vad_webrtc import WebRtcVad
+    from sub300.models.vad_webrtc import WebRtcVad
 
     return WebRtcVad(aggressiveness=c.vad.aggressiveness, frame_ms=c.vad.frame_ms)
 
 
 def _silero_vad(c: Config) -> VoiceActivityDetector:
-    from models.vad_silero import SileroVad
+    from sub300.models.vad_silero import SileroVad
 
     return SileroVad(threshold=c.vad.threshold)
 
 
 def _whisper(c: Config) -> SpeechRecognizer:
-    from models.stt_whisper import WhisperRecognizer
+    from sub300.models.stt_whisper import WhisperRecognizer
 
     return WhisperRecognizer(
         c.stt.model,
@@ -66,7 +66,7 @@ def embedded_llm_dir(c: Config, progress: Progress = print) -> Path:
     ref = c.llm.model
     path = resolve_bundled(ref) if is_bundled(ref) else Path(os.path.expanduser(ref))
     if path.suffix == ".gguf":
-        from models.gguf_to_ct2 import ensure_ct2_from_gguf
+        from sub300.models.gguf_to_ct2 import ensure_ct2_from_gguf
 
         return ensure_ct2_from_gguf(path, c.cache_path / "ct2", progress=progress)
     if not path.is_dir():
@@ -75,7 +75,7 @@ def embedded_llm_dir(c: Config, progress: Progress = print) -> Path:
 
 
 def _embedded_llm(c: Config) -> LanguageModel:
-    from models.llm_ct2 import CTranslate2ChatModel
+    from sub300.models.llm_ct2 import CTranslate2ChatModel
 
     return CTranslate2ChatModel(
         embedded_llm_dir(c, progress=lambda m: log.info("%s", m)),
@@ -86,7 +86,7 @@ def _embedded_llm(c: Config) -> LanguageModel:
 
 
 def _openai_llm(c: Config) -> LanguageModel:
-    from models.llm_openai import OpenAIChatModel
+    from sub300.models.llm_openai import OpenAIChatModel
 
     return OpenAIChatModel(
         c.llm.base_url,
@@ -98,13 +98,13 @@ def _openai_llm(c: Config) -> LanguageModel:
 
 
 def _piper(c: Config) -> SpeechSynthesizer:
-    from models.tts_piper import PiperSynthesizer
+    from sub300.models.tts_piper import PiperSynthesizer
 
     return PiperSynthesizer(c.tts.voice, threads=c.tts.threads)
 
 
 def _espeak(c: Config) -> SpeechSynthesizer:
-    from models.tts_espeak import EspeakSynthesizer
+    from sub300.models.tts_espeak import EspeakSynthesizer
 
     return EspeakSynthesizer(c.tts.espeak_voice, speed_wpm=c.tts.espeak_speed_wpm)
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from models.protocols import ChatMessage, LanguageModel, SpeechSynthesizer
+from sub300.models.protocols import ChatMessage, LanguageModel, SpeechSynthesizer
 
 from .audio import StreamResampler
 from .events import AgentSpeech, EventHandler

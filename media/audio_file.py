@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from models.protocols import SAMPLE_RATE
+from sub300.models.protocols import SAMPLE_RATE
 
 
 class AudioFileError(ValueError):

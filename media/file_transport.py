@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from agent.audio import AudioFrame
-from agent.conversation import Conversation
-from models.protocols import SAMPLE_RATE
+from sub300.agent.audio import AudioFrame
+from sub300.agent.conversation import Conversation
+from sub300.models.protocols import SAMPLE_RATE
 
 from .pacing import Ticker
 
@@ -79,7 +79,7 @@ class FileCall:
 async def converse_with_file(engines, config, caller_audio: np.ndarray, listeners=(), *,
                              max_tail_s: float = 60.0) -> tuple[FileCallResult, list]:
     """Play `caller_audio` to a fresh conversation on shared engines; return the timeline and finished turns."""
-    from agent.playout import PlayoutQueue
+    from sub300.agent.playout import PlayoutQueue
 
     playout = PlayoutQueue(engines.tts.sample_rate, time.monotonic)
     conversation = Conversation(engines, config, playout, listeners=list(listeners))

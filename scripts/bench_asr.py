@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.protocols import SAMPLE_RATE  # noqa: E402
-from models.text_normalize import edit_distance, normalize  # noqa: E402
+from sub300.models.protocols import SAMPLE_RATE  # noqa: E402
+from sub300.models.text_normalize import edit_distance, normalize  # noqa: E402
 
 PACKAGES = ("asterisk-core-sounds-en-g722", "asterisk-core-sounds-en")
 TRANSCRIPTS = "usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz"
@@ -164,7 +164,7 @@ class _Run:
     """One mode's recognizer and its running tallies."""
 
     def __init__(self, args: argparse.Namespace, padding: str, window_s: float) -> None:
-        from models.stt_whisper import WhisperRecognizer
+        from sub300.models.stt_whisper import WhisperRecognizer
 
         self.label = mode_label(padding, window_s)
         self.rec = WhisperRecognizer(

@@ -25,13 +25,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from agent.audio import resample  # noqa: E402
-from agent.config import load_config  # noqa: E402
-from agent.engines import load_engines, warm_up  # noqa: E402
-from agent.events import TurnFinished  # noqa: E402
+from sub300.agent.audio import resample  # noqa: E402
+from sub300.agent.config import load_config  # noqa: E402
+from sub300.agent.engines import load_engines, warm_up  # noqa: E402
+from sub300.agent.events import TurnFinished  # noqa: E402
 from bench_turns import QUESTIONS  # noqa: E402
 from machine_info import describe_machine, percentile  # noqa: E402
-from media.scripted_caller import ScriptedCaller  # noqa: E402
+from sub300.testing.scripted_caller import ScriptedCaller  # noqa: E402
 
 STORY = "Tell me a long story about a brave knight and a dragon."
 INTERRUPTIONS = ["Stop. What is the capital of France?", "Wait, how many days are in a week?",

@@ -24,12 +24,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from agent.audio import resample  # noqa: E402
-from agent.config import _apply, load_config, validate  # noqa: E402
-from agent.engines import load_engines, warm_up  # noqa: E402
-from agent.ledger import STAGES  # noqa: E402
+from sub300.agent.audio import resample  # noqa: E402
+from sub300.agent.config import _apply, load_config, validate  # noqa: E402
+from sub300.agent.engines import load_engines, warm_up  # noqa: E402
+from sub300.agent.ledger import STAGES  # noqa: E402
 from machine_info import describe_machine, percentile  # noqa: E402
-from media.file_transport import converse_with_file  # noqa: E402
+from sub300.media.file_transport import converse_with_file  # noqa: E402
 
 QUESTIONS = [
     ("What is the capital of France?", {"capital", "france"}),

@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import aiohttp  # noqa: E402
 
-from agent.ledger import STAGES  # noqa: E402
+from sub300.agent.ledger import STAGES  # noqa: E402
 from bench_turns import QUESTIONS  # noqa: E402
 from machine_info import describe_machine, percentile  # noqa: E402
-from media.webrtc.client import AiortcCaller  # noqa: E402
+from sub300.testing.aiortc_caller import AiortcCaller  # noqa: E402
 from tests.speech import compose, speak  # noqa: E402
 
 LEAD_S, TAIL_S = 0.8, 1.5
@@ -41,7 +41,7 @@ LEAD_S, TAIL_S = 0.8, 1.5
 
 def start_server(port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+    return subprocess.Popen([sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import Config, load_config
+from sub300.agent.config import Config, load_config
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +14,6 @@ def config() -> Config:
 
 @pytest.fixture(scope="session")
 def engines(config):
-    from agent.engines import load_engines
+    from sub300.agent.engines import load_engines
 
     return load_engines(config, progress=lambda m: None)

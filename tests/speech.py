@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from media.audio_file import read_audio, write_wav
+from sub300.media.audio_file import read_audio, write_wav
 
 RATE = 16_000
 
@@ -25,8 +25,8 @@ def speak(text: str, *, engine: str = "piper", voice: str = "en-us", speed_wpm: 
     """`text` spoken by Piper (default) or espeak-ng, as 16 kHz mono int16, trimmed."""
     if engine == "piper":
         global _piper
-        from agent.audio import resample
-        from models.tts_piper import PiperSynthesizer
+        from sub300.agent.audio import resample
+        from sub300.models.tts_piper import PiperSynthesizer
 
         _piper = _piper or PiperSynthesizer()
         pcm = resample(np.concatenate(list(_piper.synthesize(text))), _piper.sample_rate, RATE)

@@ -4,7 +4,7 @@ import tomllib
 
 import pytest
 
-from agent.config import ConfigError, load_config, to_toml
+from sub300.agent.config import ConfigError, load_config, to_toml
 
 
 def test_defaults_are_valid_and_offline():

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from agent.audio import int16_to_float32
-from media.audio_file import read_audio
+from sub300.agent.audio import int16_to_float32
+from sub300.media.audio_file import read_audio
 
 from .speech import compose, save, speak, voiced_span
 
@@ -28,7 +28,7 @@ CHAIN = ["speech_end", "stt_start", "stt_final", "llm_start", "llm_first_token",
 
 def converse(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
-    return subprocess.run([sys.executable, "-m", "agent.cli", "converse", *args],
+    return subprocess.run([sys.executable, "-m", "sub300.cli", "converse", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
-from models.vad_silero import SileroVad
-from models.vad_webrtc import WebRtcVad
+from sub300.agent.endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
+from sub300.models.vad_silero import SileroVad
+from sub300.models.vad_webrtc import WebRtcVad
 
 from .speech import RATE, compose, speak, voiced_span
 

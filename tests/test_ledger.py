@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.ledger import MARKS, TurnLedger
+from sub300.agent.ledger import MARKS, TurnLedger
 
 
 def ledger_with(**marks: float) -> TurnLedger:

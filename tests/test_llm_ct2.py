@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from models.bundled import smollm2_gguf
-from models.chat_template import render_chat
-from models.protocols import LanguageModel, ModelError, ModelUnavailable
+from sub300.models.bundled import smollm2_gguf
+from sub300.models.chat_template import render_chat
+from sub300.models.protocols import LanguageModel, ModelError, ModelUnavailable
 
-ct2_mod = pytest.importorskip("models.gguf_to_ct2")
-from models.gguf_to_ct2 import METADATA_FILE, ensure_ct2_from_gguf  # noqa: E402
-from models.llm_ct2 import CTranslate2ChatModel, IncrementalDecoder  # noqa: E402
+ct2_mod = pytest.importorskip("sub300.models.gguf_to_ct2")
+from sub300.models.gguf_to_ct2 import METADATA_FILE, ensure_ct2_from_gguf  # noqa: E402
+from sub300.models.llm_ct2 import CTranslate2ChatModel, IncrementalDecoder  # noqa: E402
 
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence in English."}]
 COLORS = [{"role": "user", "content": "Name three colors."}]

@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from models.llm_openai import OpenAIChatModel
-from models.protocols import EndpointError, LanguageModel, ModelError
-from web.openai_api import _StopFilter, add_openai_routes
+from sub300.models.llm_openai import OpenAIChatModel
+from sub300.models.protocols import EndpointError, LanguageModel, ModelError
+from sub300.web.openai_api import _StopFilter, add_openai_routes
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
 
@@ -155,10 +155,10 @@ def real_model(tmp_path_factory):
     missing = [f for f in ("llm_ct2.py", "gguf_to_ct2.py") if not (MODELS_DIR / f).exists()]
     if missing:
         pytest.skip(f"embedded LLM engine not written yet: models/{', models/'.join(missing)} missing")
-    from models.bundled import smollm2_gguf
-    from models.gguf_to_ct2 import ensure_ct2_from_gguf
-    from models.llm_ct2 import CTranslate2ChatModel
-    from models.protocols import ModelUnavailable
+    from sub300.models.bundled import smollm2_gguf
+    from sub300.models.gguf_to_ct2 import ensure_ct2_from_gguf
+    from sub300.models.llm_ct2 import CTranslate2ChatModel
+    from sub300.models.protocols import ModelUnavailable
 
     try:
         gguf = smollm2_gguf()

@@ -4,7 +4,7 @@ import asyncio
 
 import numpy as np
 
-from agent.playout import PlayoutQueue
+from sub300.agent.playout import PlayoutQueue
 
 
 class StepClock:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from agent.sentences import SentenceSplitter, clean_for_speech
+from sub300.agent.sentences import SentenceSplitter, clean_for_speech
 
 
 def split(tokens: list[str], min_clause_chars: int = 12) -> list[str]:

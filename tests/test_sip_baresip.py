@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
-from agent.audio import int16_to_float32, resample
-from media.audio_file import read_audio
+from sub300.agent.audio import int16_to_float32, resample
+from sub300.media.audio_file import read_audio
 
 from .speech import compose, save, speak, voiced_span
 from .test_sip_support import Peer, sip_service, words

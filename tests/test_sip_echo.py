@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from agent.events import TurnFinished
+from sub300.agent.events import TurnFinished
 
 from .test_sip_support import poke_when, scenario_call, sip_service, sipp, sipp_errors, ulaw_question
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import TurnFinished
+from sub300.agent.events import TurnFinished
 
 from .test_sip_support import Peer, poke_when, scenario_call, sip_service, sipp, sipp_errors, ulaw_question, words
 

@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from media.sip.dtmf import DtmfReceived
+from sub300.media.sip.dtmf import DtmfReceived
 
 from .test_sip_support import sip_service
 

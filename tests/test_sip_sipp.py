@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from agent.events import AgentSpeech, TurnFinished
+from sub300.agent.events import AgentSpeech, TurnFinished
 
 from .test_sip_support import (
     scenario_call,

@@ -11,8 +11,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from agent.events import TurnFinished
-from media.sip.service import start_sip_service
+from sub300.agent.events import TurnFinished
+from sub300.media.sip.service import start_sip_service
 
 from .speech import compose, save, speak
 

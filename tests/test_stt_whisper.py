@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.protocols import SAMPLE_RATE, ModelUnavailable, SpeechRecognizer
-from models.stt_whisper import WhisperRecognizer, trim_repetition
-from models.text_normalize import normalize, wer
+from sub300.models.protocols import SAMPLE_RATE, ModelUnavailable, SpeechRecognizer
+from sub300.models.stt_whisper import WhisperRecognizer, trim_repetition
+from sub300.models.text_normalize import normalize, wer
 
 SENTENCE = "Please call me back tomorrow morning about the weather report."
 KEY_WORDS = {"call", "tomorrow", "morning", "weather"}

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from models.protocols import ModelUnavailable, SpeechSynthesizer
+from sub300.models.protocols import ModelUnavailable, SpeechSynthesizer
 
 SENTENCE = "Hello there. The weather in Paris is sunny today."
 
@@ -17,7 +17,7 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 
 @pytest.fixture(scope="module")
 def piper():
-    from models.tts_piper import PiperSynthesizer
+    from sub300.models.tts_piper import PiperSynthesizer
 
     try:
         return PiperSynthesizer()
@@ -27,7 +27,7 @@ def piper():
 
 @pytest.fixture(scope="module")
 def espeak():
-    from models.tts_espeak import EspeakSynthesizer
+    from sub300.models.tts_espeak import EspeakSynthesizer
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng binary not installed")
@@ -91,7 +91,7 @@ def test_piper_concurrent_calls(piper):
 
 
 def test_piper_bad_voice(tmp_path):
-    from models.tts_piper import PiperSynthesizer
+    from sub300.models.tts_piper import PiperSynthesizer
 
     with pytest.raises(ModelUnavailable):
         PiperSynthesizer(str(tmp_path / "missing.onnx"))
@@ -107,7 +107,7 @@ def test_piper_bad_voice(tmp_path):
 
 
 def test_piper_length_scale_slows_speech(piper):
-    from models.tts_piper import PiperSynthesizer
+    from sub300.models.tts_piper import PiperSynthesizer
 
     slow = PiperSynthesizer(length_scale=1.5)
     normal = len(np.concatenate(list(piper.synthesize(SENTENCE))))
@@ -117,7 +117,7 @@ def test_piper_length_scale_slows_speech(piper):
 
 @needs_espeak
 def test_espeak_bad_voice_and_binary():
-    from models.tts_espeak import EspeakSynthesizer
+    from sub300.models.tts_espeak import EspeakSynthesizer
 
     with pytest.raises(ModelUnavailable):
         EspeakSynthesizer("xx-no-such-voice")

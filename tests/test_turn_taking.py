@@ -11,9 +11,9 @@ import re
 import numpy as np
 import pytest
 
-from agent.events import AgentSpeech, TurnFinished
+from sub300.agent.events import AgentSpeech, TurnFinished
 
-from media.scripted_caller import ScriptedCaller
+from sub300.testing.scripted_caller import ScriptedCaller
 from .speech import speak
 
 STORY = "Tell me a long story about a brave knight and a dragon."

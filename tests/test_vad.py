@@ -7,9 +7,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from models.protocols import ModelUnavailable, VadStream, VoiceActivityDetector
-from models.vad_silero import SileroVad
-from models.vad_webrtc import WebRtcVad
+from sub300.models.protocols import ModelUnavailable, VadStream, VoiceActivityDetector
+from sub300.models.vad_silero import SileroVad
+from sub300.models.vad_webrtc import WebRtcVad
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng binary not installed")
 

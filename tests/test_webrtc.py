@@ -18,8 +18,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiortc import RTCPeerConnection
 
-from media.webrtc.client import AiortcCaller
-from web.server import METRICS_KEY, SIGNALLING_KEY, build_app
+from sub300.testing.aiortc_caller import AiortcCaller
+from sub300.web.server import METRICS_KEY, SIGNALLING_KEY, build_app
 
 from .speech import compose, speak
 
@@ -225,7 +225,7 @@ async def test_callers_beyond_max_calls_get_503(config, engines):
 def test_stereo_decoded_audio_is_averaged_not_summed():
     import av
 
-    from media.webrtc.inbound import to_mono_int16
+    from sub300.media.webrtc.inbound import to_mono_int16
 
     loud = np.full(960 * 2, 30_000, np.int16).reshape(1, -1)
     frame = av.AudioFrame.from_ndarray(loud, format="s16", layout="stereo")
@@ -234,9 +234,9 @@ def test_stereo_decoded_audio_is_averaged_not_summed():
 
 
 def test_metrics_observer_counts_turns_and_goodput_per_registry():
-    from agent.events import TurnDiscarded, TurnFinished
-    from agent.ledger import TurnLedger
-    from agent.metrics import MetricsObserver
+    from sub300.agent.events import TurnDiscarded, TurnFinished
+    from sub300.agent.ledger import TurnLedger
+    from sub300.agent.metrics import MetricsObserver
 
     def finished(turn: int, v2v_s: float) -> TurnFinished:
         ledger = TurnLedger(turn)

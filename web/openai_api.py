@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from models.protocols import EndpointError, LanguageModel, ModelError
+from sub300.models.protocols import EndpointError, LanguageModel, ModelError
 
 log = logging.getLogger(__name__)
 

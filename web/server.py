@@ -8,17 +8,15 @@ same metrics observer.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 from aiohttp import web
 
-from agent.config import Config
-from agent.engines import Engines, load_engines, warm_up
-from agent.metrics import CONTENT_TYPE, MetricsObserver
+from sub300.agent.config import Config
+from sub300.agent.engines import Engines
+from sub300.agent.metrics import CONTENT_TYPE, MetricsObserver
 
 from .openai_api import add_openai_routes
 from .signalling import Signalling, describe_calls
@@ -72,45 +70,3 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
 
     app.on_cleanup.append(close_engines)
     return app
-
-
-async def start_sip(config: Config, engines: Engines, observer: MetricsObserver):
-    """The SIP service (media/sip), sharing engines and metrics; None when disabled."""
-    if not config.sip.enabled:
-        return None
-    try:
-        from media.sip.service import start_sip_service
-    except ImportError as exc:
-        raise RuntimeError(f"sip.enabled is true but the SIP transport is not available: {exc}") from exc
-    return await start_sip_service(config, engines, observer)
-
-
-def serve(config: Config, progress: Callable[[str], None] = print) -> int:
-    engines = load_engines(config, progress=progress)
-
-    async def main() -> None:
-        await warm_up(engines, config)
-        observer = MetricsObserver(config.budget_ms)
-        app = build_app(config, engines, observer)
-        runner = web.AppRunner(app, handle_signals=True)
-        await runner.setup()
-        sip = None
-        try:
-            site = web.TCPSite(runner, config.server.host, config.server.port)
-            await site.start()
-            sip = await start_sip(config, engines, observer)
-            progress(f"serving on http://{config.server.host}:{config.server.port} "
-                     f"(/ demo page, /offer, /metrics, /healthz, /v1/chat/completions"
-                     f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
-                     f"engines: {engines.describe()}")
-            await asyncio.Event().wait()
-        finally:
-            if sip is not None:
-                await sip.close()
-            await runner.cleanup()   # on_shutdown closes every WebRTC call
-
-    try:
-        asyncio.run(main())
-    except (KeyboardInterrupt, web.GracefulExit):  # Ctrl-C or SIGTERM: a normal stop
-        pass
-    return 0

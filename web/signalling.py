@@ -19,11 +19,11 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
 
-from agent.calls import CallObserver
-from agent.config import Config
-from agent.engines import Engines
-from media.webrtc.call import WebRtcCall
-from media.webrtc.ice import allow_loopback_when_alone, ice_servers, rtc_configuration
+from sub300.agent.calls import CallObserver
+from sub300.agent.config import Config
+from sub300.agent.engines import Engines
+from sub300.media.webrtc.call import WebRtcCall
+from sub300.media.webrtc.ice import allow_loopback_when_alone, ice_servers, rtc_configuration
 
 log = logging.getLogger(__name__)
 #: a browser's audio+data offer is 3–6 kB; this leaves room for many candidates

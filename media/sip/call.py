@@ -23,13 +23,13 @@ from typing import Callable
 
 import numpy as np
 
-from agent.audio import AudioFrame, StreamResampler
-from agent.config import Config
-from agent.conversation import Conversation
-from agent.engines import Engines
-from agent.events import Event, HangupRequested
-from agent.playout import PlayoutQueue
-from models.protocols import SAMPLE_RATE
+from sub300.agent.audio import AudioFrame, StreamResampler
+from sub300.agent.config import Config
+from sub300.agent.conversation import Conversation
+from sub300.agent.engines import Engines
+from sub300.agent.events import Event, HangupRequested
+from sub300.agent.playout import PlayoutQueue
+from sub300.models.protocols import SAMPLE_RATE
 
 from ..pacing import Ticker
 from .dtmf import DtmfReceived

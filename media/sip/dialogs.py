@@ -31,9 +31,9 @@ from typing import Callable
 
 from sipmessage import Address, URI
 
-from agent.calls import CallObserver
-from agent.config import Config
-from agent.engines import Engines
+from sub300.agent.calls import CallObserver
+from sub300.agent.config import Config
+from sub300.agent.engines import Engines
 
 from . import message as sip
 from .auth import DigestAuth, SourceFilter

@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 import os
 
-from agent.calls import CallObserver, LoggingObserver
-from agent.config import Config
-from agent.engines import Engines
+from sub300.agent.calls import CallObserver, LoggingObserver
+from sub300.agent.config import Config
+from sub300.agent.engines import Engines
 
 from .auth import DigestAuth
 from .dialogs import UserAgentServer

@@ -22,12 +22,12 @@ from typing import Any, Callable
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
-from agent.calls import CallObserver
-from agent.config import Config
-from agent.conversation import Conversation
-from agent.engines import Engines
-from agent.events import Event, HangupRequested, event_to_dict
-from agent.playout import PlayoutQueue
+from sub300.agent.calls import CallObserver
+from sub300.agent.config import Config
+from sub300.agent.conversation import Conversation
+from sub300.agent.engines import Engines
+from sub300.agent.events import Event, HangupRequested, event_to_dict
+from sub300.agent.playout import PlayoutQueue
 
 from .inbound import CallerAudioStopped, read_caller_audio
 from .outbound import PlayoutTrack

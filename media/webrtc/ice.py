@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
 
-from agent.config import WebRtcConfig
+from sub300.agent.config import WebRtcConfig
 
 _original_get_host_addresses = aioice.ice.get_host_addresses
 

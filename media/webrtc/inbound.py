@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from agent.audio import AudioFrame, StreamResampler
-from models.protocols import SAMPLE_RATE
+from sub300.agent.audio import AudioFrame, StreamResampler
+from sub300.models.protocols import SAMPLE_RATE
 
 
 class CallerAudioStopped(Exception):

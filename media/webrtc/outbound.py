@@ -17,8 +17,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from agent.playout import PlayoutQueue
-from media.pacing import Ticker
+from sub300.agent.playout import PlayoutQueue
+from sub300.media.pacing import Ticker
 
 FRAME_MS = 20
 #: after a stall longer than this (a blocked event loop), restart the clock instead of bursting to catch up

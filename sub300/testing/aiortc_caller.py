@@ -21,11 +21,11 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from agent.audio import rms_dbfs, resample
-from agent.playout import PlayoutQueue
+from sub300.agent.audio import rms_dbfs, resample
+from sub300.agent.playout import PlayoutQueue
 
-from .inbound import to_mono_int16
-from .outbound import PlayoutTrack
+from sub300.media.webrtc.inbound import to_mono_int16
+from sub300.media.webrtc.outbound import PlayoutTrack
 
 RATE = 48_000
 ONSET_DBFS = -55.0       # the server sends digital silence between replies

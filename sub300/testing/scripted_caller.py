@@ -14,11 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from agent.audio import AudioFrame
-from agent.conversation import Conversation
-from agent.events import Event
-from agent.playout import PlayoutQueue
-from media.pacing import Ticker
+from sub300.agent.audio import AudioFrame
+from sub300.agent.conversation import Conversation
+from sub300.agent.events import Event
+from sub300.agent.playout import PlayoutQueue
+from sub300.media.pacing import Ticker
 
 FRAME = 320
 

@@ -1,7 +1,11 @@
-"""The `sub300` command: the process's composition root.
+"""The `sub300` command: the program's composition root.
 
-This is the one module of `agent/` that reaches into `media/` and `web/`
-(lazily, per command) to wire transports to the conversation core.
+The layers below know nothing of each other beyond their allowed imports
+(`models` <- `agent` <- `media`, `web`); this module is the one place that
+wires them into a program: it reads the configuration, loads the engines,
+and starts the transports (file, WebRTC through `web`, SIP through `media`)
+that a command needs.  Imports of transports are lazy, per command, so
+`sub300 config` loads no model and no media stack.
 """
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import logging
 import os
 import sys
 import time
+from typing import Callable
 
-from models.protocols import ModelError, ModelUnavailable
+from sub300.models.protocols import ModelError, ModelUnavailable
 
-from .config import Config, ConfigError, load_config, to_toml
+from sub300.agent.config import Config, ConfigError, load_config, to_toml
 
 log = logging.getLogger("sub300")
 
@@ -35,7 +40,7 @@ def cmd_config(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_prepare_models(args: argparse.Namespace, config: Config) -> int:
     """Resolve and convert every configured model once, then load each engine to prove it works."""
-    from .engines import embedded_llm_dir, load_engines
+    from sub300.agent.engines import embedded_llm_dir, load_engines
 
     t0 = time.perf_counter()
     if config.llm.engine == "embedded":
@@ -47,7 +52,7 @@ def cmd_prepare_models(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _warm_and_close(engines, config: Config) -> None:
-    from .engines import warm_up
+    from sub300.agent.engines import warm_up
 
     try:
         await warm_up(engines, config)
@@ -56,20 +61,20 @@ async def _warm_and_close(engines, config: Config) -> None:
 
 
 def cmd_converse(args: argparse.Namespace, config: Config) -> int:
-    from media.audio_file import read_audio, write_wav
+    from sub300.media.audio_file import read_audio, write_wav
 
     caller = read_audio(args.input)  # fails fast, before loading any model
-    from .engines import load_engines
+    from sub300.agent.engines import load_engines
 
     engines = load_engines(config, progress=_progress)
     return asyncio.run(_converse(args, config, engines, caller, write_wav))
 
 
 async def _converse(args, config: Config, engines, caller, write_wav) -> int:
-    from media.file_transport import converse_with_file
+    from sub300.media.file_transport import converse_with_file
 
-    from .engines import warm_up
-    from .events import TurnDiscarded, TurnFailed, TurnFinished
+    from sub300.agent.engines import warm_up
+    from sub300.agent.events import TurnDiscarded, TurnFailed, TurnFinished
 
     failures = 0
 
@@ -114,13 +119,59 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from web.server import serve
-
     if args.host:
         config.server.host = args.host
     if args.port is not None:
         config.server.port = args.port
     return serve(config, progress=_progress)
+
+
+async def start_sip(config: Config, engines, observer):
+    """The SIP service (media/sip), sharing engines and metrics; None when disabled."""
+    if not config.sip.enabled:
+        return None
+    from sub300.media.sip.service import start_sip_service
+
+    return await start_sip_service(config, engines, observer)
+
+
+def serve(config: Config, progress: Callable[[str], None] = print) -> int:
+    """Run the server until SIGINT/SIGTERM: the web app (page, signalling, metrics,
+    OpenAI API) and, when enabled, the SIP service, sharing one set of engines."""
+    from aiohttp import web
+
+    from sub300.agent.engines import load_engines, warm_up
+    from sub300.agent.metrics import MetricsObserver
+    from sub300.web.server import build_app
+
+    engines = load_engines(config, progress=progress)
+
+    async def main() -> None:
+        await warm_up(engines, config)
+        observer = MetricsObserver(config.budget_ms)
+        app = build_app(config, engines, observer)
+        runner = web.AppRunner(app, handle_signals=True)
+        await runner.setup()
+        sip = None
+        try:
+            site = web.TCPSite(runner, config.server.host, config.server.port)
+            await site.start()
+            sip = await start_sip(config, engines, observer)
+            progress(f"serving on http://{config.server.host}:{config.server.port} "
+                     f"(/ demo page, /offer, /metrics, /healthz, /v1/chat/completions"
+                     f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
+                     f"engines: {engines.describe()}")
+            await asyncio.Event().wait()
+        finally:
+            if sip is not None:
+                await sip.close()
+            await runner.cleanup()   # on_shutdown closes every WebRTC call
+
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, web.GracefulExit):  # Ctrl-C or SIGTERM: a normal stop
+        pass
+    return 0
 
 
 # ------------------------------------------------------------------ entry point
@@ -168,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:
-        from media.audio_file import AudioFileError
+        from sub300.media.audio_file import AudioFileError
 
         if isinstance(error, AudioFileError):
             print(f"sub300: {error}", file=sys.stderr)
