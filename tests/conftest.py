@@ -17,3 +17,14 @@ def engines(config):
     from sub300.agent.engines import load_engines
 
     return load_engines(config, progress=lambda m: None)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Two tiers: a test that uses the real engines is slow, whatever its module says.
+
+    `pytest -m "not slow"` is then the fast tier (named fakes, virtual time,
+    protocol tests): seconds, no model loaded.
+    """
+    for item in items:
+        if "engines" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

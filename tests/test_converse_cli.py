@@ -48,6 +48,7 @@ def one_question(tmp_path_factory):
     return caller, out, turns, result
 
 
+@pytest.mark.slow
 def test_question_is_heard_and_answered(one_question):
     _, _, turns, _ = one_question
     assert len(turns) == 1
@@ -56,6 +57,7 @@ def test_question_is_heard_and_answered(one_question):
     assert turn["reply"].strip()
 
 
+@pytest.mark.slow
 def test_ledger_marks_are_ordered_and_stages_add_up(one_question):
     turn = one_question[2][0]
     marks = turn["marks"]
@@ -70,6 +72,7 @@ def test_ledger_marks_are_ordered_and_stages_add_up(one_question):
     assert turn["voice_to_voice_ms"] > 0
 
 
+@pytest.mark.slow
 def test_answer_audio_is_speech_and_says_the_reply(one_question, engines):
     caller, out, turns, _ = one_question
     agent = read_audio(out)  # OUT.wav is resampled back to 16 kHz for the checks
@@ -81,6 +84,7 @@ def test_answer_audio_is_speech_and_says_the_reply(one_question, engines):
     assert len(common) >= max(2, len(reply_words) // 2), (turns[0]["reply"], transcript)
 
 
+@pytest.mark.slow
 def test_out_wav_is_on_the_callers_timeline(one_question):
     """The agent's first sound sits where the ledger says: speech_end + voice_to_voice."""
     caller, out, turns, _ = one_question
@@ -92,6 +96,7 @@ def test_out_wav_is_on_the_callers_timeline(one_question):
     assert measured_ms == pytest.approx(turns[0]["voice_to_voice_ms"], abs=80), measured_ms
 
 
+@pytest.mark.slow
 def test_two_questions_give_two_turns_with_history(tmp_path):
     caller = compose(0.5, speak("What is the capital of France?"), 2.5,
                      speak("How many days are in a week?"), 1.0)
@@ -103,6 +108,7 @@ def test_two_questions_give_two_turns_with_history(tmp_path):
     assert {"days", "week"} <= words(turns[1]["transcript"])
 
 
+@pytest.mark.slow
 def test_silence_only_gives_no_turn(tmp_path):
     rng = np.random.default_rng(1)
     quiet = compose(2.0, rng.normal(0, 20, 16000).astype(np.int16), 1.0)
