@@ -14,7 +14,8 @@ with `dpkg-deb -x`; nothing is installed system-wide.
 
 A mode is "full", "short", "window" (with --window-s) or "window:W".
 
-WER uses `models.text_normalize` (Whisper-style) on both sides.  Latency is the
+WER: `sub300.testing.wer` (whisper-normalizer's EnglishTextNormalizer on both
+sides, jiwer for the edit count; needs the `test` extra).  Latency is the
 wall time of one `transcribe` call per clip (a guard's redo with full padding
 included).  With several modes the runs are interleaved clip by clip — every
 mode on clip 1, then on clip 2, … with the order rotated from clip to clip —
@@ -39,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sub300.models.protocols import SAMPLE_RATE  # noqa: E402
-from sub300.models.text_normalize import edit_distance, normalize  # noqa: E402
+from sub300.testing.wer import normalize, word_errors  # noqa: E402
 
 PACKAGES = ("asterisk-core-sounds-en-g722", "asterisk-core-sounds-en")
 TRANSCRIPTS = "usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz"
@@ -143,6 +144,7 @@ class Result:
     p95_ms: float
     fallbacks: int
     failures: list[dict]
+    hypotheses: dict[str, str]
 
 
 def parse_mode(spec: str, window_s: float) -> tuple[str, float]:
@@ -179,15 +181,16 @@ class _Run:
         self.errors = self.words = 0
         self.lat: list[float] = []
         self.failures: list[dict] = []
+        self.hypotheses: dict[str, str] = {}
 
     def step(self, clip: Clip) -> None:
         t0 = time.perf_counter()
         tr = self.rec.transcribe(clip.audio)
         self.lat.append(time.perf_counter() - t0)
-        ref, hyp = normalize(clip.reference).split(), normalize(tr.text).split()
-        e = edit_distance(ref, hyp)
+        self.hypotheses[clip.name] = tr.text
+        e, n = word_errors(clip.reference, tr.text)
         self.errors += e
-        self.words += len(ref)
+        self.words += n
         if e:
             self.failures.append({"name": clip.name, "errors": e, "ref": clip.reference, "hyp": tr.text})
 
@@ -205,6 +208,7 @@ class _Run:
             p95_ms=float(np.percentile(ms, 95)),
             fallbacks=self.rec.fallbacks,
             failures=self.failures,
+            hypotheses=self.hypotheses,
         )
 
 
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--limit", type=int, default=0, help="first N clips only (0 = all)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    ap.add_argument("--json", type=Path, help="also write results (with every mistranscribed clip) here")
+    ap.add_argument("--json", type=Path, help="also write results (every transcript, every mistranscribed clip) here")
     ap.add_argument("--show-errors", type=int, default=0, help="print up to N mistranscribed clips per run")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
