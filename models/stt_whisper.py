@@ -190,15 +190,6 @@ class WhisperRecognizer:
             self.name, self.device, padding, f" ({self.window_s:g} s)" if padding == "window" else "", beam_size,
         )
 
-    @property
-    def short_fallbacks(self) -> int:
-        """Older name of `fallbacks`."""
-        return self.fallbacks
-
-    @short_fallbacks.setter
-    def short_fallbacks(self, value: int) -> None:
-        self.fallbacks = value
-
     # ------------------------------------------------------------ loading
     @staticmethod
     def _locate(model: str, allow_download: bool) -> Path:

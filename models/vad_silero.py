@@ -78,9 +78,6 @@ class SileroVadStream:
         self._context = x[:, -CONTEXT_SAMPLES:]
         return float(np.asarray(prob).reshape(-1)[0])
 
-    def reset(self) -> None:
-        self.__init__(self._vad)
-
 
 class SileroVad:
     """VoiceActivityDetector over Silero VAD (ONNX, 32 ms frames at 16 kHz)."""
