@@ -8,7 +8,6 @@ up with IN.wav sample for sample.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,13 +18,15 @@ from sub300.agent.audio import AudioFrame
 from sub300.agent.conversation import Conversation
 from sub300.models.protocols import SAMPLE_RATE
 
-from .pacing import Ticker
+from .pacing import Pacer
 
 FRAME_MS = 20
 
 
 @dataclass
 class FileCallResult:
+    """What a file call produced: the agent's audio where the caller would have heard it."""
+
     #: agent audio on the caller's timeline, at the playout rate
     timeline: np.ndarray
     sample_rate: int
@@ -35,6 +36,8 @@ class FileCallResult:
 
 @dataclass
 class FileCall:
+    """A conversation fed from `caller_audio` (16 kHz mono int16) in real time, 20 ms per tick."""
+
     conversation: Conversation
     caller_audio: np.ndarray
     #: keep the line open after the file ends until the agent is done, at most this long
@@ -43,17 +46,21 @@ class FileCall:
     _timeline: list[np.ndarray] = field(default_factory=list)
 
     async def run(self) -> FileCallResult:
+        """Play the file to the conversation, 20 ms per tick, then stay on the line until the agent is done.
+
+        Returns the agent's audio on the caller's timeline; ``timed_out`` when
+        the agent was still busy ``max_tail_s`` after the file ended.
+        """
         frame = SAMPLE_RATE * FRAME_MS // 1000
         playout = self.conversation.playout
         out_frame = playout.sample_rate * FRAME_MS // 1000
-        ticker = Ticker(FRAME_MS / 1000, self.clock)
         silence = np.zeros(frame, np.int16)
         n_frames = -(-len(self.caller_audio) // frame)
         tail_limit = n_frames + int(self.max_tail_s * 1000 / FRAME_MS)
         i = 0
-        timed_out = False
-        while True:
-            deadline = await ticker.wait()
+
+        def tick(deadline: float) -> str | None:
+            nonlocal i
             # Agent audio that plays during this 20 ms slot.
             pulled = playout.pull(out_frame)
             self._timeline.append(pulled if pulled is not None else np.zeros(out_frame, np.int16))
@@ -65,15 +72,16 @@ class FileCall:
             else:
                 chunk = silence  # the caller stays on the line, silent, while the agent answers
                 if not self.conversation.busy:
-                    break
+                    return "done"
                 if i >= tail_limit:
-                    timed_out = True
-                    break
+                    return "timed out"
             self.conversation.push_frame(AudioFrame(chunk, deadline))
             i += 1
-            await asyncio.sleep(0)  # let STT/LLM/TTS tasks run between frames
+            return None
+
+        ending = await Pacer(FRAME_MS / 1000, self.clock).run(tick)
         return FileCallResult(np.concatenate(self._timeline), playout.sample_rate,
-                              len(self.caller_audio) / SAMPLE_RATE, timed_out)
+                              len(self.caller_audio) / SAMPLE_RATE, ending == "timed out")
 
 
 async def converse_with_file(engines, config, caller_audio: np.ndarray, listeners=(), *,

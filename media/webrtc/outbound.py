@@ -18,7 +18,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from sub300.agent.playout import PlayoutQueue
-from sub300.media.pacing import Ticker
+from sub300.media.pacing import Pacer
 
 FRAME_MS = 20
 #: after a stall longer than this (a blocked event loop), restart the clock instead of bursting to catch up
@@ -26,6 +26,13 @@ _MAX_LAG_S = 0.5
 
 
 class PlayoutTrack(MediaStreamTrack):
+    """An aiortc audio track of 20 ms mono s16 frames at ``playout.sample_rate``, pulled from the queue at each deadline.
+
+    `recv()` raises `MediaStreamError` once the track is stopped.  The clock
+    starts at the first `recv()`; after a stall of more than 0.5 s it restarts
+    rather than bursting the missed frames (see `media.pacing`).
+    """
+
     kind = "audio"
 
     def __init__(self, playout: PlayoutQueue, clock: Callable[[], float] = time.monotonic) -> None:
@@ -35,16 +42,14 @@ class PlayoutTrack(MediaStreamTrack):
         self.rate = playout.sample_rate
         self.samples = self.rate * FRAME_MS // 1000
         self._time_base = fractions.Fraction(1, self.rate)
-        self._ticker: Ticker | None = None
+        self._pacer = Pacer(FRAME_MS / 1000, clock, max_lag_s=_MAX_LAG_S)
         self._pts = 0
         self._silence = np.zeros(self.samples, np.int16)
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        if self._ticker is None or self.clock() - self._ticker.next_deadline > _MAX_LAG_S:
-            self._ticker = Ticker(FRAME_MS / 1000, self.clock)
-        await self._ticker.wait()
+        await self._pacer.next_tick()
         if self.readyState != "live":  # stopped while we slept
             raise MediaStreamError
         pcm = self.playout.pull(self.samples)

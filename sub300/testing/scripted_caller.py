@@ -18,13 +18,16 @@ from sub300.agent.audio import AudioFrame
 from sub300.agent.conversation import Conversation
 from sub300.agent.events import Event
 from sub300.agent.playout import PlayoutQueue
-from sub300.media.pacing import Ticker
+from sub300.media.pacing import Pacer
 
 FRAME = 320
 
 
 @dataclass
 class ScriptedCaller:
+    """A caller on a fresh Conversation over ``engines``: ``say`` speaks 16 kHz int16, ``silence`` and
+    ``wait_until`` keep the line open; every method advances the wall clock in 20 ms ticks."""
+
     engines: object
     config: object
     #: what the caller's microphone picks up of the agent (echo), given the agent frame; None = nothing
@@ -35,11 +38,12 @@ class ScriptedCaller:
     def __post_init__(self) -> None:
         self.playout = PlayoutQueue(16000, time.monotonic)
         self.conversation = Conversation(self.engines, self.config, self.playout, listeners=[self.events.append])
-        self._ticker = Ticker(0.02, time.monotonic)
+        self._pacer = Pacer(0.02, time.monotonic)   # pulled one tick per frame the script says
         self._echo_queue: list[np.ndarray] = []
 
     async def _tick(self, caller: np.ndarray) -> None:
-        deadline = await self._ticker.wait()
+        """One 20 ms slot: pull the agent's frame, then deliver ``caller`` (320 samples, 16 kHz) stamped with the deadline."""
+        deadline = await self._pacer.next_tick()
         pulled = self.playout.pull(FRAME)
         if pulled is not None:
             self.agent_audio.append((deadline, pulled))
@@ -49,9 +53,10 @@ class ScriptedCaller:
             if len(self._echo_queue) > 3:  # 60 ms round trip
                 caller = np.clip(caller.astype(np.int32) + self._echo_queue.pop(0), -32768, 32767).astype(np.int16)
         self.conversation.push_frame(AudioFrame(caller, deadline))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)   # the conversation reacts to this frame before the script looks again
 
     async def say(self, pcm: np.ndarray) -> None:
+        """Speak ``pcm`` (16 kHz mono int16), 20 ms per tick; the last frame is padded with silence."""
         for i in range(0, len(pcm), FRAME):
             chunk = pcm[i:i + FRAME]
             if len(chunk) < FRAME:
@@ -59,10 +64,11 @@ class ScriptedCaller:
             await self._tick(chunk)
 
     async def silence(self, seconds: float) -> None:
+        """Stay silent on the line for ``seconds``."""
         await self.say(np.zeros(int(seconds * 16000), np.int16))
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-        """Stay silent on the line until `predicate()` holds."""
+        """Stay silent on the line until `predicate()` holds; `TimeoutError` after ``timeout`` seconds."""
         end = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > end:
@@ -70,7 +76,9 @@ class ScriptedCaller:
             await self._tick(np.zeros(FRAME, np.int16))
 
     async def until_idle(self, timeout: float = 60.0) -> None:
+        """Stay silent until the agent has nothing in flight or queued."""
         await self.wait_until(lambda: not self.conversation.busy, timeout)
 
     async def close(self) -> None:
+        """Close the conversation (cancels its work; nothing is left running)."""
         await self.conversation.aclose()
