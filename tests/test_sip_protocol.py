@@ -4,6 +4,9 @@ Malformed and truncated messages (400 where a response is possible, the
 server answers the next INVITE), retransmissions both ways, OPTIONS,
 re-INVITE, an INVITE without SDP, DTMF (RFC 4733 and SIP INFO), the call
 limit (503), the source allow-list (403) and digest authentication (401).
+
+No model is loaded: each call's agent is `EchoAgent` (a fake that plays the
+caller back), so these tests take about as long as their SIP timers.
 """
 from __future__ import annotations
 
@@ -13,13 +16,9 @@ import random
 import re
 import struct
 
-import pytest
-
 from sub300.media.sip.dtmf import DtmfReceived
 
-from .test_sip_support import sip_service
-
-pytestmark = pytest.mark.slow
+from .test_sip_support import echo_calls, sip_service
 
 SDP = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
        "m=audio {port} RTP/AVP {fmts}\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
@@ -111,8 +110,8 @@ async def hang_up(client, ok, cseq=5):
     await client.expect(200)
 
 
-async def test_options_garbage_and_truncated_messages_then_a_call(config, engines):
-    async with sip_service(config, engines) as (service, observer):
+async def test_options_garbage_and_truncated_messages_then_a_call(config):
+    async with sip_service(config, call_factory=echo_calls) as (service, observer):
         client = await Client.open(service.address)
         client.send(f"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{client.port};branch=z9hG4bK-o\r\n"
                     "From: <sip:t@x>;tag=1\r\nTo: <sip:agent@x>\r\nCall-ID: o1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
@@ -139,8 +138,8 @@ async def test_options_garbage_and_truncated_messages_then_a_call(config, engine
         assert (await observer.wait_ended())[0].ended == "caller hung up"
 
 
-async def test_retransmissions_reinvite_and_dtmf(config, engines):
-    async with sip_service(config, engines) as (service, observer):
+async def test_retransmissions_reinvite_and_dtmf(config):
+    async with sip_service(config, call_factory=echo_calls) as (service, observer):
         client = await Client.open(service.address)
         client.send(invite(client))
         ok = await client.expect(200, timeout=10)
@@ -189,8 +188,8 @@ async def test_retransmissions_reinvite_and_dtmf(config, engines):
         client.close()
 
 
-async def test_invite_without_sdp_gets_an_offer(config, engines):
-    async with sip_service(config, engines) as (service, observer):
+async def test_invite_without_sdp_gets_an_offer(config):
+    async with sip_service(config, call_factory=echo_calls) as (service, observer):
         client = await Client.open(service.address)
         client.send(invite(client, body=""))
         ok = await client.expect(200, timeout=10)
@@ -204,8 +203,8 @@ async def test_invite_without_sdp_gets_an_offer(config, engines):
         client.close()
 
 
-async def test_call_limit_allow_list_and_unknown_transactions(config, engines):
-    async with sip_service(config, engines, sip={"max_calls": 1}) as (service, observer):
+async def test_call_limit_allow_list_and_unknown_transactions(config):
+    async with sip_service(config, call_factory=echo_calls, sip={"max_calls": 1}) as (service, observer):
         client = await Client.open(service.address)
         ok = await call(client)
         client.send(invite(client, call_id="c2", branch="z9hG4bK-2"))
@@ -215,7 +214,8 @@ async def test_call_limit_allow_list_and_unknown_transactions(config, engines):
         await client.expect(481)
         await hang_up(client, ok)
         client.close()
-    async with sip_service(config, engines, sip={"allowed_sources": ["10.0.0.0/8"]}) as (service, observer):
+    async with sip_service(config, call_factory=echo_calls,
+                           sip={"allowed_sources": ["10.0.0.0/8"]}) as (service, observer):
         client = await Client.open(service.address)
         client.send(invite(client))
         await client.expect(403)
@@ -223,10 +223,10 @@ async def test_call_limit_allow_list_and_unknown_transactions(config, engines):
         assert observer.calls == {}
 
 
-async def test_digest_authentication(config, engines, monkeypatch):
+async def test_digest_authentication(config, monkeypatch):
     monkeypatch.setenv("SUB300_TEST_SIP_PASSWORD", "s3cret")
     settings = {"auth_username": "gw", "auth_password_env": "SUB300_TEST_SIP_PASSWORD", "realm": "sub300"}
-    async with sip_service(config, engines, sip=settings) as (service, observer):
+    async with sip_service(config, call_factory=echo_calls, sip=settings) as (service, observer):
         client = await Client.open(service.address)
         client.send(invite(client))
         challenge = header(await client.expect(401), "WWW-Authenticate")

@@ -1,4 +1,5 @@
-"""Helpers for the SIP tests (no tests here): the service under test, an observer that records, peers run by PID."""
+"""Helpers for the SIP tests (no tests here): the service under test, an observer that records, peers run by PID,
+and `EchoAgent`, the fake agent that lets protocol tests run without a model."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from sub300.agent.audio import AudioFrame, StreamResampler
 from sub300.agent.events import TurnFinished
+from sub300.agent.playout import PlayoutQueue
+from sub300.media.sip.call import CallSetup
 from sub300.media.sip.service import start_sip_service
 
 from .speech import compose, save, speak
@@ -59,8 +63,45 @@ class RecordingObserver:
         raise AssertionError(f"calls did not end: {self.calls}")
 
 
+class EchoAgent:
+    """A fake agent (no model) for SIP protocol tests: plays the caller's audio straight back, keeps the digits.
+
+    Satisfies `sub300.media.sip.call.CallAgent`; `echo_calls` is its call factory.
+    """
+
+    def __init__(self, setup: CallSetup) -> None:
+        self.playout = PlayoutQueue(setup.sample_rate, setup.clock)
+        self.listeners: list = []
+        self.digits: list[str] = []
+        self.closed = False
+        self._down = StreamResampler(16000, setup.sample_rate)
+        self._turn = 0
+
+    def push_frame(self, frame: AudioFrame) -> None:
+        pcm = self._down.process(frame.samples)
+        if len(pcm) and pcm.any():
+            self.playout.push(pcm, turn=self._turn)
+
+    def push_dtmf(self, digit: str) -> None:
+        self.digits.append(digit)
+
+    async def aclose(self) -> None:
+        self.playout.flush()
+        self.closed = True
+
+
+def echo_calls(setup: CallSetup) -> EchoAgent:
+    """The call factory of protocol tests: an `EchoAgent` per call."""
+    return EchoAgent(setup)
+
+
 @contextlib.asynccontextmanager
-async def sip_service(config, engines, **kw):
+async def sip_service(config, engines=None, **kw):
+    """A SIP service on a free port of 127.0.0.1; ``sip={...}`` overrides config.sip keys.
+
+    Pass ``engines`` for real conversations, or ``call_factory=echo_calls`` (no engines) for protocol tests.
+    Yields (service, RecordingObserver).
+    """
     config = copy.deepcopy(config)
     config.sip.port = 0
     config.sip.host = "127.0.0.1"

@@ -1,40 +1,44 @@
-"""One answered phone call: RTP in and out around a Conversation, on one 20 ms clock.
+"""One answered phone call: RTP in and out around an agent, on one 20 ms clock.
+
+The SIP stack knows no engines.  When a call is answered, the dialog layer
+asks its *call factory* (`CallFactory`, given a `CallSetup`) for the agent
+that talks on the line — in the server a `Conversation` over the shared
+engines (wired in `service.py`), in protocol tests a trivial echo — and runs
+it in a `SipCall`:
 
 Caller audio: each G.711 packet is decoded, resampled 8 → 16 kHz (PyAV) and
-pushed to the conversation stamped with its arrival time.  When the caller's
-RTP stops (silence suppression, hold, the end of a test file) the clock
-feeds silence instead, so the endpointer still sees the turn end.
+pushed to the agent stamped with its arrival time.  When the caller's RTP
+stops (silence suppression, hold, the end of a test file) the clock feeds
+silence instead, so the endpointer still sees the turn end.
 
-Agent audio: the playout queue runs at 8 kHz (the reply resamples TTS
-straight to it) and is pulled 160 samples per tick into one RTP packet;
+Agent audio: the agent's playout queue runs at 8 kHz (the reply resamples
+TTS straight to it) and is pulled 160 samples per tick into one RTP packet;
 between replies the call sends silence packets.
 
-The call owns one task (`run`); `close()` cancels it and closes the
-conversation and the socket.  When the agent asks to hang up, `run` waits a
-moment so the far end plays the last words, then returns "agent hung up"
-and the dialog layer sends BYE.
+The call owns one task (`run`, started by the dialog layer); `close()` closes
+the agent and the socket.  When the agent asks to hang up (`HangupRequested`),
+`run` waits a moment so the far end plays the last words, then returns
+"agent hung up" and the dialog layer sends BYE.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from sub300.agent.audio import AudioFrame, StreamResampler
-from sub300.agent.config import Config
-from sub300.agent.conversation import Conversation
-from sub300.agent.engines import Engines
 from sub300.agent.events import Event, HangupRequested
 from sub300.agent.playout import PlayoutQueue
 from sub300.models.protocols import SAMPLE_RATE
 
-from ..pacing import Ticker
+from ..pacing import Pacer
 from .dtmf import DtmfReceived
 from .g711 import RATE
 from .rtp import SAMPLES_PER_PACKET, RtpEndpoint
+from .sdp import AudioParams
 
 log = logging.getLogger(__name__)
 TICK_S = 0.020
@@ -42,39 +46,85 @@ SILENCE_AFTER_S = 0.060      # no caller audio for this long: feed silence
 HANGUP_GRACE_S = 0.4         # after the last reply packet, before BYE: the far end's jitter buffer drains
 
 
+class CallAgent(Protocol):
+    """What a SIP call needs of the agent on the line (`sub300.agent.conversation.Conversation` is one).
+
+    ``playout`` runs at `CallSetup.sample_rate` (8 kHz); ``push_frame`` gets
+    16 kHz mono int16 frames stamped with their arrival time (clock seconds);
+    events the agent sends to ``listeners`` reach the call's observer, and a
+    `HangupRequested` among them ends the call.
+    """
+
+    playout: PlayoutQueue
+    listeners: list[Callable[[Event], None]]
+
+    def push_frame(self, frame: AudioFrame) -> None: ...
+
+    def push_dtmf(self, digit: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CallSetup:
+    """What the dialog layer knows of a call when it answers it; handed to the call factory."""
+
+    call_id: str
+    caller: str                    #: the From header (caller's address and tag)
+    callee: str                    #: the To header, as the caller sent it
+    source: tuple[str, int]        #: where the INVITE came from (the caller, or the proxy in front)
+    media: AudioParams             #: the negotiated codec and the caller's RTP address
+    sample_rate: int               #: the rate the agent's playout queue must run at (Hz)
+    clock: Callable[[], float]     #: the clock of every timestamp (seconds)
+
+
+class CallFactory(Protocol):
+    """Makes the agent for an answered call.  May raise: the call is then refused with 500."""
+
+    def __call__(self, setup: CallSetup) -> CallAgent: ...
+
+
 @dataclass
 class SipCall:
+    """One answered call's media: RTP endpoint ⇄ agent, paced on a 20 ms clock.
+
+    ``endpoint`` is attached by the dialog layer once its socket is open;
+    ``listener`` receives the agent's events and `DtmfReceived` (set when the
+    call is reported to the observer); ``digits`` lists the keys pressed.
+    """
+
     call_id: str
-    engines: Engines
-    config: Config
-    listener: Callable[[Event], None]
+    agent: CallAgent
+    listener: Callable[[Event], None] = lambda event: None
     clock: Callable[[], float] = time.monotonic
     endpoint: RtpEndpoint | None = None
-    conversation: Conversation = field(init=False)
+    digits: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.playout = PlayoutQueue(RATE, self.clock)
-        self.conversation = Conversation(self.engines, self.config, self.playout, self.clock,
-                                         listeners=[self._safe_listener, self._on_event])
+        self.playout = self.agent.playout
+        if self.playout.sample_rate != RATE:
+            raise ValueError(f"the agent's playout runs at {self.playout.sample_rate} Hz; a SIP call needs {RATE}")
+        self.agent.listeners.extend([self._safe_listener, self._on_event])
         self._upsample = StreamResampler(RATE, SAMPLE_RATE)
         self._last_fed = self.clock()
         self._hangup_at: float | None = None
-        self.digits: list[str] = []
 
     # ------------------------------------------------------------ input
     def on_audio(self, pcm: np.ndarray | None, arrival: float) -> None:
+        """20 ms of caller audio (8 kHz int16; None for a lost packet) that arrived at ``arrival``."""
         if pcm is None:   # lost packet: 20 ms of silence keeps the timeline honest
             pcm = np.zeros(SAMPLES_PER_PACKET, np.int16)
         samples = self._upsample.process(pcm)
         if len(samples):
-            self.conversation.push_frame(AudioFrame(samples, arrival))
+            self.agent.push_frame(AudioFrame(samples, arrival))
         self._last_fed = arrival
 
     def on_dtmf(self, digit: str, source: str = "rfc4733") -> None:
+        """A key the caller pressed (``source``: rfc4733 or info)."""
         self.digits.append(digit)
         log.info("call %s: DTMF %s (%s)", self.call_id, digit, source)
         self._safe_listener(DtmfReceived(digit, source))
-        self.conversation.push_dtmf(digit)
+        self.agent.push_dtmf(digit)
 
     def _safe_listener(self, event) -> None:
         try:
@@ -89,10 +139,9 @@ class SipCall:
     # ------------------------------------------------------------ the clock
     async def run(self) -> str:
         """Send and feed on a 20 ms clock until the agent hangs up; returns the reason."""
-        ticker = Ticker(TICK_S, self.clock)
         silence16 = np.zeros(SAMPLE_RATE * 20 // 1000, np.int16)
-        while True:
-            await ticker.wait()
+
+        def tick(deadline: float) -> str | None:
             endpoint = self.endpoint
             if endpoint is not None:
                 endpoint.send(self.playout.pull(SAMPLES_PER_PACKET))
@@ -101,11 +150,15 @@ class SipCall:
             if gap >= SILENCE_AFTER_S:   # the caller's RTP stopped: the missed time is silence
                 for _ in range(int(gap / TICK_S)):
                     self._last_fed += TICK_S
-                    self.conversation.push_frame(AudioFrame(silence16, self._last_fed))
+                    self.agent.push_frame(AudioFrame(silence16, self._last_fed))
             if self._hangup_at is not None and self.clock() >= self._hangup_at and self.playout.idle:
                 return "agent hung up"
+            return None
+
+        return await Pacer(TICK_S, self.clock).run(tick)
 
     async def close(self) -> None:
-        await self.conversation.aclose()
+        """Close the agent (its tasks end) and the RTP socket."""
+        await self.agent.aclose()
         if self.endpoint is not None:
             self.endpoint.close()

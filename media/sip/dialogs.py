@@ -1,23 +1,28 @@
-"""The SIP user agent server: RFC 3261 transactions and dialogs, as gateways exercise them.
+"""The SIP user agent server's dialog layer (RFC 3261 §12–§15), as gateways exercise it.
 
 New INVITE: checks (hops, source allow-list, digest, Require, call limit,
-SDP → 488) → 100 Trying → 180 Ringing → 200 OK with the SDP answer,
-retransmitted until the ACK (§13.3.1.4) and answered again when the INVITE
-itself is retransmitted.  In the dialog: ACK, BYE (either side), re-INVITE
-(new address, codec or hold), INFO (DTMF), OPTIONS.  CANCEL while ringing →
-200 for the CANCEL and 487 for the INVITE.  Responses to non-INVITE
-requests are kept 32 s so retransmissions get the same answer.
+SDP → 488) → 100 Trying → 180 Ringing → 200 OK with the SDP answer
+(§13.3).  In the dialog: ACK, BYE (either side, §15), re-INVITE (new
+address, codec or hold, §14), INFO (DTMF), OPTIONS (§11).  CANCEL while
+ringing → 200 for the CANCEL and 487 for the INVITE (§9.2).  The
+transactions under all this — retransmissions, their timers, matching by
+branch — are `transactions.py`.
 
 Routing: responses go to the top Via's source (with `received`/`rport`,
 RFC 3581); our BYE follows the route set learnt from Record-Route (loose
-routing) or goes to the caller's Contact — through Kamailio when it
-record-routes.
+routing, §12.2.1.1) or goes to the caller's Contact — through Kamailio when
+it record-routes.
 
-Tasks: each call has a set-up task (answer, possibly after a ring delay)
-and a media task (`SipCall.run`); each retransmission loop is a task; all
-live in `self._tasks` and `close()` cancels and awaits them.  No exception
-from a message escapes `handle`: a bug in one request answers 500, it does
-not stop the server.
+The call itself is not built here: an answered call's agent comes from the
+`call_factory` (`call.CallFactory`), and runs in a `call.SipCall` on the
+dialog's RTP endpoint.  The SIP stack knows no engines.
+
+Tasks: one `TaskOwner` (``self.tasks``) owns everything: per call a set-up
+task (answer, possibly after a ring delay) and a media task
+(`SipCall.run`), each call's closing task, and the retransmission loops;
+`close()` ends every call and awaits them all.  No exception from a message
+escapes `handle`: a bug in one request answers 500, it does not stop the
+server.
 """
 from __future__ import annotations
 
@@ -26,47 +31,38 @@ import logging
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from sipmessage import Address, URI
 
 from sub300.agent.calls import CallObserver
-from sub300.agent.config import Config
-from sub300.agent.engines import Engines
+from sub300.agent.tasks import TaskOwner
 
 from . import message as sip
 from .auth import DigestAuth, SourceFilter
-from .call import SipCall
+from .call import CallFactory, CallSetup, SipCall
 from .dtmf import digit_from_info
+from .g711 import RATE
 from .rtp import PortAllocator, RtpEndpoint
 from .sdp import AudioParams, LocalDescription, NoCommonCodec, SdpError, negotiate, parse as parse_sdp
+from .transactions import InviteServerTransaction, Transactions
 from .transport import Flow
 
+if TYPE_CHECKING:
+    from sub300.agent.config import SipConfig
+
 log = logging.getLogger(__name__)
-T1, T2 = 0.5, 4.0
-TIMER_B = 64 * T1            # give up waiting for an ACK or a response after this
 _IN_DIALOG = {"ACK", "BYE", "INFO", "OPTIONS", "INVITE"}
 _NOT_ALLOWED = {"REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER", "UPDATE", "PRACK"}
 
 
 @dataclass
-class _InviteTx:
-    """An INVITE server transaction: what to resend when the INVITE comes again, and whether it was ACKed."""
+class Dialog:
+    """One call's dialog state (§12): identifiers, route set, SDP, and the call once answered."""
 
-    request: sip.Request
-    flow: Flow
-    destination: tuple[str, int]
-    last_response: bytes | None = None
-    final: int | None = None
-    acked: asyncio.Event = field(default_factory=asyncio.Event)
-    expires: float = 0.0
-
-
-@dataclass
-class _Dialog:
     invite: sip.Request
-    tx: _InviteTx
+    tx: InviteServerTransaction
     local_tag: str
     remote_target: str
     route_set: list[str]
@@ -104,11 +100,19 @@ def _local_ip_for(host: str) -> str:
 
 
 class UserAgentServer:
-    def __init__(self, config: Config, engines: Engines, observer: CallObserver,
+    """Answers calls per the ``sip`` configuration section; each answered call's agent comes from ``call_factory``.
+
+    ``send_udp(data, (host, port))`` sends from the SIP socket; ``local_port``
+    is the SIP port written into Contact and Via.  ``observer`` hears of
+    every answered call (`call_started` after the 200 OK, `call_ended` once).
+    """
+
+    def __init__(self, sip_config: "SipConfig", call_factory: CallFactory, observer: CallObserver,
                  send_udp: Callable[[bytes, tuple[str, int]], None], *, local_port: int,
                  auth: DigestAuth | None = None, answer_delay_s: float = 0.0, clock=time.monotonic):
-        self.config, self.engines, self.observer = config, engines, observer
-        self.sip = config.sip
+        self.sip = sip_config
+        self.call_factory = call_factory
+        self.observer = observer
         self.send_udp = send_udp
         self.local_port = local_port
         self.sources = SourceFilter(self.sip.allowed_sources)
@@ -116,11 +120,11 @@ class UserAgentServer:
         self.answer_delay_s = answer_delay_s
         self.clock = clock
         self.ports = PortAllocator(self.sip.rtp_port_min, self.sip.rtp_port_max)
-        self.dialogs: dict[tuple[str, str], _Dialog] = {}
-        self._invites: dict[str, _InviteTx] = {}
-        self._answered: dict[tuple[str, str], tuple[bytes, Flow, tuple[str, int], float]] = {}
-        self._client: dict[str, asyncio.Event] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self.dialogs: dict[tuple[str, str], Dialog] = {}
+        self.tasks = TaskOwner("sip")
+        self._calls = self.tasks.child("calls")        # set-up and media tasks
+        self._ending = self.tasks.child("ending")      # each ended call's teardown
+        self.transactions = Transactions(send_udp, self.tasks.child("transactions"), clock)
         self.malformed = 0
         #: the last calls' outcomes (call id, reason, RTP counters, digits): for logs, admin pages and tests
         self.ended_calls: deque[dict] = deque(maxlen=100)
@@ -129,14 +133,14 @@ class UserAgentServer:
     def handle(self, data: bytes, flow: Flow) -> None:
         """One message from the network.  Never raises."""
         try:
-            self._prune()
+            self.transactions.prune()
             try:
                 parsed = sip.parse(data)
             except (ValueError, KeyError, IndexError, TypeError) as error:
                 self._malformed(data, flow, str(error) or type(error).__name__)
                 return
             if not hasattr(parsed, "method"):
-                self._on_response(parsed)
+                self.transactions.on_response(parsed)
                 return
             try:
                 request = sip.check_request(parsed)
@@ -157,64 +161,14 @@ class UserAgentServer:
         if salvage is not None:
             flow.send(*salvage)
 
-    def _own(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-        return task
-
-    def _prune(self) -> None:
-        now = self.clock()
-        for branch in [b for b, tx in self._invites.items() if tx.expires and tx.expires < now]:
-            del self._invites[branch]
-        for key in [k for k, v in self._answered.items() if v[3] < now]:
-            del self._answered[key]
-
-    # ------------------------------------------------------------ replies
-    def _destination(self, request: sip.Request, flow: Flow) -> tuple[str, int]:
-        return sip.response_destination(request, flow.source) if flow.transport == "UDP" else flow.source
-
     def _reply(self, request: sip.Request, flow: Flow, status: int, **kw) -> bytes:
-        data = sip.response(request, flow.source, status, **kw)
-        destination = self._destination(request, flow)
-        flow.send(data, destination)
-        if request.method not in ("INVITE", "ACK") and status >= 200:
-            self._answered[(request.branch, request.method)] = (data, flow, destination, self.clock() + TIMER_B)
-        return data
-
-    def _reject_invite(self, tx: _InviteTx, status: int, headers: list[tuple[str, str]] = (), to_tag: str | None = None) -> None:
-        data = sip.response(tx.request, tx.flow.source, status, to_tag=to_tag or sip.new_tag(), headers=headers)
-        tx.last_response, tx.final = data, status
-        tx.expires = self.clock() + TIMER_B
-        tx.flow.send(data, tx.destination)
-        if tx.flow.transport == "UDP":   # timer G: resend until the ACK
-            self._own(self._retransmit(lambda: tx.flow.send(data, tx.destination), tx.acked), "sip-retransmit-final")
-
-    async def _retransmit(self, send: Callable[[], None], done: asyncio.Event, on_timeout: Callable[[], None] | None = None) -> None:
-        interval, deadline = T1, self.clock() + TIMER_B
-        while self.clock() < deadline:
-            try:
-                await asyncio.wait_for(done.wait(), timeout=min(interval, max(0.0, deadline - self.clock())))
-                return
-            except asyncio.TimeoutError:
-                pass
-            if self.clock() >= deadline:
-                break
-            send()
-            interval = min(interval * 2, T2)
-        if on_timeout is not None and not done.is_set():
-            on_timeout()
+        return self.transactions.reply(request, flow, status, **kw)
 
     # ------------------------------------------------------------ dispatch
     def _dispatch(self, request: sip.Request, flow: Flow) -> None:
         method = request.method
-        if method not in ("INVITE", "ACK"):
-            cached = self._answered.get((request.branch, method))
-            if cached is not None:   # a retransmitted request: the same answer again
-                cached[1].send(cached[0], cached[2])
-                return
+        if method not in ("INVITE", "ACK") and self.transactions.replay(request):
+            return   # a retransmitted request: the same answer again
         if method == "CANCEL":
             self._on_cancel(request, flow)
             return
@@ -224,9 +178,7 @@ class UserAgentServer:
         if method == "INVITE":
             self._on_invite(request, flow)
         elif method == "ACK":
-            tx = self._invites.get(request.branch)
-            if tx is not None:
-                tx.acked.set()   # ACK of our error response
+            self.transactions.ack_error(request.branch)   # ACK of our error response
         elif method == "OPTIONS":
             self._reply(request, flow, 200, headers=self._capabilities())
         elif method in ("BYE", "INFO"):
@@ -242,39 +194,38 @@ class UserAgentServer:
 
     # ------------------------------------------------------------ new calls
     def _on_invite(self, request: sip.Request, flow: Flow) -> None:
-        tx = self._invites.get(request.branch)
+        tx = self.transactions.invites.get(request.branch)
         if tx is not None:   # retransmitted INVITE: repeat the last answer
-            if tx.last_response is not None:
-                tx.flow.send(tx.last_response, tx.destination)
+            tx.resend()
             return
-        tx = _InviteTx(request, flow, self._destination(request, flow))
-        self._invites[request.branch] = tx
+        tx = self.transactions.begin_invite(request, flow)
+        reject = self.transactions.reject
         max_forwards = request.header("Max-Forwards")
         if max_forwards is not None and max_forwards.strip() == "0":
-            return self._reject_invite(tx, 483)
+            return reject(tx, 483)
         if not self.sources.allows(flow.source[0]):
             log.warning("INVITE from %s refused: not in sip.allowed_sources", flow.source[0])
-            return self._reject_invite(tx, 403)
+            return reject(tx, 403)
         if self.auth is not None:
             verdict = self.auth.check(request.header("Authorization"), "INVITE")
             if verdict in ("missing", "stale"):
-                return self._reject_invite(tx, 401, [("WWW-Authenticate", self.auth.challenge(stale=verdict == "stale"))])
+                return reject(tx, 401, [("WWW-Authenticate", self.auth.challenge(stale=verdict == "stale"))])
             if verdict != "ok":
                 log.warning("INVITE from %s refused: bad credentials", flow.source[0])
-                return self._reject_invite(tx, 403)
+                return reject(tx, 403)
         required = [r.strip() for h in request.headers("Require") for r in h.split(",") if r.strip()]
         if required:
-            return self._reject_invite(tx, 420, [("Unsupported", ", ".join(required))])
-        if sum(not d.ended for d in self.dialogs.values()) >= self.sip.max_calls:
+            return reject(tx, 420, [("Unsupported", ", ".join(required))])
+        if self.active_calls >= self.sip.max_calls:
             log.warning("INVITE from %s refused: %d calls already (sip.max_calls)", flow.source[0], self.sip.max_calls)
-            return self._reject_invite(tx, 503, [("Retry-After", "5")])
+            return reject(tx, 503, [("Retry-After", "5")])
         contact = request.header("Contact")
         try:
             target = str(Address.parse_many(contact)[0].uri) if contact else ""
         except ValueError:
             target = ""
         if not target:
-            return self._reject_invite(tx, 400)
+            return reject(tx, 400)
         offer, params, index = None, None, 0
         if request.body:
             try:
@@ -282,82 +233,83 @@ class UserAgentServer:
                 index, params = negotiate(offer, self.sip.codecs)
             except NoCommonCodec as error:
                 log.info("INVITE from %s: %s", flow.source[0], error)
-                return self._reject_invite(tx, 488, [("Warning", '305 sub300 "Incompatible media format"')])
+                return reject(tx, 488, [("Warning", '305 sub300 "Incompatible media format"')])
             except SdpError as error:
                 log.info("INVITE from %s: bad SDP: %s", flow.source[0], error)
-                return self._reject_invite(tx, 400)
+                return reject(tx, 400)
         try:
             sock = self.ports.bind(self.sip.host)
         except OSError as error:
             log.error("no RTP port for a call: %s", error)
-            return self._reject_invite(tx, 503, [("Retry-After", "5")])
-        tx.last_response = sip.response(request, flow.source, 100)
-        flow.send(tx.last_response, tx.destination)
+            return reject(tx, 503, [("Retry-After", "5")])
+        tx.send(sip.response(request, flow.source, 100))
         routes = [str(a) for h in request.headers("Record-Route") for a in Address.parse_many(h)]
         public = self.sip.public_address or (self.sip.host if self.sip.host not in ("0.0.0.0", "::") else _local_ip_for(flow.source[0]))
-        dialog = _Dialog(request, tx, sip.new_tag(), target, routes, LocalDescription(public, sock.getsockname()[1]),
-                         params, offerless=offer is None, remote_cseq=request.cseq, sock=sock)
+        dialog = Dialog(request, tx, sip.new_tag(), target, routes, LocalDescription(public, sock.getsockname()[1]),
+                        params, offerless=offer is None, remote_cseq=request.cseq, sock=sock)
         self.dialogs[dialog.key] = dialog
-        ringing = sip.response(request, flow.source, 180, to_tag=dialog.local_tag, record_route=True,
-                               headers=[("Contact", self._contact(public, flow))])
-        tx.last_response = ringing
-        flow.send(ringing, tx.destination)
-        dialog.setup_task = self._own(self._answer(dialog, offer, index, sock, public, flow), f"sip-answer-{request.call_id}")
+        tx.send(sip.response(request, flow.source, 180, to_tag=dialog.local_tag, record_route=True,
+                             headers=[("Contact", self._contact(public, flow))]))
+        dialog.setup_task = self._calls.spawn(self._answer(dialog, offer, index, sock, public, flow),
+                                              f"sip-answer-{request.call_id}")
 
     def _contact(self, public: str, flow: Flow) -> str:
         host = f"[{public}]" if ":" in public else public
         return f"<sip:sub300@{host}:{self.local_port};transport={flow.transport.lower()}>"
 
-    async def _answer(self, dialog: _Dialog, offer, index: int, sock: socket.socket, public: str, flow: Flow) -> None:
+    async def _answer(self, dialog: Dialog, offer, index: int, sock: socket.socket, public: str, flow: Flow) -> None:
+        """Ring for ``answer_delay_s``, make the call (factory + RTP endpoint), send the 200 OK and start the media."""
+        if self.answer_delay_s:
+            await asyncio.sleep(self.answer_delay_s)
+        params = dialog.params or AudioParams("0.0.0.0", 0, self.sip.codecs[0],
+                                              {"PCMU": 0, "PCMA": 8}[self.sip.codecs[0]], None, "sendrecv")
         endpoint = None
         try:
-            if self.answer_delay_s:
-                await asyncio.sleep(self.answer_delay_s)
-            params = dialog.params or AudioParams("0.0.0.0", 0, self.sip.codecs[0],
-                                                  {"PCMU": 0, "PCMA": 8}[self.sip.codecs[0]], None, "sendrecv")
-            call = SipCall(dialog.call_id, self.engines, self.config, listener=lambda event: None, clock=self.clock)
+            invite = dialog.invite
+            agent = self.call_factory(CallSetup(dialog.call_id, invite.from_, invite.to, flow.source, params,
+                                                RATE, self.clock))
+            call = SipCall(dialog.call_id, agent, clock=self.clock)
+            dialog.call = call
             endpoint = RtpEndpoint(params, call.on_audio, call.on_dtmf, clock=self.clock)
             await endpoint.open(sock)
             call.endpoint = endpoint
-            dialog.call = call
-        except BaseException:
+        except BaseException as error:
             if endpoint is not None:
                 endpoint.close()
-            else:
-                sock.close()
-            raise
+            sock.close()   # no-op when the endpoint owned it
+            dialog.sock = None
+            if not isinstance(error, Exception):
+                raise   # cancelled: whoever cancelled ends the dialog
+            log.exception("SIP call %s: setting up the call failed", dialog.call_id)
+            if dialog.tx.final is None:
+                self.transactions.reject(dialog.tx, 500, to_tag=dialog.local_tag)
+            self._end(dialog, "set-up failed", send_bye=False)
+            return
         body = dialog.local_sdp.offer(self.sip.codecs) if offer is None else dialog.local_sdp.answer(offer, index, params)
         ok = sip.response(dialog.invite, flow.source, 200, to_tag=dialog.local_tag, record_route=True, body=body,
                           headers=[("Contact", self._contact(public, flow)), *self._capabilities()])
-        dialog.tx.last_response, dialog.tx.final = ok, 200
-        dialog.tx.expires = self.clock() + TIMER_B
-        flow.send(ok, dialog.tx.destination)
-        self._await_ack(dialog, ok)
+        self._accept(dialog, dialog.tx, ok)
         call.listener = self.observer.call_started("sip", dialog.call_id)
         dialog.observed = True
         log.info("SIP call %s answered: %s %s:%d, RTP port %d", dialog.call_id, params.codec,
                  params.remote_host, params.remote_port, endpoint.local_port)
-        dialog.run_task = self._own(self._run(dialog), f"sip-call-{dialog.call_id}")
+        dialog.run_task = self._calls.spawn(self._run(dialog), f"sip-call-{dialog.call_id}")
 
-    def _await_ack(self, dialog: _Dialog, ok: bytes) -> None:
-        acked = asyncio.Event()
-        dialog.pending_ack = acked
-        tx = dialog.tx
-        send = (lambda: tx.flow.send(ok, tx.destination)) if tx.flow.transport == "UDP" else (lambda: None)
-
+    def _accept(self, dialog: Dialog, tx: InviteServerTransaction, ok: bytes) -> None:
+        """Send a 2xx (INVITE or re-INVITE); no ACK within 64·T1 hangs up (§13.3.1.4)."""
         def no_ack() -> None:
             log.warning("SIP call %s: no ACK for our 200 OK", dialog.call_id)
             self._end(dialog, "no ACK", send_bye=True)
 
-        self._own(self._retransmit(send, acked, no_ack), "sip-retransmit-2xx")
+        dialog.pending_ack = self.transactions.accept(tx, ok, no_ack)
 
-    async def _run(self, dialog: _Dialog) -> None:
+    async def _run(self, dialog: Dialog) -> None:
         reason = await dialog.call.run()
         self._end(dialog, reason, send_bye=True)
 
     # ------------------------------------------------------------ CANCEL
     def _on_cancel(self, request: sip.Request, flow: Flow) -> None:
-        tx = self._invites.get(request.branch)
+        tx = self.transactions.invites.get(request.branch)
         if tx is None:
             self._reply(request, flow, 481)
             return
@@ -365,7 +317,7 @@ class UserAgentServer:
         if tx.final is not None:
             return   # already answered: the CANCEL changes nothing (§9.2)
         dialog = next((d for d in self.dialogs.values() if d.tx is tx), None)
-        self._reject_invite(tx, 487, to_tag=dialog.local_tag if dialog else None)
+        self.transactions.reject(tx, 487, to_tag=dialog.local_tag if dialog else None)
         if dialog is not None:
             self._end(dialog, "cancelled", send_bye=False)
 
@@ -375,18 +327,14 @@ class UserAgentServer:
         method = request.method
         if dialog is None or dialog.ended:
             if method == "ACK":
-                tx = self._invites.get(request.branch)
-                if tx is not None:
-                    tx.acked.set()
+                self.transactions.ack_error(request.branch)
             elif method == "INVITE":
-                tx = _InviteTx(request, flow, self._destination(request, flow))
-                self._reject_invite(tx, 481)
+                self.transactions.reject(self.transactions.begin_invite(request, flow), 481)
             else:
                 self._reply(request, flow, 481)
             return
         if method == "ACK":
-            if request.branch in self._invites and self._invites[request.branch].final not in (None, 200):
-                self._invites[request.branch].acked.set()
+            if self.transactions.ack_error(request.branch):
                 return
             if dialog.pending_ack is not None:
                 dialog.pending_ack.set()
@@ -397,13 +345,11 @@ class UserAgentServer:
         if method not in _IN_DIALOG:
             self._reply(request, flow, 405 if method in _NOT_ALLOWED else 501, headers=[("Allow", sip.ALLOW)])
             return
-        if request.cseq <= dialog.remote_cseq and method != "ACK":
-            if method == "INVITE" and request.branch in self._invites:
-                tx = self._invites[request.branch]
-                if tx.last_response is not None:
-                    tx.flow.send(tx.last_response, tx.destination)
+        if request.cseq <= dialog.remote_cseq:
+            if method == "INVITE" and request.branch in self.transactions.invites:
+                self.transactions.invites[request.branch].resend()
                 return
-            self._reply(request, flow, 500, headers=[("Retry-After", "1")])
+            self._reply(request, flow, 500, headers=[("Retry-After", "1")])   # §12.2.2: CSeq out of order
             return
         dialog.remote_cseq = request.cseq
         if method == "BYE":
@@ -419,19 +365,20 @@ class UserAgentServer:
         else:   # OPTIONS
             self._reply(request, flow, 200, headers=self._capabilities())
 
-    def _on_reinvite(self, dialog: _Dialog, request: sip.Request, flow: Flow) -> None:
-        tx = _InviteTx(request, flow, self._destination(request, flow))
-        self._invites[request.branch] = tx
+    def _on_reinvite(self, dialog: Dialog, request: sip.Request, flow: Flow) -> None:
+        """A re-INVITE (§14.2): new remote address, codec or hold; or no SDP, then our offer in the 200."""
+        tx = self.transactions.begin_invite(request, flow)
+        reject = self.transactions.reject
         if dialog.pending_ack is not None or dialog.call is None:
-            return self._reject_invite(tx, 491, to_tag=dialog.local_tag)
+            return reject(tx, 491, to_tag=dialog.local_tag)
         if request.body:
             try:
                 offer = parse_sdp(request.body)
                 index, params = negotiate(offer, self.sip.codecs)
             except NoCommonCodec:
-                return self._reject_invite(tx, 488, to_tag=dialog.local_tag)
+                return reject(tx, 488, to_tag=dialog.local_tag)
             except SdpError:
-                return self._reject_invite(tx, 400, to_tag=dialog.local_tag)
+                return reject(tx, 400, to_tag=dialog.local_tag)
             dialog.params = params
             dialog.call.endpoint.update(params)
             body = dialog.local_sdp.answer(offer, index, params)
@@ -445,11 +392,9 @@ class UserAgentServer:
                 pass
         ok = sip.response(request, flow.source, 200, to_tag=dialog.local_tag, body=body,
                           headers=[("Contact", self._contact(dialog.local_sdp.address, flow)), *self._capabilities()])
-        tx.last_response, tx.final, tx.expires = ok, 200, self.clock() + TIMER_B
-        flow.send(ok, tx.destination)
-        self._await_ack(dialog, ok)
+        self._accept(dialog, tx, ok)
 
-    def _apply_answer(self, dialog: _Dialog, body: bytes) -> None:
+    def _apply_answer(self, dialog: Dialog, body: bytes) -> None:
         try:
             _, params = negotiate(parse_sdp(body), self.sip.codecs)
         except SdpError as error:
@@ -461,7 +406,8 @@ class UserAgentServer:
         dialog.call.endpoint.update(params)
 
     # ------------------------------------------------------------ ending
-    def _end(self, dialog: _Dialog, reason: str, *, send_bye: bool) -> None:
+    def _end(self, dialog: Dialog, reason: str, *, send_bye: bool) -> None:
+        """End a dialog once: BYE if asked, stop its tasks, and tear the call down in a task of its own."""
         if dialog.ended:
             return
         dialog.ended = True
@@ -474,16 +420,17 @@ class UserAgentServer:
         for task in (dialog.setup_task, dialog.run_task):
             if task is not None and task is not current:
                 task.cancel()
-        self._own(self._finish(dialog, reason), f"sip-end-{dialog.call_id}")
+        self._ending.spawn(self._finish(dialog, reason), f"sip-end-{dialog.call_id}")
 
-    async def _finish(self, dialog: _Dialog, reason: str) -> None:
+    async def _finish(self, dialog: Dialog, reason: str) -> None:
         waits = [t for t in (dialog.setup_task, dialog.run_task) if t is not None and t is not asyncio.current_task()]
         await asyncio.gather(*waits, return_exceptions=True)
         if dialog.call is not None:
             await dialog.call.close()
         elif dialog.sock is not None:   # cancelled before the media started
             dialog.sock.close()
-        summary = {"call_id": dialog.call_id, "reason": reason, "answered": dialog.call is not None}
+        answered = dialog.call is not None and dialog.observed
+        summary = {"call_id": dialog.call_id, "reason": reason, "answered": answered}
         if dialog.call is not None and dialog.call.endpoint is not None:
             stats = dialog.call.endpoint.stats
             summary.update(rtp_received=stats.received, rtp_sent=stats.sent, rtp_malformed=stats.malformed,
@@ -493,7 +440,8 @@ class UserAgentServer:
             self.observer.call_ended("sip", dialog.call_id, reason)
         log.info("SIP call %s ended: %s %s", dialog.call_id, reason, summary)
 
-    def _send_bye(self, dialog: _Dialog) -> None:
+    def _send_bye(self, dialog: Dialog) -> None:
+        """Our BYE (§15.1.1), in the dialog: next CSeq, our tag in From, along the route set."""
         flow = dialog.tx.flow
         dialog.local_cseq += 1
         branch = sip.new_branch()
@@ -503,23 +451,9 @@ class UserAgentServer:
         invite = dialog.invite
         data = sip.request("BYE", dialog.remote_target, via=via, from_=f"{invite.to};tag={dialog.local_tag}",
                            to=invite.from_, call_id=invite.call_id, cseq=dialog.local_cseq, routes=dialog.route_set)
-        if flow.transport == "TCP":
-            flow.send(data)
-            return
-        destination = self._next_hop(dialog)
-        done = asyncio.Event()
-        self._client[branch] = done
-        self.send_udp(data, destination)
+        self.transactions.request(data, flow, self._next_hop(dialog), branch)
 
-        async def retransmit() -> None:
-            try:
-                await self._retransmit(lambda: self.send_udp(data, destination), done)
-            finally:
-                self._client.pop(branch, None)
-
-        self._own(retransmit(), "sip-bye")
-
-    def _next_hop(self, dialog: _Dialog) -> tuple[str, int]:
+    def _next_hop(self, dialog: Dialog) -> tuple[str, int]:
         """Loose routing: the first Record-Route entry, else the caller's Contact."""
         uri = dialog.remote_target
         if dialog.route_set:
@@ -530,37 +464,18 @@ class UserAgentServer:
         except ValueError:
             return dialog.tx.flow.source
 
-    def _on_response(self, response) -> None:
-        try:
-            from sipmessage import Via
-
-            branch = Via.parse_many(response.headers.get("Via") or "")[0].parameters.get("branch")
-        except (ValueError, IndexError):
-            return
-        done = self._client.get(branch or "")
-        if done is not None and response.code >= 200:
-            done.set()
-
     # ------------------------------------------------------------ shutdown
     async def close(self) -> None:
+        """Hang up every call (BYE for answered, ACKed ones), wait for their teardown, then stop every task."""
         for dialog in list(self.dialogs.values()):
-            if dialog.call is not None and dialog.pending_ack is None:
-                self._end(dialog, "service closed", send_bye=True)
-            else:
-                self._end(dialog, "service closed", send_bye=False)
+            answered = dialog.call is not None and dialog.pending_ack is None
+            self._end(dialog, "service closed", send_bye=answered)
         await asyncio.sleep(0)
         # the BYEs went out once; their retransmissions and everything else stop here
-        finishing = [t for t in self._tasks if t.get_name().startswith("sip-end-")]
-        await asyncio.gather(*finishing, return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._ending.all_tasks(), return_exceptions=True)
+        await self.tasks.aclose()
 
     @property
     def active_calls(self) -> int:
+        """Calls set up or in progress (ringing ones included)."""
         return sum(1 for d in self.dialogs.values() if not d.ended)
-
-
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("SIP task %s failed", task.get_name(), exc_info=task.exception())

@@ -1,21 +1,50 @@
-"""`start_sip_service`: the phone entry point that `sub300 serve` starts beside the web server."""
+"""`start_sip_service`: the phone entry point that `sub300 serve` starts beside the web server.
+
+This is where the SIP stack meets the engines: `conversation_calls` is the
+call factory that gives each answered call a `Conversation` over the shared
+engines.  Everything below it (`dialogs`, `transactions`, `call`, `rtp`)
+takes a factory and knows no engines, so protocol tests run it with a
+trivial agent and no model loaded.
+"""
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from sub300.agent.calls import CallObserver, LoggingObserver
-from sub300.agent.config import Config
-from sub300.agent.engines import Engines
+from sub300.agent.playout import PlayoutQueue
 
 from .auth import DigestAuth
+from .call import CallAgent, CallFactory, CallSetup
 from .dialogs import UserAgentServer
 from .transport import SipTransport
+
+if TYPE_CHECKING:
+    from sub300.agent.config import Config
+    from sub300.agent.engines import Engines
 
 log = logging.getLogger(__name__)
 
 
+def conversation_calls(engines: "Engines", config: "Config") -> CallFactory:
+    """The call factory of the server: a fresh `Conversation` per call, on the shared engines.
+
+    Its playout queue runs at the call's rate (8 kHz for G.711), so the reply
+    resamples TTS straight to the line's rate.
+    """
+    from sub300.agent.conversation import Conversation
+
+    def make(setup: CallSetup) -> CallAgent:
+        playout = PlayoutQueue(setup.sample_rate, setup.clock)
+        return Conversation(engines, config, playout, setup.clock)
+
+    return make
+
+
 class SipService:
+    """A running SIP service: its transport (UDP + TCP sockets) and its user agent server."""
+
     def __init__(self, transport: SipTransport, uas: UserAgentServer):
         self.transport, self.uas = transport, uas
 
@@ -34,13 +63,23 @@ class SipService:
         await self.transport.close()
 
 
-async def start_sip_service(config: Config, engines: Engines, observer: CallObserver | None = None, *,
-                            answer_delay_s: float = 0.0, tcp: bool = True) -> SipService:
-    """Listen for SIP on config.sip.host:port (UDP, and TCP on the same port).
+async def start_sip_service(config: "Config", engines: "Engines | None", observer: CallObserver | None = None, *,
+                            answer_delay_s: float = 0.0, tcp: bool = True,
+                            call_factory: CallFactory | None = None) -> SipService:
+    """Listen for SIP on config.sip.host:port (UDP, and TCP on the same port unless ``tcp`` is false).
 
-    `answer_delay_s` keeps a call ringing that long before the 200 OK (tests use it to CANCEL).
+    Each answered call talks to ``call_factory``'s agent, by default a
+    `Conversation` over ``engines`` (`conversation_calls`); with a factory
+    given, ``engines`` may be None.  ``answer_delay_s`` keeps a call ringing
+    that long before the 200 OK (tests use it to CANCEL).  Raises
+    `ValueError` when digest auth is configured without its password, and
+    `OSError` when the port cannot be bound.
     """
     sip = config.sip
+    if call_factory is None:
+        if engines is None:
+            raise ValueError("start_sip_service needs engines or a call_factory")
+        call_factory = conversation_calls(engines, config)
     auth = None
     if sip.auth_username:
         password = os.environ.get(sip.auth_password_env, "")
@@ -52,7 +91,7 @@ async def start_sip_service(config: Config, engines: Engines, observer: CallObse
     holder: dict[str, UserAgentServer] = {}
     transport = SipTransport(lambda data, flow: holder["uas"].handle(data, flow) if "uas" in holder else None)
     await transport.start(sip.host, sip.port, tcp=tcp)
-    uas = UserAgentServer(config, engines, observer or LoggingObserver(), transport.send_udp,
+    uas = UserAgentServer(sip, call_factory, observer or LoggingObserver(), transport.send_udp,
                           local_port=transport.address[1], auth=auth, answer_delay_s=answer_delay_s)
     holder["uas"] = uas
     log.info("SIP listening on %s:%d (UDP%s)", *transport.address, "+TCP" if transport._tcp else "")
