@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import aiohttp
 
+from . import defaults
 from .protocols import ChatMessage, EndpointError
 
 #: how much of an error body goes into the exception message
@@ -38,8 +39,8 @@ class OpenAIChatModel:
         model: str,
         *,
         api_key: str | None = None,
-        connect_timeout_s: float = 3.0,
-        first_token_timeout_s: float = 10.0,
+        connect_timeout_s: float = defaults.OPENAI_CONNECT_TIMEOUT_S,
+        first_token_timeout_s: float = defaults.OPENAI_FIRST_TOKEN_TIMEOUT_S,
         idle_timeout_s: float = 10.0,
         extra_body: dict | None = None,
     ) -> None:

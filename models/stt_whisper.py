@@ -60,13 +60,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import defaults
 from .bundled import is_bundled, resolve_bundled
 from .device import select_placement
 from .protocols import SAMPLE_RATE, ModelError, ModelUnavailable, Transcript
 
 log = logging.getLogger(__name__)
 
-PADDINGS = ("short", "window", "full")
+PADDINGS = defaults.WHISPER_PADDINGS
 
 #: shorter clips are not worth a model call: nothing intelligible fits in them
 MIN_AUDIO_SECONDS = 0.1
@@ -75,9 +76,9 @@ SILENCE_PEAK = 1e-3
 #: seconds of silence appended to the utterance in "short" mode
 SHORT_PAD_SECONDS = 1.0
 #: default minimum input length in "window" mode
-WINDOW_SECONDS = 12.0
+WINDOW_SECONDS = defaults.WHISPER_WINDOW_S
 #: Whisper's input window: longer clips always take faster-whisper's own path
-MAX_WINDOW_SECONDS = 30.0
+MAX_WINDOW_SECONDS = defaults.WHISPER_MAX_WINDOW_S
 #: Whisper's own thresholds for "this window holds no speech"
 NO_SPEECH_THRESHOLD = 0.6
 LOG_PROB_THRESHOLD = -1.0
@@ -141,10 +142,10 @@ class WhisperRecognizer:
         *,
         device: str = "auto",
         compute_type: str = "auto",
-        cpu_threads: int = 0,
-        beam_size: int = 1,
-        language: str | None = "en",
-        padding: str = "window",
+        cpu_threads: int = defaults.CT2_THREADS,
+        beam_size: int = defaults.WHISPER_BEAM_SIZE,
+        language: str | None = defaults.WHISPER_LANGUAGE,
+        padding: str = defaults.WHISPER_PADDING,
         window_s: float = WINDOW_SECONDS,
         allow_download: bool = False,
     ) -> None:

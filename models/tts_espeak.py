@@ -14,6 +14,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
+from . import defaults
 from .protocols import ModelError, ModelUnavailable
 
 _READ_BYTES = 4096  # ≈ 93 ms at 22.05 kHz int16
@@ -65,12 +66,13 @@ class EspeakSynthesizer:
 
     name = "espeak"
 
-    def __init__(self, voice: str = "en-us", *, speed_wpm: int = 175, binary: str = "espeak-ng") -> None:
+    def __init__(self, voice: str = defaults.ESPEAK_VOICE, *, speed_wpm: int = defaults.ESPEAK_SPEED_WPM,
+                 binary: str = "espeak-ng") -> None:
         path = shutil.which(binary)
         if path is None:
             raise ModelUnavailable(f"espeak-ng binary {binary!r} not found (apt-get install espeak-ng)")
-        if not 80 <= int(speed_wpm) <= 500:
-            raise ValueError(f"speed_wpm must be in 80..500, got {speed_wpm!r}")
+        if not defaults.ESPEAK_SPEED_WPM_MIN <= int(speed_wpm) <= defaults.ESPEAK_SPEED_WPM_MAX:
+            raise ValueError(f"speed_wpm must be in {defaults.ESPEAK_SPEED_WPM_MIN}..{defaults.ESPEAK_SPEED_WPM_MAX}, got {speed_wpm!r}")
         self.binary = path
         self.voice = voice
         self.speed_wpm = int(speed_wpm)

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import defaults
 from .bundled import is_bundled, resolve_bundled
 from .onnx import cpu_session
 from .protocols import ModelError, ModelUnavailable
@@ -49,10 +50,10 @@ class PiperSynthesizer:
 
     def __init__(
         self,
-        voice: str | Path = "bundled:piper-joe",
+        voice: str | Path = defaults.PIPER_VOICE,
         *,
         length_scale: float | None = None,
-        threads: int = 1,
+        threads: int = defaults.PIPER_THREADS,
         volume: float = 0.9,
     ) -> None:
         if threads < 1:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import defaults
 from .onnx import cpu_session
 from .protocols import SAMPLE_RATE, ModelError, ModelUnavailable
 
@@ -85,7 +86,7 @@ class SileroVad:
     name = "silero"
     frame_samples = FRAME_SAMPLES
 
-    def __init__(self, model_path: Path | str | None = None, threshold: float = 0.5) -> None:
+    def __init__(self, model_path: Path | str | None = None, threshold: float = defaults.SILERO_THRESHOLD) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"Silero VAD threshold must be in (0, 1), got {threshold!r}")
         if model_path is None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import defaults
 from .protocols import SAMPLE_RATE, ModelUnavailable
 
-_VALID_FRAME_MS = (10, 20, 30)
+_VALID_FRAME_MS = defaults.WEBRTC_FRAME_MS_CHOICES
 
 
 def _import_webrtcvad():
@@ -48,10 +49,11 @@ class WebRtcVad:
 
     name = "webrtc"
 
-    def __init__(self, aggressiveness: int = 2, frame_ms: int = 20) -> None:
+    def __init__(self, aggressiveness: int = defaults.WEBRTC_AGGRESSIVENESS,
+                 frame_ms: int = defaults.WEBRTC_FRAME_MS) -> None:
         if frame_ms not in _VALID_FRAME_MS:
             raise ValueError(f"webrtc VAD frame_ms must be one of {_VALID_FRAME_MS}, got {frame_ms!r}")
-        if aggressiveness not in (0, 1, 2, 3):
+        if aggressiveness not in range(defaults.WEBRTC_AGGRESSIVENESS_MAX + 1):
             raise ValueError(f"webrtc VAD aggressiveness must be 0..3, got {aggressiveness!r}")
         self._webrtcvad = _import_webrtcvad()
         self.aggressiveness = aggressiveness

@@ -58,7 +58,7 @@ def _loud(audio: np.ndarray, n: int, floor: float = 300.0) -> np.ndarray:
 
 
 DETECTORS = [
-    pytest.param(lambda: WebRtcVad(), id="webrtc-2-20ms"),
+    pytest.param(lambda: WebRtcVad(aggressiveness=2), id="webrtc-2-20ms"),
     pytest.param(lambda: WebRtcVad(aggressiveness=3, frame_ms=30), id="webrtc-3-30ms"),
     pytest.param(lambda: WebRtcVad(aggressiveness=0, frame_ms=10), id="webrtc-0-10ms"),
     pytest.param(lambda: SileroVad(), id="silero"),
