@@ -4,7 +4,8 @@
     Conversation ─▶ PlayoutQueue ─ PlayoutTrack (paced 20 ms, 48 kHz) ─▶ caller
     Conversation events ─▶ JSON on the caller's data channel (and the observer)
 
-The call owns its tasks (the inbound reader, the closing task) and its
+The call owns its tasks through a `TaskOwner` (``tasks``: the closing task;
+its child ``tasks/io``: the inbound reader and the hang-up timer) and its
 conversation; `close()` is idempotent, safe from any callback, and leaves
 nothing running: reader cancelled, track stopped, conversation closed, peer
 connection closed, observer told exactly once.  It ends on the page's
@@ -28,6 +29,7 @@ from sub300.agent.conversation import Conversation
 from sub300.agent.engines import Engines
 from sub300.agent.events import Event, HangupRequested, event_to_dict
 from sub300.agent.playout import PlayoutQueue
+from sub300.agent.tasks import TaskOwner
 
 from .inbound import CallerAudioStopped, read_caller_audio
 from .outbound import PlayoutTrack
@@ -42,6 +44,13 @@ _MAX_BACKLOG = 500
 
 
 class WebRtcCall:
+    """One browser call: ``pc`` (a fresh RTCPeerConnection) carrying a Conversation over ``engines``.
+
+    `accept(offer)` returns the answer; the call then runs on aiortc's
+    callbacks until something ends it (see the module docstring).
+    ``on_closed(call)`` runs once, after the observer's `call_ended`.
+    """
+
     def __init__(
         self,
         call_id: str,
@@ -62,6 +71,8 @@ class WebRtcCall:
         self.out_track = PlayoutTrack(self.playout, clock)
         listener = observer.call_started(TRANSPORT, call_id)
         self.conversation = Conversation(engines, config, self.playout, clock, listeners=[listener, self._on_event])
+        self.tasks = TaskOwner(f"webrtc-{call_id}")
+        self._io = self.tasks.child("io")   # what closing cancels: the reader, the hang-up timer
         self.reader: asyncio.Task | None = None
         self.close_reason: str | None = None
         self._closing: asyncio.Task | None = None
@@ -85,7 +96,7 @@ class WebRtcCall:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self.reader is not None or self.close_reason is not None:
             return  # one caller voice per call; video is ignored
-        self.reader = asyncio.ensure_future(self._read(track))
+        self.reader = self._io.spawn(self._read(track), f"webrtc-read-{self.call_id}")
 
     async def _read(self, track: MediaStreamTrack) -> None:
         try:
@@ -116,8 +127,8 @@ class WebRtcCall:
     # ------------------------------------------------------------ events to the page
     def _on_event(self, event: Event) -> None:
         self._send(event_to_dict(event))
-        if isinstance(event, HangupRequested) and self._hangup is None:
-            self._hangup = asyncio.ensure_future(self._hang_up_after_grace())
+        if isinstance(event, HangupRequested) and self._hangup is None and not self._io.closed:
+            self._hangup = self._io.spawn(self._hang_up_after_grace(), f"webrtc-hangup-{self.call_id}")
 
     async def _hang_up_after_grace(self) -> None:
         await asyncio.sleep(_HANGUP_GRACE_S)
@@ -152,9 +163,10 @@ class WebRtcCall:
     def request_close(self, reason: str) -> None:
         """From any callback: start closing (once); `close()` awaits the same work."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._close(reason))
+            self._closing = self.tasks.spawn(self._close(reason), f"webrtc-close-{self.call_id}")
 
     async def close(self, reason: str = "closed") -> None:
+        """Close the call (once; later reasons are ignored) and wait until nothing of it runs."""
         self.request_close(reason)
         await asyncio.shield(self._closing)
 
@@ -165,11 +177,8 @@ class WebRtcCall:
     async def _close(self, reason: str) -> None:
         self.close_reason = reason
         log.info("call %s: closing (%s)", self.call_id, reason)
-        own = [t for t in (self.reader, self._hangup) if t is not None and t is not asyncio.current_task()]
-        for task in own:
-            task.cancel()
         try:
-            await asyncio.gather(*own, return_exceptions=True)
+            await self._io.aclose()
             self.out_track.stop()
             await self.conversation.aclose()
             await self.pc.close()
