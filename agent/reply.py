@@ -20,13 +20,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sub300.models.protocols import ChatMessage, LanguageModel, SpeechSynthesizer
+from sub300.models.threads import iterate_in_thread
 
 from .audio import StreamResampler
 from .events import AgentSpeech, EventHandler
 from .ledger import TurnLedger
 from .playout import PlayoutQueue
 from .sentences import SentenceSplitter
-from .threads import iterate_in_thread
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class Reply:
             if self.committed:
                 self._emit(AgentSpeech(self.turn, piece))
             self.ledger.mark("tts_start", self._clock())
-            chunks = iterate_in_thread(lambda text=piece: self._tts.synthesize(_speakable(text)))
+            chunks = iterate_in_thread(lambda text=piece: self._tts.synthesize(_speakable(text)), name="tts")
             try:
                 async for chunk in chunks:
                     self.ledger.mark("tts_first_audio", self._clock())

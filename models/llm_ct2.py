@@ -7,26 +7,37 @@ chat template and stop tokens) or by ``ct2-transformers-converter
 Run time needs only ctranslate2, tokenizers and jinja2.
 
 Generation runs in one worker thread per call (``Generator.generate_batch``
-with a per-token callback); text pieces go to the asyncio consumer through
-``loop.call_soon_threadsafe``.  Closing or cancelling the consumer sets an
-event that the callback checks, so CTranslate2 stops at the next token and
-the worker thread ends.
+with a per-token callback), bridged to the asyncio consumer by
+``models.threads.stream_from_thread``.  Token ids become text with
+``tokenizers.decoders.DecodeStream``, which holds back a piece until its UTF-8
+is whole (byte-fallback and byte-level tokens).
+
+Flow control: the worker runs at most ``AHEAD`` text pieces ahead of the
+consumer.  A consumer that stops reading (the reply synthesizing its first
+clause) thereby pauses generation and frees the CPU for what the caller waits
+for.  Closing or cancelling the consumer sets a stop flag that the callback
+checks, so CTranslate2 stops at the next token; the consumer then waits for
+the worker's end without blocking the loop (a long prompt's prefill cannot be
+interrupted, and the next generation on this model should not overlap it).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, Sequence
+
+from tokenizers.decoders import DecodeStream
 
 from .chat_template import render_chat
 from .device import Placement, select_placement
 from .gguf_to_ct2 import METADATA_FILE, TOKENIZER_FILE
 from .protocols import ChatMessage, ModelError, ModelUnavailable
+from .threads import stream_from_thread
 
 log = logging.getLogger(__name__)
 
@@ -37,55 +48,19 @@ _STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</
 #: text pieces the generation thread may run ahead of its consumer
 AHEAD = 4
 
-class _Done:
-    pass
 
+def detokenizer(tokenizer: Any) -> Callable[[int], str]:
+    """Token id → the text it completes ("" while a UTF-8 character is still partial).
 
-class _Failed:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-_DONE = _Done()
-
-
-class IncrementalDecoder:
-    """Turns a stream of token ids into text pieces whose concatenation equals
-    ``tokenizer.decode(all_ids)``.
-
-    It re-decodes a short window of recent ids and emits the new suffix, holding
-    back text that ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
+    The pieces join to ``tokenizer.decode(ids, skip_special_tokens=True)``, less
+    a character left incomplete by the last id.
     """
+    stream = DecodeStream(skip_special_tokens=True)
 
-    def __init__(self, tokenizer: Any, skip_ids: frozenset[int] = frozenset()):
-        self._tok = tokenizer
-        self._skip = skip_ids
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the window being re-decoded
-        self._read = 0    # ids before this are already emitted
+    def step(token_id: int) -> str:
+        return stream.step(tokenizer, token_id) or ""
 
-    def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> str:
-        if token_id in self._skip:
-            return ""
-        self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text):]
-            self._prefix, self._read = self._read, len(self._ids)
-            return piece
-        return ""
-
-    def flush(self) -> str:
-        if self._read >= len(self._ids):
-            return ""
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return new_text[len(prefix_text):]
+    return step
 
 
 def _token_content(value: Any) -> str | None:
@@ -220,7 +195,7 @@ class CTranslate2ChatModel:
         stop: threading.Event,
     ) -> None:
         """Blocking: generate, calling ``emit`` with each text piece, until done or ``stop``."""
-        decoder = IncrementalDecoder(self._tokenizer, self._stop_ids)
+        decode = detokenizer(self._tokenizer)
         callback_error: list[BaseException] = []
         stop_ids = self._stop_ids
 
@@ -230,7 +205,7 @@ class CTranslate2ChatModel:
                     return True
                 if step.token_id in stop_ids:
                     return True
-                piece = decoder.add(step.token_id)
+                piece = decode(step.token_id)
                 if piece:
                     emit(piece)
                 return stop.is_set()
@@ -257,10 +232,6 @@ class CTranslate2ChatModel:
             raise ModelError(f"{self.name} generation failed: {exc}") from exc
         if callback_error:
             raise ModelError(f"{self.name} streaming failed: {callback_error[0]}") from callback_error[0]
-        if not stop.is_set():
-            tail = decoder.flush()
-            if tail:
-                emit(tail)
 
     def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int, temperature: float = 0.0) -> str:
         """Blocking, non-streamed answer (same generation path as ``stream_chat``)."""
@@ -280,60 +251,16 @@ class CTranslate2ChatModel:
         if max_tokens < 1:
             return
         prompt_ids = self._fit_prompt(messages, max_tokens)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        finished: asyncio.Future[None] = loop.create_future()
-        stop = threading.Event()
-        # Flow control: the worker runs at most AHEAD pieces ahead of the consumer.
-        # A consumer that stops reading (the reply synthesizing its first clause)
-        # thereby pauses generation and frees the CPU for what the caller waits for.
-        credit = threading.Semaphore(AHEAD)
 
-        def post(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # loop closed: nobody is listening any more
-                stop.set()
+        def produce(emit: Callable[[str], bool], stop: threading.Event) -> None:
+            self._generate(prompt_ids, max_tokens, temperature, emit, stop)
 
-        def post_piece(piece: str) -> None:
-            while not credit.acquire(timeout=0.05):
-                if stop.is_set():
-                    return
-            post(piece)
-
-        def mark_finished() -> None:
-            if not finished.done():
-                finished.set_result(None)
-
-        def worker() -> None:
-            try:
-                self._generate(prompt_ids, max_tokens, temperature, post_piece, stop)
-            except BaseException as exc:
-                post(_Failed(exc))
-            finally:
-                post(_DONE)
-                try:
-                    loop.call_soon_threadsafe(mark_finished)
-                except RuntimeError:
-                    pass
-
-        thread = threading.Thread(target=worker, name=f"llm-{self.name}", daemon=True)
-        thread.start()
+        pieces = stream_from_thread(produce, ahead=AHEAD, wait_on_close=True, name=f"llm-{self.name}")
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, _Failed):
-                    if isinstance(item.exc, ModelError):
-                        raise item.exc
-                    raise ModelError(f"{self.name} generation failed: {item.exc}") from item.exc
-                credit.release()
-                yield item
-        finally:
-            stop.set()
-            if not finished.done():
-                # The callback sees `stop` at the next token; a long prompt's prefill
-                # cannot be interrupted, so wait without blocking the event loop.
-                await asyncio.shield(finished)
-            thread.join(timeout=1.0)
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    yield piece
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{self.name} generation failed: {exc}") from exc

@@ -14,7 +14,7 @@ from sub300.models.protocols import LanguageModel, ModelError, ModelUnavailable
 
 ct2_mod = pytest.importorskip("sub300.models.gguf_to_ct2")
 from sub300.models.gguf_to_ct2 import METADATA_FILE, ensure_ct2_from_gguf  # noqa: E402
-from sub300.models.llm_ct2 import CTranslate2ChatModel, IncrementalDecoder  # noqa: E402
+from sub300.models.llm_ct2 import AHEAD, CTranslate2ChatModel, detokenizer  # noqa: E402
 
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence in English."}]
 COLORS = [{"role": "user", "content": "Name three colors."}]
@@ -100,19 +100,51 @@ def test_chat_template_renders_chatml():
         render_chat("{{ raise_exception('no') }}", [])
 
 
-class _ByteTok:
-    """A toy tokenizer: each id is one UTF-8 byte (to exercise split characters)."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return bytes(ids).decode("utf-8", errors="replace")
+MULTIBYTE = "añ東🙂! Émilie naïve café — 東京"
 
 
-def test_incremental_decoder_holds_back_partial_utf8():
-    data = "añ東🙂!".encode()
-    dec = IncrementalDecoder(_ByteTok())
-    pieces = [dec.add(b) for b in data] + [dec.flush()]
-    assert "".join(pieces) == "añ東🙂!"
+def _byte_fallback_tokenizer():
+    """A toy SentencePiece-style tokenizer: a few word pieces, every other character
+    as its UTF-8 bytes (<0xE6> …), so that one character spans several ids."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<|im_end|>": 1}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece in ("▁", "▁a", "▁caf", "▁na", "ve", "!"):
+        vocab[piece] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(["<|im_end|>"])
+    return tok
+
+
+def test_detokenizer_holds_back_partial_utf8():
+    tok = _byte_fallback_tokenizer()
+    ids = tok.encode(MULTIBYTE, add_special_tokens=False).ids
+    assert len(ids) > len(MULTIBYTE)  # multi-byte characters really are split over ids
+    assert tok.decode(ids) == MULTIBYTE
+    decode = detokenizer(tok)
+    pieces = [decode(i) for i in ids]
+    assert "".join(pieces) == MULTIBYTE
     assert all("\ufffd" not in p for p in pieces)
+    assert pieces.count("") >= len(MULTIBYTE.encode()) - len(MULTIBYTE)  # held back until whole
+    assert detokenizer(tok)(tok.token_to_id("<|im_end|>")) == ""  # special tokens are skipped
+
+
+@pytest.mark.slow
+def test_detokenizer_matches_decode_on_the_model_tokenizer(llm):
+    tok = llm._tokenizer
+    for text in [MULTIBYTE, "  two  spaces\n\n\ttab", "pi is 3.14159", "Hello world!"]:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        decode = detokenizer(tok)
+        pieces = [decode(i) for i in ids]
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == text
+        assert all("\ufffd" not in p for p in pieces)
 
 
 # ------------------------------------------------------------------ chat

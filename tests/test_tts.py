@@ -160,3 +160,33 @@ def test_espeak_streams_before_finishing(espeak):
     chunks = list(espeak.synthesize(" ".join([SENTENCE] * 3)))
     assert len(chunks) > 3
     _check_audio(chunks, espeak.sample_rate)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+async def test_bridged_espeak_cancelled_mid_stream_reaps_its_child(espeak):
+    """The reply's path: synthesis through models.threads; barge-in closes it at once."""
+    import asyncio
+    import time
+
+    from sub300.models.threads import iterate_in_thread
+
+    before = _children()
+    long_text = " ".join(["This is a long sentence that keeps espeak busy for a while."] * 40)
+    chunks = iterate_in_thread(lambda: espeak.synthesize(long_text), name="tts")
+    first = await chunks.__anext__()
+    assert first.dtype == np.int16 and len(first) > 0
+    t0 = time.monotonic()
+    await chunks.aclose()
+    assert time.monotonic() - t0 < 0.05  # the consumer does not wait for the worker
+    deadline = time.monotonic() + 3
+    while _children() - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not (_children() - before), "espeak-ng child left behind after the bridge closed"
+
+
+async def test_bridged_piper_gives_every_sentence(piper):
+    from sub300.models.threads import iterate_in_thread
+
+    bridged = [c async for c in iterate_in_thread(lambda: piper.synthesize(SENTENCE))]
+    assert len(bridged) == 2  # one chunk per sentence, as direct synthesis
+    _check_audio(bridged, piper.sample_rate)
