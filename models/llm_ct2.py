@@ -27,9 +27,10 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
@@ -191,7 +192,7 @@ class CTranslate2ChatModel:
         prompt_ids: list[int],
         max_tokens: int,
         temperature: float,
-        emit: Callable[[str], None],
+        emit: Callable[[str], object],
         stop: threading.Event,
     ) -> None:
         """Blocking: generate, calling ``emit`` with each text piece, until done or ``stop``."""

@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
-from typing import AsyncIterator, Callable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 Emit = Callable[[T], bool]
@@ -53,7 +54,7 @@ async def stream_from_thread(
     ahead: int | None = None,
     wait_on_close: bool = False,
     name: str = "producer",
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Yield what ``produce(emit, stop)`` emits from a worker thread (see the module docstring)."""
     if ahead is not None and ahead < 1:
         raise ValueError(f"ahead must be at least 1, got {ahead!r}")
@@ -121,7 +122,7 @@ async def iterate_in_thread(
     ahead: int | None = None,
     wait_on_close: bool = False,
     name: str = "iterator",
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Yield the items of a blocking iterator that runs in a worker thread.
 
     The worker stops at its next item once the consumer has gone, and closes

@@ -14,7 +14,7 @@ from sub300.models.protocols import LanguageModel, ModelError, ModelUnavailable
 
 ct2_mod = pytest.importorskip("sub300.models.gguf_to_ct2")
 from sub300.models.gguf_to_ct2 import METADATA_FILE, ensure_ct2_from_gguf  # noqa: E402
-from sub300.models.llm_ct2 import AHEAD, CTranslate2ChatModel, detokenizer  # noqa: E402
+from sub300.models.llm_ct2 import CTranslate2ChatModel, detokenizer  # noqa: E402
 
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence in English."}]
 COLORS = [{"role": "user", "content": "Name three colors."}]

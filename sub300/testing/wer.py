@@ -15,8 +15,8 @@ Needs the ``test`` extra (``pip install 'sub300[test]'``).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable
 
 import jiwer
 from whisper_normalizer.english import EnglishTextNormalizer
