@@ -1,338 +1,626 @@
-"""All configuration in one place.
+"""All configuration in one place, validated once where the fields are declared.
 
-Precedence: built-in defaults (which run offline with the bundled models)
-< a TOML file (``--config`` or ``$SUB300_CONFIG``) < environment variables
-``SUB300_<SECTION>_<KEY>`` (e.g. ``SUB300_STT_MODEL=/models/distil-large-v3``,
-``SUB300_LLM_ENGINE=openai``).  Unknown keys and bad values are errors, not
-silently ignored.
+Sources, lowest precedence first:
+
+1. the built-in defaults below (they run offline with the bundled models);
+2. a TOML file: ``--config FILE`` or ``$SUB300_CONFIG``;
+3. environment variables ``SUB300_<SECTION>_<KEY>``, e.g.
+   ``SUB300_STT_MODEL=/models/distil-large-v3``, ``SUB300_LLM_ENGINE=openai``;
+   top-level keys as ``SUB300_<KEY>`` (``SUB300_BUDGET_MS=250``); lists
+   comma-separated (``SUB300_SIP_CODECS=PCMA,PCMU``).
+
+Every field declares its type, its unit (in its description, which
+``sub300 config`` prints as a comment) and the values its engine accepts, so a
+bad value stops the load with one `ConfigError` naming the dotted key, the
+value and what is allowed -- not a traceback later inside an engine.  Unknown
+keys are errors too, in the file and in the environment: every ``SUB300_*``
+variable is a setting, except ``SUB300_CONFIG``, ``SUB300_LOG_LEVEL`` and the
+secrets that a ``*_env`` key names (``SUB300_SIP_PASSWORD``, ...).
+
+Engine defaults (thresholds, frame sizes, beam size, ...) come from
+`sub300.models.defaults`, the same numbers the engines' constructors use.
+
+Attribute assignment (``config.server.port = 0``) is not validated: it is how
+programs and tests set what a user may not (port 0: any free port).  To check
+a changed value, use `override`.
 """
+
 from __future__ import annotations
 
-import dataclasses
+import ipaddress
 import os
 import tomllib
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import annotated_types
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from sub300.models import defaults
 
 ENV_PREFIX = "SUB300_"
+#: SUB300_* variables that are not settings (read by the CLI itself)
+NOT_SETTINGS = frozenset({"SUB300_CONFIG", "SUB300_LOG_LEVEL"})
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
+    """The configuration is invalid; the one-line message names the key."""
 
 
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
+# ------------------------------------------------------------------ field types
+def _split_commas(value: Any) -> Any:
+    """A list from the environment comes as ``a,b,c``."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
 
-@dataclass
-class VadConfig:
-    engine: str = "webrtc"            # webrtc | silero
-    aggressiveness: int = 3           # webrtcvad 0..3
-    frame_ms: int = 20                # webrtcvad frame: 10 | 20 | 30
-    threshold: float = 0.5            # silero speech probability
-    min_speech_ms: int = 100          # voiced audio needed to open a turn
-    hangover_ms: int = 250            # silence after the last voiced frame that ends a turn
-    pre_roll_ms: int = 200            # audio kept before speech start, so the first phoneme is not clipped
-    max_utterance_s: int = 30         # a longer monologue is cut into turns of at most this length
+def _int_text(value: Any) -> Any:
+    """``"20"`` from the environment for an int Literal (pydantic compares Literals exactly)."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
 
 
-@dataclass
-class SttConfig:
-    engine: str = "faster-whisper"
-    model: str = "bundled:whisper-tiny.en"   # bundled:NAME | CT2 dir | hub name
-    device: str = "auto"              # auto | cpu | cuda
-    compute_type: str = "auto"        # auto = float16 on CUDA, int8 on CPU
-    cpu_threads: int = 0              # 0 = all cores
-    beam_size: int = 1
-    language: str = "en"
-    # window: pad to max(clip + 1 s, window_s) — 5.14 % WER vs 4.92 % for full on the Asterisk set,
-    # 3.3x faster (scripts/bench_asr.py); full: Whisper's 30 s; short: clip + 1 s (6.84 %)
-    padding: str = "window"
-    window_s: float = 12.0
-    partial_interval_ms: int = 1000   # partial transcripts while the caller speaks (0 = off)
-    early_final: bool = True          # start the final transcription when silence begins, not when the hangover ends
+CommaList = Annotated[list[str], BeforeValidator(_split_commas)]
+Device = Literal["auto", "cpu", "cuda"]
+# CTranslate2's compute types; "auto" = float16 on CUDA, the engine's CPU default on CPU
+ComputeType = Literal[
+    "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32"
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+CODECS = ("PCMU", "PCMA")  # media/sip/g711.py
 
 
-@dataclass
-class LlmConfig:
-    engine: str = "embedded"          # embedded (CTranslate2) | openai (any compatible endpoint)
-    model: str = "bundled:smollm2-135m-gguf"  # embedded: bundled:NAME | .gguf file | CT2 dir
-    device: str = "auto"
-    compute_type: str = "auto"        # auto = float16 on CUDA, float32 on CPU (int8 drifts on the 135M model)
-    threads: int = 0
-    max_tokens: int = 60
-    temperature: float = 0.0
-    system_prompt: str = (
+class Section(BaseModel):
+    """A TOML table: unknown keys are errors; values are checked when loaded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------ sections
+class ServerConfig(Section):
+    """The HTTP server: demo page, WebRTC signalling, /metrics, /healthz, the OpenAI-compatible API."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="listen address")
+    port: Port = Field(default=8080, description="listen TCP port (1..65535)")
+
+
+class VadConfig(Section):
+    """Voice activity detection and turn endpointing."""
+
+    engine: Literal["webrtc", "silero"] = Field(
+        default="webrtc", description="webrtc (GMM, microseconds a frame) | silero (ONNX)"
+    )
+    aggressiveness: int = Field(
+        default=defaults.WEBRTC_AGGRESSIVENESS,
+        ge=0,
+        le=defaults.WEBRTC_AGGRESSIVENESS_MAX,
+        description="webrtc: 0 (least) .. 3 (most ready to call audio unvoiced)",
+    )
+    frame_ms: Annotated[Literal[10, 20, 30], BeforeValidator(_int_text)] = Field(
+        default=defaults.WEBRTC_FRAME_MS, description="webrtc frame: 10 | 20 | 30 (ms); silero always uses 32 ms"
+    )
+    threshold: float = Field(
+        default=defaults.SILERO_THRESHOLD,
+        gt=0.0,
+        lt=1.0,
+        description="silero: speech probability above which a frame is voiced (0 < x < 1)",
+    )
+    min_speech_ms: int = Field(default=100, ge=0, le=5000, description="voiced audio needed to open a turn (ms)")
+    hangover_ms: int = Field(
+        default=250, ge=20, le=5000, description="silence after the last voiced frame that ends a turn (ms)"
+    )
+    pre_roll_ms: int = Field(
+        default=200,
+        ge=0,
+        le=2000,
+        description="audio kept before speech start, so the first phoneme is not clipped (ms)",
+    )
+    max_utterance_s: int = Field(
+        default=30, ge=1, le=600, description="a longer monologue is cut into turns of at most this length (s)"
+    )
+
+
+class SttConfig(Section):
+    """Speech recognition: Whisper on CTranslate2 (faster-whisper)."""
+
+    engine: Literal["faster-whisper"] = Field(default="faster-whisper", description="faster-whisper")
+    model: str = Field(
+        default="bundled:whisper-tiny.en",
+        min_length=1,
+        description="bundled:NAME | CTranslate2 directory | hub name (see models.allow_download)",
+    )
+    device: Device = Field(default="auto", description="auto (CUDA when CTranslate2 sees a GPU) | cpu | cuda")
+    compute_type: ComputeType = Field(
+        default="auto", description="auto = float16 on CUDA, int8 on CPU | a CTranslate2 type"
+    )
+    cpu_threads: int = Field(default=defaults.CT2_THREADS, ge=0, le=512, description="CPU threads (0 = one per core)")
+    beam_size: int = Field(
+        default=defaults.WHISPER_BEAM_SIZE, ge=1, le=16, description="beam search width (1 = greedy)"
+    )
+    language: str = Field(
+        default=defaults.WHISPER_LANGUAGE,
+        description="Whisper language code, e.g. en, de ('' = detect; .en models always use en)",
+    )
+    # window: 5.14 % WER vs 4.92 % for full on the Asterisk set, 3.3x faster (scripts/bench_asr.py); short: 6.84 %
+    padding: Literal["short", "window", "full"] = Field(
+        default=defaults.WHISPER_PADDING,
+        description="window: pad to max(clip + 1 s, window_s) | full: Whisper's 30 s | short: clip + 1 s",
+    )
+    window_s: float = Field(
+        default=defaults.WHISPER_WINDOW_S,
+        gt=0.0,
+        le=defaults.WHISPER_MAX_WINDOW_S,
+        description="padding = window: the shortest input the encoder sees (s, at most 30)",
+    )
+    partial_interval_ms: int = Field(
+        default=1000,
+        ge=0,
+        le=60_000,
+        description="partial transcripts while the caller speaks, this often (ms; 0 = off)",
+    )
+    early_final: bool = Field(
+        default=True, description="start the final transcription when silence begins, not when the hangover ends"
+    )
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, code: str) -> str:
+        if code and not (code.isascii() and code.isalpha() and code.islower() and 2 <= len(code) <= 3):
+            raise ValueError("must be a Whisper language code (2 or 3 lower-case letters: en, de, yue) or '' to detect")
+        return code
+
+
+class LlmConfig(Section):
+    """The language model: embedded (CTranslate2, in process) or any OpenAI-compatible endpoint."""
+
+    engine: Literal["embedded", "openai"] = Field(
+        default="embedded", description="embedded (CTranslate2) | openai (HTTP endpoint)"
+    )
+    model: str = Field(
+        default="bundled:smollm2-135m-gguf",
+        min_length=1,
+        description="embedded: bundled:NAME | .gguf file | CTranslate2 directory",
+    )
+    device: Device = Field(default="auto", description="embedded: auto | cpu | cuda")
+    compute_type: ComputeType = Field(
+        default="auto", description="embedded: auto = float16 on CUDA, float32 on CPU (int8 drifts on the 135M model)"
+    )
+    threads: int = Field(
+        default=defaults.CT2_THREADS, ge=0, le=512, description="embedded: CPU threads (0 = one per core)"
+    )
+    max_tokens: int = Field(default=60, ge=1, le=8192, description="longest reply (tokens)")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="sampling temperature (0 = greedy)")
+    system_prompt: str = Field(
         # Measured on the bundled SmolLM2-135M (12 questions): this wording kept it
         # in English; "voice assistant ... Always answer in English" drifted into French.
-        "You are a helpful assistant. Answer the question briefly in plain English."
+        default="You are a helpful assistant. Answer the question briefly in plain English.",
+        description="the system message of every conversation",
     )
-    base_url: str = "http://127.0.0.1:8000/v1"   # openai engine
-    remote_model: str = "default"                # openai engine: the model name to request
-    api_key_env: str = "OPENAI_API_KEY"          # openai engine: env var that holds the key
-    connect_timeout_s: float = 3.0
-    first_token_timeout_s: float = 10.0
-    history_turns: int = 8            # past exchanges kept in the prompt
-    speculate: bool = True            # start the LLM (and TTS) on the early transcript, before the hangover ends
+    base_url: str = Field(
+        default="http://127.0.0.1:8000/v1", description="openai: endpoint base URL (http:// or https://, up to /v1)"
+    )
+    remote_model: str = Field(default="default", min_length=1, description="openai: the model name to request")
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="openai: environment variable that holds the API key"
+    )
+    connect_timeout_s: float = Field(
+        default=defaults.OPENAI_CONNECT_TIMEOUT_S, gt=0.0, le=600.0, description="openai: connection set-up limit (s)"
+    )
+    first_token_timeout_s: float = Field(
+        default=defaults.OPENAI_FIRST_TOKEN_TIMEOUT_S,
+        gt=0.0,
+        le=600.0,
+        description="openai: limit on the wait for the first token (s)",
+    )
+    history_turns: int = Field(default=8, ge=0, le=1000, description="past exchanges kept in the prompt")
+    speculate: bool = Field(
+        default=True, description="start the LLM (and TTS) on the early transcript, before the hangover ends"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0 or " " in url:
+            raise ValueError("must be an http:// or https:// URL")
+        return url
 
 
-@dataclass
-class TtsConfig:
-    engine: str = "piper"             # piper (GPL-3.0) | espeak
-    voice: str = "bundled:piper-joe"  # piper: bundled:NAME | .onnx path
-    threads: int = 2                  # piper: ONNX threads per synthesis (the LLM pauses while the first piece is made)
-    espeak_voice: str = "en-us"
-    espeak_speed_wpm: int = 175
-    min_clause_chars: int = 12        # a clause shorter than this waits for more text before TTS
-    first_piece_max_words: int = 6    # first piece: cut after this many words if no punctuation came (0 = off)
+class TtsConfig(Section):
+    """Speech synthesis: Piper (GPL-3.0) or espeak-ng."""
+
+    engine: Literal["piper", "espeak"] = Field(default="piper", description="piper (GPL-3.0) | espeak")
+    voice: str = Field(default=defaults.PIPER_VOICE, min_length=1, description="piper: bundled:NAME | .onnx path")
+    threads: int = Field(
+        default=defaults.PIPER_THREADS,
+        ge=1,
+        le=64,
+        description="piper: ONNX threads per synthesis (the LLM pauses while the first piece is made)",
+    )
+    espeak_voice: str = Field(
+        default=defaults.ESPEAK_VOICE, min_length=1, description="espeak: voice name (espeak-ng --voices)"
+    )
+    espeak_speed_wpm: int = Field(
+        default=defaults.ESPEAK_SPEED_WPM,
+        ge=defaults.ESPEAK_SPEED_WPM_MIN,
+        le=defaults.ESPEAK_SPEED_WPM_MAX,
+        description="espeak: speaking rate (words per minute)",
+    )
+    min_clause_chars: int = Field(
+        default=12, ge=0, le=1000, description="a clause shorter than this waits for more text before TTS (characters)"
+    )
+    first_piece_max_words: int = Field(
+        default=6,
+        ge=0,
+        le=100,
+        description="first piece: cut after this many words if no punctuation came (words; 0 = off)",
+    )
 
 
-@dataclass
-class InterruptConfig:
-    mode: str = "barge_in"            # barge_in | half_duplex (ignore the caller while the agent speaks)
-    onset_ms: int = 60                # voiced audio that pauses the agent at once (reaction time)
-    min_speech_ms: int = 300          # voiced caller speech that interrupts at once (shorter speech: its words decide)
-    require_words: bool = False       # ... and only if the speech transcribes to at least one word
-    resume_after_ms: int = 600        # a pause with no interruption this long after the voice stops resumes the agent
-    echo_guard: bool = True           # ignore caller audio that is the agent's own voice coming back
-    echo_correlation: float = 0.6     # normalised correlation with recently played audio above which it is echo
+class InterruptConfig(Section):
+    """Barge-in: when caller speech pauses, stops or resumes the agent's reply."""
+
+    mode: Literal["barge_in", "half_duplex"] = Field(
+        default="barge_in", description="barge_in | half_duplex (ignore the caller while the agent speaks)"
+    )
+    onset_ms: int = Field(default=60, ge=10, le=2000, description="voiced audio that pauses the agent at once (ms)")
+    min_speech_ms: int = Field(
+        default=300,
+        ge=0,
+        le=5000,
+        description="voiced caller speech that interrupts at once; shorter speech: its words decide (ms)",
+    )
+    require_words: bool = Field(
+        default=False, description="... and only if the speech transcribes to at least one word"
+    )
+    resume_after_ms: int = Field(
+        default=600, ge=50, le=10_000, description="a pause this long after a false start resumes the agent (ms)"
+    )
+    echo_guard: bool = Field(default=True, description="ignore caller audio that is the agent's own voice coming back")
+    echo_correlation: float = Field(
+        default=0.6,
+        gt=0.0,
+        le=1.0,
+        description="normalised correlation with recently played audio above which it is echo (0 < x <= 1)",
+    )
 
 
-@dataclass
-class WebRtcConfig:
-    # STUN/TURN servers handed to aiortc and to the page; empty = host candidates only
-    stun_urls: list[str] = field(default_factory=list)
-    turn_urls: list[str] = field(default_factory=list)
-    turn_username: str = ""
-    turn_credential_env: str = "SUB300_TURN_CREDENTIAL"   # env var holding the TURN secret
-    max_calls: int = 8
+class WebRtcConfig(Section):
+    """WebRTC calls from the demo page: ICE servers and the call limit."""
+
+    stun_urls: CommaList = Field(
+        default_factory=list, description="STUN servers (stun:host:port); empty = host candidates only"
+    )
+    turn_urls: CommaList = Field(default_factory=list, description="TURN servers (turn:host:port?transport=udp)")
+    turn_username: str = Field(default="", description="TURN user name")
+    turn_credential_env: str = Field(
+        default="SUB300_TURN_CREDENTIAL", description="environment variable that holds the TURN secret"
+    )
+    max_calls: int = Field(default=8, ge=1, le=10_000, description="concurrent calls (then 503)")
+
+    @field_validator("stun_urls", "turn_urls")
+    @classmethod
+    def _ice_urls(cls, urls: list[str], info) -> list[str]:
+        scheme = ("stun:", "stuns:") if info.field_name == "stun_urls" else ("turn:", "turns:")
+        for url in urls:
+            if not url.startswith(scheme):
+                raise ValueError(f"{url!r} does not start with {' or '.join(scheme)}")
+        return urls
 
 
-@dataclass
-class SipConfig:
-    enabled: bool = False
-    host: str = "127.0.0.1"            # SIP listen address (UDP and TCP)
-    port: int = 5060
-    public_address: str = ""           # address written into SDP/Contact; default: host
-    rtp_port_min: int = 20000
-    rtp_port_max: int = 20999
-    max_calls: int = 8                 # 503 beyond this
-    allowed_sources: list[str] = field(default_factory=lambda: ["127.0.0.1/32"])  # CIDRs allowed to INVITE
-    auth_username: str = ""            # digest auth for INVITE when set
-    auth_password_env: str = "SUB300_SIP_PASSWORD"
-    realm: str = "sub300"
-    codecs: list[str] = field(default_factory=lambda: ["PCMU", "PCMA"])
+class SipConfig(Section):
+    """The SIP user agent (UDP and TCP) for calls from a PBX or SIP trunk."""
+
+    enabled: bool = Field(default=False, description="listen for SIP")
+    host: str = Field(default="127.0.0.1", min_length=1, description="SIP listen address (UDP and TCP)")
+    port: Port = Field(default=5060, description="SIP listen port (1..65535)")
+    public_address: str = Field(default="", description="address written into SDP/Contact ('' = host)")
+    rtp_port_min: int = Field(default=20000, ge=1024, le=65535, description="lowest RTP port (even ports are used)")
+    rtp_port_max: int = Field(default=20999, ge=1024, le=65535, description="highest RTP port")
+    max_calls: int = Field(default=8, ge=1, le=10_000, description="concurrent calls (then 503)")
+    allowed_sources: CommaList = Field(
+        default_factory=lambda: ["127.0.0.1/32"],
+        description="CIDRs allowed to INVITE (empty = anyone: use digest auth)",
+    )
+    auth_username: str = Field(default="", description="digest auth for INVITE when set")
+    auth_password_env: str = Field(
+        default="SUB300_SIP_PASSWORD", description="environment variable that holds the digest password"
+    )
+    realm: str = Field(default="sub300", min_length=1, description="digest auth realm")
+    codecs: CommaList = Field(
+        default_factory=lambda: list(CODECS),
+        min_length=1,
+        description="offered codecs, in order of preference: PCMU, PCMA",
+    )
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _cidrs(cls, cidrs: list[str]) -> list[str]:
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+        return cidrs
+
+    @field_validator("codecs")
+    @classmethod
+    def _codecs(cls, codecs: list[str]) -> list[str]:
+        unknown = [c for c in codecs if c not in CODECS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a codec of media/sip (one of {', '.join(CODECS)})")
+        return codecs
+
+    @model_validator(mode="after")
+    def _rtp_range(self) -> SipConfig:
+        # RTP goes on even ports (media/sip/rtp.py): the range must hold one
+        if self.rtp_port_min + (self.rtp_port_min & 1) > self.rtp_port_max:
+            raise ValueError(
+                f"rtp_port_min..rtp_port_max = {self.rtp_port_min}..{self.rtp_port_max} is not allowed: "
+                "the range must contain an even port (RTP uses even ports)"
+            )
+        return self
 
 
-@dataclass
-class ModelsConfig:
-    cache_dir: str = "~/.cache/sub300"   # converted models (GGUF → CTranslate2)
-    allow_download: bool = False         # hub names load only from the local cache unless true
+class ModelsConfig(Section):
+    """Where models are converted to and whether the hub may be used."""
+
+    cache_dir: str = Field(
+        default="~/.cache/sub300", min_length=1, description="converted models (GGUF -> CTranslate2)"
+    )
+    allow_download: bool = Field(default=False, description="hub names load only from the local cache unless true")
 
 
-@dataclass
-class Config:
-    budget_ms: int = 300
-    # the agent hangs up after answering a turn that contains one of these
-    hangup_phrases: list[str] = field(default_factory=lambda: ["goodbye", "good bye", "bye", "hang up"])
-    server: ServerConfig = field(default_factory=ServerConfig)
-    vad: VadConfig = field(default_factory=VadConfig)
-    stt: SttConfig = field(default_factory=SttConfig)
-    llm: LlmConfig = field(default_factory=LlmConfig)
-    tts: TtsConfig = field(default_factory=TtsConfig)
-    interrupt: InterruptConfig = field(default_factory=InterruptConfig)
-    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
-    sip: SipConfig = field(default_factory=SipConfig)
-    models: ModelsConfig = field(default_factory=ModelsConfig)
+class Config(BaseSettings):
+    """The whole configuration: two top-level keys and one section per table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,  # SUB300_VAD_HANGOVER_MS -> vad.hangover_ms, not vad.hangover.ms
+        enable_decoding=False,  # lists are comma-separated, not JSON
+        case_sensitive=False,
+        extra="forbid",
+    )
+
+    budget_ms: int = Field(default=300, ge=1, le=60_000, description="voice-to-voice target per turn (ms)")
+    hangup_phrases: CommaList = Field(
+        default_factory=lambda: ["goodbye", "good bye", "bye", "hang up"],
+        description="the agent hangs up after answering a turn that contains one of these",
+    )
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig())
+    vad: VadConfig = Field(default_factory=lambda: VadConfig())
+    stt: SttConfig = Field(default_factory=lambda: SttConfig())
+    llm: LlmConfig = Field(default_factory=lambda: LlmConfig())
+    tts: TtsConfig = Field(default_factory=lambda: TtsConfig())
+    interrupt: InterruptConfig = Field(default_factory=lambda: InterruptConfig())
+    webrtc: WebRtcConfig = Field(default_factory=lambda: WebRtcConfig())
+    sip: SipConfig = Field(default_factory=lambda: SipConfig())
+    models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        # `load_config` reads the file and the environment itself, so that
+        # tests can pass their own; `Config()` alone is the built-in defaults.
+        return (init_settings,)
 
     @property
     def cache_path(self) -> Path:
         return Path(os.path.expanduser(self.models.cache_dir))
 
 
-CHOICES = {
-    ("vad", "engine"): {"webrtc", "silero"},
-    ("vad", "frame_ms"): {10, 20, 30},
-    ("stt", "engine"): {"faster-whisper"},
-    ("stt", "device"): {"auto", "cpu", "cuda"},
-    ("stt", "padding"): {"short", "window", "full"},
-    ("llm", "engine"): {"embedded", "openai"},
-    ("llm", "device"): {"auto", "cpu", "cuda"},
-    ("tts", "engine"): {"piper", "espeak"},
-    ("interrupt", "mode"): {"barge_in", "half_duplex"},
-}
-LIST_CHOICES = {("sip", "codecs"): {"PCMU", "PCMA"}}
-RANGES = {
-    ("server", "port"): (0, 65535),
-    ("vad", "aggressiveness"): (0, 3),
-    ("vad", "threshold"): (0.0, 1.0),
-    ("vad", "min_speech_ms"): (0, 5000),
-    ("vad", "hangover_ms"): (20, 5000),
-    ("vad", "pre_roll_ms"): (0, 2000),
-    ("vad", "max_utterance_s"): (1, 600),
-    ("stt", "beam_size"): (1, 16),
-    ("stt", "window_s"): (1.0, 30.0),
-    ("stt", "cpu_threads"): (0, 512),
-    ("stt", "partial_interval_ms"): (0, 60_000),
-    ("llm", "max_tokens"): (1, 8192),
-    ("llm", "temperature"): (0.0, 2.0),
-    ("llm", "threads"): (0, 512),
-    ("llm", "history_turns"): (0, 1000),
-    ("tts", "min_clause_chars"): (0, 1000),
-    ("tts", "threads"): (1, 64),
-    ("tts", "first_piece_max_words"): (0, 100),
-    ("tts", "espeak_speed_wpm"): (80, 500),
-    ("", "budget_ms"): (1, 60_000),
-    ("webrtc", "max_calls"): (1, 10_000),
-    ("interrupt", "onset_ms"): (10, 2000),
-    ("interrupt", "min_speech_ms"): (0, 5000),
-    ("interrupt", "resume_after_ms"): (50, 10_000),
-    ("interrupt", "echo_correlation"): (0.0, 1.0),
-    ("sip", "port"): (0, 65535),
-    ("sip", "rtp_port_min"): (1024, 65535),
-    ("sip", "rtp_port_max"): (1024, 65535),
-    ("sip", "max_calls"): (1, 10_000),
-}
+def _sections() -> dict[str, type[Section]]:
+    return {
+        name: f.annotation
+        for name, f in Config.model_fields.items()
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Section)
+    }
 
 
-def _sections(config: Config) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))}
+# ------------------------------------------------------------------ sources
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of os.environ."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self._environ = environ
+        super().__init__(Config)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}
 
 
-def _coerce(value: Any, kind: Any, where: str) -> Any:
-    """Turn a TOML or environment value into the field's type."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-            return value.lower() in {"1", "true", "yes", "on"}
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    elif typing.get_origin(kind) is list:
-        (item,) = typing.get_args(kind)
-        if isinstance(value, str):  # from the environment: comma-separated
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list):
-            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
 
 
-def _apply(target: Any, values: Mapping[str, Any], where: str) -> None:
-    hints = typing.get_type_hints(type(target))
-    names = {f.name for f in dataclasses.fields(target)}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
-        current = getattr(target, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}.{key}: expected a table")
-            _apply(current, value, f"{where}.{key}" if where else key)
-        else:
-            setattr(target, key, _coerce(value, hints[key], f"{where}.{key}" if where else key))
+def _secret_names(file_data: Mapping[str, Any], environ: Mapping[str, str]) -> set[str]:
+    """Environment variables named by ``*_env`` keys: secrets, not settings."""
+    names: set[str] = set()
+    for section, model in _sections().items():
+        for key, field in model.model_fields.items():
+            if key.endswith("_env"):
+                from_file = file_data.get(section, {}).get(key) if isinstance(file_data.get(section), dict) else None
+                from_env = environ.get(f"{ENV_PREFIX}{section}_{key}".upper())
+                names.update(str(v).upper() for v in (field.default, from_file, from_env) if v)
+    return names
 
 
-def validate(config: Config) -> Config:
-    for (section, key), allowed in CHOICES.items():
-        value = getattr(getattr(config, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{section}.{key}: {value!r} is not one of {sorted(allowed)}")
-    for (section, key), (low, high) in RANGES.items():
-        owner = getattr(config, section) if section else config
-        value = getattr(owner, key)
-        if not low <= value <= high:
-            name = f"{section}.{key}" if section else key
-            raise ConfigError(f"{name}: {value} is outside [{low}, {high}]")
-    for (section, key), allowed in LIST_CHOICES.items():
-        bad = [v for v in getattr(getattr(config, section), key) if v not in allowed]
-        if bad:
-            raise ConfigError(f"{section}.{key}: {bad} not in {sorted(allowed)}")
-    if config.sip.rtp_port_min > config.sip.rtp_port_max:
-        raise ConfigError("sip.rtp_port_min must not exceed sip.rtp_port_max")
-    if not config.sip.codecs:
-        raise ConfigError("sip.codecs: at least one codec is needed")
-    if config.vad.engine == "webrtc" and config.vad.frame_ms not in (10, 20, 30):
-        raise ConfigError("vad.frame_ms must be 10, 20 or 30 for webrtcvad")
-    return config
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """``SUB300_STT_MODEL=x`` → ``{"stt": {"model": "x"}}``; ``SUB300_BUDGET_MS`` → top level."""
-    sections = {f.name for f in dataclasses.fields(Config) if f.name in _sections(Config())}
-    top_level = {f.name for f in dataclasses.fields(Config)} - sections
-    out: dict[str, Any] = {}
+def _settings_environ(environ: Mapping[str, str], file_data: Mapping[str, Any]) -> dict[str, str]:
+    """The SUB300_* variables that are settings; an unknown section is an error."""
+    skip = NOT_SETTINGS | _secret_names(file_data, environ)
+    top_level = set(Config.model_fields) - set(_sections())
+    out = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "SUB300_CONFIG":
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in skip:
             continue
-        rest = name[len(ENV_PREFIX):].lower()
-        if rest in top_level:
-            out[rest] = value
-            continue
+        rest = upper[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
-        if section not in sections or not key:
-            raise ConfigError(f"environment variable {name}: no such setting")
-        out.setdefault(section, {})[key] = value
+        if rest not in top_level and (section not in _sections() or not key):
+            raise ConfigError(
+                f"environment variable {name}: no such setting "
+                f"(SUB300_<SECTION>_<KEY> with a section of {', '.join(_sections())}, "
+                f"or SUB300_{'/'.join(k.upper() for k in sorted(top_level))})"
+            )
+        out[name] = value
     return out
 
 
+def _merge(low: Mapping[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------ errors
+def _field(loc: tuple) -> Any:
+    """The FieldInfo at a pydantic error location (a list item: the list's), or None."""
+    section = _sections().get(str(loc[0])) if len(loc) > 1 else None
+    model, key = (section, loc[1]) if section else (Config, loc[0])
+    return model.model_fields.get(key) if isinstance(key, str) else None
+
+
+def _allowed(field: Any) -> str:
+    """What a field accepts, in words: 'an integer, 20 <= x <= 5000', "one of 'a', 'b'"."""
+    annotation = field.annotation
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(annotation))
+    if get_origin(annotation) is list:
+        (item,) = get_args(annotation)
+        size = "a non-empty list" if any(isinstance(m, annotated_types.MinLen) for m in field.metadata) else "a list"
+        if get_origin(item) is Literal:
+            return f"{size} of " + ", ".join(repr(v) for v in get_args(item))
+        return f"{size} (comma-separated in the environment)"
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, str(annotation)
+    )
+    if annotation is str and any(isinstance(m, annotated_types.MinLen) for m in field.metadata):
+        kind = "a non-empty string"
+    low = high = ""
+    for m in field.metadata:
+        if isinstance(m, annotated_types.Gt):
+            low = f"{m.gt:g} < "
+        elif isinstance(m, annotated_types.Ge):
+            low = f"{m.ge:g} <= "
+        elif isinstance(m, annotated_types.Lt):
+            high = f" < {m.lt:g}"
+        elif isinstance(m, annotated_types.Le):
+            high = f" <= {m.le:g}"
+    if low or high:
+        return f"{kind}, {low}x{high}"
+    return kind
+
+
+def _origin(loc: tuple, environ: Mapping[str, str], file_data: Mapping[str, Any], path: Any) -> str:
+    name = ENV_PREFIX + "_".join(str(p) for p in loc[:2]).upper()
+    if any(k.upper() == name for k in environ):
+        return f" (from ${name})"
+    node: Any = file_data
+    for part in loc[:2]:
+        if not isinstance(node, Mapping) or part not in node:
+            return ""
+        node = node[part]
+    return f" (from {path})" if path else ""
+
+
+def _describe(error: ValidationError, environ: Mapping[str, str], file_data: Mapping[str, Any], path: Any) -> str:
+    """One line for all that is wrong: key, value, where it came from, what is allowed."""
+    problems = []
+    for e in error.errors(include_url=False):
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        origin = _origin(loc, environ, file_data, path)
+        if e["type"] == "extra_forbidden":
+            parent = Config if len(loc) == 1 else _sections().get(str(loc[0]))
+            known = ", ".join(parent.model_fields) if parent else ""
+            problems.append(
+                f"{key}{origin}: unknown key (known{' in [' + str(loc[0]) + ']' if len(loc) > 1 else ''}: {known})"
+            )
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            problems.append(f"{key}{origin}: expected a table ([{key}]), got {e['input']!r}")
+        elif e["type"] == "value_error":
+            message = str(e["ctx"]["error"]) if "ctx" in e else e["msg"]
+            if len(loc) == 1 and loc[0] in _sections():  # a check across a section's keys
+                problems.append(f"{key}.{message}")
+            else:
+                problems.append(f"{key} = {e['input']!r}{origin} is not allowed: {message}")
+        else:
+            field = _field(loc)
+            allowed = _allowed(field) if field is not None else e["msg"].replace("Input should be", "must be")
+            problems.append(f"{key} = {e['input']!r}{origin} is not allowed: expected {allowed}")
+    return "; ".join(problems)
+
+
+def _validated(data: Mapping[str, Any], environ: Mapping[str, str], file_data: Mapping[str, Any], path: Any) -> Config:
+    try:
+        return Config(**data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, environ, file_data, path)) from None
+
+
+# ------------------------------------------------------------------ API
 def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults < the TOML file (`path` or ``$SUB300_CONFIG``) < ``SUB300_*`` variables of `environ`."""
     environ = os.environ if environ is None else environ
-    config = Config()
-    path = path or environ.get("SUB300_CONFIG")
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path}: {e}") from None
-        _apply(config, data, "")
-    _apply(config, env_overrides(environ), "")
-    return validate(config)
+    path = path or environ.get("SUB300_CONFIG") or None
+    file_data = _read_toml(path) if path else {}
+    settings = _settings_environ(environ, file_data)
+    env_data = _Environment(settings)()
+    return _validated(_merge(file_data, env_data), settings, file_data, path)
 
 
-def to_toml(config: Config) -> str:
-    """The effective configuration, as a TOML file one could load back."""
+def override(config: Config, values: Mapping[str, Any], origin: str | None = None) -> Config:
+    """A checked copy of `config` with `values` (``{"vad": {"hangover_ms": 300}}``) on top."""
+    return _validated(_merge(config.model_dump(), values), {}, values, origin)
+
+
+def to_toml(config: Config, comments: bool = True) -> str:
+    """The effective configuration, as a TOML file one could load back (descriptions as comments)."""
 
     def fmt(value: Any) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, str):
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
         if isinstance(value, list):
             return "[" + ", ".join(fmt(v) for v in value) + "]"
         return repr(value)
 
-    lines = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if not dataclasses.is_dataclass(value):
-            lines.append(f"{f.name} = {fmt(value)}")
-    for name, section in _sections(config).items():
-        lines.append(f"\n[{name}]")
-        for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {fmt(getattr(section, f.name))}")
+    def entries(model: BaseModel) -> list[str]:
+        lines = []
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                continue
+            if comments and field.description:
+                lines.append(f"# {field.description}")
+            lines.append(f"{name} = {fmt(value)}")
+        return lines
+
+    lines = entries(config)
+    for name in _sections():
+        section = getattr(config, name)
+        lines.append("")
+        doc = (type(section).__doc__ or "").strip()
+        if comments and doc:
+            lines.append(f"# {doc.splitlines()[0]}")
+        lines.append(f"[{name}]")
+        lines.extend(entries(section))
     return "\n".join(lines) + "\n"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 
 from sub300.agent.audio import resample  # noqa: E402
-from sub300.agent.config import _apply, load_config, validate  # noqa: E402
+from sub300.agent.config import load_config, override  # noqa: E402
 from sub300.agent.engines import load_engines, warm_up  # noqa: E402
 from sub300.agent.ledger import STAGES  # noqa: E402
 from machine_info import describe_machine, percentile  # noqa: E402
@@ -63,9 +62,8 @@ def variant_configs(base, compare: str | None):
     section, _, name = key.partition(".")
     variants = []
     for value in values.split(","):
-        config = copy.deepcopy(base)
-        _apply(config, {section: {name: value}} if name else {section: value}, "")
-        variants.append((f"{key}={value}", validate(config)))
+        config = override(base, {section: {name: value}} if name else {section: value}, origin="--compare")
+        variants.append((f"{key}={value}", config))
     return variants
 
 
