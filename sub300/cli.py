@@ -20,7 +20,7 @@ from typing import Callable
 
 from sub300.models.protocols import ModelError, ModelUnavailable
 
-from sub300.agent.config import Config, ConfigError, load_config, to_toml
+from sub300.agent.config import Config, ConfigError, load_config, override, to_toml
 
 log = logging.getLogger("sub300")
 
@@ -119,10 +119,9 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    if args.host:
-        config.server.host = args.host
-    if args.port is not None:
-        config.server.port = args.port
+    server = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    if server:  # checked like the file's values: a bad --port is exit 2, not a bind traceback
+        config = override(config, {"server": server}, origin="the command line")
     return serve(config, progress=_progress)
 
 
@@ -199,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        print(f"sub300: configuration error: --log-level / SUB300_LOG_LEVEL = {args.log_level!r} is not allowed: "
+              "expected one of debug, info, warning, error, critical", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
