@@ -185,6 +185,9 @@ def test_trim_repetition(text, seconds, expected):
         ("Um, Mr. Smith's call-forward", "Mister Smith's call forward."),
         ("press star to cancel", "Press * to cancel."),
         ("the colour grey", "The color gray."),
+        ("This message lasts ...", "This message lasts."),
+        ("you can not send audio", "You cannot send audio."),
+        ("A.M.", "AM"),
     ],
 )
 def test_normalize_formatting_is_not_an_error(reference, hypothesis):

@@ -7,8 +7,11 @@ sides therefore go through openai-whisper's ``EnglishTextNormalizer`` (the
 contractions expanded, spelled-out numbers as digits, British spellings
 Americanized), and ``jiwer`` counts the word edits.
 
-One addition for telephone prompts: the keypad symbols ``#`` and ``*``,
-which the Whisper normalizer drops, are read as "pound" and "star" first.
+A few spellings are made equal first, where the Whisper normalizer turns
+two spellings of the same words into different words: the keypad symbols
+``#`` and ``*`` (dropped by it) read as "pound" and "star"; an ellipsis (it
+leaves a "." word behind) as a space; "cannot" as "can not" (what it makes of
+"can't"); "a.m."/"p.m." as "am"/"pm" (it makes "a m" of the dotted form).
 
 Needs the ``test`` extra (``pip install 'sub300[test]'``).
 """
@@ -21,8 +24,13 @@ from functools import lru_cache
 import jiwer
 from whisper_normalizer.english import EnglishTextNormalizer
 
-_KEYPAD = {"#": " pound ", "*": " star "}
-_KEYPAD_RE = re.compile(r"[#*]")
+_SAME_WORDS = [
+    (re.compile(r"#"), " pound "),
+    (re.compile(r"\*"), " star "),
+    (re.compile(r"\.{2,}|…"), " "),
+    (re.compile(r"\bcannot\b", re.IGNORECASE), "can not"),
+    (re.compile(r"\b([ap])\.m\b\.?", re.IGNORECASE), r"\1m"),
+]
 
 
 @lru_cache(maxsize=1)
@@ -31,8 +39,10 @@ def _normalizer() -> EnglishTextNormalizer:
 
 
 def normalize(text: str) -> str:
-    """Whisper's English normalization (keypad symbols spelled out first)."""
-    return _normalizer()(_KEYPAD_RE.sub(lambda m: _KEYPAD[m.group()], text))
+    """Whisper's English normalization (after the few equalities above)."""
+    for pattern, replacement in _SAME_WORDS:
+        text = pattern.sub(replacement, text)
+    return _normalizer()(text)
 
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
