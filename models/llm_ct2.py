@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 _STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
 
-
-
 #: text pieces the generation thread may run ahead of its consumer
 AHEAD = 4
 
