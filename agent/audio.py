@@ -22,10 +22,6 @@ class AudioFrame:
     #: monotonic time at which the frame's last sample arrived
     timestamp: float
 
-    @property
-    def duration(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
-
 
 class StreamResampler:
     """int16 mono from one rate to another, chunk by chunk."""
@@ -77,9 +73,14 @@ def int16_to_float32(pcm: np.ndarray) -> np.ndarray:
     return pcm.astype(np.float32) / 32768.0
 
 
-def rms_dbfs(pcm: np.ndarray) -> float:
-    """Loudness of int16 audio in dBFS (-inf for digital silence)."""
+def rms(pcm: np.ndarray) -> float:
+    """Root mean square of int16 audio, in int16 units (0.0 for no samples); computed in float64."""
     if len(pcm) == 0:
-        return float("-inf")
-    rms = float(np.sqrt(np.mean(np.square(pcm.astype(np.float64))))) / 32768.0
-    return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
+        return 0.0
+    return float(np.sqrt(np.mean(np.square(pcm.astype(np.float64)))))
+
+
+def rms_dbfs(pcm: np.ndarray, floor: float = float("-inf")) -> float:
+    """Loudness of int16 audio in dBFS (full scale = 32768); ``floor`` for digital silence or no samples."""
+    level = rms(pcm) / 32768.0
+    return 20.0 * np.log10(level) if level > 0 else floor

@@ -14,7 +14,7 @@ import numpy as np
 
 from sub300.models.protocols import SAMPLE_RATE
 
-from .audio import StreamResampler
+from .audio import StreamResampler, rms
 
 HISTORY_S = 1.0
 #: inbound audio compared at once: 20 ms frames are too short (any voiced
@@ -45,12 +45,8 @@ class EchoGuard:
     def active(self, now: float) -> bool:
         return now - self._last_played < HISTORY_S
 
-    def score(self, frame: np.ndarray) -> float:
-        """Highest normalised correlation of the latest inbound audio with the played history (0..1)."""
-        _shift_in(self._inbound, frame)
-        return self._correlation()
-
     def _correlation(self) -> float:
+        """Highest normalised correlation of the latest inbound audio with the played history (0..1)."""
         x = self._inbound - self._inbound.mean()
         energy = float(np.dot(x, x))
         h = self._history
@@ -72,7 +68,7 @@ class EchoGuard:
         if not self.active(now):
             return False
         _shift_in(self._inbound, frame)  # keep the window current, even for quiet frames
-        if len(frame) == 0 or float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) < MIN_RMS:
+        if len(frame) == 0 or rms(frame) < MIN_RMS:
             return True
         return self._correlation() >= self.threshold
 

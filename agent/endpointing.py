@@ -33,6 +33,8 @@ import numpy as np
 
 from sub300.models.protocols import SAMPLE_RATE, VoiceActivityDetector
 
+from .audio import rms_dbfs
+
 
 @dataclass(frozen=True)
 class VoiceOnset:
@@ -72,17 +74,14 @@ BLOCK = 160               # 10 ms energy blocks for refining the end of speech
 END_DROP_DB = 40.0        # a block this far below the utterance's peak is silence
 END_FLOOR_DBFS = -55.0    # ... and so is anything below this absolute level
 END_SEARCH_S = 0.35       # how far back from the detector's last voiced frame to look
+SILENCE_DBFS = -120.0     # the level of digital silence (a finite floor keeps max() and comparisons simple)
 
 
 def _block_levels(frame: np.ndarray) -> list[float]:
     """dBFS of consecutive 10 ms blocks of a frame (the last block takes the remainder)."""
     n = max(1, len(frame) // BLOCK)
-    levels = []
-    for k in range(n):
-        block = frame[k * BLOCK: len(frame) if k == n - 1 else (k + 1) * BLOCK].astype(np.float64)
-        rms = np.sqrt(np.mean(block * block)) / 32768.0 if len(block) else 0.0
-        levels.append(20 * np.log10(rms) if rms > 0 else -120.0)
-    return levels
+    return [rms_dbfs(frame[k * BLOCK: len(frame) if k == n - 1 else (k + 1) * BLOCK], floor=SILENCE_DBFS)
+            for k in range(n)]
 
 
 class Endpointer:
@@ -106,7 +105,7 @@ class Endpointer:
         self._last_voiced_end = 0
         self._last_voiced_time = 0.0
         self._paused = False
-        self._peak_db = -120.0
+        self._peak_db = SILENCE_DBFS
         self._vad_voiced_end = 0
         self._suppressed: deque[tuple[int, int]] = deque()   # sample ranges of suppressed audio
         # (end sample, arrival time of that sample, level) of recent 10 ms blocks
@@ -177,7 +176,7 @@ class Endpointer:
                 self._start_sample = self._run_start
                 self._last_voiced_end, self._last_voiced_time = end, time
                 self._paused = False
-                self._peak_db = max((lv for e, _, lv in self._levels if e > self._run_start), default=-120.0)
+                self._peak_db = max((lv for e, _, lv in self._levels if e > self._run_start), default=SILENCE_DBFS)
                 self._onset_sent = False
                 events.append(SpeechStarted(self._run_start, run_start_time))
             return
