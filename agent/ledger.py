@@ -6,6 +6,12 @@ critical path from the caller's true end of speech to the agent's first
 sound, so they add up to voice-to-voice exactly; work that ran in the
 shadow of another stage (for instance a transcription started during the
 endpointing silence) is reported as overlap instead of being counted twice.
+
+Names: the mark and stage `first_piece` (the first sentence *or clause* of
+the reply handed to TTS) was called `first_sentence` before; the old name is
+still accepted wherever a name is read — `mark()`, `has()`, `between_ms()`
+and `TurnLedger.from_dict()` (ledgers saved by older versions) — and
+written as `first_piece`.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ MARKS = (
     "stt_final",         # final transcript ready
     "llm_start",         # request sent to the language model
     "llm_first_token",   # first text from the language model
-    "first_sentence",    # first sentence/clause complete and handed to TTS
+    "first_piece",       # first piece of the reply (sentence or clause) complete and handed to TTS
     "tts_start",         # TTS started on the first piece
     "tts_first_audio",   # TTS produced its first audio chunk
     "first_audio_out",   # the transport played/sent the first agent audio frame
@@ -34,10 +40,17 @@ STAGES = (
     ("endpointing", "endpoint"),
     ("stt", "stt_final"),
     ("llm_first_token", "llm_first_token"),
-    ("first_sentence", "first_sentence"),
+    ("first_piece", "first_piece"),
     ("tts_first_audio", "tts_first_audio"),
     ("send", "first_audio_out"),
 )
+
+#: old name → current name, for marks and stages
+ALIASES = {"first_sentence": "first_piece"}
+
+
+def _current(name: str) -> str:
+    return ALIASES.get(name, name)
 
 
 @dataclass
@@ -48,15 +61,17 @@ class TurnLedger:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def mark(self, name: str, at: float) -> None:
-        """Record a mark; the first write wins so retries cannot move it."""
+        """Record a mark (clock seconds); the first write wins so retries cannot move it."""
+        name = _current(name)
         if name not in MARKS:
             raise KeyError(f"unknown ledger mark {name!r}")
         self.marks.setdefault(name, at)
 
     def has(self, name: str) -> bool:
-        return name in self.marks
+        return _current(name) in self.marks
 
     def between_ms(self, start: str, end: str) -> float | None:
+        start, end = _current(start), _current(end)
         if start in self.marks and end in self.marks:
             return (self.marks[end] - self.marks[start]) * 1000.0
         return None
@@ -111,6 +126,15 @@ class TurnLedger:
             "voice_to_voice_ms": None if v2v is None else round(v2v, 1),
             "notes": dict(self.notes),
         }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "TurnLedger":
+        """A ledger from `to_dict()` output, marks relative to speech_end (which becomes 0.0).
+
+        Accepts documents written before a rename (e.g. ``first_sentence``).
+        """
+        marks = {_current(name): ms / 1000.0 for name, ms in doc.get("marks_ms", {}).items()}
+        return cls(doc["turn"], {m: marks[m] for m in MARKS if m in marks}, dict(doc.get("notes", {})))
 
     def format_table(self, budget_ms: float | None = None) -> str:
         """A short human report: one line per critical-path stage."""

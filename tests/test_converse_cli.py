@@ -23,7 +23,7 @@ from .speech import compose, save, speak, voiced_span
 # The answer chain is ordered; the endpoint may fall anywhere after speech_end, since the
 # transcription (and, speculatively, the LLM and TTS) may start inside the hangover.
 CHAIN = ["speech_end", "stt_start", "stt_final", "llm_start", "llm_first_token",
-         "first_sentence", "tts_start", "tts_first_audio", "first_audio_out", "last_audio_out"]
+         "first_piece", "tts_start", "tts_first_audio", "first_audio_out", "last_audio_out"]
 
 
 def converse(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -14,9 +14,9 @@ def ledger_with(**marks: float) -> TurnLedger:
 
 def test_stages_sum_to_voice_to_voice():
     ledger = ledger_with(speech_end=10.0, endpoint=10.25, stt_final=10.40, llm_first_token=10.52,
-                         first_sentence=10.70, tts_first_audio=10.85, first_audio_out=10.87)
+                         first_piece=10.70, tts_first_audio=10.85, first_audio_out=10.87)
     stages = ledger.stages_ms()
-    assert list(stages) == ["endpointing", "stt", "llm_first_token", "first_sentence", "tts_first_audio", "send"]
+    assert list(stages) == ["endpointing", "stt", "llm_first_token", "first_piece", "tts_first_audio", "send"]
     assert stages["endpointing"] == pytest.approx(250)
     assert stages["stt"] == pytest.approx(150)
     assert sum(stages.values()) == pytest.approx(ledger.voice_to_voice_ms) == pytest.approx(870)
@@ -24,7 +24,7 @@ def test_stages_sum_to_voice_to_voice():
 
 def test_early_transcription_counts_as_overlap_not_twice():
     ledger = ledger_with(speech_end=10.0, stt_start=10.02, stt_final=10.20, endpoint=10.25,
-                         llm_first_token=10.40, first_sentence=10.5, tts_first_audio=10.6, first_audio_out=10.61)
+                         llm_first_token=10.40, first_piece=10.5, tts_first_audio=10.6, first_audio_out=10.61)
     assert ledger.stages_ms()["stt"] == 0
     assert ledger.overlaps_ms()["stt_before_endpoint"] == pytest.approx(230)
     assert sum(ledger.stages_ms().values()) == pytest.approx(ledger.voice_to_voice_ms)
@@ -51,5 +51,5 @@ def test_relative_marks_and_dict():
 
 def test_table_mentions_budget():
     ledger = ledger_with(speech_end=0.0, endpoint=0.1, stt_final=0.1, llm_first_token=0.1,
-                         first_sentence=0.1, tts_first_audio=0.1, first_audio_out=0.4)
+                         first_piece=0.1, tts_first_audio=0.1, first_audio_out=0.4)
     assert "over the 300 ms budget" in ledger.format_table(300)

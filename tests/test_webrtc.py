@@ -241,7 +241,7 @@ def test_metrics_observer_counts_turns_and_goodput_per_registry():
     def finished(turn: int, v2v_s: float) -> TurnFinished:
         ledger = TurnLedger(turn)
         for mark, at in (("speech_end", 10.0), ("endpoint", 10.1), ("stt_final", 10.15),
-                         ("llm_first_token", 10.17), ("first_sentence", 10.2), ("tts_first_audio", 10.22),
+                         ("llm_first_token", 10.17), ("first_piece", 10.2), ("tts_first_audio", 10.22),
                          ("first_audio_out", 10.0 + v2v_s)):
             ledger.mark(mark, at)
         return TurnFinished(turn, "q", "a", ledger)

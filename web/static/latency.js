@@ -5,7 +5,7 @@ export const STAGES = [
   ["endpointing", "endpointing"],
   ["stt", "speech-to-text"],
   ["llm_first_token", "LLM first token"],
-  ["first_sentence", "first sentence"],
+  ["first_piece", "first piece"],
   ["tts_first_audio", "TTS first audio"],
   ["send", "send"],
 ];
