@@ -11,13 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .ledger import TurnLedger
-
-
-class TurnState(str, enum.Enum):
-    LISTENING = "listening"
-    CALLER_SPEAKING = "caller_speaking"
-    THINKING = "thinking"
-    AGENT_SPEAKING = "agent_speaking"
+from .turn_state import TurnState  # re-exported: the state is on the wire in StateChanged
 
 
 @dataclass(frozen=True)

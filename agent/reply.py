@@ -7,7 +7,8 @@ on): its audio is kept back until `commit()`, or thrown away by `cancel()`.
 Its marks go to a scratch ledger until commit, so a wasted speculation
 leaves no trace in the turn's ledger.
 
-The Reply owns its task; the conversation awaits or cancels it.
+The Reply's task belongs to the `TaskOwner` given to `start()` (the turn's);
+the conversation awaits or cancels it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .events import AgentSpeech, EventHandler
 from .ledger import TurnLedger
 from .playout import PlayoutQueue
 from .sentences import SentenceSplitter
+from .tasks import TaskOwner
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ class Reply:
         self.task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ control
-    def start(self) -> "Reply":
-        self.task = asyncio.ensure_future(self._run())
+    def start(self, owner: TaskOwner) -> "Reply":
+        """Start generating as a task of ``owner``."""
+        self.task = owner.spawn(self._run(), name=f"turn{self.turn}-reply")
         return self
 
     def commit(self, ledger: TurnLedger) -> None:
@@ -88,10 +91,6 @@ class Reply:
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
-
-    @property
-    def done(self) -> bool:
-        return self.task is not None and self.task.done()
 
     def heard_text(self) -> str:
         """What the caller actually heard: whole pieces played, and the played share of the one cut."""
@@ -143,7 +142,7 @@ class Reply:
                 if text and not self.ledger.has("llm_first_token"):
                     self.ledger.mark("llm_first_token", self._clock())
                 for piece in splitter.push(text):
-                    self.ledger.mark("first_sentence", self._clock())
+                    self.ledger.mark("first_piece", self._clock())
                     queue.put_nowait(piece)
                 if queue.qsize() and not self._first_audio.is_set():
                     # The caller is waiting for the first piece's audio: leave the CPU
@@ -152,7 +151,7 @@ class Reply:
         finally:
             await stream.aclose()
         for piece in splitter.flush():
-            self.ledger.mark("first_sentence", self._clock())
+            self.ledger.mark("first_piece", self._clock())
             queue.put_nowait(piece)
         self.ledger.mark("llm_done", self._clock())
         queue.put_nowait(None)
@@ -166,7 +165,7 @@ class Reply:
             if self.committed:
                 self._emit(AgentSpeech(self.turn, piece))
             self.ledger.mark("tts_start", self._clock())
-            chunks = iterate_in_thread(lambda text=piece: self._tts.synthesize(_speakable(text)), name="tts")
+            chunks = _tts_chunks(self._tts, _speakable(piece))
             try:
                 async for chunk in chunks:
                     self.ledger.mark("tts_first_audio", self._clock())
@@ -177,6 +176,16 @@ class Reply:
                 await chunks.aclose()
         if index >= 0:
             self._push(resampler.flush(), index)
+
+
+def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncIterator[np.ndarray]:
+    """TTS audio chunks without blocking the event loop: an engine's own ``synthesize_async(text)``
+    (a remote engine, or a test fake on virtual time) if it has one, else its blocking
+    generator in a worker thread."""
+    native = getattr(tts, "synthesize_async", None)
+    if native is not None:
+        return native(text)
+    return iterate_in_thread(lambda: tts.synthesize(text), name="tts")
 
 
 _SPEAKABLE = re.compile(r"°C|°F|°")

@@ -1,0 +1,125 @@
+"""The agent's side of the turn-taking: queued caller turns answered one at a time.
+
+For each turn: await its final transcript, drop it if it holds no words (or
+if it was short speech during the agent's reply that did not earn the
+interruption), else commit a reply — the speculative one if the turn has
+it, a new one otherwise — wait until it has played (or was cut by a
+barge-in), keep what the caller heard in the history, and report the turn.
+An engine failure fails that turn only (`TurnFailed`); the next one is
+answered as usual.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Sequence
+
+from sub300.models.protocols import LanguageModel, ModelError, SpeechSynthesizer
+
+from .events import EventHandler, HangupRequested, TranscriptEvent, TurnDiscarded, TurnFailed, TurnFinished
+from .history import History
+from .playout import PlayoutQueue
+from .reply import Reply, ReplySettings
+from .tasks import TaskOwner
+from .turn import Turn
+from .turn_state import TurnEvent as E
+from .words import has_words, said_phrase
+
+log = logging.getLogger(__name__)
+
+
+class Responder:
+    """Answers the turns given to `submit`, in order, in one task of ``owner``.
+
+    Replies go through ``llm`` and ``tts`` to ``playout``; ``advance`` fires
+    turn-state events; ``clock`` is the conversation's.
+    """
+
+    def __init__(self, *, owner: TaskOwner, llm: LanguageModel, tts: SpeechSynthesizer, playout: PlayoutQueue,
+                 history: History, settings: ReplySettings, emit: EventHandler, advance: Callable[..., None],
+                 clock: Callable[[], float], hangup_phrases: Sequence[str]):
+        self._owner, self._llm, self._tts, self._settings = owner, llm, tts, settings
+        self._playout, self._history = playout, history
+        self._emit, self._advance, self._clock, self._hangup_phrases = emit, advance, clock, hangup_phrases
+        self._queue: asyncio.Queue[Turn] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.answering = False              # working on a turn
+        self.reply: Reply | None = None     # the reply being spoken (committed)
+        self.finished: list[TurnFinished] = []
+
+    @property
+    def waiting(self) -> bool:
+        """Turns are queued that the responder has not taken yet."""
+        return not self._queue.empty()
+
+    def new_reply(self, turn: int, text: str) -> Reply:
+        """A reply to ``text`` after the history so far, not started yet."""
+        return Reply(turn=turn, messages=self._history.messages_for(text), llm=self._llm, tts=self._tts,
+                     playout=self._playout, clock=self._clock, emit=self._emit, settings=self._settings,
+                     on_first_audio_out=lambda _at: self._advance(E.AGENT_AUDIBLE))
+
+    def submit(self, turn: Turn) -> None:
+        self._queue.put_nowait(turn)
+        if self._task is None or self._task.done():
+            self._task = self._owner.spawn(self._run(), name="responder")
+
+    async def _run(self) -> None:
+        while True:
+            turn = await self._queue.get()
+            self.answering = True
+            self._advance(E.ANSWER_STARTED, E.AGENT_AUDIBLE if self._playout.audible else None)
+            try:
+                await self._answer(turn)
+            except asyncio.CancelledError:
+                raise
+            except ModelError as error:
+                log.error("turn %d failed: %s", turn.number, error)
+                self._emit(TurnFailed(turn.number, str(error)))
+            except Exception as error:  # a bug in one turn must not end the call
+                log.exception("turn %d crashed", turn.number)
+                self._emit(TurnFailed(turn.number, f"internal error: {error!r}"))
+            finally:
+                turn.tasks.cancel()     # leftovers: a partial, an unused speculation
+                if self.reply is not None:
+                    self.reply.cancel()
+                self.reply = None
+                self.answering = False
+                self._advance(E.ANSWER_DONE, E.TURN_QUEUED if self.waiting else None,
+                              E.AGENT_AUDIBLE if self._playout.audible else None)
+
+    async def _answer(self, turn: Turn) -> None:
+        ledger = turn.ledger
+        transcript = await turn.transcription.task
+        ledger.mark("stt_final", turn.transcription.finished or self._clock())
+        ledger.notes["stt_inference_ms"] = round(transcript.inference_seconds * 1000, 1)
+        ledger.notes["stt_audio_s"] = round(transcript.audio_seconds, 2)
+        text = transcript.text.strip()
+        self._emit(TranscriptEvent(turn.number, text, final=True))
+        if not has_words(text):
+            self._emit(TurnDiscarded(turn.number, "no words in the transcript"))
+            return
+        if turn.barge_in is not None and not turn.barge_in.committed:
+            self._emit(TurnDiscarded(turn.number, f"{text!r} while the agent spoke: not an interruption"))
+            return
+        reply = turn.speculation or self.new_reply(turn.number, text).start(turn.tasks)
+        turn.speculation = None
+        self.reply = reply
+        reply.commit(ledger)
+        self._advance(E.AGENT_AUDIBLE if self._playout.audible else None)
+        await asyncio.wait({reply.task})           # an interruption cancels the reply, not us
+        if not reply.task.cancelled() and reply.task.exception() is not None:
+            raise reply.task.exception()
+        if not reply.interrupted:
+            await self._playout.wait_idle()
+        ledger.mark("last_audio_out", self._clock())
+        heard = reply.heard_text() if reply.interrupted else reply.text
+        ledger.notes["interrupted"] = reply.interrupted
+        self._history.add(text, heard)
+        self._playout.forget_turn(turn.number)
+        finished = TurnFinished(turn.number, text, heard, ledger)
+        self.finished.append(finished)
+        log.info("turn %d: %r → %r%s, voice-to-voice %.0f ms", turn.number, text, heard,
+                 " (interrupted)" if reply.interrupted else "", ledger.voice_to_voice_ms or -1)
+        self._emit(finished)
+        if not reply.interrupted and (phrase := said_phrase(text, self._hangup_phrases)) is not None:
+            self._emit(HangupRequested(turn.number, f"the caller said {phrase!r}"))
