@@ -1,6 +1,6 @@
 """Turn-taking with the real engines: barge-in, false interruptions, speculation, echo.
 
-A scripted caller (tests/caller.py) talks to a Conversation in real time and
+A scripted caller (sub300/testing/scripted_caller.py) talks to a Conversation in real time and
 reacts to what the agent does, so these tests hold on a slow machine too.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from sub300.agent.events import AgentSpeech, TurnFinished
 
 from sub300.testing.scripted_caller import ScriptedCaller
 from .speech import speak
+
+pytestmark = pytest.mark.slow   # real engines, real time: the fast tier is test_conversation_fast.py
 
 STORY = "Tell me a long story about a brave knight and a dragon."
 

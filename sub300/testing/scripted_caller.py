@@ -34,11 +34,14 @@ class ScriptedCaller:
     echo: Callable[[np.ndarray], np.ndarray | None] | None = None
     events: list[Event] = field(default_factory=list)
     agent_audio: list[tuple[float, np.ndarray]] = field(default_factory=list)
+    #: the clock of the call (the conversation's, the playout's, the pacing's): the event loop's for virtual time
+    clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
-        self.playout = PlayoutQueue(16000, time.monotonic)
-        self.conversation = Conversation(self.engines, self.config, self.playout, listeners=[self.events.append])
-        self._pacer = Pacer(0.02, time.monotonic)   # pulled one tick per frame the script says
+        self.playout = PlayoutQueue(16000, self.clock)
+        self.conversation = Conversation(self.engines, self.config, self.playout, clock=self.clock,
+                                         listeners=[self.events.append])
+        self._pacer = Pacer(0.02, self.clock)   # pulled one tick per frame the script says
         self._echo_queue: list[np.ndarray] = []
 
     async def _tick(self, caller: np.ndarray) -> None:
@@ -69,9 +72,9 @@ class ScriptedCaller:
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
         """Stay silent on the line until `predicate()` holds; `TimeoutError` after ``timeout`` seconds."""
-        end = time.monotonic() + timeout
+        end = self.clock() + timeout
         while not predicate():
-            if time.monotonic() > end:
+            if self.clock() > end:
                 raise TimeoutError("the agent did not get there in time")
             await self._tick(np.zeros(FRAME, np.int16))
 

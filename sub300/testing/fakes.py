@@ -1,0 +1,169 @@
+"""Named fakes of the four engines, for fast tests on virtual time.
+
+Each implements its Protocol in `sub300.models.protocols` and, beside the
+blocking method, the coroutine the conversation prefers when an engine has
+one (`transcribe_async`, `synthesize_async`; see `agent/transcription.py`
+and `agent/reply.py`).  Their latencies are `asyncio.sleep`s, so under a
+virtual clock (looptime) a turn's ledger is exactly the sum of the delays
+configured here, and a test takes milliseconds.
+
+* `FakeVad` — voiced wherever the input is not digital silence (or as a
+  per-frame script says);
+* `FakeStt` — a scripted transcript after ``delay_s``;
+* `FakeLlm` — scripted tokens, the first after ``first_token_s``, the next
+  each ``per_token_s``;
+* `FakeTts` — ``ms_per_piece`` of a tone per piece, after ``delay_s``.
+
+`speech()` makes caller "speech" the fakes understand: noise (which the
+echo guard cannot mistake for the agent's tone).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from sub300.agent.engines import Engines
+from sub300.models.protocols import SAMPLE_RATE, ChatMessage, ModelError, Transcript
+
+FRAME = 320   # 20 ms at 16 kHz
+
+
+def speech(seconds: float, *, level: int = 3000, seed: int = 0) -> np.ndarray:
+    """``seconds`` of caller "speech" for `FakeVad` (int16 16 kHz): noise, never digital silence."""
+    rng = np.random.default_rng(seed)
+    pcm = np.clip(rng.normal(0, level, int(round(seconds * SAMPLE_RATE))), -32767, 32767).astype(np.int16)
+    pcm[pcm == 0] = 1
+    return pcm
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(round(seconds * SAMPLE_RATE)), np.int16)
+
+
+def tone(ms: float, sample_rate: int = SAMPLE_RATE, hz: float = 440.0, level: int = 8000) -> np.ndarray:
+    """A sine of ``ms`` milliseconds, int16."""
+    t = np.arange(int(round(ms * sample_rate / 1000))) / sample_rate
+    return (level * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+
+
+# ------------------------------------------------------------------ VAD
+class _FakeVadStream:
+    def __init__(self, script: Iterator[bool] | None):
+        self._script = script
+
+    def speech_probability(self, frame: np.ndarray) -> float:
+        if self._script is not None:
+            return 1.0 if next(self._script, False) else 0.0
+        return 1.0 if np.any(frame) else 0.0
+
+
+class FakeVad:
+    """Voiced = any non-zero sample in the frame; or, with ``script``, one bool per frame (then unvoiced)."""
+
+    name = "fake-vad"
+    frame_samples = FRAME
+    threshold = 0.5
+
+    def __init__(self, script: Iterable[bool] | None = None):
+        self._script = None if script is None else list(script)
+
+    def new_stream(self) -> _FakeVadStream:
+        return _FakeVadStream(None if self._script is None else iter(self._script))
+
+
+# ------------------------------------------------------------------ STT
+class FakeStt:
+    """Returns ``text`` (a string, or a function of the audio) after ``delay_s``.
+
+    ``error``: raise this `ModelError` instead, for the next ``fail_times``
+    calls (then answer normally).  ``calls`` records (start time, audio seconds)
+    on the loop's clock.
+    """
+
+    name = "fake-stt"
+    device = "cpu/fake"
+
+    def __init__(self, text: str | Callable[[np.ndarray], str] = "", *, delay_s: float = 0.1,
+                 error: ModelError | None = None, fail_times: int = 1):
+        self._text = text
+        self.delay_s = delay_s
+        self._error, self._fail_times = error, fail_times
+        self.calls: list[tuple[float, float]] = []
+
+    def _answer(self, audio: np.ndarray) -> Transcript:
+        if self._error is not None and self._fail_times > 0:
+            self._fail_times -= 1
+            raise self._error
+        text = self._text(audio) if callable(self._text) else self._text
+        return Transcript(text, len(audio) / SAMPLE_RATE, self.delay_s)
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        time.sleep(self.delay_s)
+        return self._answer(audio)
+
+    async def transcribe_async(self, audio: np.ndarray) -> Transcript:
+        self.calls.append((asyncio.get_running_loop().time(), len(audio) / SAMPLE_RATE))
+        await asyncio.sleep(self.delay_s)
+        return self._answer(audio)
+
+
+def voiced_seconds(audio: np.ndarray) -> float:
+    """Seconds of non-silent audio in a float32 clip (what a `FakeStt` text function may key on)."""
+    return float(np.count_nonzero(audio)) / SAMPLE_RATE
+
+
+# ------------------------------------------------------------------ LLM
+class FakeLlm:
+    """Streams ``tokens`` (or ``tokens(messages)``): the first after ``first_token_s``, then one per ``per_token_s``.
+
+    ``requests`` records the messages of every call.
+    """
+
+    name = "fake-llm"
+
+    def __init__(self, tokens: Sequence[str] | Callable[[Sequence[ChatMessage]], Sequence[str]] = ("Hello there.",),
+                 *, first_token_s: float = 0.05, per_token_s: float = 0.01):
+        self._tokens = tokens
+        self.first_token_s, self.per_token_s = first_token_s, per_token_s
+        self.requests: list[list[ChatMessage]] = []
+
+    async def stream_chat(self, messages: Sequence[ChatMessage], *, max_tokens: int,
+                          temperature: float = 0.0) -> AsyncIterator[str]:
+        self.requests.append(list(messages))
+        tokens = self._tokens(messages) if callable(self._tokens) else self._tokens
+        for i, token in enumerate(tokens[:max_tokens]):
+            await asyncio.sleep(self.first_token_s if i == 0 else self.per_token_s)
+            yield token
+
+
+# ------------------------------------------------------------------ TTS
+class FakeTts:
+    """``ms_per_piece`` of a 440 Hz tone per piece of text, in one chunk, after ``delay_s``.
+
+    ``pieces`` records the texts asked for.
+    """
+
+    name = "fake-tts"
+
+    def __init__(self, *, delay_s: float = 0.03, ms_per_piece: float = 500.0, sample_rate: int = SAMPLE_RATE):
+        self.delay_s, self.ms_per_piece, self.sample_rate = delay_s, ms_per_piece, sample_rate
+        self.pieces: list[str] = []
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        self.pieces.append(text)
+        time.sleep(self.delay_s)
+        yield tone(self.ms_per_piece, self.sample_rate)
+
+    async def synthesize_async(self, text: str) -> AsyncIterator[np.ndarray]:
+        self.pieces.append(text)
+        await asyncio.sleep(self.delay_s)
+        yield tone(self.ms_per_piece, self.sample_rate)
+
+
+def fake_engines(*, vad: FakeVad | None = None, stt: FakeStt | None = None, llm: FakeLlm | None = None,
+                 tts: FakeTts | None = None) -> Engines:
+    """An `Engines` bundle of fakes (defaults for the ones not given)."""
+    return Engines(vad=vad or FakeVad(), stt=stt or FakeStt("Hello."), llm=llm or FakeLlm(), tts=tts or FakeTts())
