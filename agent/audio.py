@@ -11,8 +11,6 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from sub300.models.protocols import SAMPLE_RATE
-
 
 @dataclass(frozen=True)
 class AudioFrame:

@@ -31,13 +31,13 @@ from typing import Any
 from .words import has_words, is_backchannel
 
 
-class BargeInState(str, enum.Enum):
+class BargeInState(enum.StrEnum):
     UNDECIDED = "undecided"
     COMMITTED = "committed"
     RESUMED = "resumed"
 
 
-class Action(str, enum.Enum):
+class Action(enum.StrEnum):
     """What the conversation must do after an event."""
 
     COMMIT = "commit"            # an interruption: flush the agent's audio, cancel its reply

@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from sub300.models.protocols import SAMPLE_RATE, ModelError
 
 from .audio import AudioFrame
 from .audio_ring import AudioRing
-from .barge_in import Action, BargeIn, BargeInRules
+from .barge_in import BargeInRules
 from .config import Config
 from .echo import EchoGuard
 from .endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VoiceOnset
 from .engines import Engines
-from .events import BargeInEvent, Event, StateChanged, TranscriptEvent, TurnFinished
+from .events import Event, StateChanged, TranscriptEvent, TurnFinished
 from .history import History
+from .interruptions import Interruptions
 from .keypad import Keypad, as_text
 from .ledger import TurnLedger
 from .playout import PlayoutQueue
@@ -69,11 +70,7 @@ class Conversation:
                                      hangover_ms=vad.hangover_ms, onset_ms=interrupt.onset_ms)
         self.history = History(self.config.llm.system_prompt, self.config.llm.history_turns)
         self.turn_state = TurnStateMachine()
-        #: (voice onset, agent silent) of every barge-in, committed or not, for tests and benchmarks
-        self.barge_ins: list[tuple[float, float]] = []
-        self.false_interruptions = 0
         self.echo_frames = 0
-        self._rules = BargeInRules(interrupt.min_speech_ms, interrupt.require_words, interrupt.resume_after_ms)
         self._ring = AudioRing((vad.max_utterance_s + 5) * SAMPLE_RATE)
         self._pre_roll = vad.pre_roll_ms * SAMPLE_RATE // 1000
         self._tasks = TaskOwner("conversation", expected=(ModelError,))
@@ -84,7 +81,10 @@ class Conversation:
             owner=self._tasks, llm=self.engines.llm, tts=self.engines.tts, playout=self.playout, history=self.history,
             settings=ReplySettings(llm.max_tokens, llm.temperature, tts.min_clause_chars, tts.first_piece_max_words),
             emit=self._emit, advance=self._advance, clock=self.clock, hangup_phrases=self.config.hangup_phrases)
-        self._barge: BargeIn | None = None         # the undecided barge-in, if any
+        self.interruptions = Interruptions(
+            BargeInRules(interrupt.min_speech_ms, interrupt.require_words, interrupt.resume_after_ms),
+            enabled=interrupt.mode == "barge_in", playout=self.playout, clock=self.clock, emit=self._emit,
+            advance=self._advance, caller_in_turn=lambda: self._speaking is not None)
         self._keypad = Keypad()
         self._closed = False
         self._echo = EchoGuard(self.playout.sample_rate, interrupt.echo_correlation) if interrupt.echo_guard else None
@@ -113,16 +113,13 @@ class Conversation:
             turn.transcriber.tick()
             if turn.barge_in is not None and self.endpointer.in_speech:
                 # voiced time only: the hangover silence after a cough must not count as speech
-                spoken_ms = (self.endpointer.voiced_end_sample - turn.voiced_start) / SAMPLE_RATE * 1000
-                self._act(turn.barge_in, turn.barge_in.voiced(spoken_ms), turn, "caller speech")
+                self.interruptions.voiced(turn, (self.endpointer.voiced_end_sample - turn.voiced_start) / SAMPLE_RATE * 1000)
             if self._ring.end - turn.start_sample >= self.config.vad.max_utterance_s * SAMPLE_RATE:
                 # a monologue: answer what we have rather than grow forever
                 self.endpointer.in_speech = False
                 self._on_speech_ended(SpeechEnded(turn.start_sample, self._ring.end, frame.timestamp, frame.timestamp))
-        if self._barge is not None:
-            caller_in_turn = self.endpointer.in_speech or self._speaking is not None
-            self._act(self._barge, self._barge.quiet(self.clock(), self.endpointer.last_voiced_time,
-                                                     caller_in_turn=caller_in_turn))
+        self.interruptions.tick(self.clock(), self.endpointer.last_voiced_time,
+                                caller_in_turn=self.endpointer.in_speech or self._speaking is not None)
         if (digits := self._keypad.tick(self.clock())) is not None:
             self._queue_keypad_turn(digits)
 
@@ -143,11 +140,7 @@ class Conversation:
         return Turn(n, TurnLedger(n, notes={"engines": self.engines.describe(), **notes}), self._tasks.child(f"turn{n}"))
 
     def _on_voice_onset(self, event: VoiceOnset) -> None:
-        if self._barge is None and self.playout.audible and self.config.interrupt.mode == "barge_in":
-            self.playout.pause()
-            self._barge = BargeIn(self._rules, onset=event.time, paused_at=self.clock(), reply=self._responder.reply)
-            log.debug("voice while the agent speaks: paused")
-            self._emit(BargeInEvent("paused", None))
+        self.interruptions.voice_onset(event.time, self._responder.reply)
 
     def _on_speech_started(self, event: SpeechStarted) -> None:
         turn = self._speaking = self._new_turn()
@@ -161,10 +154,7 @@ class Conversation:
             on_early_final=lambda _t, text: self._maybe_speculate(turn, text),
             on_partial=lambda text: self._emit(TranscriptEvent(turn.number, text, final=False)),
             on_stale=turn.drop_speculation)
-        if self._barge is None and self._responder.reply is not None and self.config.interrupt.mode == "barge_in":
-            # The agent was thinking (no audio yet) and the caller goes on talking.
-            self._barge = BargeIn(self._rules, onset=event.time, paused_at=self.clock(), reply=self._responder.reply)
-        turn.barge_in = self._barge
+        turn.barge_in = self.interruptions.speech_started(event.time, self._responder.reply)
         self._advance(E.SPEECH_STARTED)
 
     def _on_speech_paused(self, _event: SpeechPaused) -> None:
@@ -188,12 +178,7 @@ class Conversation:
         if not early:
             turn.drop_speculation(wasted=False)
         ledger.mark("stt_start", turn.transcription.started)
-        barge = turn.barge_in
-        if barge is not None and not barge.decided:
-            # Short speech while the agent talked: "Stop." interrupts, a cough or an
-            # "mm-hmm" does not.  The transcript decides; the agent stays paused till then.
-            barge.turn_ended()
-            turn.transcription.then(lambda text: self._on_words(turn, barge, text, final=True))
+        self.interruptions.turn_ended(turn)
         ledger.notes["speculative"] = turn.speculation is not None
         self._responder.submit(turn)
         self._advance(E.SPEECH_ENDED, E.AGENT_AUDIBLE if self.playout.audible else None)
@@ -214,40 +199,6 @@ class Conversation:
                 or turn.barge_in is not None):
             return
         turn.speculation = self._responder.new_reply(turn.number, text.strip()).start(turn.tasks)
-
-    # ------------------------------------------------------------ barge-in
-    def _on_words(self, turn: Turn, barge: BargeIn, text: str | None, *, final: bool) -> None:
-        text = (text or "").strip()
-        action = barge.words(text, final=final, caller_in_turn=self._speaking is not None)
-        if action is Action.RESUME:
-            turn.ledger.notes["backchannel"] = text
-        self._act(barge, action, turn, f"caller said {text!r}")
-
-    def _act(self, barge: BargeIn, action: Action | None, turn: Turn | None = None, why: str = "") -> None:
-        """Carry out the barge-in policy's decision."""
-        if action is None or self._closed:
-            return
-        if self._barge is barge and action is not Action.CHECK_WORDS:
-            self._barge = None
-        if action is Action.CHECK_WORDS:
-            check = turn.transcriber.transcribe_now()
-            check.then(lambda text: self._on_words(turn, barge, text, final=False))
-            return
-        if action is Action.COMMIT:
-            dropped = self.playout.flush()
-            if barge.reply is not None:
-                barge.reply.interrupted = True
-                barge.reply.cancel()
-            log.info("barge-in (%s): dropped %.2f s of agent audio", why, dropped / self.playout.sample_rate)
-        else:
-            self.false_interruptions += 1
-            self.playout.resume(rewind=True)
-            log.info("false interruption: the agent resumes")
-        self.barge_ins.append((barge.onset, self.playout.silenced_at or barge.paused_at))
-        outcome = "interrupted" if action is Action.COMMIT else "resumed"
-        self._emit(BargeInEvent(outcome, round(self.barge_in_reactions[-1] * 1000, 1)))
-        self._advance(E.AGENT_SILENCED if action is Action.COMMIT
-                      else E.AGENT_AUDIBLE if self.playout.audible else None)
 
     # ------------------------------------------------------------ state & events
     def _advance(self, *events: E | None) -> None:
@@ -276,9 +227,19 @@ class Conversation:
         return self._speaking is not None and self._speaking.speculation is not None
 
     @property
+    def barge_ins(self) -> list[tuple[float, float]]:
+        """(voice onset, agent silent) of every barge-in, committed or not (clock seconds)."""
+        return self.interruptions.barge_ins
+
+    @property
     def barge_in_reactions(self) -> list[float]:
         """Seconds from the caller's voice onset to the agent's silence, per barge-in."""
         return [silent - onset for onset, silent in self.barge_ins]
+
+    @property
+    def false_interruptions(self) -> int:
+        """Barge-ins that ended with the agent resuming (a cough, a backchannel)."""
+        return self.interruptions.false_interruptions
 
     @property
     def busy(self) -> bool:
@@ -288,6 +249,6 @@ class Conversation:
 
     async def aclose(self) -> None:
         """End the call: cancel every task this conversation owns and wait for them."""
-        self._closed = True
+        self._closed = self.interruptions.closed = True
         self.playout.flush()
         await self._tasks.aclose()

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .ledger import TurnLedger
 from .turn_state import TurnState  # re-exported: the state is on the wire in StateChanged

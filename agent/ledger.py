@@ -128,7 +128,7 @@ class TurnLedger:
         }
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "TurnLedger":
+    def from_dict(cls, doc: dict[str, Any]) -> TurnLedger:
         """A ledger from `to_dict()` output, marks relative to speech_end (which becomes 0.0).
 
         Accepts documents written before a rename (e.g. ``first_sentence``).

@@ -15,11 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
-
 from sub300.models.protocols import ChatMessage, LanguageModel, SpeechSynthesizer
 from sub300.models.threads import iterate_in_thread
 
@@ -71,7 +70,7 @@ class Reply:
         self.task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ control
-    def start(self, owner: TaskOwner) -> "Reply":
+    def start(self, owner: TaskOwner) -> Reply:
         """Start generating as a task of ``owner``."""
         self.task = owner.spawn(self._run(), name=f"turn{self.turn}-reply")
         return self

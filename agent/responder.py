@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from sub300.models.protocols import LanguageModel, ModelError, SpeechSynthesizer
 

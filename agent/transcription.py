@@ -19,11 +19,10 @@ seam between the conversation and a blocking recogniser.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-
 from sub300.models.protocols import SpeechRecognizer, Transcript
 
 from .audio import int16_to_float32
@@ -57,7 +56,7 @@ class Transcription:
     finished: float | None = None   # clock seconds; set when the engine returned or failed
 
     @classmethod
-    def ready(cls, text: str, at: float) -> "Transcription":
+    def ready(cls, text: str, at: float) -> Transcription:
         """A transcription that is already done (a keypad entry: the text is known)."""
         t = cls(0, at, finished=at)
         t.task = asyncio.get_running_loop().create_future()

@@ -24,14 +24,14 @@ from __future__ import annotations
 import enum
 
 
-class TurnState(str, enum.Enum):
+class TurnState(enum.StrEnum):
     LISTENING = "listening"
     CALLER_SPEAKING = "caller_speaking"
     THINKING = "thinking"
     AGENT_SPEAKING = "agent_speaking"
 
 
-class TurnEvent(str, enum.Enum):
+class TurnEvent(enum.StrEnum):
     SPEECH_STARTED = "speech_started"    # the endpointer opened a caller turn
     SPEECH_ENDED = "speech_ended"        # the caller's turn ended and was queued for an answer
     TURN_QUEUED = "turn_queued"          # a caller turn waits for an answer (keypad entry; the next queued turn)

@@ -7,7 +7,7 @@ asks whether a turn held words at all and whether the caller said goodbye.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 _WORDS = re.compile(r"[A-Za-z0-9]")
 
