@@ -15,10 +15,9 @@ import asyncio
 import copy
 
 import pytest
-
-from sub300.agent.events import (BargeInEvent, HangupRequested, StateChanged, TranscriptEvent, TurnFailed,
-                                 TurnFinished)
+from sub300.agent.events import BargeInEvent, HangupRequested, StateChanged, TranscriptEvent, TurnFailed, TurnFinished
 from sub300.models.protocols import ModelError
+
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech, voiced_seconds
 from sub300.testing.scripted_caller import ScriptedCaller
 
@@ -240,3 +239,21 @@ async def test_goodbye_hangs_up_after_the_reply(configured):
     assert kinds == [TurnFinished, HangupRequested]
     (hangup,) = of(caller, HangupRequested)
     assert hangup.turn == 1 and "goodbye" in hangup.reason
+
+
+@pytest.mark.looptime(False)
+def test_run_virtual_runs_a_call_outside_pytest_marks(config):
+    import time
+
+    from sub300.testing.clock import loop_clock, run_virtual
+
+    async def call():
+        caller = ScriptedCaller(engines(), copy.deepcopy(config), clock=loop_clock())
+        await one_question(caller, seconds=1.0)
+        return caller
+
+    wall = time.monotonic()
+    caller = run_virtual(call())
+    assert time.monotonic() - wall < 2.0
+    (turn,) = of(caller, TurnFinished)
+    assert turn.ledger.voice_to_voice_ms == pytest.approx(280.0, abs=0.01)   # as in the speculation-hit test

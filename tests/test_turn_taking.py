@@ -10,10 +10,10 @@ import re
 
 import numpy as np
 import pytest
-
 from sub300.agent.events import AgentSpeech, TurnFinished
 
 from sub300.testing.scripted_caller import ScriptedCaller
+
 from .speech import speak
 
 pytestmark = pytest.mark.slow   # real engines, real time: the fast tier is test_conversation_fast.py
