@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sub300.models.protocols import SAMPLE_RATE, ModelError
 
@@ -90,7 +91,7 @@ class Conversation:
         self._echo = EchoGuard(self.playout.sample_rate, interrupt.echo_correlation) if interrupt.echo_guard else None
         if self._echo is not None:
             self.playout.on_played = self._echo.note_played
-        self._on_endpoint = {VoiceOnset: self._on_voice_onset, SpeechStarted: self._on_speech_started,
+        self._on_endpoint: dict[type, Callable[[Any], None]] = {VoiceOnset: self._on_voice_onset, SpeechStarted: self._on_speech_started,
                              SpeechPaused: self._on_speech_paused, SpeechResumed: self._on_speech_resumed,
                              SpeechEnded: self._on_speech_ended}
 
@@ -110,7 +111,7 @@ class Conversation:
             self._on_endpoint[type(event)](event)
         turn = self._speaking
         if turn is not None:
-            turn.transcriber.tick()
+            turn.stt.tick()
             if turn.barge_in is not None and self.endpointer.in_speech:
                 # voiced time only: the hangover silence after a cough must not count as speech
                 self.interruptions.voiced(turn, (self.endpointer.voiced_end_sample - turn.voiced_start) / SAMPLE_RATE * 1000)
@@ -159,11 +160,11 @@ class Conversation:
 
     def _on_speech_paused(self, _event: SpeechPaused) -> None:
         if self._speaking is not None:
-            self._speaking.transcriber.speech_paused()
+            self._speaking.stt.speech_paused()
 
     def _on_speech_resumed(self, _event: SpeechResumed) -> None:
         if self._speaking is not None:
-            self._speaking.transcriber.speech_resumed()
+            self._speaking.stt.speech_resumed()
             self._speaking.drop_speculation()
 
     def _on_speech_ended(self, event: SpeechEnded) -> None:
@@ -173,7 +174,7 @@ class Conversation:
         ledger = turn.ledger
         ledger.mark("speech_end", event.speech_end)
         ledger.mark("endpoint", self.clock())
-        turn.transcription, early = turn.transcriber.final(event.end_sample)
+        turn.transcription, early = turn.stt.final(event.end_sample)
         ledger.notes["early_final"] = early
         if not early:
             turn.drop_speculation(wasted=False)

@@ -58,13 +58,14 @@ class Interruptions:
 
     def voiced(self, turn: Turn, spoken_ms: float) -> None:
         """The turn's voiced speech so far (every frame while it is spoken)."""
-        self._act(turn.barge_in, turn.barge_in.voiced(spoken_ms), turn, "caller speech")
+        if turn.barge_in is not None:
+            self._act(turn.barge_in, turn.barge_in.voiced(spoken_ms), turn, "caller speech")
 
     def turn_ended(self, turn: Turn) -> None:
         """Short speech while the agent talked: "Stop." interrupts, a cough or an "mm-hmm" does not.
         The final transcript decides; the agent stays paused till then."""
         barge = turn.barge_in
-        if barge is not None and not barge.decided:
+        if barge is not None and not barge.decided and turn.transcription is not None:
             barge.turn_ended()
             turn.transcription.then(lambda text: self._words(turn, barge, text, final=True))
 
@@ -85,7 +86,8 @@ class Interruptions:
         if action is None or self.closed:
             return
         if action is Action.CHECK_WORDS:
-            check = turn.transcriber.transcribe_now()
+            assert turn is not None, "a word check needs the turn being spoken"
+            check = turn.stt.transcribe_now()
             check.then(lambda text: self._words(turn, barge, text, final=False))
             return
         if self.current is barge:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,11 +81,11 @@ class Reply:
             ledger.mark(name, at)
         self.ledger = ledger
         self.committed = True
-        for piece in self.pieces:
-            self._emit(AgentSpeech(self.turn, piece))
+        for text in self.pieces:
+            self._emit(AgentSpeech(self.turn, text))
         held, self._held = self._held, []
-        for pcm, piece in held:
-            self._push(pcm, piece)
+        for pcm, index in held:
+            self._push(pcm, index)
 
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
@@ -177,7 +177,7 @@ class Reply:
             self._push(resampler.flush(), index)
 
 
-def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncIterator[np.ndarray]:
+def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncGenerator[np.ndarray, None]:
     """TTS audio chunks without blocking the event loop: an engine's own ``synthesize_async(text)``
     (a remote engine, or a test fake on virtual time) if it has one, else its blocking
     generator in a worker thread."""

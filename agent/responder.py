@@ -88,9 +88,10 @@ class Responder:
                               E.AGENT_AUDIBLE if self._playout.audible else None)
 
     async def _answer(self, turn: Turn) -> None:
-        ledger = turn.ledger
-        transcript = await turn.transcription.task
-        ledger.mark("stt_final", turn.transcription.finished or self._clock())
+        ledger, transcription = turn.ledger, turn.transcription
+        assert transcription is not None, "a turn is queued once it has its final transcription"
+        transcript = await transcription.task
+        ledger.mark("stt_final", transcription.finished or self._clock())
         ledger.notes["stt_inference_ms"] = round(transcript.inference_seconds * 1000, 1)
         ledger.notes["stt_audio_s"] = round(transcript.audio_seconds, 2)
         text = transcript.text.strip()
@@ -106,9 +107,11 @@ class Responder:
         self.reply = reply
         reply.commit(ledger)
         self._advance(E.AGENT_AUDIBLE if self._playout.audible else None)
-        await asyncio.wait({reply.task})           # an interruption cancels the reply, not us
-        if not reply.task.cancelled() and reply.task.exception() is not None:
-            raise reply.task.exception()
+        task = reply.task
+        assert task is not None, "a committed reply has started"
+        await asyncio.wait({task})                 # an interruption cancels the reply, not us
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
         if not reply.interrupted:
             await self._playout.wait_idle()
         ledger.mark("last_audio_out", self._clock())

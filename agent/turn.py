@@ -29,6 +29,12 @@ class Turn:
     speculation: Reply | None = None               # a reply started on the early final, its audio held
     barge_in: BargeIn | None = None                # set when this turn must earn the interruption
 
+    @property
+    def stt(self) -> UtteranceTranscriber:
+        """The transcriber of a spoken turn (only keypad turns have none)."""
+        assert self.transcriber is not None, f"turn {self.number} is not a spoken turn"
+        return self.transcriber
+
     def drop_speculation(self, wasted: bool = True) -> None:
         """Cancel the speculative reply, if any; ``wasted`` counts it in the ledger's notes."""
         if self.speculation is not None:
