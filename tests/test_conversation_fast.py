@@ -257,3 +257,31 @@ def test_run_virtual_runs_a_call_outside_pytest_marks(config):
     assert time.monotonic() - wall < 2.0
     (turn,) = of(caller, TurnFinished)
     assert turn.ledger.voice_to_voice_ms == pytest.approx(280.0, abs=0.01)   # as in the speculation-hit test
+
+
+async def test_partials_every_interval_then_the_early_final(configured):
+    eng = engines()
+    caller = caller_on(eng, configured(stt__partial_interval_ms=1000))
+    try:
+        await caller.silence(0.5)
+        await caller.say(speech(2.5))                 # speech 0.50–3.00, a turn from the 5th frame (0.60)
+        await caller.until_idle()
+    finally:
+        await caller.close()
+    # partials 1 s after the turn began and 1 s after the last one; the early final on the first silent frame
+    assert [start for start, _ in eng.stt.calls] == [approx(1.60), approx(2.60), approx(3.02)]
+    # each transcribes from 200 ms of pre-roll before the speech to the newest sample
+    assert [seconds for _, seconds in eng.stt.calls] == [approx(1.30), approx(2.30), approx(2.72)]
+    partials = [e.text for e in of(caller, TranscriptEvent) if not e.final]
+    assert partials == ["What is the capital of France?"] * 2
+    (turn,) = of(caller, TurnFinished)
+    assert turn.ledger.marks["stt_start"] == approx(3.02)
+
+
+def test_fake_vad_follows_its_script():
+    from sub300.testing.fakes import FakeVad
+
+    stream = FakeVad(script=[False, True]).new_stream()
+    frame = speech(0.02)
+    assert [stream.speech_probability(frame) for _ in range(3)] == [0.0, 1.0, 0.0]
+    assert FakeVad().new_stream().speech_probability(frame * 0) == 0.0
