@@ -25,12 +25,13 @@ would only fill the browser's jitter buffer).
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, TypeVar, Union
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 Clock = Callable[[], float]
 T = TypeVar("T")
 #: a per-tick function: gets the tick's deadline (clock seconds); returns None to go on, anything else to stop
-TickFunction = Callable[[float], Union[T, None, Awaitable[Union[T, None]]]]
+TickFunction = Callable[[float], T | None | Awaitable[T | None]]
 
 
 class Pacer:

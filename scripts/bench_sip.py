@@ -25,18 +25,18 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from bench_turns import QUESTIONS, summarize
+from machine_info import describe_machine
 
-from sub300.agent.audio import resample  # noqa: E402
-from sub300.agent.config import load_config  # noqa: E402
-from sub300.agent.engines import load_engines, warm_up  # noqa: E402
-from bench_turns import QUESTIONS, summarize  # noqa: E402
-from machine_info import describe_machine  # noqa: E402
-from sub300.media.audio_file import write_wav  # noqa: E402
-from sub300.media.file_transport import converse_with_file  # noqa: E402
-from sub300.media.sip.service import start_sip_service  # noqa: E402
-from sub300.agent.events import TurnFinished  # noqa: E402
-from tests.test_sip_support import RecordingObserver, poke_when, scenario_call, sipp  # noqa: E402
+from sub300.agent.audio import resample
+from sub300.agent.config import load_config
+from sub300.agent.engines import load_engines, warm_up
+from sub300.agent.events import TurnFinished
+from sub300.media.audio_file import write_wav
+from sub300.media.file_transport import converse_with_file
+from sub300.media.sip.service import start_sip_service
+from tests.test_sip_support import RecordingObserver, poke_when, scenario_call, sipp
 
 
 def spoken(tts, text: str) -> np.ndarray:

@@ -7,7 +7,6 @@ give the words of the agent's reply.
 from __future__ import annotations
 
 import difflib
-
 import shutil
 
 import numpy as np

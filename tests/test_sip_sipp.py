@@ -17,10 +17,10 @@ import pytest
 from sub300.agent.events import AgentSpeech, TurnFinished
 
 from .test_sip_support import (
+    poke_when,
     scenario_call,
     scenario_cancel,
     scenario_rejected,
-    poke_when,
     sip_service,
     sipp,
     sipp_errors,

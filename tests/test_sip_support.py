@@ -129,7 +129,7 @@ class Peer:
 
     def __init__(self, argv: list[str], cwd: str | None = None, log_path: str | None = None):
         self.log_path = log_path
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (open until stop())
         self.proc = subprocess.Popen(argv, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -31,10 +31,11 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from sipmessage import Address, URI
+from sipmessage import URI, Address
 
 from sub300.agent.calls import CallObserver
 from sub300.agent.tasks import TaskOwner
@@ -45,7 +46,8 @@ from .call import CallFactory, CallSetup, SipCall
 from .dtmf import digit_from_info
 from .g711 import RATE
 from .rtp import PortAllocator, RtpEndpoint
-from .sdp import AudioParams, LocalDescription, NoCommonCodec, SdpError, negotiate, parse as parse_sdp
+from .sdp import AudioParams, LocalDescription, NoCommonCodec, SdpError, negotiate
+from .sdp import parse as parse_sdp
 from .transactions import InviteServerTransaction, Transactions
 from .transport import Flow
 
@@ -107,7 +109,7 @@ class UserAgentServer:
     every answered call (`call_started` after the 200 OK, `call_ended` once).
     """
 
-    def __init__(self, sip_config: "SipConfig", call_factory: CallFactory, observer: CallObserver,
+    def __init__(self, sip_config: SipConfig, call_factory: CallFactory, observer: CallObserver,
                  send_udp: Callable[[bytes, tuple[str, int]], None], *, local_port: int,
                  auth: DigestAuth | None = None, answer_delay_s: float = 0.0, clock=time.monotonic):
         self.sip = sip_config

@@ -7,7 +7,7 @@ through FFmpeg's pcm_mulaw/pcm_alaw once keeps FFmpeg's exact rounding
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import av
 import numpy as np
@@ -18,7 +18,7 @@ PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8}
 _FFMPEG = {"PCMU": "pcm_mulaw", "PCMA": "pcm_alaw"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables(codec: str) -> tuple[np.ndarray, np.ndarray]:
     name = _FFMPEG[codec]
     every = np.arange(-32768, 32768, dtype=np.int16)

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 
 import sipmessage
-from sipmessage import Address, URI, Via
+from sipmessage import URI, Address, Via
 
 SERVER = "sub300"
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO"

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def conversation_calls(engines: "Engines", config: "Config") -> CallFactory:
+def conversation_calls(engines: Engines, config: Config) -> CallFactory:
     """The call factory of the server: a fresh `Conversation` per call, on the shared engines.
 
     Its playout queue runs at the call's rate (8 kHz for G.711), so the reply
@@ -63,7 +63,7 @@ class SipService:
         await self.transport.close()
 
 
-async def start_sip_service(config: "Config", engines: "Engines | None", observer: CallObserver | None = None, *,
+async def start_sip_service(config: Config, engines: Engines | None, observer: CallObserver | None = None, *,
                             answer_delay_s: float = 0.0, tcp: bool = True,
                             call_factory: CallFactory | None = None) -> SipService:
     """Listen for SIP on config.sip.host:port (UDP, and TCP on the same port unless ``tcp`` is false).

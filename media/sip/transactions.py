@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from sipmessage import Via
 
@@ -78,7 +78,7 @@ async def retransmit(send: Callable[[], None], done: asyncio.Event, clock: Calla
         try:
             await asyncio.wait_for(done.wait(), timeout=min(interval, max(0.0, deadline - clock())))
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if clock() >= deadline:
             break

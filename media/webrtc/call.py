@@ -18,7 +18,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
@@ -58,7 +59,7 @@ class WebRtcCall:
         engines: Engines,
         config: Config,
         observer: CallObserver,
-        on_closed: Callable[["WebRtcCall"], None] = lambda call: None,
+        on_closed: Callable[[WebRtcCall], None] = lambda call: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.call_id = call_id

@@ -9,7 +9,8 @@ let it offer loopback.  That is what makes tests on 127.0.0.1 alone work.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer

@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from sub300.agent.audio import rms_dbfs, resample
+from sub300.agent.audio import resample, rms_dbfs
 from sub300.agent.playout import PlayoutQueue
-
 from sub300.media.webrtc.inbound import to_mono_int16
 from sub300.media.webrtc.outbound import PlayoutTrack
 
