@@ -3,7 +3,8 @@
 Malformed and truncated messages (400 where a response is possible, the
 server answers the next INVITE), retransmissions both ways, OPTIONS,
 re-INVITE, an INVITE without SDP, DTMF (RFC 4733 and SIP INFO), the call
-limit (503), the source allow-list (403) and digest authentication (401).
+limit (503), the source allow-list (403), digest authentication (401) and a
+call factory that fails (500).
 
 No model is loaded: each call's agent is `EchoAgent` (a fake that plays the
 caller back), so these tests take about as long as their SIP timers.
@@ -251,3 +252,24 @@ async def test_digest_authentication(config, monkeypatch):
         client.send(in_dialog(client, "ACK", ok, 3))
         await hang_up(client, ok, 7)
         client.close()
+
+
+async def test_a_call_factory_that_fails_gets_500_and_the_server_goes_on(config):
+    def broken(setup):
+        raise RuntimeError("no agent today")
+
+    async with sip_service(config, call_factory=broken) as (service, observer):
+        client = await Client.open(service.address)
+        client.send(invite(client))
+        refused = await client.expect(500, timeout=5)
+        client.send(in_dialog(client, "ACK", refused, 1, branch="z9hG4bK-1"))   # same branch as the INVITE
+        assert await client.silent(0.7) == []                      # ACKed: no retransmission of the 500
+        assert observer.calls == {} and service.active_calls == 0
+        assert service.uas.ended_calls[-1]["reason"] == "set-up failed"
+        client.close()
+    async with sip_service(config, call_factory=echo_calls) as (service, observer):
+        client = await Client.open(service.address)
+        ok = await call(client)
+        await hang_up(client, ok)
+        client.close()
+        assert (await observer.wait_ended())[0].ended == "caller hung up"

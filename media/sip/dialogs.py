@@ -35,14 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sipmessage import URI, Address
+from sipmessage import URI, Address, Response
 
 from sub300.agent.calls import CallObserver
 from sub300.agent.tasks import TaskOwner
 
 from . import message as sip
 from .auth import DigestAuth, SourceFilter
-from .call import CallFactory, CallSetup, SipCall
+from .call import CallAgent, CallFactory, CallSetup, SipCall
 from .dtmf import digit_from_info
 from .g711 import RATE
 from .rtp import PortAllocator, RtpEndpoint
@@ -74,7 +74,7 @@ class Dialog:
     remote_cseq: int
     sock: socket.socket | None = None          # the RTP socket, until an endpoint owns it
     local_cseq: int = 1
-    call: SipCall | None = None
+    call: SipCall | None = None                # set when its media is open (just before the 200 OK)
     setup_task: asyncio.Task | None = None
     run_task: asyncio.Task | None = None
     pending_ack: asyncio.Event | None = None   # a 2xx (INVITE or re-INVITE) waiting for its ACK
@@ -88,6 +88,11 @@ class Dialog:
     @property
     def key(self) -> tuple[str, str]:
         return self.invite.call_id, self.local_tag
+
+    @property
+    def endpoint(self) -> RtpEndpoint | None:
+        """The call's RTP endpoint, once the call is answered."""
+        return self.call.endpoint if self.call is not None else None
 
 
 def _local_ip_for(host: str) -> str:
@@ -141,7 +146,7 @@ class UserAgentServer:
             except (ValueError, KeyError, IndexError, TypeError) as error:
                 self._malformed(data, flow, str(error) or type(error).__name__)
                 return
-            if not hasattr(parsed, "method"):
+            if isinstance(parsed, Response):
                 self.transactions.on_response(parsed)
                 return
             try:
@@ -265,21 +270,25 @@ class UserAgentServer:
             await asyncio.sleep(self.answer_delay_s)
         params = dialog.params or AudioParams("0.0.0.0", 0, self.sip.codecs[0],
                                               {"PCMU": 0, "PCMA": 8}[self.sip.codecs[0]], None, "sendrecv")
-        endpoint = None
+        agent: CallAgent | None = None
+        endpoint: RtpEndpoint | None = None
         try:
             invite = dialog.invite
             agent = self.call_factory(CallSetup(dialog.call_id, invite.from_, invite.to, flow.source, params,
                                                 RATE, self.clock))
             call = SipCall(dialog.call_id, agent, clock=self.clock)
-            dialog.call = call
             endpoint = RtpEndpoint(params, call.on_audio, call.on_dtmf, clock=self.clock)
             await endpoint.open(sock)
-            call.endpoint = endpoint
         except BaseException as error:
             if endpoint is not None:
                 endpoint.close()
             sock.close()   # no-op when the endpoint owned it
             dialog.sock = None
+            if agent is not None:
+                try:
+                    await agent.aclose()
+                except Exception:
+                    log.exception("SIP call %s: closing the agent of a failed set-up failed", dialog.call_id)
             if not isinstance(error, Exception):
                 raise   # cancelled: whoever cancelled ends the dialog
             log.exception("SIP call %s: setting up the call failed", dialog.call_id)
@@ -287,6 +296,8 @@ class UserAgentServer:
                 self.transactions.reject(dialog.tx, 500, to_tag=dialog.local_tag)
             self._end(dialog, "set-up failed", send_bye=False)
             return
+        call.endpoint = endpoint
+        dialog.call = call
         body = dialog.local_sdp.offer(self.sip.codecs) if offer is None else dialog.local_sdp.answer(offer, index, params)
         ok = sip.response(dialog.invite, flow.source, 200, to_tag=dialog.local_tag, record_route=True, body=body,
                           headers=[("Contact", self._contact(public, flow)), *self._capabilities()])
@@ -295,7 +306,7 @@ class UserAgentServer:
         dialog.observed = True
         log.info("SIP call %s answered: %s %s:%d, RTP port %d", dialog.call_id, params.codec,
                  params.remote_host, params.remote_port, endpoint.local_port)
-        dialog.run_task = self._calls.spawn(self._run(dialog), f"sip-call-{dialog.call_id}")
+        dialog.run_task = self._calls.spawn(self._run(dialog, call), f"sip-call-{dialog.call_id}")
 
     def _accept(self, dialog: Dialog, tx: InviteServerTransaction, ok: bytes) -> None:
         """Send a 2xx (INVITE or re-INVITE); no ACK within 64·T1 hangs up (§13.3.1.4)."""
@@ -305,8 +316,8 @@ class UserAgentServer:
 
         dialog.pending_ack = self.transactions.accept(tx, ok, no_ack)
 
-    async def _run(self, dialog: Dialog) -> None:
-        reason = await dialog.call.run()
+    async def _run(self, dialog: Dialog, call: SipCall) -> None:
+        reason = await call.run()
         self._end(dialog, reason, send_bye=True)
 
     # ------------------------------------------------------------ CANCEL
@@ -325,7 +336,7 @@ class UserAgentServer:
 
     # ------------------------------------------------------------ in the dialog
     def _in_dialog(self, request: sip.Request, flow: Flow) -> None:
-        dialog = self.dialogs.get((request.call_id, request.to_tag))
+        dialog = self.dialogs.get((request.call_id, request.to_tag or ""))
         method = request.method
         if dialog is None or dialog.ended:
             if method == "ACK":
@@ -341,8 +352,9 @@ class UserAgentServer:
             if dialog.pending_ack is not None:
                 dialog.pending_ack.set()
                 dialog.pending_ack = None
-            if dialog.offerless and request.body and dialog.call is not None:
-                self._apply_answer(dialog, request.body)
+            endpoint = dialog.endpoint
+            if dialog.offerless and request.body and endpoint is not None:
+                self._apply_answer(dialog, endpoint, request.body)
             return
         if method not in _IN_DIALOG:
             self._reply(request, flow, 405 if method in _NOT_ALLOWED else 501, headers=[("Allow", sip.ALLOW)])
@@ -371,7 +383,8 @@ class UserAgentServer:
         """A re-INVITE (§14.2): new remote address, codec or hold; or no SDP, then our offer in the 200."""
         tx = self.transactions.begin_invite(request, flow)
         reject = self.transactions.reject
-        if dialog.pending_ack is not None or dialog.call is None:
+        endpoint = dialog.endpoint
+        if dialog.pending_ack is not None or endpoint is None:
             return reject(tx, 491, to_tag=dialog.local_tag)
         if request.body:
             try:
@@ -382,21 +395,22 @@ class UserAgentServer:
             except SdpError:
                 return reject(tx, 400, to_tag=dialog.local_tag)
             dialog.params = params
-            dialog.call.endpoint.update(params)
+            endpoint.update(params)
             body = dialog.local_sdp.answer(offer, index, params)
         else:   # an offer in our 200, the answer in the ACK
             dialog.offerless = True
             body = dialog.local_sdp.offer(self.sip.codecs)
-        if request.header("Contact"):
+        contact = request.header("Contact")
+        if contact:
             try:
-                dialog.remote_target = str(Address.parse_many(request.header("Contact"))[0].uri)
+                dialog.remote_target = str(Address.parse_many(contact)[0].uri)
             except ValueError:
                 pass
         ok = sip.response(request, flow.source, 200, to_tag=dialog.local_tag, body=body,
                           headers=[("Contact", self._contact(dialog.local_sdp.address, flow)), *self._capabilities()])
         self._accept(dialog, tx, ok)
 
-    def _apply_answer(self, dialog: Dialog, body: bytes) -> None:
+    def _apply_answer(self, dialog: Dialog, endpoint: RtpEndpoint, body: bytes) -> None:
         try:
             _, params = negotiate(parse_sdp(body), self.sip.codecs)
         except SdpError as error:
@@ -405,7 +419,7 @@ class UserAgentServer:
             return
         dialog.params = params
         dialog.offerless = False
-        dialog.call.endpoint.update(params)
+        endpoint.update(params)
 
     # ------------------------------------------------------------ ending
     def _end(self, dialog: Dialog, reason: str, *, send_bye: bool) -> None:
@@ -431,8 +445,7 @@ class UserAgentServer:
             await dialog.call.close()
         elif dialog.sock is not None:   # cancelled before the media started
             dialog.sock.close()
-        answered = dialog.call is not None and dialog.observed
-        summary = {"call_id": dialog.call_id, "reason": reason, "answered": answered}
+        summary = {"call_id": dialog.call_id, "reason": reason, "answered": dialog.call is not None}
         if dialog.call is not None and dialog.call.endpoint is not None:
             stats = dialog.call.endpoint.stats
             summary.update(rtp_received=stats.received, rtp_sent=stats.sent, rtp_malformed=stats.malformed,
