@@ -25,8 +25,9 @@ would only fill the browser's jitter buffer).
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -87,7 +88,7 @@ class Pacer:
         """
         while True:
             result = on_tick(await self.next_tick())
-            if asyncio.iscoroutine(result):
+            if inspect.isawaitable(result):
                 result = await result
             if result is not None:
-                return result
+                return cast(T, result)

@@ -59,6 +59,8 @@ class DigestAuth:
         except ValueError:
             return "bad"
         p = creds.parameters
+        if p is None:
+            return "bad"
         if creds.scheme.lower() != "digest" or p.get("username") != self.username or p.get("realm") != self.realm:
             return "bad"
         nonce = p.get("nonce") or ""

@@ -8,9 +8,11 @@ through FFmpeg's pcm_mulaw/pcm_alaw once keeps FFmpeg's exact rounding
 from __future__ import annotations
 
 from functools import cache
+from typing import cast
 
 import av
 import numpy as np
+from av.audio.codeccontext import AudioCodecContext
 
 RATE = 8000
 #: RTP static payload types (RFC 3551)
@@ -22,14 +24,14 @@ _FFMPEG = {"PCMU": "pcm_mulaw", "PCMA": "pcm_alaw"}
 def _tables(codec: str) -> tuple[np.ndarray, np.ndarray]:
     name = _FFMPEG[codec]
     every = np.arange(-32768, 32768, dtype=np.int16)
-    enc = av.CodecContext.create(name, "w")
+    enc = cast(AudioCodecContext, av.CodecContext.create(name, "w"))
     enc.format, enc.layout, enc.sample_rate = "s16", "mono", RATE
     frame = av.AudioFrame.from_ndarray(every.reshape(1, -1), format="s16", layout="mono")
     frame.sample_rate = RATE
     encoded = b"".join(bytes(p) for p in enc.encode(frame)) + b"".join(bytes(p) for p in enc.encode(None))
     encode = np.frombuffer(encoded, np.uint8)
     assert len(encode) == 65536, len(encode)
-    dec = av.CodecContext.create(name, "r")
+    dec = cast(AudioCodecContext, av.CodecContext.create(name, "r"))
     dec.format, dec.layout, dec.sample_rate = "s16", "mono", RATE
     packet = av.Packet(bytes(range(256)))
     decode = np.concatenate([f.to_ndarray().reshape(-1) for f in dec.decode(packet)]).astype(np.int16)

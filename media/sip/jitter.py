@@ -47,15 +47,17 @@ class ReorderBuffer:
         return []
 
     def _release(self) -> list[tuple[bytes | None, float]]:
-        out = []
-        while self.expected in self._held:
+        out: list[tuple[bytes | None, float]] = []
+        while self.expected is not None and self.expected in self._held:
             out.append(self._held.pop(self.expected))
             self.expected = (self.expected + 1) & 0xFFFF
         return out
 
     def _skip_gap(self, now: float) -> list[tuple[bytes | None, float]]:
-        nearest = min(self._held, key=lambda s: (s - self.expected) & 0xFFFF)
-        gap = (nearest - self.expected) & 0xFFFF
+        assert self.expected is not None   # only called with packets held, so after the first push
+        expected = self.expected
+        nearest = min(self._held, key=lambda s: (s - expected) & 0xFFFF)
+        gap = (nearest - expected) & 0xFFFF
         self.lost += gap
         out: list[tuple[bytes | None, float]] = [(None, now)] * (gap if gap <= MAX_CONCEALED else 0)
         self.expected = nearest

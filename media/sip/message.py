@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sipmessage
@@ -147,7 +148,7 @@ def new_branch() -> str:
 
 
 def response(request: Request, source: tuple[str, int], status: int, *, to_tag: str | None = None,
-             headers: list[tuple[str, str]] = (), body: bytes = b"", content_type: str | None = None,
+             headers: Sequence[tuple[str, str]] = (), body: bytes = b"", content_type: str | None = None,
              record_route: bool = False) -> bytes:
     vias = [fix_top_via(request.vias[0], source)] + request.vias[1:]
     to = request.to
@@ -167,7 +168,7 @@ def response(request: Request, source: tuple[str, int], status: int, *, to_tag: 
 
 
 def request(method: str, uri: str, *, via: str, from_: str, to: str, call_id: str, cseq: int,
-            routes: list[str] = (), headers: list[tuple[str, str]] = (), body: bytes = b"") -> bytes:
+            routes: Sequence[str] = (), headers: Sequence[tuple[str, str]] = (), body: bytes = b"") -> bytes:
     lines = [f"{method} {uri} SIP/2.0", f"Via: {via}", "Max-Forwards: 70"]
     lines += [f"Route: {r}" for r in routes]
     lines += [f"From: {from_}", f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sipmessage import Via
@@ -124,7 +124,7 @@ class Transactions:
         self.invites[request.branch] = tx
         return tx
 
-    def reject(self, tx: InviteServerTransaction, status: int, headers: list[tuple[str, str]] = (),
+    def reject(self, tx: InviteServerTransaction, status: int, headers: Sequence[tuple[str, str]] = (),
                to_tag: str | None = None) -> None:
         """Answer an INVITE with a final error ``status`` (3xx–6xx), resent over UDP until its ACK (Timer G/H)."""
         data = sip.response(tx.request, tx.flow.source, status, to_tag=to_tag or sip.new_tag(), headers=headers)

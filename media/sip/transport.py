@@ -78,6 +78,7 @@ class SipTransport:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None   # asyncio runs each connection's handler as a task
         self._connections.add(task)
         peer = writer.get_extra_info("peername")[:2]
 

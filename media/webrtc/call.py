@@ -169,6 +169,7 @@ class WebRtcCall:
     async def close(self, reason: str = "closed") -> None:
         """Close the call (once; later reasons are ignored) and wait until nothing of it runs."""
         self.request_close(reason)
+        assert self._closing is not None
         await asyncio.shield(self._closing)
 
     @property

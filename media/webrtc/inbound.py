@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -49,8 +50,8 @@ async def read_caller_audio(
             return
         except TimeoutError:
             raise CallerAudioStopped(f"no audio from the caller for {silence_timeout_s:.0f} s") from None
-        if frame.format.name != "s16":
-            raise ValueError(f"unexpected decoded audio format {frame.format.name}")
+        if not isinstance(frame, av.AudioFrame) or frame.format.name != "s16":
+            raise ValueError(f"unexpected decoded audio {frame}")
         if resampler is None or resampler.from_rate != frame.sample_rate:
             resampler = StreamResampler(frame.sample_rate, SAMPLE_RATE)
         samples = resampler.process(to_mono_int16(frame))

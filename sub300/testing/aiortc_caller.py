@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from sub300.agent.audio import resample, rms_dbfs
@@ -70,7 +70,7 @@ class AiortcCaller:
         self._reader: asyncio.Task | None = None
         self._clips = 0
         self._speech_end: float | None = None   # the latest clip's end, not yet answered
-        self._channel = None
+        self._channel: RTCDataChannel | None = None
 
     # ------------------------------------------------------------ call set-up
     async def connect(self, timeout: float = 20.0) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,10 @@ from sub300.agent.events import Event
 from sub300.agent.playout import PlayoutQueue
 from sub300.media.pacing import Pacer
 
+if TYPE_CHECKING:
+    from sub300.agent.config import Config
+    from sub300.agent.engines import Engines
+
 FRAME = 320
 
 
@@ -28,8 +33,8 @@ class ScriptedCaller:
     """A caller on a fresh Conversation over ``engines``: ``say`` speaks 16 kHz int16, ``silence`` and
     ``wait_until`` keep the line open; every method advances the wall clock in 20 ms ticks."""
 
-    engines: object
-    config: object
+    engines: Engines
+    config: Config
     #: what the caller's microphone picks up of the agent (echo), given the agent frame; None = nothing
     echo: Callable[[np.ndarray], np.ndarray | None] | None = None
     events: list[Event] = field(default_factory=list)
