@@ -6,12 +6,20 @@ on its own paced clock, and listens to events.
 
 The conversation wires the parts; each decides on its own:
 
-* `Endpointer` — turn boundaries and the true end of speech;
-* `UtteranceTranscriber` — early final, partials (transcription.py);
-* `BargeIn` — is the caller's voice while the agent speaks an interruption
-  (barge_in.py); `Keypad` — DTMF entries (keypad.py);
-* `Reply` — LLM → TTS → playout for one turn, possibly speculative (reply.py);
-* `TurnStateMachine` — the state the page shows, by events (turn_state.py).
+* `Endpointer` — turn boundaries, the true end of speech (endpointing.py);
+* `UtteranceTranscriber` — early final and partials of a turn (transcription.py);
+* `Interruptions` — barge-in: the agent paused at the caller's voice onset,
+  then interrupted or resumed as the `BargeIn` policy decides
+  (interruptions.py, barge_in.py);
+* `Keypad` — DTMF entries become turns (keypad.py);
+* `Responder` — queued turns answered one at a time, each by a `Reply`
+  (LLM → TTS → playout, possibly started speculatively) (responder.py, reply.py);
+* `TurnStateMachine` — the state the page shows, driven by events (turn_state.py).
+
+One caller frame: echo / half-duplex suppression → the endpointer's events
+(a turn opens, pauses, resumes, ends) → the speaking turn's transcriber, its
+barge-in speech check and the monologue cap → the barge-in quiet check →
+the keypad's timeout.
 
 Work is moved into the endpointing silence: the early final transcription,
 and on it a speculative reply whose audio is held until the hangover expires
@@ -114,7 +122,8 @@ class Conversation:
             turn.stt.tick()
             if turn.barge_in is not None and self.endpointer.in_speech:
                 # voiced time only: the hangover silence after a cough must not count as speech
-                self.interruptions.voiced(turn, (self.endpointer.voiced_end_sample - turn.voiced_start) / SAMPLE_RATE * 1000)
+                voiced_ms = (self.endpointer.voiced_end_sample - turn.voiced_start) / SAMPLE_RATE * 1000
+                self.interruptions.voiced(turn, voiced_ms)
             if self._ring.end - turn.start_sample >= self.config.vad.max_utterance_s * SAMPLE_RATE:
                 # a monologue: answer what we have rather than grow forever
                 self.endpointer.in_speech = False

@@ -1,5 +1,7 @@
 """The turn state a caller sees, as an explicit state machine.
 
+The main cycle (`TRANSITIONS` below has every move):
+
     listening ──speech_started──▶ caller_speaking ──speech_ended──▶ thinking
         ▲                               ▲                             │
         │                               └──── speech_started ─────────┤ agent_audible
