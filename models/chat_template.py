@@ -7,9 +7,10 @@ templates written for transformers render the same text here.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .protocols import ModelError
 

@@ -28,8 +28,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -155,8 +156,8 @@ class GGUFLlamaConverter:
 
 
 def build_llama_spec(reader: Any):
-    from gguf.quants import dequantize
     from ctranslate2.specs import common_spec, transformer_spec
+    from gguf.quants import dequantize
 
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -269,8 +270,8 @@ def build_tokenizer(reader: Any):
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     # token_type 3 = CONTROL, 4 = USER_DEFINED (llama.cpp's llama_token_type)
-    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 3]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 4]
     tok.add_special_tokens(specials)
     if user:
         tok.add_tokens(user)
@@ -308,7 +309,7 @@ def build_metadata(reader: Any, gguf_path: Path, quantization: str) -> dict[str,
 
 def convert_gguf(gguf_path: Path, output_dir: Path, *, quantization: str = "float32") -> Path:
     """Convert ``gguf_path`` into ``output_dir`` (created or overwritten), uncached."""
-    conv = GGUFLlamaConverter(gguf_path)
+    conv: Any = GGUFLlamaConverter(gguf_path)  # a ctranslate2 Converter (see __new__)
     try:
         conv.convert(str(output_dir), quantization=quantization, force=True)
     except (ModelError, MemoryError):

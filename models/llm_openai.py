@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -182,10 +183,9 @@ class OpenAIChatModel:
                         data_lines.append(value[1:] if value.startswith(" ") else value)
                     # other fields (event, id, retry, unknown) are ignored, as SSE says
                     continue
-                if at_eof and line:
+                if at_eof and line.startswith("data:"):
                     # last line without its newline: still one field of the event
-                    if line.startswith("data:"):
-                        data_lines.append(line[5:].lstrip(" "))
+                    data_lines.append(line[5:].lstrip(" "))
                 # blank line (or end of stream): dispatch the event
                 if data_lines:
                     data, data_lines = "\n".join(data_lines), []

@@ -10,7 +10,8 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class EspeakSynthesizer:
         # Probe once: checks the voice exists and learns the output format.
         try:
             proc = subprocess.run(
-                self._command("a"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10, check=False
+                self._command("a"), capture_output=True, timeout=10, check=False
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ModelUnavailable(f"cannot run {path}: {exc}") from exc
@@ -113,7 +114,7 @@ class EspeakSynthesizer:
             _read_wav_header(proc.stdout)
             carry = b""
             while True:
-                data = proc.stdout.read1(_READ_BYTES)
+                data = proc.stdout.read1(_READ_BYTES)  # type: ignore[attr-defined]  # a BufferedReader
                 if not data:
                     break
                 data = carry + data

@@ -44,7 +44,7 @@ def _shared_session(path: Path):
 class SileroVadStream:
     """One call's recurrent state and context samples."""
 
-    def __init__(self, vad: "SileroVad") -> None:
+    def __init__(self, vad: SileroVad) -> None:
         self._vad = vad
         self._context = np.zeros((1, CONTEXT_SAMPLES), dtype=np.float32)
         if vad._layout == "v6":

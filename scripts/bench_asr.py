@@ -39,8 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sub300.models.protocols import SAMPLE_RATE  # noqa: E402
-from sub300.testing.wer import normalize, word_errors  # noqa: E402
+from sub300.models.protocols import SAMPLE_RATE
+
+from sub300.testing.wer import normalize, word_errors
 
 PACKAGES = ("asterisk-core-sounds-en-g722", "asterisk-core-sounds-en")
 TRANSCRIPTS = "usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz"
@@ -245,7 +246,7 @@ def machine() -> str:
 
 
 def table(args: argparse.Namespace, clips: list[Clip], results: list[Result]) -> str:
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     audio = sum(c.seconds for c in clips)
     lines = [
         f"ASR on Asterisk core sounds ({len(clips)} clips, {audio / 60:.1f} min, "

@@ -16,13 +16,12 @@ import contextlib
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
-
 from sub300.models.llm_openai import OpenAIChatModel
 from sub300.models.protocols import EndpointError, LanguageModel, ModelError
 from sub300.web.openai_api import _StopFilter, add_openai_routes
@@ -263,16 +262,15 @@ async def test_client_disconnect_closes_generation_and_leaves_no_task():
     before = asyncio.all_tasks()
     app = web.Application()
     add_openai_routes(app, model, model_name="fake")
-    async with serve(app) as url:
-        async with client_for(f"{url}/v1") as llm:
-            stream = llm.stream_chat(QUESTION, max_tokens=10_000)
-            got = [await anext(stream) for _ in range(3)]
-            assert got == ["tick "] * 3
-            await stream.aclose()  # the consumer walks away
-            await asyncio.wait_for(model.closed.wait(), 5)
-            produced = model.pieces
-            await asyncio.sleep(0.2)
-            assert model.pieces == produced  # generation really stopped
+    async with serve(app) as url, client_for(f"{url}/v1") as llm:
+        stream = llm.stream_chat(QUESTION, max_tokens=10_000)
+        got = [await anext(stream) for _ in range(3)]
+        assert got == ["tick "] * 3
+        await stream.aclose()  # the consumer walks away
+        await asyncio.wait_for(model.closed.wait(), 5)
+        produced = model.pieces
+        await asyncio.sleep(0.2)
+        assert model.pieces == produced  # generation really stopped
     leaked = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
     assert not leaked, leaked
 
@@ -303,11 +301,13 @@ async def test_bad_requests_get_400_json(body):
     model = FakeEndlessModel()
     app = web.Application()
     add_openai_routes(app, model, model_name="fake")
-    async with serve(app) as url, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        async with http.post(f"{url}/v1/chat/completions", data=body,
-                             headers={"Content-Type": "application/json"}) as r:
-            assert r.status == 400
-            err = (await r.json())["error"]
+    async with (
+        serve(app) as url,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.post(f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}) as r,
+    ):
+        assert r.status == 400
+        err = (await r.json())["error"]
     assert isinstance(err["message"], str) and err["message"]
     assert err["type"] == "invalid_request_error"
     assert model.calls == 0

@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-
 from sub300.models.protocols import ModelUnavailable, SpeechSynthesizer
 
 SENTENCE = "Hello there. The weather in Paris is sunny today."
@@ -78,7 +77,7 @@ def test_piper_concurrent_calls(piper):
     def work(i: int) -> None:
         try:
             results[i] = _check_audio(list(piper.synthesize(f"Call number {i} says hello.")), piper.sample_rate)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
