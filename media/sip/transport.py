@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sub300.agent.tasks import TaskOwner
+
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 64 * 1024
 _CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
@@ -55,14 +57,21 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class SipTransport:
+    """SIP sockets on one address: UDP, and TCP on the same port; every message goes to ``handler(data, flow)``.
+
+    Each TCP connection's reader is a task owned by ``connections`` (a
+    `TaskOwner`); `close()` stops listening and ends them all.
+    """
+
     def __init__(self, handler: Handler):
         self.handler = handler
         self._udp: _Udp | None = None
         self._tcp: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
+        self.connections = TaskOwner("sip-tcp")
         self.address: tuple[str, int] = ("", 0)
 
     async def start(self, host: str, port: int, tcp: bool = True) -> None:
+        """Bind UDP (OSError when it cannot) and, when asked, TCP on the port UDP got (a warning when it cannot)."""
         loop = asyncio.get_running_loop()
         transport, self._udp = await loop.create_datagram_endpoint(lambda: _Udp(self.handler), local_addr=(host, port))
         self.address = transport.get_extra_info("sockname")[:2]
@@ -79,7 +88,7 @@ class SipTransport:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None   # asyncio runs each connection's handler as a task
-        self._connections.add(task)
+        self.connections.adopt(task)
         peer = writer.get_extra_info("peername")[:2]
 
         def send_to(data: bytes, _destination) -> None:
@@ -101,16 +110,14 @@ class SipTransport:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
             pass
         finally:
-            self._connections.discard(task)
             writer.close()
 
     async def close(self) -> None:
+        """Close the sockets and wait for every connection's task."""
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.close()
         if self._tcp is not None:
             self._tcp.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.connections.aclose()
         if self._tcp is not None:
             await self._tcp.wait_closed()
