@@ -285,3 +285,15 @@ def test_fake_vad_follows_its_script():
     frame = speech(0.02)
     assert [stream.speech_probability(frame) for _ in range(3)] == [0.0, 1.0, 0.0]
     assert FakeVad().new_stream().speech_probability(frame * 0) == 0.0
+
+
+def test_the_fakes_implement_the_engine_protocols():
+    from sub300.models.protocols import LanguageModel, SpeechRecognizer, SpeechSynthesizer, VoiceActivityDetector
+
+    eng = engines()
+    assert isinstance(eng.vad, VoiceActivityDetector) and isinstance(eng.stt, SpeechRecognizer)
+    assert isinstance(eng.llm, LanguageModel) and isinstance(eng.tts, SpeechSynthesizer)
+    # the blocking paths work too (real time: keep the delays tiny)
+    assert FakeStt("hi", delay_s=0).transcribe(speech(0.1).astype("float32")).text == "hi"
+    (chunk,) = FakeTts(delay_s=0, ms_per_piece=20).synthesize("x")
+    assert len(chunk) == 320
