@@ -278,9 +278,9 @@ async def test_a_call_factory_that_fails_gets_500_and_the_server_goes_on(config)
 async def test_options_over_tcp_and_closing_with_a_connection_open(config):
     async with sip_service(config, call_factory=echo_calls) as (service, observer):
         reader, writer = await asyncio.open_connection(*service.address)
-        writer.write("OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-tcp\r\n"
-                     "From: <sip:t@x>;tag=1\r\nTo: <sip:agent@x>\r\nCall-ID: tcp1\r\nCSeq: 1 OPTIONS\r\n"
-                     "Content-Length: 0\r\n\r\n".encode())
+        writer.write(b"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-tcp\r\n"
+                     b"From: <sip:t@x>;tag=1\r\nTo: <sip:agent@x>\r\nCall-ID: tcp1\r\nCSeq: 1 OPTIONS\r\n"
+                     b"Content-Length: 0\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"SIP/2.0 200 ") and b"Allow: " in head
         assert len(service.transport.connections) == 1
