@@ -21,6 +21,7 @@ from sub300.models.protocols import ModelError
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech, voiced_seconds
 from sub300.testing.scripted_caller import ScriptedCaller
 
+pytest.importorskip("looptime", reason="virtual time needs the test extra (looptime)")
 pytestmark = pytest.mark.looptime
 
 STT_S, FIRST_TOKEN_S, TOKEN_S, TTS_S = 0.105, 0.045, 0.01, 0.033
