@@ -7,7 +7,8 @@ exactly once when the call is torn down, whatever the reason.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from .events import Event
 

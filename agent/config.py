@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
 from sub300.models import defaults
 
 ENV_PREFIX = "SUB300_"

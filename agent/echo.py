@@ -11,6 +11,7 @@ the echo correlates much less, so a real barge-in still gets through.
 from __future__ import annotations
 
 import numpy as np
+
 from sub300.models.protocols import SAMPLE_RATE
 
 from .audio import StreamResampler, rms

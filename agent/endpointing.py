@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+
 from sub300.models.protocols import SAMPLE_RATE, VoiceActivityDetector
 
 from .audio import rms_dbfs

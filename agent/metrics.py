@@ -91,7 +91,7 @@ class MetricsObserver:
         return generate_latest(self.registry)
 
     def active_calls(self, transport: str | None = None) -> int:
-        samples = self.calls_active.collect()[0].samples
+        samples = next(iter(self.calls_active.collect())).samples
         return int(sum(s.value for s in samples if transport is None or s.labels["transport"] == transport))
 
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from sub300.models.protocols import ChatMessage, LanguageModel, SpeechSynthesizer
 from sub300.models.threads import iterate_in_thread
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class TaskOwner:
     """
 
     def __init__(self, name: str, *, expected: tuple[type[BaseException], ...] = (),
-                 parent: "TaskOwner | None" = None):
+                 parent: TaskOwner | None = None):
         self.name = name
         self._expected = expected
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -60,7 +61,7 @@ class TaskOwner:
             task.add_done_callback(self._finished)
         return task
 
-    def child(self, name: str) -> "TaskOwner":
+    def child(self, name: str) -> TaskOwner:
         """A nested owner: cancelled with this one, or on its own."""
         child = TaskOwner(f"{self.name}/{name}", expected=self._expected, parent=self)
         self._children.add(child)

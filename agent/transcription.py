@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from sub300.models.protocols import SpeechRecognizer, Transcript
 
 from .audio import int16_to_float32

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -246,7 +246,7 @@ class CTranslate2ChatModel:
         *,
         max_tokens: int,
         temperature: float = 0.0,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         if max_tokens < 1:
             return
         prompt_ids = self._fit_prompt(messages, max_tokens)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import aiohttp
@@ -110,7 +110,7 @@ class OpenAIChatModel:
         *,
         max_tokens: int,
         temperature: float = 0.0,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Yield the content pieces of the streamed answer, in order."""
         payload = self._payload(messages, max_tokens, temperature)
         session = self._get_session()

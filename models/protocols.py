@@ -7,7 +7,7 @@ cancellable and must stop their work when cancelled.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -85,8 +85,8 @@ class LanguageModel(Protocol):
         *,
         max_tokens: int,
         temperature: float = 0.0,
-    ) -> AsyncIterator[str]:
-        """Yield text pieces as they are generated.
+    ) -> AsyncGenerator[str, None]:
+        """Yield text pieces as they are generated (an async generator: `aclose()` stops it).
 
         Cancelling the consumer (or `aclose()` on the iterator) must stop the
         generation promptly; failures raise ModelError/EndpointError.

@@ -40,7 +40,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sub300.models.protocols import SAMPLE_RATE
-
 from sub300.testing.wer import normalize, word_errors
 
 PACKAGES = ("asterisk-core-sounds-en-g722", "asterisk-core-sounds-en")

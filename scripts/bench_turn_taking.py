@@ -23,15 +23,15 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from bench_turns import QUESTIONS
+from machine_info import describe_machine, percentile
 
-from sub300.agent.audio import resample  # noqa: E402
-from sub300.agent.config import load_config  # noqa: E402
-from sub300.agent.engines import load_engines, warm_up  # noqa: E402
-from sub300.agent.events import TurnFinished  # noqa: E402
-from bench_turns import QUESTIONS  # noqa: E402
-from machine_info import describe_machine, percentile  # noqa: E402
-from sub300.testing.scripted_caller import ScriptedCaller  # noqa: E402
+from sub300.agent.audio import resample
+from sub300.agent.config import load_config
+from sub300.agent.engines import load_engines, warm_up
+from sub300.agent.events import TurnFinished
+from sub300.testing.scripted_caller import ScriptedCaller
 
 STORY = "Tell me a long story about a brave knight and a dragon."
 INTERRUPTIONS = ["Stop. What is the capital of France?", "Wait, how many days are in a week?",
@@ -51,7 +51,7 @@ async def barge_in_trials(engines, config, n: int, rng: random.Random) -> tuple[
         try:
             await caller.silence(0.5)
             await caller.say(story)
-            await caller.wait_until(lambda: caller.playout.audible, timeout=60)
+            await caller.wait_until(lambda c=caller: c.playout.audible, timeout=60)
             await caller.silence(rng.uniform(0.4, 1.4))
             if not caller.playout.audible:
                 print(f"# trial {i + 1}: the agent had finished before the interruption; skipped", file=sys.stderr)
@@ -105,8 +105,8 @@ async def main_async(args) -> None:
     print(f"| caller onset → agent silent | {len(ms)} | {committed} | {percentile(ms, 50):.0f} | {percentile(ms, 95):.0f} |\n")
     print("| variant | turns | speculative | voice-to-voice p50 (ms) | p95 (ms) |\n|---|---:|---:|---:|---:|")
     for label, ledgers in spec.items():
-        v2v = [l.voice_to_voice_ms for l in ledgers if l.voice_to_voice_ms is not None]
-        used = sum(bool(l.notes.get("speculative")) for l in ledgers)
+        v2v = [ledger.voice_to_voice_ms for ledger in ledgers if ledger.voice_to_voice_ms is not None]
+        used = sum(bool(ledger.notes.get("speculative")) for ledger in ledgers)
         print(f"| {label} | {len(ledgers)} | {used} | {percentile(v2v, 50):.0f} | {percentile(v2v, 95):.0f} |")
 
 

@@ -21,14 +21,14 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from machine_info import describe_machine, percentile
 
-from sub300.agent.audio import resample  # noqa: E402
-from sub300.agent.config import load_config, override  # noqa: E402
-from sub300.agent.engines import load_engines, warm_up  # noqa: E402
-from sub300.agent.ledger import STAGES  # noqa: E402
-from machine_info import describe_machine, percentile  # noqa: E402
-from sub300.media.file_transport import converse_with_file  # noqa: E402
+from sub300.agent.audio import resample
+from sub300.agent.config import load_config, override
+from sub300.agent.engines import load_engines, warm_up
+from sub300.agent.ledger import STAGES
+from sub300.media.file_transport import converse_with_file
 
 QUESTIONS = [
     ("What is the capital of France?", {"capital", "france"}),
@@ -71,16 +71,16 @@ def summarize(label: str, ledgers: list, heard: int, total: int) -> str:
     rows = []
     columns = [stage for stage, _ in STAGES]
     for stage in columns:
-        vals = [l.stages_ms().get(stage) for l in ledgers if stage in l.stages_ms()]
+        vals = [ledger.stages_ms().get(stage) for ledger in ledgers if stage in ledger.stages_ms()]
         rows.append((stage, vals))
     extra = {
-        "(stt engine time)": [l.notes.get("stt_inference_ms") for l in ledgers if l.notes.get("stt_inference_ms")],
-        "(llm first token)": [l.between_ms("llm_start", "llm_first_token") for l in ledgers if l.between_ms("llm_start", "llm_first_token") is not None],
-        "(tts first audio)": [l.between_ms("tts_start", "tts_first_audio") for l in ledgers if l.between_ms("tts_start", "tts_first_audio") is not None],
-        "(stt before endpoint)": [l.overlaps_ms().get("stt_before_endpoint", 0.0) for l in ledgers],
+        "(stt engine time)": [ledger.notes.get("stt_inference_ms") for ledger in ledgers if ledger.notes.get("stt_inference_ms")],
+        "(llm first token)": [ledger.between_ms("llm_start", "llm_first_token") for ledger in ledgers if ledger.between_ms("llm_start", "llm_first_token") is not None],
+        "(tts first audio)": [ledger.between_ms("tts_start", "tts_first_audio") for ledger in ledgers if ledger.between_ms("tts_start", "tts_first_audio") is not None],
+        "(stt before endpoint)": [ledger.overlaps_ms().get("stt_before_endpoint", 0.0) for ledger in ledgers],
     }
     rows += list(extra.items())
-    rows.append(("**voice_to_voice**", [l.voice_to_voice_ms for l in ledgers if l.voice_to_voice_ms is not None]))
+    rows.append(("**voice_to_voice**", [ledger.voice_to_voice_ms for ledger in ledgers if ledger.voice_to_voice_ms is not None]))
     lines = [f"\n### {label}: {len(ledgers)} turns answered of {total}, key words heard in {heard}\n",
              "| stage (critical path, ms) | p50 | p95 |", "|---|---:|---:|"]
     for name, vals in rows:
@@ -96,7 +96,7 @@ async def main_async(args) -> None:
     await warm_up(engines, base)
     questions = speak_questions(engines.tts, args.questions)
     results = {label: ([], 0) for label, _ in variants}
-    for i, (text, keys, pcm) in enumerate(questions):
+    for i, (_text, keys, pcm) in enumerate(questions):
         for label, config in variants:
             _, finished = await converse_with_file(engines, config, pcm)
             ledgers, heard = results[label]

@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import aiohttp  # noqa: E402
-
-from sub300.agent.ledger import STAGES  # noqa: E402
 from bench_turns import QUESTIONS  # noqa: E402
 from machine_info import describe_machine, percentile  # noqa: E402
+
+from sub300.agent.ledger import STAGES  # noqa: E402
 from sub300.testing.aiortc_caller import AiortcCaller  # noqa: E402
 from tests.speech import compose, speak  # noqa: E402
 

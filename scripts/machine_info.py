@@ -33,7 +33,7 @@ def gpu_name() -> str | None:
 
 
 def describe_machine() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = gpu_name()
     return (f"{now}; {cpu_model()}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; "

@@ -16,11 +16,10 @@ import logging
 import os
 import sys
 import time
-from typing import Callable
-
-from sub300.models.protocols import ModelError, ModelUnavailable
+from collections.abc import Callable
 
 from sub300.agent.config import Config, ConfigError, load_config, override, to_toml
+from sub300.models.protocols import ModelError, ModelUnavailable
 
 log = logging.getLogger("sub300")
 
@@ -71,10 +70,9 @@ def cmd_converse(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _converse(args, config: Config, engines, caller, write_wav) -> int:
-    from sub300.media.file_transport import converse_with_file
-
     from sub300.agent.engines import warm_up
     from sub300.agent.events import TurnDiscarded, TurnFailed, TurnFinished
+    from sub300.media.file_transport import converse_with_file
 
     failures = 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sub300.agent.barge_in import Action, BargeIn, BargeInRules, BargeInState
 from sub300.agent.words import has_words, is_backchannel, said_phrase
 

@@ -5,6 +5,7 @@ import importlib.util
 import sys
 
 import pytest
+
 from sub300.models import bundled
 from sub300.models.protocols import ModelUnavailable
 

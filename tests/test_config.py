@@ -11,6 +11,7 @@ from typing import get_args
 
 import pytest
 from pydantic import BaseModel
+
 from sub300.agent.config import Config, ConfigError, SttConfig, VadConfig, load_config, override, to_toml
 from sub300.models import defaults
 

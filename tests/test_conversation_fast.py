@@ -15,9 +15,9 @@ import asyncio
 import copy
 
 import pytest
+
 from sub300.agent.events import BargeInEvent, HangupRequested, StateChanged, TranscriptEvent, TurnFailed, TurnFinished
 from sub300.models.protocols import ModelError
-
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech, voiced_seconds
 from sub300.testing.scripted_caller import ScriptedCaller
 

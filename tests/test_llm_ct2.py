@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from sub300.models.bundled import smollm2_gguf
 from sub300.models.chat_template import render_chat
 from sub300.models.protocols import LanguageModel, ModelError, ModelUnavailable

@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+
 from sub300.models.llm_openai import OpenAIChatModel
 from sub300.models.protocols import EndpointError, LanguageModel, ModelError
 from sub300.web.openai_api import _StopFilter, add_openai_routes

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from sub300.models.protocols import SAMPLE_RATE, ModelUnavailable, SpeechRecognizer
 from sub300.models.stt_whisper import WhisperRecognizer, trim_repetition
-
 from sub300.testing.wer import normalize, wer, word_errors
 
 SENTENCE = "Please call me back tomorrow morning about the weather report."

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from sub300.models.threads import iterate_in_thread, stream_from_thread
 
 

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from sub300.models.protocols import ModelUnavailable, SpeechSynthesizer
 
 SENTENCE = "Hello there. The weather in Paris is sunny today."

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sub300.agent.events import StateChanged, event_to_dict
 from sub300.agent.turn_state import TRANSITIONS, IllegalTransition, TurnEvent, TurnState, TurnStateMachine, next_state
 

@@ -10,8 +10,8 @@ import re
 
 import numpy as np
 import pytest
-from sub300.agent.events import AgentSpeech, TurnFinished
 
+from sub300.agent.events import AgentSpeech, TurnFinished
 from sub300.testing.scripted_caller import ScriptedCaller
 
 from .speech import speak

@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
+
 from sub300.models.protocols import ModelUnavailable, VadStream, VoiceActivityDetector
 from sub300.models.vad_silero import SileroVad
 from sub300.models.vad_webrtc import WebRtcVad

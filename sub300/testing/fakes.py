@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -131,7 +131,7 @@ class FakeLlm:
         self.requests: list[list[ChatMessage]] = []
 
     async def stream_chat(self, messages: Sequence[ChatMessage], *, max_tokens: int,
-                          temperature: float = 0.0) -> AsyncIterator[str]:
+                          temperature: float = 0.0) -> AsyncGenerator[str, None]:
         self.requests.append(list(messages))
         tokens = self._tokens(messages) if callable(self._tokens) else self._tokens
         for i, token in enumerate(tokens[:max_tokens]):
