@@ -220,8 +220,17 @@ class LlmConfig(Section):
         description="openai: limit on the wait for the first token (s)",
     )
     history_turns: int = Field(default=8, ge=0, le=1000, description="past exchanges kept in the prompt")
+    api_max_tokens: int = Field(
+        default=1024, ge=1, le=1_000_000,
+        description="/v1/chat/completions: largest max_tokens accepted (tokens; more is a 400)",
+    )
     speculate: bool = Field(
         default=True, description="start the LLM (and TTS) on the early transcript, before the hangover ends"
+    )
+    fallback_text: str = Field(
+        default="Sorry, I can't answer that right now.",
+        max_length=300,
+        description="spoken when the LLM fails or says nothing (after what was already spoken); empty = silence",
     )
 
     @field_validator("base_url")
@@ -303,6 +312,13 @@ class WebRtcConfig(Section):
         default="SUB300_TURN_CREDENTIAL", description="environment variable that holds the TURN secret"
     )
     max_calls: int = Field(default=8, ge=1, le=10_000, description="concurrent calls (then 503)")
+    # a caller gone without a goodbye: RTP stops at once, ICE consent (RFC 7675) fails only after ~30 s
+    no_media_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=3600.0, description="no RTP from the caller for this long ends the call (s)"
+    )
+    connect_timeout_s: float = Field(
+        default=20.0, gt=0.0, le=600.0, description="an answered offer must connect (ICE+DTLS) within this (s)"
+    )
 
     @field_validator("stun_urls", "turn_urls")
     @classmethod
@@ -333,6 +349,27 @@ class SipConfig(Section):
         default="SUB300_SIP_PASSWORD", description="environment variable that holds the digest password"
     )
     realm: str = Field(default="sub300", min_length=1, description="digest auth realm")
+    nonce_ttl_s: float = Field(
+        default=300.0, ge=1.0, le=3600.0, description="seconds a digest nonce stays valid (then 401 stale=true)"
+    )
+    max_nonces: int = Field(
+        default=4096, ge=16, le=1_000_000, description="digest nonces remembered at once (oldest forgotten first)"
+    )
+    # SIP over TCP (media/sip/transport.py): held-open connections must not eat the file limit
+    tcp_message_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=300.0, description="seconds a TCP connection has to finish a message once begun"
+    )
+    tcp_idle_timeout_s: float = Field(
+        default=180.0, gt=0.0, le=3600.0,
+        description="seconds a TCP connection without a call may stay silent between messages (RFC 5626 keep-alives reset it)",
+    )
+    tcp_max_connections: int = Field(default=256, ge=1, le=65_536, description="open SIP TCP connections in total")
+    tcp_max_connections_per_source: int = Field(
+        default=32, ge=1, le=65_536, description="open SIP TCP connections from one IP address"
+    )
+    max_message_bytes: int = Field(
+        default=65_536, ge=1024, le=1_048_576, description="largest SIP message in bytes, UDP or TCP (then dropped, or 513)"
+    )
     codecs: CommaList = Field(
         default_factory=lambda: list(CODECS),
         min_length=1,
@@ -366,6 +403,25 @@ class SipConfig(Section):
                 "the range must contain an even port (RTP uses even ports)"
             )
         return self
+
+
+class CallConfig(Section):
+    """Limits on every call (WebRTC and SIP; see agent/call_limits.py): the agent says goodbye and hangs up."""
+
+    inactivity_timeout_s: float = Field(
+        default=60.0, ge=0.0, le=86_400.0, description="no caller speech for this long ends the call (s; 0 = off)"
+    )
+    max_duration_s: float = Field(
+        default=3600.0, ge=0.0, le=604_800.0, description="longest call (s; 0 = off)"
+    )
+    inactivity_goodbye: str = Field(
+        default="I haven't heard anything for a while, so I'll hang up now. Goodbye!", max_length=500,
+        description="said before hanging up on a silent caller ('' = hang up silently)",
+    )
+    max_duration_goodbye: str = Field(
+        default="We have reached the time limit for this call. Goodbye!", max_length=500,
+        description="said before hanging up at max_duration_s ('' = hang up silently)",
+    )
 
 
 class ModelsConfig(Section):
@@ -402,6 +458,7 @@ class Config(BaseSettings):
     interrupt: InterruptConfig = Field(default_factory=lambda: InterruptConfig())
     webrtc: WebRtcConfig = Field(default_factory=lambda: WebRtcConfig())
     sip: SipConfig = Field(default_factory=lambda: SipConfig())
+    call: CallConfig = Field(default_factory=lambda: CallConfig())
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
 
     @classmethod

@@ -39,20 +39,23 @@ from typing import Any
 
 from sub300.models.protocols import SAMPLE_RATE, ModelError
 
-from .audio import AudioFrame
+from .audio import AudioFrame, StreamResampler
 from .audio_ring import AudioRing
 from .barge_in import BargeInRules
+from .call_limits import CallLimits, LimitReached
 from .config import Config
 from .echo import EchoGuard
 from .endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VoiceOnset
 from .engines import Engines
 from .events import Event, StateChanged, TranscriptEvent, TurnFinished
+from .events import AgentSpeech, HangupRequested
 from .history import History
 from .interruptions import Interruptions
 from .keypad import Keypad, as_text
 from .ledger import TurnLedger
 from .playout import PlayoutQueue
 from .reply import ReplySettings
+from .reply import _tts_chunks as tts_chunks
 from .responder import Responder
 from .tasks import TaskOwner
 from .transcription import Transcription, UtteranceTranscriber
@@ -96,6 +99,9 @@ class Conversation:
             advance=self._advance, caller_in_turn=lambda: self._speaking is not None)
         self._keypad = Keypad()
         self._closed = False
+        self.limits = CallLimits.from_config(self.config.call, self.clock())
+        self.ended_by: LimitReached | None = None   # the call limit that ended this call (call_limits.py)
+        self._farewell = TaskOwner("farewell", expected=(ModelError,))
         self._echo = EchoGuard(self.playout.sample_rate, interrupt.echo_correlation) if interrupt.echo_guard else None
         if self._echo is not None:
             self.playout.on_played = self._echo.note_played
@@ -106,7 +112,7 @@ class Conversation:
     # ------------------------------------------------------------ input
     def push_frame(self, frame: AudioFrame) -> None:
         """Feed one frame of caller audio (call from the event loop)."""
-        if self._closed:
+        if self._closed or self.ended_by is not None:
             return
         suppressed = False
         if self._agent_active and self.config.interrupt.mode == "half_duplex":
@@ -132,10 +138,51 @@ class Conversation:
                                 caller_in_turn=self.endpointer.in_speech or self._speaking is not None)
         if (digits := self._keypad.tick(self.clock())) is not None:
             self._queue_keypad_turn(digits)
+        self.check_limits()
+
+    def check_limits(self) -> LimitReached | None:
+        """Run on every caller frame, and by a transport's timer when frames may stop (call_limits.py).
+
+        A limit reached stops the conversation's work, says the goodbye line
+        and then emits `HangupRequested` (reason "inactivity" | "max_duration");
+        returns the limit, once (None before, and after)."""
+        if self._closed or self.ended_by is not None:
+            return None
+        now = self.clock()
+        if self.busy:
+            self.limits.activity(now)
+        reached = self.limits.expired(now)
+        if reached is not None:
+            self.ended_by = reached
+            log.info("call limit reached: %s", reached.reason)
+            self._tasks.cancel()        # the turns and the reply in flight: the goodbye replaces them
+            self.playout.flush()
+            self._farewell.spawn(self._say_goodbye(reached), name="goodbye")
+        return reached
+
+    async def _say_goodbye(self, reached: LimitReached) -> None:
+        self._turn_count += 1
+        turn = self._turn_count
+        try:
+            if reached.goodbye.strip():
+                self._emit(AgentSpeech(turn, reached.goodbye))
+                resampler = StreamResampler(self.engines.tts.sample_rate, self.playout.sample_rate)
+                chunks = tts_chunks(self.engines.tts, reached.goodbye)
+                try:
+                    async for chunk in chunks:
+                        self.playout.push(resampler.process(chunk), turn=turn)
+                finally:
+                    await chunks.aclose()
+                self.playout.push(resampler.flush(), turn=turn)
+                await self.playout.wait_idle()
+        except ModelError as error:
+            log.warning("goodbye line not spoken: %s", error)
+        finally:
+            self._emit(HangupRequested(turn, reached.reason))
 
     def push_dtmf(self, digit: str) -> None:
         """A key the caller pressed (phones); see keypad.py for when an entry becomes a turn."""
-        if not self._closed and (digits := self._keypad.press(digit, self.clock())) is not None:
+        if not self._closed and self.ended_by is None and (digits := self._keypad.press(digit, self.clock())) is not None:
             self._queue_keypad_turn(digits)
 
     @property
@@ -261,4 +308,5 @@ class Conversation:
         """End the call: cancel every task this conversation owns and wait for them."""
         self._closed = self.interruptions.closed = True
         self.playout.flush()
+        await self._farewell.aclose()
         await self._tasks.aclose()
