@@ -1,0 +1,183 @@
+"""Non-speech guard: tones, noise and music that the VAD took for a turn.
+
+A voice-activity detector answers "is there energy that looks like a voice
+in this 20-30 ms frame"; a 1 kHz beep, a DTMF digit heard in-band, ringback,
+a fax CNG tone, steady noise or a few bars of music all pass it, and Whisper
+then "hears" a word in them.  This module looks at the whole utterance once
+it has ended and says whether it is speech.
+
+Where the guard lives, and why.  The check is spectral, over the utterance's
+audio, in the turn-taking path (the conversation runs it when the endpointer
+ends a turn; the responder drops the turn before the LLM):
+
+* Whisper's own signals (`no_speech_prob`, `avg_logprob`, exposed in
+  `Transcript`) are **not** enough: Whisper tiny.en is confident on a pure
+  tone (it transcribes a 1 kHz beep as a bleeped word with a low
+  no-speech probability), and faster-whisper already drops what its
+  no-speech rule catches.  They are kept in the ledger notes for diagnosis.
+* A spectral measure is model-free, a few ms per utterance, and it tests
+  what separates speech from all of these at once: **speech moves**.  Its
+  level rises and falls with every syllable and its pitch glides, while a
+  pure or dual tone keeps its energy in one or two narrow lines that do not
+  move, steady noise keeps a fixed level, and a note of music holds a fixed
+  harmonic series.
+
+Two measures over the utterance (32 ms Hann frames, 16 ms hop, 16 kHz; the
+"active" frames are those within `ACTIVE_DB` of the loudest one):
+
+* ``level_std_db`` — standard deviation of the active frames' levels (dB,
+  100 Hz .. 4 kHz).  Speech rises and falls with every syllable: on the 551
+  Asterisk prompts it is never below 4.4 dB (median 7.0).  A tone, steady
+  noise (white, pink, brown) or a held chord: 0 .. 2 dB.
+* ``line_share`` — the share of the energy (300 Hz .. 4 kHz) in narrow
+  spectral lines of the long-term spectrum (0.5 s chunks, ~2 Hz
+  resolution): bins more than 10 dB above the median of their ±40 Hz
+  neighbourhood, ±2 bins.  A generator's tone, DTMF, ringback or the exact
+  harmonics of synthetic music: > 0.9; speech, whose pitch glides and so
+  smears its harmonics: median 0.13, at most 0.90 on the Asterisk set.
+
+An utterance is rejected when it is **static** (``level_std_db <
+MIN_LEVEL_STD_DB``: tones, noise, held chords) or **tonal and fairly
+steady** (``line_share >= MAX_LINE_SHARE`` and ``level_std_db <
+TONAL_LEVEL_STD_DB``: tone cadences, plucked or decaying notes).  The
+thresholds keep a margin on the speech side — a lost real turn is worse
+than a phantom one; scripts/bench_nonspeech.py measures both sides.
+
+Whisper's non-speech annotations ("(music)", "[BLANK_AUDIO]", "*beep*",
+"♪") are the last line: a transcript made only of them is no turn
+(`is_annotation`).
+
+Sources: energy-contour variance and spectral-line (tonality) measures are
+the classical speech/non-speech features (Scheirer & Slaney, "Construction
+and evaluation of a robust multifeature speech/music discriminator", ICASSP
+1997; Gray & Markel 1974 for spectral flatness); the thresholds are this
+project's, measured as stated above.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from sub300.models.protocols import SAMPLE_RATE
+
+FRAME = 512                 # 32 ms analysis frame at 16 kHz
+HOP = 256                   # 16 ms hop
+ACTIVE_DB = 30.0            # frames within this many dB of the loudest frame are analysed
+MIN_FRAMES = 4              # fewer active frames than this: too short to judge, let it through
+MIN_STATIC_FRAMES = 16      # the level-spread rule needs this many (256 ms): a syllable can be steady
+LEVEL_BAND_HZ = (100.0, 4000.0)
+LINE_BAND_HZ = (300.0, 4000.0)
+CHUNK_S = 0.5               # long-term spectrum chunk (resolution ~2 Hz)
+MIN_CHUNK = 1600            # a last chunk shorter than 100 ms is left out (unless it is the only one)
+LINE_FFT = 4096             # at least this many points (zero-padded) per chunk
+LINE_DB = 10.0              # a line stands this far above its neighbourhood's median
+LINE_NEIGHBOURHOOD_HZ = 40.0
+LINE_HALF_WIDTH = 2         # bins either side of a line bin that count as the line
+
+#: below this energy-contour spread (dB) an utterance is static: not speech (speech: >= 4.4 dB measured)
+MIN_LEVEL_STD_DB = 3.0
+#: this share of energy in narrow lines ... (speech: <= 0.90 measured)
+MAX_LINE_SHARE = 0.90
+#: ... with a contour spread below this (dB) is a tone cadence or music
+TONAL_LEVEL_STD_DB = 4.0
+
+_ANNOTATION = re.compile(r"^\s*(?:[\(\[\*][^\)\]\*]*[\)\]\*]|[♪♫#\s.,!?-])*\s*$")
+
+
+@dataclass(frozen=True)
+class SpeechCheck:
+    """The guard's measures for one utterance and its verdict.
+
+    ``level_std_db``: dB; ``line_share``: 0..1; ``frames``: active 16 ms
+    frames analysed; ``reason``: why it is not speech, or None when it is
+    (or is too short to judge).
+    """
+
+    level_std_db: float
+    line_share: float
+    frames: int
+    reason: str | None
+
+    @property
+    def is_speech(self) -> bool:
+        return self.reason is None
+
+    def notes(self) -> dict[str, float | int | str | None]:
+        """For the turn ledger's notes."""
+        return {"guard_level_std_db": round(self.level_std_db, 2), "guard_line_share": round(self.line_share, 3),
+                "guard_frames": self.frames}
+
+
+def is_annotation(text: str) -> bool:
+    """The transcript is only Whisper's non-speech marks ("(music)", "[BLANK_AUDIO]", "*beep*", "♪"), not empty."""
+    return bool(re.search(r"[\(\[\*♪♫]", text)) and bool(_ANNOTATION.match(text))
+
+
+def _median_filter(values: np.ndarray, half: int) -> np.ndarray:
+    padded = np.pad(values, half, mode="edge")
+    return np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
+
+
+def _line_share(chunk: np.ndarray) -> tuple[float, float]:
+    """(share of energy in narrow lines, energy) of one chunk's spectrum in LINE_BAND_HZ."""
+    n = max(len(chunk), LINE_FFT)
+    power = np.abs(np.fft.rfft(chunk * np.hanning(len(chunk)), n=n)) ** 2
+    freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
+    band = power[(freqs >= LINE_BAND_HZ[0]) & (freqs <= LINE_BAND_HZ[1])]
+    total = float(band.sum())
+    if total <= 0.0:
+        return 0.0, 0.0
+    half = max(3, int(LINE_NEIGHBOURHOOD_HZ / (SAMPLE_RATE / n)))
+    lines = band > 10 ** (LINE_DB / 10) * _median_filter(band, half)
+    held = lines.copy()
+    for s in range(1, LINE_HALF_WIDTH + 1):
+        held[s:] |= lines[:-s]
+        held[:-s] |= lines[s:]
+    return float(band[held].sum()) / total, total
+
+
+def check(audio: np.ndarray) -> SpeechCheck:
+    """Judge one utterance.
+
+    `audio`: mono 16 kHz, int16 or float in [-1, 1] (the utterance; silence
+    around it is ignored).  Returns a `SpeechCheck`; never raises on short or
+    silent input (too short to judge counts as speech: the guard only rejects
+    what it is sure of).  Cost: a few ms per second of audio.
+    """
+    x = np.asarray(audio).reshape(-1)
+    x = x.astype(np.float64) / 32768.0 if x.dtype == np.int16 else x.astype(np.float64)
+    if len(x) < FRAME:
+        return SpeechCheck(float("inf"), 0.0, 0, None)
+    n = 1 + (len(x) - FRAME) // HOP
+    frames = np.lib.stride_tricks.sliding_window_view(x, FRAME)[::HOP][:n] * np.hanning(FRAME)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(FRAME, 1.0 / SAMPLE_RATE)
+    energy = power[:, (freqs >= LEVEL_BAND_HZ[0]) & (freqs <= LEVEL_BAND_HZ[1])].sum(axis=1)
+    if energy.max() <= 1e-12:
+        return SpeechCheck(float("inf"), 0.0, 0, None)
+    level = 10 * np.log10(energy + 1e-12)
+    active = level >= level.max() - ACTIVE_DB
+    count = int(active.sum())
+    if count < MIN_FRAMES:
+        return SpeechCheck(float("inf"), 0.0, count, None)
+    level_std = float(np.std(level[active]))
+    first, last = int(np.argmax(active)), len(active) - int(np.argmax(active[::-1]))
+    segment = x[first * HOP: (last - 1) * HOP + FRAME]
+    step = int(CHUNK_S * SAMPLE_RATE)
+    shares, weights = [], []
+    for start in range(0, len(segment), step):
+        chunk = segment[start: start + step]
+        if len(chunk) < MIN_CHUNK and start > 0:
+            continue
+        share, weight = _line_share(chunk)
+        shares.append(share)
+        weights.append(weight)
+    line_share = float(np.average(shares, weights=weights)) if sum(weights) > 0 else 0.0
+    reason = None
+    if level_std < MIN_LEVEL_STD_DB and count >= MIN_STATIC_FRAMES:
+        reason = f"steady sound, not speech (level spread {level_std:.1f} dB)"
+    elif line_share >= MAX_LINE_SHARE and level_std < TONAL_LEVEL_STD_DB:
+        reason = f"tones or music, not speech (line share {line_share:.2f})"
+    return SpeechCheck(level_std, line_share, count, reason)
