@@ -1,14 +1,30 @@
-"""One call's RTP socket: G.711 in and out, symmetric RTP with latching, DTMF events.
+"""One call's RTP socket: G.711 in and out, source validation and latching, DTMF events.
 
-Symmetric RTP (RFC 4961) with latching: we send to the address the SDP
-names until the caller's media arrives, then to wherever it actually comes
-from — the one address a NAT will let back in.  A new source is latched
-only when it also brings a new SSRC (a re-routed stream), so a stray packet
-cannot steal the call's audio.
+Whose packets are the caller's (RFC 3550 §8.2 and §6.2.1 source validation,
+RFC 4961 symmetric RTP): the call *locks* onto one transport address — the
+one the SDP signalled, as soon as a packet comes from it.  Where the
+signalled address cannot be the real source (behind a NAT: a private,
+CGNAT, link-local or ``0.0.0.0`` address), the endpoint *latches* once, at
+the start of the call, onto the first source that sends, and keeps it (as
+rtpengine and Asterisk's ``nat=yes`` do); `LATCHING` lists the policies
+(config ``sip.rtp_latching``).  Every packet from any other address is
+dropped and counted (`RtpStats.strangers`), and logged once per source.  A
+re-INVITE that signals a new address unlocks the call (`RtpEndpoint.update`);
+a hold to ``0.0.0.0`` does not.
+
+Within the locked source, one stream at a time: a packet with a new SSRC is
+taken only once the current stream has been quiet `SSRC_SWITCH_S` (a
+re-routed or restarted stream), so interleaved streams are not mixed.
+
+We send to the locked source (the one address a NAT lets back in), or to
+the signalled address until one is locked.  Nothing here grows with the
+number of packets: the reorder buffer holds a few packets, the set of
+logged strangers is capped.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
@@ -27,10 +43,15 @@ from .sdp import AudioParams
 log = logging.getLogger(__name__)
 SAMPLES_PER_PACKET = 160   # 20 ms at 8 kHz
 
-
-
 #: a new SSRC replaces the current one only after the current one is quiet this long
 SSRC_SWITCH_S = 0.2
+#: ``sip.rtp_latching``: "off" — only the signalled address; "nat" — latch onto the first source when the
+#: signalled address is behind a NAT (private, CGNAT, link-local, unspecified); "always" — latch onto the
+#: first source whatever was signalled (peers that signal a wrong public address)
+LATCHING = ("off", "nat", "always")
+#: strangers logged per call (one line each); further ones are only counted
+MAX_LOGGED_STRANGERS = 16
+
 
 @dataclass
 class RtpStats:
@@ -38,8 +59,22 @@ class RtpStats:
     sent: int = 0
     dtmf: int = 0
     malformed: int = 0
-    other_ssrc: int = 0      # packets of a second, interleaved stream, dropped
-    latched: tuple[str, int] | None = None
+    other_ssrc: int = 0      # packets of a second, interleaved stream from the locked source, dropped
+    strangers: int = 0       # packets from an address that is not the call's source, dropped
+    latched: tuple[str, int] | None = None   # the source the call is locked onto (signalled or latched)
+
+
+def behind_nat(host: str) -> bool:
+    """A signalled address that cannot be where the packets come from: private (RFC 1918, RFC 4193),
+    shared (RFC 6598 CGNAT), link-local, or unspecified (RFC 2543 hold).  Loopback is exact, not NAT."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False   # a host name: trust it as signalled
+    if ip.is_loopback:
+        return False
+    cgnat = ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10")
+    return ip.is_private or ip.is_link_local or ip.is_unspecified or cgnat
 
 
 class PortAllocator:
@@ -71,9 +106,14 @@ class RtpEndpoint(asyncio.DatagramProtocol):
     on_dtmf: Callable[[str], None]
     clock: Callable[[], float] = time.monotonic
     stats: RtpStats = field(default_factory=RtpStats)
+    latching: str = "nat"     #: one of `LATCHING`
 
     def __post_init__(self) -> None:
+        if self.latching not in LATCHING:
+            raise ValueError(f"latching {self.latching!r}: one of {', '.join(LATCHING)}")
         self._transport: asyncio.DatagramTransport | None = None
+        self._signalled = (self.params.remote_host, self.params.remote_port)
+        self._logged: set[tuple[str, int]] = set()
         self._jitter = ReorderBuffer()
         self._events = TelephoneEvents()
         self._remote_ssrc: int | None = None
@@ -92,10 +132,50 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         return self._transport.get_extra_info("sockname")[1] if self._transport else 0
 
     def update(self, params: AudioParams) -> None:
-        """A re-INVITE changed the remote address, codec or direction."""
-        if (params.remote_host, params.remote_port) != (self.params.remote_host, self.params.remote_port):
+        """A re-INVITE changed the remote address, codec or direction.
+
+        A new signalled address unlocks the source (the next packet from it
+        locks again; latching as at the start of a call).  A hold to
+        ``0.0.0.0`` moves nothing: the locked source stays.
+        """
+        address = (params.remote_host, params.remote_port)
+        if not params.on_hold and address != self._signalled:
+            self._signalled = address
             self.stats.latched = None
+            self._remote_ssrc = None
+            self._jitter = ReorderBuffer()
         self.params = params
+
+    def _accepts(self, source: tuple[str, int]) -> bool:
+        """Is ``source`` the call's media source?  Locks onto it when the call has none yet."""
+        if self.stats.latched is not None:
+            return source == self.stats.latched
+        host, port = self._signalled
+        if not (_same_host(source[0], host) and source[1] == port):
+            if not self._may_latch(host):
+                return False
+            log.info("RTP latched to %s:%d (the SDP said %s:%d)", *source, host, port)
+        self.stats.latched = source
+        return True
+
+    def _may_latch(self, host: str) -> bool:
+        if self.latching == "always":
+            return True
+        if self.latching == "off":
+            return False
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return True   # a host name: where its packets come from cannot be checked without DNS
+        return behind_nat(host)
+
+    def _stranger(self, source: tuple[str, int]) -> None:
+        self.stats.strangers += 1
+        if source not in self._logged and len(self._logged) < MAX_LOGGED_STRANGERS:
+            self._logged.add(source)
+            host, port = self.stats.latched or self._signalled
+            log.warning("RTP from %s:%d dropped: the call's media comes from %s:%d (further packets only counted)",
+                        *source, host, port)
 
     # ------------------------------------------------------------ receive
     def datagram_received(self, data: bytes, addr) -> None:
@@ -108,11 +188,9 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         if 72 <= packet.payload_type <= 76:
             return   # RTCP on the RTP port (rtcp-mux): not used
         source = (addr[0], addr[1])
-        if self.stats.latched != source:
-            if self.stats.latched is not None and packet.ssrc == self._remote_ssrc:
-                return   # same stream from elsewhere: not ours to follow
-            log.debug("RTP latched to %s:%d (ssrc %08x)", *source, packet.ssrc)
-            self.stats.latched = source
+        if not self._accepts(source):
+            self._stranger(source)
+            return
         if packet.ssrc != self._remote_ssrc:
             # One caller, one stream (RFC 3550 source validation): a second SSRC is
             # taken only once the current one has gone quiet, so two interleaved
@@ -148,6 +226,11 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         pcm = None if payload is None else g711.decode(self.params.codec, payload)
         self.on_audio(pcm, at)
 
+    @property
+    def held_packets(self) -> int:
+        """Packets waiting in the reorder buffer (bounded by its ``max_hold``)."""
+        return len(self._jitter)
+
     def error_received(self, exc: Exception) -> None:
         log.debug("RTP socket error: %s", exc)   # ICMP port unreachable while the far end is not up yet
 
@@ -164,7 +247,7 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         packet = RtpPacket(payload_type=self.params.payload_type, marker=marker, sequence_number=self._seq,
                            timestamp=self._timestamp, ssrc=self._ssrc, payload=payload)
         self._seq = (self._seq + 1) & 0xFFFF
-        destination = self.stats.latched or (self.params.remote_host, self.params.remote_port)
+        destination = self.stats.latched or self._signalled
         self._transport.sendto(packet.serialize(), destination)
         self.stats.sent += 1
 
@@ -172,3 +255,14 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+
+
+def _same_host(a: str, b: str) -> bool:
+    """The same IP address, however spelt (``::ffff:127.0.0.1`` is ``127.0.0.1``)."""
+    try:
+        ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+    ia = getattr(ia, "ipv4_mapped", None) or ia
+    ib = getattr(ib, "ipv4_mapped", None) or ib
+    return ia == ib
