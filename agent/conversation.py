@@ -91,7 +91,8 @@ class Conversation:
         llm, tts = self.config.llm, self.config.tts
         self._responder = Responder(
             owner=self._tasks, llm=self.engines.llm, tts=self.engines.tts, playout=self.playout, history=self.history,
-            settings=ReplySettings(llm.max_tokens, llm.temperature, tts.min_clause_chars, tts.first_piece_max_words),
+            settings=ReplySettings(llm.max_tokens, llm.temperature, tts.min_clause_chars, tts.first_piece_max_words,
+                                  fallback_text=llm.fallback_text),
             emit=self._emit, advance=self._advance, clock=self.clock, hangup_phrases=self.config.hangup_phrases)
         self.interruptions = Interruptions(
             BargeInRules(interrupt.min_speech_ms, interrupt.require_words, interrupt.resume_after_ms),

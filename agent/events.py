@@ -58,10 +58,24 @@ class TurnDiscarded:
 
 @dataclass(frozen=True)
 class TurnFailed:
-    """An engine failed for this turn; the call goes on."""
+    """An engine failed for this turn; the call goes on.
+
+    ``error``: one line naming the stage and what happened (e.g. ``LLM endpoint
+    http://…/chat/completions: connection dropped after 6 pieces of text``);
+    ``stage``: stt | llm | tts | internal; ``failure``: the error's kind, a
+    short fixed word (``ModelError.kind``: dropped, timeout, http_5xx, empty, …)
+    fit for a metric label; ``reply``: what the caller heard of the answer (the
+    part spoken before the failure, then the fallback line), as kept in the
+    history; ``ledger``: the turn's marks, with the note ``failed``.
+    """
 
     turn: int
     error: str
+    stage: str = "internal"
+    failure: str = "error"
+    transcript: str = ""
+    reply: str = ""
+    ledger: TurnLedger | None = None
     kind: str = "turn_failed"
 
 

@@ -32,6 +32,9 @@ class MetricsObserver:
         self.calls_ended = Counter("sub300_calls_ended", "Calls ended, by reason", ["transport", "reason"], registry=r)
         self.turns = Counter("sub300_turns", "Caller turns, by outcome (answered, discarded, failed)",
                              ["transport", "outcome"], registry=r)
+        self.llm_errors = Counter("sub300_llm_errors", "Turns whose LLM answer failed, by kind of failure "
+                                  "(dropped, timeout, http_5xx, http_4xx, stream_error, malformed, empty, ...)",
+                                  ["transport", "kind"], registry=r)
         self.turns_within_budget = Counter("sub300_turns_within_budget",
                                            "Answered turns whose voice-to-voice was within the budget",
                                            ["transport"], registry=r)
@@ -72,6 +75,8 @@ class MetricsObserver:
             self.turns.labels(transport, "discarded").inc()
         elif isinstance(event, TurnFailed):
             self.turns.labels(transport, "failed").inc()
+            if event.stage == "llm":
+                self.llm_errors.labels(transport, _label(event.failure)).inc()
         elif isinstance(event, TurnFinished):
             self.turns.labels(transport, "answered").inc()
             ledger = event.ledger
@@ -93,6 +98,11 @@ class MetricsObserver:
     def active_calls(self, transport: str | None = None) -> int:
         samples = next(iter(self.calls_active.collect())).samples
         return int(sum(s.value for s in samples if transport is None or s.labels["transport"] == transport))
+
+
+def _label(word: str) -> str:
+    """A label value from a failure kind: short, lower case, never free text."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in word.lower())[:32] or "unknown"
 
 
 def _reason_label(reason: str) -> str:

@@ -9,6 +9,17 @@ leaves no trace in the turn's ledger.
 
 The Reply's task belongs to the `TaskOwner` given to `start()` (the turn's);
 the conversation awaits or cancels it.
+
+When the LLM fails (any `ModelError`: a dropped stream, an error event, an
+HTTP error, a timeout) or finishes without a word to say (`EmptyReply`), the
+reply does not raise: it keeps the failure in ``error``, lets TTS finish the
+complete pieces already generated (an unfinished sentence is dropped), then
+speaks ``settings.fallback_text`` (empty: nothing) and ends normally, so the
+caller hears "…, sorry, I can't answer that right now" instead of half a
+sentence and dead air; the responder reports the turn as failed.  A TTS
+failure still raises (there is no voice left to say the fallback with), as
+the original typed error: the two stages run in an `asyncio.TaskGroup` whose
+single-exception group is unwrapped (`_unwrap`).
 """
 from __future__ import annotations
 
@@ -20,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sub300.models.protocols import ChatMessage, LanguageModel, SpeechSynthesizer
+from sub300.models.protocols import ChatMessage, EmptyReply, LanguageModel, ModelError, SpeechSynthesizer
 from sub300.models.threads import iterate_in_thread
 
 from .audio import StreamResampler
@@ -29,6 +40,7 @@ from .ledger import TurnLedger
 from .playout import PlayoutQueue
 from .sentences import SentenceSplitter
 from .tasks import TaskOwner
+from .words import has_words
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -40,6 +52,8 @@ class ReplySettings:
     temperature: float
     min_clause_chars: int
     first_piece_max_words: int = 0
+    #: spoken after a failed or empty LLM answer ("" = nothing)
+    fallback_text: str = ""
 
 
 class Reply:
@@ -69,6 +83,10 @@ class Reply:
         self._first_pushed = False
         self._first_audio = asyncio.Event()   # TTS made the first audio (or gave up)
         self.task: asyncio.Task | None = None
+        #: the LLM's failure (an EmptyReply when it said nothing); None when it answered
+        self.error: ModelError | None = None
+        #: index in ``pieces`` of the fallback line, once queued
+        self.fallback_piece: int | None = None
 
     # ------------------------------------------------------------ control
     def start(self, owner: TaskOwner) -> Reply:
@@ -80,6 +98,8 @@ class Reply:
         """The turn is real: adopt the turn's ledger and release held audio."""
         for name, at in self.ledger.marks.items():
             ledger.mark(name, at)
+        for name, value in self.ledger.notes.items():   # "failed", "unspoken" of a speculation that failed
+            ledger.notes.setdefault(name, value)
         self.ledger = ledger
         self.committed = True
         for text in self.pieces:
@@ -127,33 +147,56 @@ class Reply:
 
     async def _run(self) -> None:
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._generate(queue), name=f"turn{self.turn}-llm")
-            group.create_task(self._synthesize(queue), name=f"turn{self.turn}-tts")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._generate(queue), name=f"turn{self.turn}-llm")
+                group.create_task(self._synthesize(queue), name=f"turn{self.turn}-tts")
+        except BaseExceptionGroup as group_error:
+            raise _unwrap(group_error) from None
 
     async def _generate(self, queue: asyncio.Queue[str | None]) -> None:
         settings = self._settings
         splitter = SentenceSplitter(settings.min_clause_chars, settings.first_piece_max_words)
         self.ledger.mark("llm_start", self._clock())
-        stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
-                                       temperature=settings.temperature)
+        queued: list[str] = []
+        stream: AsyncGenerator[str, None] | None = None
         try:
+            stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
+                                           temperature=settings.temperature)
             async for text in stream:
                 if text and not self.ledger.has("llm_first_token"):
                     self.ledger.mark("llm_first_token", self._clock())
                 for piece in splitter.push(text):
                     self.ledger.mark("first_piece", self._clock())
+                    queued.append(piece)
                     queue.put_nowait(piece)
                 if queue.qsize() and not self._first_audio.is_set():
                     # The caller is waiting for the first piece's audio: leave the CPU
                     # to TTS (an engine with flow control pauses meanwhile).
                     await self._first_audio.wait()
+        except ModelError as error:
+            self.error = error
         finally:
-            await stream.aclose()
-        for piece in splitter.flush():
+            if stream is not None:
+                await stream.aclose()
+        rest = splitter.flush()
+        if self.error is not None and rest and not _SENTENCE_END.search(rest[-1]):
+            # cut off mid-sentence: say the fallback rather than half a sentence
+            self.ledger.notes["unspoken"] = rest.pop()
+        for piece in rest:
             self.ledger.mark("first_piece", self._clock())
+            queued.append(piece)
             queue.put_nowait(piece)
+        if self.error is None and not any(has_words(piece) for piece in queued):
+            self.error = EmptyReply(f"LLM {_endpoint_of(self._llm)}: the answer had no text to speak "
+                                    f"({len(queued)} pieces, {sum(map(len, queued))} characters)")
         self.ledger.mark("llm_done", self._clock())
+        if self.error is not None:
+            self.ledger.notes["failed"] = failure_note("llm", self.error)
+            if settings.fallback_text.strip():
+                self.fallback_piece = len(queued)
+                self.ledger.mark("first_piece", self._clock())
+                queue.put_nowait(settings.fallback_text.strip())
         queue.put_nowait(None)
 
     async def _synthesize(self, queue: asyncio.Queue[str | None]) -> None:
@@ -178,6 +221,38 @@ class Reply:
             self._push(resampler.flush(), index)
 
 
+def _unwrap(group: BaseExceptionGroup) -> BaseException:
+    """The one error a TaskGroup of this module failed with, as its own typed exception.
+
+    A group holds more than one only if both stages failed at once: the first
+    is raised and the others are attached as notes (nothing is silently lost).
+    """
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    first = leaves[0]
+    for other in leaves[1:]:
+        first.add_note(f"also failed at the same time: {type(other).__name__}: {other}")
+    return first
+
+
+def _endpoint_of(llm: LanguageModel) -> str:
+    """What to call an engine in a message: its URL if it has one, else its name."""
+    return str(getattr(llm, "url", None) or llm.name)
+
+
+def failure_note(stage: str, error: ModelError) -> str:
+    """The ledger's ``failed`` note, e.g. ``llm: dropped: LLM endpoint …: connection dropped after 6 pieces …``."""
+    return f"{stage}: {error.kind}: {error}"
+
+
 def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncGenerator[np.ndarray, None]:
     """TTS audio chunks without blocking the event loop: an engine's own ``synthesize_async(text)``
     (a remote engine, or a test fake on virtual time) if it has one, else its blocking
@@ -190,6 +265,8 @@ def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncGenerator[np.ndarray,
 
 _SPEAKABLE = re.compile(r"°C|°F|°")
 
+#: a piece that ends a sentence (closing quotes or brackets may follow the mark)
+_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s*$")
 
 def _speakable(text: str) -> str:
     """Small fixes for symbols TTS voices read badly."""

@@ -5,8 +5,11 @@ if it was short speech during the agent's reply that did not earn the
 interruption), else commit a reply — the speculative one if the turn has
 it, a new one otherwise — wait until it has played (or was cut by a
 barge-in), keep what the caller heard in the history, and report the turn.
-An engine failure fails that turn only (`TurnFailed`); the next one is
-answered as usual.
+An engine failure fails that turn only (`TurnFailed`, logged in one line
+without a traceback, the ledger noted ``failed``); the next one is answered
+as usual.  A failed or empty LLM answer still ends in speech: the reply
+speaks what it had, then the fallback line, and the history keeps what was
+said (reply.py).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from sub300.models.protocols import LanguageModel, ModelError, SpeechSynthesizer
 from .events import EventHandler, HangupRequested, TranscriptEvent, TurnDiscarded, TurnFailed, TurnFinished
 from .history import History
 from .playout import PlayoutQueue
-from .reply import Reply, ReplySettings
+from .reply import Reply, ReplySettings, failure_note
 from .tasks import TaskOwner
 from .turn import Turn
 from .turn_state import TurnEvent as E
@@ -72,12 +75,13 @@ class Responder:
                 await self._answer(turn)
             except asyncio.CancelledError:
                 raise
-            except ModelError as error:
-                log.error("turn %d failed: %s", turn.number, error)
-                self._emit(TurnFailed(turn.number, str(error)))
+            except ModelError as error:   # an engine outside the reply's own handling (a bare stream_chat)
+                self._fail(turn, "model", error)
             except Exception as error:  # a bug in one turn must not end the call
                 log.exception("turn %d crashed", turn.number)
-                self._emit(TurnFailed(turn.number, f"internal error: {error!r}"))
+                turn.ledger.notes["failed"] = f"internal: {error!r}"
+                self._emit(TurnFailed(turn.number, f"internal error: {error!r}", "internal", "crash",
+                                      ledger=turn.ledger))
             finally:
                 turn.tasks.cancel()     # leftovers: a partial, an unused speculation
                 if self.reply is not None:
@@ -90,7 +94,11 @@ class Responder:
     async def _answer(self, turn: Turn) -> None:
         ledger, transcription = turn.ledger, turn.transcription
         assert transcription is not None, "a turn is queued once it has its final transcription"
-        transcript = await transcription.task
+        try:
+            transcript = await transcription.task
+        except ModelError as stt_error:
+            self._fail(turn, "stt", stt_error)
+            return
         ledger.mark("stt_final", transcription.finished or self._clock())
         ledger.notes["stt_inference_ms"] = round(transcript.inference_seconds * 1000, 1)
         ledger.notes["stt_audio_s"] = round(transcript.audio_seconds, 2)
@@ -111,6 +119,9 @@ class Responder:
         assert task is not None, "a committed reply has started"
         await asyncio.wait({task})                 # an interruption cancels the reply, not us
         if not task.cancelled() and (error := task.exception()) is not None:
+            if isinstance(error, ModelError):   # the LLM's failures are the reply's (reply.error)
+                self._fail(turn, "tts", error, transcript=text)
+                return
             raise error
         if not reply.interrupted:
             await self._playout.wait_idle()
@@ -119,10 +130,26 @@ class Responder:
         ledger.notes["interrupted"] = reply.interrupted
         self._history.add(text, heard)
         self._playout.forget_turn(turn.number)
-        finished = TurnFinished(turn.number, text, heard, ledger)
-        self.finished.append(finished)
-        log.info("turn %d: %r → %r%s, voice-to-voice %.0f ms", turn.number, text, heard,
-                 " (interrupted)" if reply.interrupted else "", ledger.voice_to_voice_ms or -1)
-        self._emit(finished)
+        if reply.error is not None:
+            self._fail(turn, "llm", reply.error, transcript=text, reply=heard,
+                       fallback=reply.fallback_piece is not None)
+        else:
+            finished = TurnFinished(turn.number, text, heard, ledger)
+            self.finished.append(finished)
+            log.info("turn %d: %r → %r%s, voice-to-voice %.0f ms", turn.number, text, heard,
+                     " (interrupted)" if reply.interrupted else "", ledger.voice_to_voice_ms or -1)
+            self._emit(finished)
         if not reply.interrupted and (phrase := said_phrase(text, self._hangup_phrases)) is not None:
             self._emit(HangupRequested(turn.number, f"the caller said {phrase!r}"))
+
+    def _fail(self, turn: Turn, stage: str, error: ModelError, *, transcript: str = "", reply: str = "",
+              fallback: bool = False) -> None:
+        """Report ``turn`` as failed at ``stage``: one log line (no traceback: an engine's failure
+        is expected, not a bug), the ledger's ``failed`` note, a `TurnFailed` event."""
+        message = str(error)
+        if not message.lower().startswith(stage):     # "LLM endpoint …" names its stage already
+            message = f"{stage.upper()} {message}"
+        turn.ledger.notes.setdefault("failed", failure_note(stage, error))
+        log.error("turn %d failed: %s%s", turn.number, message,
+                  "; the caller heard the fallback line" if fallback else "")
+        self._emit(TurnFailed(turn.number, message, stage, error.kind, transcript, reply, turn.ledger))

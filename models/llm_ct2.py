@@ -249,7 +249,12 @@ class CTranslate2ChatModel:
     ) -> AsyncGenerator[str, None]:
         if max_tokens < 1:
             return
-        prompt_ids = self._fit_prompt(messages, max_tokens)
+        try:
+            prompt_ids = self._fit_prompt(messages, max_tokens)
+        except ModelError:
+            raise
+        except Exception as exc:  # a tokenizer failure is this engine's failure too (a failed turn, not a crash)
+            raise ModelError(f"{self.name} cannot encode the prompt: {exc}") from exc
 
         def produce(emit: Callable[[str], bool], stop: threading.Event) -> None:
             self._generate(prompt_ids, max_tokens, temperature, emit, stop)

@@ -6,9 +6,16 @@ vLLM, SGLang, llama.cpp's server, a hosted API, or another sub300's own
 read as server-sent events, one ``chat.completion.chunk`` per ``data:`` line,
 until ``data: [DONE]``.
 
-Every failure becomes an EndpointError that names the URL: connection
-refused, DNS, a timeout, an HTTP error status (with a short excerpt of the
-body), an error event inside the stream, or a stream that cannot be parsed.
+Every failure becomes an EndpointError that names the URL, of a subclass
+per kind (models/protocols.py; ``kind`` is the metric label):
+`EndpointUnreachable` (connection refused, DNS), `EndpointTimeout`,
+`EndpointHTTPError` (4xx/5xx, with a short excerpt of the body),
+`EndpointDropped` (the connection closed or broke before ``[DONE]`` or a
+``finish_reason``; the message says after how many pieces),
+`EndpointStreamError` (an ``{"error": ...}`` event inside the stream) and
+`EndpointProtocolError` (a stream that cannot be parsed).  A stream that
+finishes cleanly without any content is not an error here: what counts as
+"nothing to say" is the caller's business (agent/reply.py).
 Nothing waits forever: connecting is bounded by ``connect_timeout_s``, the
 first token by ``first_token_timeout_s`` (counted from the request's start),
 and every later gap between two reads by ``idle_timeout_s``.  Cancelling the
@@ -19,13 +26,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import aiohttp
 
 from . import defaults
-from .protocols import ChatMessage, EndpointError
+from .protocols import (
+    ChatMessage,
+    EndpointDropped,
+    EndpointError,
+    EndpointHTTPError,
+    EndpointProtocolError,
+    EndpointStreamError,
+    EndpointTimeout,
+    EndpointUnreachable,
+)
 
 #: how much of an error body goes into the exception message
 _BODY_EXCERPT_CHARS = 300
@@ -101,8 +117,9 @@ class OpenAIChatModel:
         body.update(self.extra_body)
         return body
 
-    def _error(self, what: str) -> EndpointError:
-        return EndpointError(f"LLM endpoint {self.url}: {what}")
+    def _error(self, what: str, cls: type[EndpointError] = EndpointProtocolError) -> EndpointError:
+        """An error of kind ``cls`` whose message names this endpoint's URL."""
+        return cls(f"LLM endpoint {self.url}: {what}")
 
     async def stream_chat(
         self,
@@ -117,14 +134,19 @@ class OpenAIChatModel:
         loop = asyncio.get_running_loop()
         first_deadline = loop.time() + self.first_token_timeout_s
         got_token = False
+        pieces = 0
+
+        def after() -> str:
+            return f"after {pieces} piece{'' if pieces == 1 else 's'} of text"
 
         def read_deadline() -> float:
             return first_deadline if not got_token else loop.time() + self.idle_timeout_s
 
         def timeout_error() -> EndpointError:
             if got_token:
-                return self._error(f"no data for {self.idle_timeout_s:g} s (idle timeout)")
-            return self._error(f"no first token within {self.first_token_timeout_s:g} s")
+                return self._error(f"no data for {self.idle_timeout_s:g} s {after()} (idle timeout)",
+                                   EndpointTimeout)
+            return self._error(f"no first token within {self.first_token_timeout_s:g} s", EndpointTimeout)
 
         try:
             async with asyncio.timeout_at(first_deadline):
@@ -133,18 +155,21 @@ class OpenAIChatModel:
             # aiohttp's own connect timeout also lands here (it is a TimeoutError)
             raise self._error(
                 f"timed out connecting or waiting for the response "
-                f"(connect {self.connect_timeout_s:g} s, first token {self.first_token_timeout_s:g} s)"
+                f"(connect {self.connect_timeout_s:g} s, first token {self.first_token_timeout_s:g} s)",
+                EndpointTimeout,
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            raise self._error(f"cannot connect ({exc.os_error or exc})") from exc
+            raise self._error(f"cannot connect ({exc.os_error or exc})", EndpointUnreachable) from exc
         except aiohttp.ClientError as exc:
-            raise self._error(f"request failed ({type(exc).__name__}: {exc})") from exc
+            # e.g. ServerDisconnectedError: it accepted the request, then closed
+            raise self._error(f"connection dropped before the response ({type(exc).__name__}: {exc})",
+                              EndpointDropped) from exc
 
         finished_cleanly = False
         try:
             if resp.status >= 400:
-                raise self._error(f"HTTP {resp.status} {resp.reason or ''}".rstrip()
-                                  + await self._body_excerpt(resp))
+                what = f"HTTP {resp.status} {resp.reason or ''}".rstrip() + await self._body_excerpt(resp)
+                raise EndpointHTTPError(f"LLM endpoint {self.url}: {what}", resp.status)
             ctype = resp.content_type
             if ctype == "application/json":
                 # A server that ignored stream=true and answered in one piece.
@@ -172,7 +197,8 @@ class OpenAIChatModel:
                 except ValueError as exc:  # a line beyond the reader's limit
                     raise self._error(f"malformed event stream ({exc})") from exc
                 except aiohttp.ClientError as exc:
-                    raise self._error(f"connection lost while streaming ({type(exc).__name__}: {exc})") from exc
+                    raise self._error(f"connection dropped {after()} ({type(exc).__name__}: {exc})",
+                                      EndpointDropped) from exc
                 at_eof = raw_line == b""
                 line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
                 if line and not at_eof:
@@ -192,15 +218,17 @@ class OpenAIChatModel:
                     if data.strip() == "[DONE]":
                         finished_cleanly = True
                         return
-                    piece, reason = self._parse_chunk(data)
+                    piece, reason = self._parse_chunk(data, after)
                     if reason:
                         finish_reason = reason
                     if piece:
                         got_token = True
+                        pieces += 1
                         yield piece
                 if at_eof:
                     if finish_reason is None:
-                        raise self._error("stream ended before [DONE] or a finish_reason")
+                        raise self._error(f"connection dropped {after()} (the stream ended before [DONE] "
+                                          "or a finish_reason)", EndpointDropped)
                     finished_cleanly = True  # some servers close without [DONE]
                     return
         finally:
@@ -232,8 +260,11 @@ class OpenAIChatModel:
             text = text[:_BODY_EXCERPT_CHARS] + "…"
         return f": {text}" if text else ""
 
-    def _parse_chunk(self, data: str) -> tuple[str, str | None]:
-        """One ``chat.completion.chunk`` → (content piece, finish_reason)."""
+    def _parse_chunk(self, data: str, after: Callable[[], str] = lambda: "") -> tuple[str, str | None]:
+        """One ``chat.completion.chunk`` → (content piece, finish_reason).
+
+        ``after()`` says how far the stream got, for the message of an error event.
+        """
         try:
             obj = json.loads(data)
         except ValueError:
@@ -243,7 +274,9 @@ class OpenAIChatModel:
         if obj.get("error"):
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else err
-            raise self._error(f"error in stream: {str(msg)[:_BODY_EXCERPT_CHARS]}")
+            where = after()
+            raise self._error(f"error event in the stream{' ' + where if where else ''}: "
+                              f"{str(msg)[:_BODY_EXCERPT_CHARS]}", EndpointStreamError)
         choices = obj.get("choices")
         if not isinstance(choices, list):
             raise self._error(f"chunk without choices: {data[:80]!r}")
@@ -262,7 +295,7 @@ class OpenAIChatModel:
         try:
             obj = json.loads(raw)
             if obj.get("error"):
-                raise self._error(f"error: {str(obj['error'])[:_BODY_EXCERPT_CHARS]}")
+                raise self._error(f"error: {str(obj['error'])[:_BODY_EXCERPT_CHARS]}", EndpointStreamError)
             content = obj["choices"][0]["message"]["content"]
         except EndpointError:
             raise

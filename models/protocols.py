@@ -18,15 +18,70 @@ SAMPLE_RATE = 16_000
 
 
 class ModelError(RuntimeError):
-    """An engine failed (bad model path, inference error, remote endpoint error)."""
+    """An engine failed (bad model path, inference error, remote endpoint error).
+
+    ``kind`` names the failure for logs and metric labels (a short fixed word,
+    never free text); subclasses narrow it.
+    """
+
+    kind: str = "model"
 
 
 class ModelUnavailable(ModelError):
     """A model or its weights cannot be found or loaded."""
 
+    kind = "unavailable"
+
+
+class EmptyReply(ModelError):
+    """A language model finished without producing any text to speak."""
+
+    kind = "empty"
+
 
 class EndpointError(ModelError):
     """A remote model endpoint is unreachable, timed out or answered with an error."""
+
+    kind = "endpoint"
+
+
+class EndpointUnreachable(EndpointError):
+    """The request could not be sent: connection refused, DNS, TLS."""
+
+    kind = "unreachable"
+
+
+class EndpointTimeout(EndpointError):
+    """Connecting, the first token or the gap between two reads took too long."""
+
+    kind = "timeout"
+
+
+class EndpointHTTPError(EndpointError):
+    """The endpoint answered with an HTTP error status; ``kind`` is ``http_4xx`` or ``http_5xx``."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+        self.kind = f"http_{status // 100}xx"
+
+
+class EndpointDropped(EndpointError):
+    """The connection closed (or broke) before the stream said it was complete."""
+
+    kind = "dropped"
+
+
+class EndpointStreamError(EndpointError):
+    """The endpoint reported an error inside the stream (an ``{"error": ...}`` event)."""
+
+    kind = "stream_error"
+
+
+class EndpointProtocolError(EndpointError):
+    """The answer could not be understood: malformed SSE/JSON, a wrong content type."""
+
+    kind = "malformed"
 
 
 # --------------------------------------------------------------------- VAD
@@ -58,6 +113,10 @@ class Transcript:
     audio_seconds: float
     #: wall time spent in the engine
     inference_seconds: float
+    #: Whisper's probability that the window holds no speech (0..1); None when the engine has no such signal
+    no_speech_prob: float | None = None
+    #: mean log-probability of the decoded tokens (nats, <= 0); None when unknown
+    avg_logprob: float | None = None
 
 
 @runtime_checkable

@@ -74,30 +74,35 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
     from sub300.agent.events import TurnDiscarded, TurnFailed, TurnFinished
     from sub300.media.file_transport import converse_with_file
 
-    failures = 0
+    failed: list[TurnFailed] = []
 
     def report(event) -> None:
-        nonlocal failures
-        if isinstance(event, TurnFinished):
+        if isinstance(event, TurnFinished | TurnFailed):
+            if isinstance(event, TurnFailed):
+                # the one line on stderr is the responder's log line ("turn N failed: LLM …")
+                failed.append(event)
+            reply = event.reply
             if args.json:
-                ledger = event.ledger.to_dict()
+                ledger = event.ledger.to_dict() if event.ledger is not None else {}
                 doc = {
                     "turn": event.turn,
                     "transcript": event.transcript,
-                    "reply": event.reply,
-                    "marks": ledger["marks_ms"],
-                    "stages_ms": ledger["stages_ms"],
-                    "overlaps_ms": ledger["overlaps_ms"],
-                    "voice_to_voice_ms": ledger["voice_to_voice_ms"],
-                    "notes": ledger["notes"],
+                    "reply": reply,
+                    "marks": ledger.get("marks_ms", {}),
+                    "stages_ms": ledger.get("stages_ms", {}),
+                    "overlaps_ms": ledger.get("overlaps_ms", {}),
+                    "voice_to_voice_ms": ledger.get("voice_to_voice_ms"),
+                    "notes": ledger.get("notes", {}),
                 }
+                if isinstance(event, TurnFailed):
+                    doc["failed"] = {"stage": event.stage, "kind": event.failure, "error": event.error}
                 print(json.dumps(doc), flush=True)
             else:
-                print(f"\ncaller: {event.transcript}\nagent:  {event.reply}")
-                print(event.ledger.format_table(config.budget_ms), flush=True)
-        elif isinstance(event, TurnFailed):
-            failures += 1
-            _progress(f"turn {event.turn} failed: {event.error}")
+                print(f"\ncaller: {event.transcript}\nagent:  {reply}")
+                if isinstance(event, TurnFailed):
+                    print(f"turn {event.turn} FAILED ({event.stage} {event.failure}): {event.error}")
+                if event.ledger is not None:
+                    print(event.ledger.format_table(config.budget_ms), flush=True)
         elif isinstance(event, TurnDiscarded):
             _progress(f"turn {event.turn} discarded: {event.reason}")
 
@@ -109,9 +114,13 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
         if args.out:
             write_wav(args.out, result.timeline, result.sample_rate)
             _progress(f"wrote {args.out} ({len(result.timeline) / result.sample_rate:.1f} s)")
-        if not finished:
+        if failed:
+            kinds = ", ".join(f"turn {e.turn}: {e.stage.upper()} {e.failure}" for e in failed)
+            _progress(f"{len(failed)} of {len(failed) + len(finished)} turns failed ({kinds})")
+        elif not finished:
             _progress("no turn was answered (no speech detected?)")
-        return 1 if failures or result.timed_out else 0
+        # exit 1: a turn failed (an engine, the LLM endpoint) or the agent never finished
+        return 1 if failed or result.timed_out else 0
     finally:
         await engines.aclose()
 

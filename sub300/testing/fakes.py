@@ -119,24 +119,36 @@ def voiced_seconds(audio: np.ndarray) -> float:
 class FakeLlm:
     """Streams ``tokens`` (or ``tokens(messages)``): the first after ``first_token_s``, then one per ``per_token_s``.
 
+    ``error``: for the next ``fail_times`` calls, stream only the first
+    ``error_after`` tokens and then raise this `ModelError` (a stream that
+    fails mid-answer; ``error_after=0``: before the first token).
     ``requests`` records the messages of every call.
     """
 
     name = "fake-llm"
 
     def __init__(self, tokens: Sequence[str] | Callable[[Sequence[ChatMessage]], Sequence[str]] = ("Hello there.",),
-                 *, first_token_s: float = 0.05, per_token_s: float = 0.01):
+                 *, first_token_s: float = 0.05, per_token_s: float = 0.01,
+                 error: ModelError | None = None, error_after: int = 0, fail_times: int = 1):
         self._tokens = tokens
         self.first_token_s, self.per_token_s = first_token_s, per_token_s
+        self._error, self._error_after, self._fail_times = error, error_after, fail_times
         self.requests: list[list[ChatMessage]] = []
 
     async def stream_chat(self, messages: Sequence[ChatMessage], *, max_tokens: int,
                           temperature: float = 0.0) -> AsyncGenerator[str, None]:
         self.requests.append(list(messages))
         tokens = self._tokens(messages) if callable(self._tokens) else self._tokens
+        error = None
+        if self._error is not None and self._fail_times > 0:
+            self._fail_times -= 1
+            error, tokens = self._error, tokens[:self._error_after]
         for i, token in enumerate(tokens[:max_tokens]):
             await asyncio.sleep(self.first_token_s if i == 0 else self.per_token_s)
             yield token
+        if error is not None:
+            await asyncio.sleep(self.per_token_s)
+            raise error
 
 
 # ------------------------------------------------------------------ TTS
