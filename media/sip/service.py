@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from sub300.agent.calls import CallObserver, LoggingObserver
 from sub300.agent.playout import PlayoutQueue
 
-from .auth import DigestAuth
+from .auth import DigestAuth, SourceFilter
 from .call import CallAgent, CallFactory, CallSetup
 from .dialogs import UserAgentServer
-from .transport import SipTransport
+from .transport import SipTransport, TcpLimits
 
 if TYPE_CHECKING:
     from sub300.agent.config import Config
@@ -85,11 +85,16 @@ async def start_sip_service(config: Config, engines: Engines | None, observer: C
         password = os.environ.get(sip.auth_password_env, "")
         if not password:
             raise ValueError(f"sip.auth_username is set but ${sip.auth_password_env} is empty")
-        auth = DigestAuth(sip.auth_username, password, sip.realm)
+        auth = DigestAuth(sip.auth_username, password, sip.realm, ttl_s=sip.nonce_ttl_s, max_nonces=sip.max_nonces)
     if not sip.allowed_sources and auth is None:
         log.warning("SIP: no sip.allowed_sources and no digest auth: anyone who reaches the port can call")
     holder: dict[str, UserAgentServer] = {}
-    transport = SipTransport(lambda data, flow: holder["uas"].handle(data, flow) if "uas" in holder else None)
+    limits = TcpLimits(sip.tcp_message_timeout_s, sip.tcp_idle_timeout_s, sip.tcp_max_connections,
+                       sip.tcp_max_connections_per_source, sip.max_message_bytes)
+    transport = SipTransport(lambda data, flow: holder["uas"].handle(data, flow) if "uas" in holder else None,
+                             limits=limits, accept=SourceFilter(sip.allowed_sources).allows,
+                             in_use=lambda flow: "uas" in holder and any(
+                                 d.tx.flow is flow for d in holder["uas"].dialogs.values()))
     await transport.start(sip.host, sip.port, tcp=tcp)
     uas = UserAgentServer(sip, call_factory, observer or LoggingObserver(), transport.send_udp,
                           local_port=transport.address[1], auth=auth, answer_delay_s=answer_delay_s)

@@ -1,23 +1,59 @@
-"""SIP over UDP and TCP on one address.
+"""SIP over UDP and TCP on one address, bounded against abuse.
 
 Both hand every message to one callback with the flow it came on; a
 response or in-dialog request goes back on the flow (the same TCP
 connection, or UDP to an address).  TCP framing follows RFC 3261 §18.3:
-headers up to the empty line, then exactly Content-Length bytes.
+headers up to the empty line, then exactly Content-Length bytes (a missing,
+negative, non-numeric or conflicting Content-Length breaks the framing:
+400 where it can be addressed, and the connection is closed).
+
+What a peer may hold (`TcpLimits`, from the ``[sip]`` section):
+
+* a connection that starts a message must finish it within
+  ``message_timeout_s``; one that sends nothing for ``idle_timeout_s``
+  between messages is closed, unless it carries a call (``in_use``), since
+  our BYE would go on it.  CRLF keep-alives (RFC 5626 §4.4.1: a double CRLF
+  "ping" is answered by a single CRLF "pong") count as traffic;
+* at most ``max_connections`` open connections, ``max_per_source`` from one
+  IP address; one more is closed at once, at accept;
+* a message (UDP datagram or TCP message) larger than ``max_message_bytes``
+  is refused: 513 Message Too Large (RFC 3261 §21.5.13) where it can be
+  addressed, then (TCP) the connection is closed;
+* ``accept(host)`` (the `SourceFilter` of ``sip.allowed_sources``) is asked
+  when a TCP connection is accepted: a source it refuses is closed before a
+  byte is read.
+
+Each refusal is counted in ``refused`` (by reason) and logged once per
+reason and source address.  No exception from the handler escapes: the
+transport logs it (with its traceback, once) and answers 500 where the
+message can be addressed; the socket stays up.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sub300.agent.tasks import TaskOwner
 
+from . import message as sip
+
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 64 * 1024
-_CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_LOGGED_MAX = 1024   # (reason, host) pairs remembered for "log once"
+
+
+@dataclass(frozen=True)
+class TcpLimits:
+    """Bounds on what a SIP peer may hold open (seconds, counts, bytes); see the module docstring."""
+
+    message_timeout_s: float = 10.0
+    idle_timeout_s: float = 180.0
+    max_connections: int = 256
+    max_per_source: int = 32
+    max_message_bytes: int = MAX_MESSAGE
 
 
 @dataclass(frozen=True)
@@ -36,8 +72,8 @@ Handler = Callable[[bytes, Flow], None]
 
 
 class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, handler: Handler):
-        self.handler = handler
+    def __init__(self, owner: SipTransport):
+        self.owner = owner
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
@@ -49,8 +85,13 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr) -> None:
         if data.strip(b"\r\n\x00 ") == b"":
-            return   # CRLF keep-alive (RFC 5626)
-        self.handler(data, Flow("UDP", (addr[0], addr[1]), self.send_to))
+            return   # CRLF keep-alive (RFC 5626 §4.4.2 uses STUN over UDP; bare CRLFs are ignored)
+        flow = Flow("UDP", (addr[0], addr[1]), self.send_to)
+        if len(data) > self.owner.limits.max_message_bytes:
+            self.owner.refuse("message too large", addr[0])
+            self.owner.answer_error(data, flow, 513, "Message Too Large")
+            return
+        self.owner.deliver(data, flow)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("SIP UDP error: %s", exc)
@@ -59,25 +100,39 @@ class _Udp(asyncio.DatagramProtocol):
 class SipTransport:
     """SIP sockets on one address: UDP, and TCP on the same port; every message goes to ``handler(data, flow)``.
 
-    Each TCP connection's reader is a task owned by ``connections`` (a
-    `TaskOwner`); `close()` stops listening and ends them all.
+    ``limits`` bounds TCP connections and message sizes; ``accept(host)``
+    decides at accept whether a TCP peer may connect at all (default:
+    everyone); ``in_use(flow)`` says whether a TCP flow carries a call (then
+    it is not closed for being idle).  Each TCP connection's reader is a task
+    owned by ``connections`` (a `TaskOwner`); `close()` stops listening and
+    ends them all.  ``open_connections`` is the number of TCP connections
+    open now; ``refused`` counts refusals by reason.
     """
 
-    def __init__(self, handler: Handler):
+    def __init__(self, handler: Handler, *, limits: TcpLimits | None = None,
+                 accept: Callable[[str], bool] | None = None, in_use: Callable[[Flow], bool] | None = None):
         self.handler = handler
+        self.limits = limits or TcpLimits()
+        self.accept = accept or (lambda host: True)
+        self.in_use = in_use or (lambda flow: False)
         self._udp: _Udp | None = None
         self._tcp: asyncio.Server | None = None
         self.connections = TaskOwner("sip-tcp")
         self.address: tuple[str, int] = ("", 0)
+        self.open_connections = 0
+        self._per_source: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self._logged: set[tuple[str, str]] = set()
 
     async def start(self, host: str, port: int, tcp: bool = True) -> None:
         """Bind UDP (OSError when it cannot) and, when asked, TCP on the port UDP got (a warning when it cannot)."""
         loop = asyncio.get_running_loop()
-        transport, self._udp = await loop.create_datagram_endpoint(lambda: _Udp(self.handler), local_addr=(host, port))
+        transport, self._udp = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
         self.address = transport.get_extra_info("sockname")[:2]
         if tcp:
             try:
-                self._tcp = await asyncio.start_server(self._serve_tcp, host, self.address[1])
+                self._tcp = await asyncio.start_server(self._serve_tcp, host, self.address[1],
+                                                       limit=self.limits.max_message_bytes)
             except OSError as error:   # UDP is what gateways use; TCP is a bonus
                 log.warning("SIP over TCP not available on %s:%d: %s", host, self.address[1], error)
 
@@ -85,32 +140,120 @@ class SipTransport:
         if self._udp is not None:
             self._udp.send_to(data, destination)
 
+    # ------------------------------------------------------------ the handler boundary
+    def deliver(self, data: bytes, flow: Flow) -> None:
+        """Hand one message to the handler; an exception is logged once and answered 500 where possible."""
+        try:
+            self.handler(data, flow)
+        except Exception:
+            log.exception("SIP message from %s:%d (%s) crashed its handler", *flow.source, flow.transport)
+            self.answer_error(data, flow, 500, "Server Internal Error")
+
+    def answer_error(self, data: bytes, flow: Flow, status: int, reason: str) -> None:
+        """Send ``status`` for a message we will not process, when its headers say where; never raises."""
+        try:
+            salvaged = sip.salvage(data, flow.source, status, reason)
+            if salvaged is not None:
+                flow.send(*salvaged)
+        except Exception:
+            log.exception("SIP: answering %d to %s:%d failed", status, *flow.source)
+
+    def refuse(self, reason: str, host: str) -> None:
+        """Count a refusal; log it the first time for this reason and address."""
+        self.refused[reason] += 1
+        if (reason, host) in self._logged:
+            return
+        if len(self._logged) >= _LOGGED_MAX:
+            self._logged.clear()
+        self._logged.add((reason, host))
+        log.warning("SIP %s from %s (logged once per address; %d so far)", reason, host, self.refused[reason])
+
+    # ------------------------------------------------------------ TCP
+    def _admit(self, host: str) -> str | None:
+        """Why a new connection from ``host`` is refused, or None to take it."""
+        if not self.accept(host):
+            return "TCP connection refused: not in sip.allowed_sources"
+        if self.open_connections >= self.limits.max_connections:
+            return f"TCP connection refused: {self.limits.max_connections} open (sip.tcp_max_connections)"
+        if self._per_source[host] >= self.limits.max_per_source:
+            return (f"TCP connection refused: {self.limits.max_per_source} open from this address "
+                    "(sip.tcp_max_connections_per_source)")
+        return None
+
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if peer else "?"
+        refusal = self._admit(host)
+        if refusal is not None:
+            self.refuse(refusal, host)
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None   # asyncio runs each connection's handler as a task
         self.connections.adopt(task)
-        peer = writer.get_extra_info("peername")[:2]
+        self.open_connections += 1
+        self._per_source[host] += 1
 
         def send_to(data: bytes, _destination) -> None:
             if not writer.is_closing():
                 writer.write(data)
 
-        flow = Flow("TCP", (peer[0], peer[1]), send_to)
+        flow = Flow("TCP", (host, int(peer[1])), send_to)
         try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if head.strip(b"\r\n") == b"":
-                    continue   # keep-alive
-                match = _CONTENT_LENGTH.search(head)
-                length = int(match.group(1)) if match else 0
-                if length > MAX_MESSAGE:
-                    break
-                body = await reader.readexactly(length)
-                self.handler(head + body, flow)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            await self._read_messages(reader, flow)
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.open_connections -= 1
+            self._per_source[host] -= 1
+            if self._per_source[host] <= 0:
+                del self._per_source[host]
             writer.close()
+
+    async def _read_messages(self, reader: asyncio.StreamReader, flow: Flow) -> None:
+        """Read framed messages until the peer closes, stalls, or breaks the framing (then return)."""
+        limits, host = self.limits, flow.source[0]
+        loop = asyncio.get_running_loop()
+        crlf = b""
+        while True:
+            try:   # between messages: wait for the first byte of the next one
+                async with asyncio.timeout(limits.idle_timeout_s):
+                    first = await reader.readexactly(1)
+            except TimeoutError:
+                if self.in_use(flow):
+                    continue
+                self.refuse("TCP connection closed: idle (sip.tcp_idle_timeout_s)", host)
+                return
+            if first in b"\r\n":   # CRLFs before a start line are ignored (§7.5); CRLFCRLF is a ping
+                crlf = (crlf + first)[-4:]
+                if crlf == b"\r\n\r\n":
+                    flow.send(b"\r\n")
+                    crlf = b""
+                continue
+            crlf = b""
+            try:
+                async with asyncio.timeout_at(loop.time() + limits.message_timeout_s):
+                    try:
+                        head = first + await reader.readuntil(b"\r\n\r\n")
+                    except asyncio.LimitOverrunError:   # no end of headers within the limit: 513 from what came
+                        self.refuse("message too large", host)
+                        partial = first + await reader.read(limits.max_message_bytes)
+                        self.answer_error(partial, flow, 513, "Message Too Large")
+                        return
+                    length = sip.content_length(head)
+                    if isinstance(length, str):
+                        self.refuse(length, host)
+                        self.answer_error(head, flow, 400, length)
+                        return   # the framing is lost: nothing after this can be trusted
+                    if len(head) + length > limits.max_message_bytes:
+                        self.refuse("message too large", host)
+                        self.answer_error(head, flow, 513, "Message Too Large")
+                        return
+                    body = await reader.readexactly(length)
+            except TimeoutError:
+                self.refuse("TCP connection closed: message not finished in time (sip.tcp_message_timeout_s)", host)
+                return
+            self.deliver(head + body, flow)
 
     async def close(self) -> None:
         """Close the sockets and wait for every connection's task."""
