@@ -39,6 +39,7 @@ from .events import AgentSpeech, EventHandler
 from .ledger import TurnLedger
 from .playout import PlayoutQueue
 from .sentences import SentenceSplitter
+from .spoken_form import spoken_form
 from .tasks import TaskOwner
 from .words import has_words
 
@@ -208,7 +209,7 @@ class Reply:
             if self.committed:
                 self._emit(AgentSpeech(self.turn, piece))
             self.ledger.mark("tts_start", self._clock())
-            chunks = _tts_chunks(self._tts, _speakable(piece))
+            chunks = _tts_chunks(self._tts, spoken_form(piece))  # history keeps `piece`; TTS gets the words
             try:
                 async for chunk in chunks:
                     self.ledger.mark("tts_first_audio", self._clock())
@@ -263,11 +264,6 @@ def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncGenerator[np.ndarray,
     return iterate_in_thread(lambda: tts.synthesize(text), name="tts")
 
 
-_SPEAKABLE = re.compile(r"°C|°F|°")
 
 #: a piece that ends a sentence (closing quotes or brackets may follow the mark)
 _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s*$")
-
-def _speakable(text: str) -> str:
-    """Small fixes for symbols TTS voices read badly."""
-    return _SPEAKABLE.sub(lambda m: {"°C": " degrees Celsius", "°F": " degrees Fahrenheit", "°": " degrees"}[m.group()], text)
