@@ -16,10 +16,21 @@ detector's frame size) and reports, with sample-exact timestamps:
 The true end is refined below the detector's frame: webrtcvad keeps calling
 frames voiced for ~100 ms after the voice stops (its own internal hangover),
 which would start the latency clock late and flatter every figure.  So the
-end is moved back to the last 10 ms block whose energy is within
-`END_DROP_DB` of the utterance's loudest block, and the hangover is counted
-from there.  The reverse also happens (a soft final consonant the detector
-calls unvoiced), so loud blocks shortly after the detector's end extend it.
+end is moved back to the last 10 ms block that is still voice, and the
+hangover is counted from there.  The reverse also happens (a soft final
+consonant the detector calls unvoiced), so voice blocks shortly after the
+detector's end extend it.
+
+"Still voice" is relative to the caller's own line (issue 9, quiet callers):
+a block is voice when it is within `END_DROP_DB` of the utterance's loudest
+block *and* `NOISE_MARGIN_DB` above the call's noise floor, tracked per call
+as a low percentile (`NOISE_PERCENTILE`) of the 10 ms block levels heard
+outside speech over the last `NOISE_WINDOW_S`.  No fixed absolute floor: a
+caller at -29 dBFS peak (x0.05) keeps the soft end of "France" that the old
+-55 dBFS floor (`END_FLOOR_DBFS`, still used with ``relative=False``) cut off.
+The end stays honest: a block at the noise floor is never voice, so
+`speech_end` is not later than the end of the voice (tests/test_endpointing.py,
+tests/test_quiet_caller.py).
 
 Sample indices count from the start of the call, so callers can cut the
 utterance out of their audio history.
@@ -74,6 +85,9 @@ BLOCK = 160               # 10 ms energy blocks for refining the end of speech
 END_DROP_DB = 40.0        # a block this far below the utterance's peak is silence
 END_FLOOR_DBFS = -55.0    # ... and so is anything below this absolute level
 END_SEARCH_S = 0.35       # how far back from the detector's last voiced frame to look
+NOISE_MARGIN_DB = 8.0     # relative mode: a voice block stands this far above the call's noise floor
+NOISE_PERCENTILE = 20.0   # the noise floor: this percentile of the block levels heard outside speech
+NOISE_WINDOW_S = 3.0      # ... over the last this many seconds of them
 SILENCE_DBFS = -120.0     # the level of digital silence (a finite floor keeps max() and comparisons simple)
 
 
@@ -86,7 +100,11 @@ def _block_levels(frame: np.ndarray) -> list[float]:
 
 class Endpointer:
     def __init__(self, vad: VoiceActivityDetector, *, min_speech_ms: int, hangover_ms: int,
-                 onset_ms: int | None = None):
+                 onset_ms: int | None = None, relative: bool = True):
+        """`relative`: the end-of-speech floor follows the caller's noise floor and level
+        (False: the old fixed `END_FLOOR_DBFS`)."""
+        self._relative = relative
+        self._noise: deque[float] = deque(maxlen=int(NOISE_WINDOW_S * SAMPLE_RATE / BLOCK))
         self._vad = vad.new_stream()
         self._threshold = vad.threshold
         self._frame = vad.frame_samples
@@ -153,8 +171,22 @@ class Endpointer:
             for k, level in enumerate(levels):
                 block_end = frame_start + (k + 1) * BLOCK if k < len(levels) - 1 else frame_end
                 self._levels.append((block_end, frame_time - (frame_end - block_end) / SAMPLE_RATE, level))
+            if not voiced and not self.in_speech and self._run_start is None:
+                self._noise.extend(levels)   # the line between utterances: the caller's noise floor
             self._step(voiced, frame_start, frame_end, frame_time, max(levels), events)
         return events
+
+    @property
+    def noise_floor_db(self) -> float:
+        """The call's noise floor (dBFS of a 10 ms block): a low percentile of the levels heard
+        outside speech; SILENCE_DBFS before any were heard."""
+        return float(np.percentile(self._noise, NOISE_PERCENTILE)) if self._noise else SILENCE_DBFS
+
+    def _end_floor(self) -> float:
+        """The level (dBFS) a 10 ms block must reach to count as voice at the end of speech."""
+        if not self._relative:
+            return max(END_FLOOR_DBFS, self._peak_db - END_DROP_DB)
+        return max(self.noise_floor_db + NOISE_MARGIN_DB, self._peak_db - END_DROP_DB)
 
     def _step(self, voiced: bool, start: int, end: int, time: float, frame_peak: float,
               events: list[EndpointEvent]) -> None:
@@ -207,7 +239,7 @@ class Endpointer:
         unvoiced; without this the turn would end, and be transcribed, without it.
         Bounded to END_SEARCH_S so a noisy line cannot hold the turn open.
         """
-        floor = max(END_FLOOR_DBFS, self._peak_db - END_DROP_DB)
+        floor = self._end_floor()
         limit = self._vad_voiced_end + int(END_SEARCH_S * SAMPLE_RATE)
         for block_end, block_time, level in self._levels:
             if frame_start < block_end <= limit and block_end > self._last_voiced_end and level >= floor:
@@ -215,7 +247,7 @@ class Endpointer:
 
     def _refined_end(self) -> tuple[int, float]:
         """The end of the last loud 10 ms block at or before the detector's last voiced frame."""
-        floor = max(END_FLOOR_DBFS, self._peak_db - END_DROP_DB)
+        floor = self._end_floor()
         earliest = self._last_voiced_end - int(END_SEARCH_S * SAMPLE_RATE)
         for block_end, block_time, level in reversed(self._levels):
             if block_end > self._last_voiced_end:

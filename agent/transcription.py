@@ -1,7 +1,10 @@
 """Transcription scheduling for one utterance: early final, partials, the final.
 
 * **Early final** (`stt.early_final`): when the caller falls silent the final
-  transcription starts at once, inside the endpointing hangover; if the
+  transcription starts as soon as `tail_samples` of audio after the refined
+  end of speech have arrived (`stt.tail_ms`: a soft last sound below the
+  endpointer's floor, as a quiet caller's final "-ce", still reaches the
+  recogniser), inside the endpointing hangover; if the
   hangover then expires it *is* the final.  If a soft last sound extended the
   speech after it started (the endpointer moved the end of speech), it is
   stale and is launched again.
@@ -92,7 +95,7 @@ class UtteranceTranscriber:
     def __init__(self, *, stt: SpeechRecognizer, ring: AudioRing, endpointer: Endpointer, start_sample: int,
                  owner: TaskOwner, clock: Clock, early_final: bool, partial_interval_s: float,
                  on_early_final: Callable[[Transcription, str], None],
-                 on_partial: Callable[[str], None], on_stale: Callable[[], None]):
+                 on_partial: Callable[[str], None], on_stale: Callable[[], None], tail_samples: int = 0):
         self._stt, self._ring, self._endpointer = stt, ring, endpointer
         self._start = start_sample
         self._owner, self._clock = owner, clock
@@ -103,14 +106,27 @@ class UtteranceTranscriber:
         self.active = True                  # the utterance is still being spoken
         self._relaunch_pending = False
         self._last_partial_at = clock()
+        self._tail = tail_samples
+        self._early_due = False              # paused: launch the early final once the tail has arrived
 
     # ------------------------------------------------------------ endpointer events
     def speech_paused(self) -> None:
         if self._early_final_on:
+            self._early_due = True
+            self._maybe_launch_early_final()
+
+    def _covered(self) -> int:
+        """The audio a final must cover: the refined end of speech plus the tail (what has arrived of it)."""
+        return min(self._endpointer.voiced_end_sample + self._tail, self._ring.end)
+
+    def _maybe_launch_early_final(self) -> None:
+        if self._early_due and self._ring.end >= self._endpointer.voiced_end_sample + self._tail:
+            self._early_due = False
             self._launch_early_final()
 
     def speech_resumed(self) -> None:
         """The caller went on: the early final is only a partial now."""
+        self._early_due = False
         if self.early_final is not None:
             self._show_as_partial(self.early_final)
             self.partial, self.early_final = self.early_final, None
@@ -118,9 +134,13 @@ class UtteranceTranscriber:
     def tick(self) -> None:
         """Once per caller frame: relaunch a stale early final, start a partial when due."""
         ep = self._endpointer
-        stale = self.early_final is not None and self.early_final.end_sample < ep.voiced_end_sample
+        if ep.paused:
+            self._maybe_launch_early_final()
+        stale = (self.early_final is not None and not self._early_due
+                 and self.early_final.end_sample < ep.voiced_end_sample + self._tail)
         if stale and ep.paused and self._early_final_on:
-            self._launch_early_final()   # a soft last sound extended the speech
+            self._early_due = True       # a soft last sound extended the speech: again, with its tail
+            self._maybe_launch_early_final()
         if not self._interval or not ep.in_speech:
             return
         now = self._clock()
@@ -136,7 +156,7 @@ class UtteranceTranscriber:
         that is the early final (it covers all the speech)."""
         self.active = False
         early = self.early_final
-        if early is not None and early.end_sample >= end_sample:
+        if early is not None and early.end_sample >= min(end_sample + self._tail, self._ring.end):
             return early, True
         return self._launch(), False
 
@@ -172,7 +192,7 @@ class UtteranceTranscriber:
     def _relaunch(self) -> None:
         self._relaunch_pending = False
         ep = self._endpointer
-        stale = self.early_final is None or self.early_final.end_sample < ep.voiced_end_sample
+        stale = self.early_final is None or self.early_final.end_sample < self._covered()
         if self.active and ep.paused and stale and not self._owner.closed:
             self._launch_early_final()
 
