@@ -5,6 +5,7 @@ field cases of /work/shared/cases/README.md.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -199,3 +200,29 @@ def test_first_piece_rules_still_apply_with_abbreviations() -> None:
         "Well, the U.S. economy grew last year.", "Yes."]
     assert stream("In the U.S., as you know, prices rose. Yes.", first_piece_rules=True) == [
         "In the U.S.,", "as you know, prices rose.", "Yes."]
+
+
+# ---------------------------------------------------------------- in a turn
+@pytest.mark.looptime
+async def test_tts_gets_the_spoken_form_and_the_reply_keeps_the_model_text(config) -> None:
+    """A turn on named fakes: FakeTts records what it was asked to say."""
+    pytest.importorskip("looptime", reason="virtual time needs the test extra (looptime)")
+    from sub300.agent.events import TurnFinished
+    from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech
+    from sub300.testing.scripted_caller import ScriptedCaller
+
+    tokens = ["Sure", "!", " 😊", " It", " costs", " $", "3", ".", "50", " in", " the", " U", ".", "S", ".",
+              " today", ".", " x", " =", " a", " *", " b", "."]
+    tts = FakeTts()
+    engines = fake_engines(stt=FakeStt("How much is it?"), llm=FakeLlm(tokens), tts=tts)
+    caller = ScriptedCaller(engines, config, clock=asyncio.get_running_loop().time)
+    try:
+        await caller.silence(0.5)
+        await caller.say(speech(1.0))
+        await caller.until_idle()
+    finally:
+        await caller.close()
+    (turn,) = [e for e in caller.events if isinstance(e, TurnFinished)]
+    assert turn.reply == "Sure! 😊 It costs $3.50 in the U.S. today. x = a * b."
+    assert tts.pieces == ["Sure!", "It costs three dollars and fifty cents in the U.S. today.",
+                          "x equals a times b."]
