@@ -5,12 +5,30 @@
     Conversation events ─▶ JSON on the caller's data channel (and the observer)
 
 The call owns its tasks through a `TaskOwner` (``tasks``: the closing task;
-its child ``tasks/io``: the inbound reader and the hang-up timer) and its
+its child ``tasks/io``: the inbound reader, the watchdog and the hang-up timer) and its
 conversation; `close()` is idempotent, safe from any callback, and leaves
 nothing running: reader cancelled, track stopped, conversation closed, peer
 connection closed, observer told exactly once.  It ends on the page's
-hang-up message, the agent's own hang-up, ICE/DTLS failure or closure, the
-end or silence of the caller's track, or server shutdown.
+hang-up message, the agent's own hang-up (a goodbye, or a call limit of
+agent/call_limits.py: inactivity or maximum length, reason
+"agent_hangup: inactivity" …), ICE/DTLS failure or closure, the end of the
+caller's track, or server shutdown; and by the watchdog:
+
+* ``connect_timeout`` — not connected ``webrtc.connect_timeout_s`` after the
+  answer (an offer whose candidates lead nowhere must not hold a slot);
+* ``caller vanished`` — connected, but no caller audio out of aiortc for
+  ``webrtc.no_media_timeout_s`` (10 s by default).  A browser sends RTP all
+  the time, silence and muted microphones included, so this means the
+  caller is gone.  It does not wait for ICE consent freshness (RFC 7675 §5.1):
+  aioice checks consent every 5 s ±20 % and gives up after 6 misses, about
+  30–35 s, and only then does aiortc fail the connection.
+
+Measured on loopback (a caller whose sockets are closed under aiortc, no
+goodbye sent): the old per-`recv()` 20 s timeout freed the call after 20.1 s;
+with that timeout out of the way, ICE consent failure alone closed the
+connection after 32.3 s.  A per-`recv()` timeout restarts with every frame,
+so one late frame (a jitter-buffer flush) re-arms the whole 20 s on top of the
+consent delay (20 + 33 ≈ 54 s); the watchdog measures from the last frame.
 """
 from __future__ import annotations
 
@@ -24,6 +42,8 @@ from typing import Any
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from sub300.agent.audio import AudioFrame
+from sub300.agent.call_limits import INACTIVITY, MAX_DURATION
 from sub300.agent.calls import CallObserver
 from sub300.agent.config import Config
 from sub300.agent.conversation import Conversation
@@ -42,6 +62,9 @@ PLAYOUT_RATE = 48_000
 _HANGUP_GRACE_S = 0.6
 #: events queued while the data channel is not open yet; older ones are dropped beyond this
 _MAX_BACKLOG = 500
+#: the watchdog's period (s): the resolution of connect_timeout_s, no_media_timeout_s and the call limits
+WATCH_PERIOD_S = 0.25
+VANISHED = "caller vanished"
 
 
 class WebRtcCall:
@@ -81,6 +104,10 @@ class WebRtcCall:
         self._channel = None
         self._backlog: list[str] = []
         self._engines = engines
+        self.started = clock()
+        self.connected_at: float | None = None
+        self.last_audio: float | None = None     # clock time of the caller's latest decoded frame
+        self._watchdog: asyncio.Task | None = None
 
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -92,7 +119,27 @@ class WebRtcCall:
         await self.pc.setRemoteDescription(offer)
         self.pc.addTrack(self.out_track)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        if self._watchdog is None and not self._io.closed:
+            self._watchdog = self._io.spawn(self._watch(), f"webrtc-watch-{self.call_id}")
         return self.pc.localDescription
+
+    async def _watch(self) -> None:
+        """Every `WATCH_PERIOD_S`: connect timeout, vanished caller, call limits (see the module docstring)."""
+        webrtc = self.config.webrtc
+        while self.close_reason is None:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            now = self.clock()
+            if self.connected_at is None:
+                if now - self.started >= webrtc.connect_timeout_s:
+                    self.request_close("connect_timeout")
+                    return
+                continue
+            heard = self.last_audio if self.last_audio is not None else self.connected_at
+            if now - heard >= webrtc.no_media_timeout_s:
+                log.info("call %s: no audio from the caller for %.1f s", self.call_id, now - heard)
+                self.request_close(VANISHED)
+                return
+            self.conversation.check_limits()   # frames may have stopped: the conversation cannot check itself
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self.reader is not None or self.close_reason is not None:
@@ -101,15 +148,20 @@ class WebRtcCall:
 
     async def _read(self, track: MediaStreamTrack) -> None:
         try:
-            await read_caller_audio(track, self.conversation.push_frame)
+            await read_caller_audio(track, self._caller_frame, clock=self.clock,
+                                    silence_timeout_s=self.config.webrtc.no_media_timeout_s)
             self.request_close("track_ended")
-        except CallerAudioStopped as stop:
-            self.request_close(f"no_audio: {stop}")
+        except CallerAudioStopped:
+            self.request_close(VANISHED)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             log.exception("call %s: reading caller audio failed", self.call_id)
             self.request_close(f"error: {error!r}")
+
+    def _caller_frame(self, frame: AudioFrame) -> None:
+        self.last_audio = frame.timestamp
+        self.conversation.push_frame(frame)
 
     def _on_datachannel(self, channel) -> None:
         self._channel = channel
@@ -122,6 +174,8 @@ class WebRtcCall:
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
         log.info("call %s: connection %s", self.call_id, state)
+        if state == "connected" and self.connected_at is None:
+            self.connected_at = self.clock()
         if state in ("failed", "closed"):
             self.request_close(f"connection_{state}")
 
@@ -129,11 +183,11 @@ class WebRtcCall:
     def _on_event(self, event: Event) -> None:
         self._send(event_to_dict(event))
         if isinstance(event, HangupRequested) and self._hangup is None and not self._io.closed:
-            self._hangup = self._io.spawn(self._hang_up_after_grace(), f"webrtc-hangup-{self.call_id}")
+            self._hangup = self._io.spawn(self._hang_up_after_grace(event.reason), f"webrtc-hangup-{self.call_id}")
 
-    async def _hang_up_after_grace(self) -> None:
+    async def _hang_up_after_grace(self, reason: str) -> None:
         await asyncio.sleep(_HANGUP_GRACE_S)
-        self.request_close("agent_hangup")
+        self.request_close(f"agent_hangup: {reason}" if reason in (INACTIVITY, MAX_DURATION) else "agent_hangup")
 
     def _on_message(self, message: Any) -> None:
         try:
@@ -185,7 +239,12 @@ class WebRtcCall:
             await self.conversation.aclose()
             await self.pc.close()
         except Exception:
-            log.exception("call %s: error while closing", self.call_id)
+            if self._watchdog is None:
+                # aiortc cannot close a peer connection whose offer it refused half-way (its
+                # transports are None); nothing was gathered or started, so nothing is left open
+                log.debug("call %s: closing a refused peer connection", self.call_id, exc_info=True)
+            else:
+                log.exception("call %s: error while closing", self.call_id)
         finally:
             self.observer.call_ended(TRANSPORT, self.call_id, reason)
             self._on_closed(self)
