@@ -376,6 +376,17 @@ class SipConfig(Section):
         description="offered codecs, in order of preference: PCMU, PCMA",
     )
 
+    on_resume: Literal["continue", "drop"] = Field(
+        default="continue",
+        description="after a hold (re-INVITE sendonly/inactive/c=0.0.0.0, RFC 3264 §8.4): continue the agent's "
+        "reply where it stopped, or drop the rest (history keeps what was heard)",
+    )
+    rtp_latching: Literal["off", "nat", "always"] = Field(
+        default="nat",
+        description="RTP source: off = only the SDP's address; nat = latch once onto the first source when the SDP "
+        "address is private/CGNAT/0.0.0.0 (behind NAT); always = latch once onto the first source",
+    )
+
     @field_validator("allowed_sources")
     @classmethod
     def _cidrs(cls, cidrs: list[str]) -> list[str]:

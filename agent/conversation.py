@@ -47,7 +47,9 @@ from .config import Config
 from .echo import EchoGuard
 from .endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VoiceOnset
 from .engines import Engines
-from .events import AgentSpeech, Event, HangupRequested, StateChanged, TranscriptEvent, TurnFinished
+from .events import Event, StateChanged, TranscriptEvent, TurnFinished
+from .events import AgentSpeech, HangupRequested
+from .events import CallHeld, CallResumed
 from .history import History
 from .interruptions import Interruptions
 from .keypad import Keypad, as_text
@@ -99,6 +101,7 @@ class Conversation:
             advance=self._advance, caller_in_turn=lambda: self._speaking is not None)
         self._keypad = Keypad()
         self._closed = False
+        self.held = False                         # the call is on hold (`hold`)
         self.limits = CallLimits.from_config(self.config.call, self.clock())
         self.ended_by: LimitReached | None = None   # the call limit that ended this call (call_limits.py)
         self._farewell = TaskOwner("farewell", expected=(ModelError,))
@@ -115,6 +118,9 @@ class Conversation:
         if self._closed or self.ended_by is not None:
             return
         suppressed = False
+        if self.held:   # on hold: the caller's audio (music on hold) is no turn and no barge-in
+            frame = AudioFrame(frame.samples * 0, frame.timestamp)
+            suppressed = True
         if self._agent_active and self.config.interrupt.mode == "half_duplex":
             suppressed = True   # the caller cannot interrupt: hear nothing while speaking
         elif self._echo is not None and self._echo.is_echo(frame.samples, frame.timestamp):
@@ -149,7 +155,7 @@ class Conversation:
         if self._closed or self.ended_by is not None:
             return None
         now = self.clock()
-        if self.busy or getattr(self, "held", False):   # on hold the caller will come back: not inactivity
+        if self.busy:
             self.limits.activity(now)
         reached = self.limits.expired(now)
         if reached is not None:
@@ -179,6 +185,37 @@ class Conversation:
             log.warning("goodbye line not spoken: %s", error)
         finally:
             self._emit(HangupRequested(turn, reached.reason))
+
+    def hold(self) -> None:
+        """The far end put the call on hold (SIP: RFC 3264 §8.4): the agent's audio stops where it is
+        (`PlayoutQueue.hold`; nothing is pulled, so nothing counts as heard) and caller audio is fed as
+        silence, so no turn or barge-in starts.  The turn state stays; `CallHeld` is emitted.  Idempotent."""
+        if self.held or self._closed:
+            return
+        self.held = True
+        self.playout.hold()
+        log.info("call on hold: %.2f s of agent audio waits", self.playout.queued_samples / self.playout.sample_rate)
+        self._emit(CallHeld())
+
+    def unhold(self, drop_rest: bool = False) -> None:
+        """The hold ended.  The agent's audio continues from the sample where it stopped, or with
+        ``drop_rest`` the rest is dropped and the reply in flight is cancelled like a committed barge-in
+        (the history keeps only the heard text).  Emits `CallResumed`.  Idempotent."""
+        if not self.held or self._closed:
+            return
+        self.held = False
+        dropped, cut = 0, False
+        if drop_rest:
+            reply = self._responder.reply
+            dropped = self.playout.flush()
+            cut = bool(dropped) or reply is not None
+            if reply is not None:
+                reply.interrupted = True
+                reply.cancel()
+        self.playout.unhold()
+        log.info("call resumed%s", f": dropped {dropped / self.playout.sample_rate:.2f} s of agent audio" if cut else "")
+        self._emit(CallResumed(round(dropped / self.playout.sample_rate, 3)))
+        self._advance(E.AGENT_SILENCED if cut else E.AGENT_AUDIBLE if self.playout.audible else None)
 
     def push_dtmf(self, digit: str) -> None:
         """A key the caller pressed (phones); see keypad.py for when an entry becomes a turn."""

@@ -97,7 +97,22 @@ class HangupRequested:
     kind: str = "hangup"
 
 
-Event = BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
+@dataclass(frozen=True)
+class CallHeld:
+    """The far end put the call on hold (SIP re-INVITE, RFC 3264 §8.4): the agent's audio and turn detection pause."""
+
+    kind: str = "call_held"
+
+
+@dataclass(frozen=True)
+class CallResumed:
+    """The hold ended: the agent's audio continues where it stopped, or the rest was dropped (``dropped_s`` > 0)."""
+
+    dropped_s: float          # seconds of agent audio dropped at the resume (0 when it continues)
+    kind: str = "call_resumed"
+
+
+Event = CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
 EventHandler = Callable[[Event], None]
 
 

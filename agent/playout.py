@@ -39,6 +39,8 @@ class PlayoutQueue:
     _pieces: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     paused: bool = False
+    #: the call is on hold (`hold`): nothing plays, whatever a barge-in decides meanwhile
+    held: bool = False
     #: when the transport first found the queue paused (the agent fell silent)
     silenced_at: float | None = None
     #: called with (pcm, time) for every pulled frame of agent audio (the echo guard listens)
@@ -56,9 +58,11 @@ class PlayoutQueue:
         self._idle.clear()
 
     def pull(self, n: int) -> np.ndarray | None:
-        """The next `n` samples (zero-padded at the end of the queue), or None when idle or paused."""
+        """The next `n` samples (zero-padded at the end of the queue), or None when idle, paused or held."""
         if not self._segments:
             self._idle.set()
+            return None
+        if self.held:
             return None
         if self.paused:
             if self.silenced_at is None:
@@ -99,6 +103,17 @@ class PlayoutQueue:
             seg.offset = 0
         self.paused = False
 
+    def hold(self) -> None:
+        """The far end stopped listening (call on hold): keep everything queued, play nothing until `unhold`.
+
+        Separate from `pause`, so a barge-in decided during the hold cannot start the audio again.
+        """
+        self.held = True
+
+    def unhold(self) -> None:
+        """Play again from the exact sample where the hold stopped (nothing was pulled meanwhile)."""
+        self.held = False
+
     def flush(self) -> int:
         """Drop everything not yet played; returns the number of samples dropped."""
         dropped = sum(len(s.pcm) - s.offset for s in self._segments)
@@ -131,7 +146,7 @@ class PlayoutQueue:
     @property
     def audible(self) -> bool:
         """Agent audio is going out right now."""
-        return bool(self._segments) and not self.paused
+        return bool(self._segments) and not self.paused and not self.held
 
     async def wait_idle(self) -> None:
         """Return once everything queued has been pulled (or flushed)."""

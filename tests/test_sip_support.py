@@ -66,6 +66,9 @@ class RecordingObserver:
 class EchoAgent:
     """A fake agent (no model) for SIP protocol tests: plays the caller's audio straight back, keeps the digits.
 
+    On hold it echoes nothing and plays nothing (like `Conversation.hold`); ``holds`` records
+    "hold" / "continue" / "drop" in order.
+
     Satisfies `sub300.media.sip.call.CallAgent`; `echo_calls` is its call factory.
     """
 
@@ -74,16 +77,30 @@ class EchoAgent:
         self.listeners: list = []
         self.digits: list[str] = []
         self.closed = False
+        self.held = False
+        self.holds: list[str] = []
         self._down = StreamResampler(16000, setup.sample_rate)
         self._turn = 0
 
     def push_frame(self, frame: AudioFrame) -> None:
         pcm = self._down.process(frame.samples)
-        if len(pcm) and pcm.any():
+        if len(pcm) and pcm.any() and not self.held:
             self.playout.push(pcm, turn=self._turn)
 
     def push_dtmf(self, digit: str) -> None:
         self.digits.append(digit)
+
+    def hold(self) -> None:
+        self.held = True
+        self.holds.append("hold")
+        self.playout.hold()
+
+    def unhold(self, drop_rest: bool) -> None:
+        self.held = False
+        self.holds.append("drop" if drop_rest else "continue")
+        if drop_rest:
+            self.playout.flush()
+        self.playout.unhold()
 
     async def aclose(self) -> None:
         self.playout.flush()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -44,6 +45,7 @@ from .sdp import AudioParams
 log = logging.getLogger(__name__)
 TICK_S = 0.020
 SILENCE_AFTER_S = 0.060      # no caller audio for this long: feed silence
+MAX_DIGITS = 256             # keys kept per call for the call summary (a flood of events must not grow it)
 HANGUP_GRACE_S = 0.4         # after the last reply packet, before BYE: the far end's jitter buffer drains
 
 
@@ -53,7 +55,8 @@ class CallAgent(Protocol):
     ``playout`` runs at `CallSetup.sample_rate` (8 kHz); ``push_frame`` gets
     16 kHz mono int16 frames stamped with their arrival time (clock seconds);
     events the agent sends to ``listeners`` reach the call's observer, and a
-    `HangupRequested` among them ends the call.
+    `HangupRequested` among them ends the call.  ``hold``/``unhold`` follow the
+    far end's hold (RFC 3264 §8.4), as the dialog layer learns it from re-INVITEs.
     """
 
     playout: PlayoutQueue
@@ -62,6 +65,12 @@ class CallAgent(Protocol):
     def push_frame(self, frame: AudioFrame) -> None: ...
 
     def push_dtmf(self, digit: str) -> None: ...
+
+    def hold(self) -> None:
+        """The far end stopped listening: pause the agent's audio and its turn detection."""
+
+    def unhold(self, drop_rest: bool) -> None:
+        """The hold ended: continue the agent's audio where it stopped, or drop the rest."""
 
     async def aclose(self) -> None: ...
 
@@ -91,7 +100,8 @@ class SipCall:
 
     ``endpoint`` is attached by the dialog layer once its socket is open;
     ``listener`` receives the agent's events and `DtmfReceived` (set when the
-    call is reported to the observer); ``digits`` lists the keys pressed.
+    call is reported to the observer); ``digits`` lists the last `MAX_DIGITS`
+    keys pressed; ``held`` says whether the far end has the call on hold.
     """
 
     call_id: str
@@ -99,7 +109,8 @@ class SipCall:
     listener: Callable[[Event], None] = lambda event: None
     clock: Callable[[], float] = time.monotonic
     endpoint: RtpEndpoint | None = None
-    digits: list[str] = field(default_factory=list)
+    digits: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_DIGITS))
+    held: bool = False
 
     def __post_init__(self) -> None:
         self.playout = self.agent.playout
@@ -126,6 +137,18 @@ class SipCall:
         log.info("call %s: DTMF %s (%s)", self.call_id, digit, source)
         self._safe_listener(DtmfReceived(digit, source))
         self.agent.push_dtmf(digit)
+
+    def set_held(self, held: bool, *, drop_rest: bool = False) -> None:
+        """The far end's hold state from the latest SDP (`AudioParams.held`); ``drop_rest`` on resume
+        drops the agent's unplayed audio (``sip.on_resume = "drop"``) instead of continuing it."""
+        if held == self.held:
+            return
+        self.held = held
+        log.info("call %s: %s", self.call_id, "on hold" if held else "resumed")
+        if held:
+            self.agent.hold()
+        else:
+            self.agent.unhold(drop_rest)
 
     def _safe_listener(self, event) -> None:
         try:

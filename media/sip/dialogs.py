@@ -277,7 +277,8 @@ class UserAgentServer:
             agent = self.call_factory(CallSetup(dialog.call_id, invite.from_, invite.to, flow.source, params,
                                                 RATE, self.clock))
             call = SipCall(dialog.call_id, agent, clock=self.clock)
-            endpoint = RtpEndpoint(params, call.on_audio, call.on_dtmf, clock=self.clock)
+            endpoint = RtpEndpoint(params, call.on_audio, call.on_dtmf, clock=self.clock,
+                                   latching=self.sip.rtp_latching)
             await endpoint.open(sock)
         except BaseException as error:
             if endpoint is not None:
@@ -304,6 +305,7 @@ class UserAgentServer:
         self._accept(dialog, dialog.tx, ok)
         call.listener = self.observer.call_started("sip", dialog.call_id)
         dialog.observed = True
+        call.set_held(params.held)   # an offer may start on hold (c=0.0.0.0 until the address is known)
         log.info("SIP call %s answered: %s %s:%d, RTP port %d", dialog.call_id, params.codec,
                  params.remote_host, params.remote_port, endpoint.local_port)
         dialog.run_task = self._calls.spawn(self._run(dialog, call), f"sip-call-{dialog.call_id}")
@@ -396,6 +398,8 @@ class UserAgentServer:
                 return reject(tx, 400, to_tag=dialog.local_tag)
             dialog.params = params
             endpoint.update(params)
+            if dialog.call is not None:   # hold or resume (RFC 3264 §8.4)
+                dialog.call.set_held(params.held, drop_rest=self.sip.on_resume == "drop")
             body = dialog.local_sdp.answer(offer, index, params)
         else:   # an offer in our 200, the answer in the ACK
             dialog.offerless = True
@@ -420,6 +424,8 @@ class UserAgentServer:
         dialog.params = params
         dialog.offerless = False
         endpoint.update(params)
+        if dialog.call is not None:
+            dialog.call.set_held(params.held, drop_rest=self.sip.on_resume == "drop")
 
     # ------------------------------------------------------------ ending
     def _end(self, dialog: Dialog, reason: str, *, send_bye: bool) -> None:
@@ -449,7 +455,8 @@ class UserAgentServer:
         if dialog.call is not None and dialog.call.endpoint is not None:
             stats = dialog.call.endpoint.stats
             summary.update(rtp_received=stats.received, rtp_sent=stats.sent, rtp_malformed=stats.malformed,
-                           latched=stats.latched, digits="".join(dialog.call.digits))
+                           rtp_strangers=stats.strangers, rtp_other_ssrc=stats.other_ssrc, latched=stats.latched,
+                           digits="".join(dialog.call.digits))
         self.ended_calls.append(summary)
         if dialog.observed:
             self.observer.call_ended("sip", dialog.call_id, reason)

@@ -4,9 +4,18 @@ We answer the first audio m-line whose offer holds a codec we accept (in the
 offerer's order of preference), keep telephone-event if offered, and reject
 every other m-line with port 0, as RFC 3264 requires.  No codec in common →
 `NoCommonCodec` (the INVITE gets 488).
+
+Hold (RFC 3264 §8.4): an offer whose stream is ``sendonly`` or ``inactive``
+(at session or media level), or whose connection address is ``0.0.0.0``
+(the RFC 2543 style, which §8.4 says means "neither RTP nor RTCP is to be
+sent to the peer"), puts the call on hold; the answer mirrors it
+(``recvonly`` to ``sendonly``, ``inactive`` to ``inactive``, and to a
+``0.0.0.0`` offer we answer that we do not send).  `AudioParams.held` says
+whether the agent must keep quiet.
 """
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -58,7 +67,33 @@ class AudioParams:
 
     @property
     def on_hold(self) -> bool:
-        return self.remote_host in ("0.0.0.0", "::") or self.remote_port == 0
+        """The remote address is the RFC 2543 hold address (``0.0.0.0``/``::``) or port 0: send nothing."""
+        return is_unspecified(self.remote_host) or self.remote_port == 0
+
+    @property
+    def held(self) -> bool:
+        """The far end does not listen to us (we may not send, RFC 3264 §8.4): the agent must pause."""
+        return self.on_hold or self.direction in ("recvonly", "inactive")
+
+
+def is_unspecified(host: str) -> bool:
+    """``0.0.0.0`` or ``::`` (any spelling): the RFC 2543 hold address."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def answer_direction(their: str, host: str) -> str:
+    """Our direction for an offer's direction ``their`` (RFC 3264 §6.1) and connection ``host``.
+
+    A ``0.0.0.0`` offer (RFC 2543 hold, RFC 3264 §8.4) means we must not
+    send: ``sendrecv`` → ``recvonly``, ``recvonly`` → ``inactive``.
+    """
+    ours = _REVERSE[their]
+    if is_unspecified(host):
+        ours = {"sendrecv": "recvonly", "sendonly": "inactive"}.get(ours, ours)
+    return ours
 
 
 def parse(body: bytes) -> SessionDescription:
@@ -146,7 +181,7 @@ def negotiate(offer: SessionDescription, codecs: list[str]) -> tuple[int, AudioP
         if host is None:
             raise SdpError("SDP has no connection address")
         their = m.direction or offer.direction
-        return index, AudioParams(host, m.port, chosen[0], chosen[1], dtmf, _REVERSE[their])
+        return index, AudioParams(host, m.port, chosen[0], chosen[1], dtmf, answer_direction(their, host))
     raise NoCommonCodec("no audio stream with " + "/".join(codecs))
 
 
