@@ -174,6 +174,8 @@ MUTATIONS = {
     "missing Via": _sub(r"^Via: [^\r]*\r\n", "", 0),
     "garbage second Via": _duplicate("Via", "garbage"),
     "Via without host": _sub(r"^Via: SIP/2.0/(\w+) [^;\r]*", r"Via: SIP/2.0/\1 "),
+    "Via port out of range": _sub(r"^(Via: SIP/2.0/\w+ [\d.]+):\d+", r"\1:99999"),   # asyncio's sendto would
+    "Contact port out of range": _sub(r"^(Contact: <sip:[^:>]*@[\d.]+):\d+", r"\1:70000"),   # close the socket
     **{f"empty {h}": _sub(rf"^{h}: [^\r]*", f"{h}:") for h in ("From", "To", "Call-ID", "CSeq")},
     **{f"missing {h}": _sub(rf"^{h}: [^\r]*\r\n", "", 0) for h in ("From", "To", "Call-ID", "CSeq")},
     "duplicate From": _duplicate("From", "<sip:u@x>;tag=2"),
@@ -260,7 +262,8 @@ async def test_fuzzed_invites_get_an_error_or_nothing_over_udp_and_tcp(config):
             await asyncio.sleep(0.3)
             bad, statuses = [], []
             for (name, _), client in zip(udp, clients, strict=True):
-                got = [m.split("\r\n", 1)[0] for m in await client.silent(0)]
+                # only SIP responses count: other tests on this host may send stray datagrams (STUN) to our ports
+                got = [m.split("\r\n", 1)[0] for m in await client.silent(0) if m.startswith("SIP/")]
                 statuses.append(("UDP", got[0][8:11] if got else "-"))
                 bad += [("UDP", name, line) for line in got if not re.match(r"SIP/2\.0 [45]\d\d ", line)]
             for (name, _), answer in zip(tcp, answers, strict=True):
@@ -289,3 +292,46 @@ async def test_fuzzed_invites_get_an_error_or_nothing_over_udp_and_tcp(config):
     assert escaped == []
     assert [r.getMessage() for r in errors.records] == []
     assert header(ok, "Content-Type") == "application/sdp"
+
+
+async def test_folded_and_compact_headers_are_valid_and_answered(config):
+    """RFC 3261 §7.3.1 folding and §7.3.3 compact forms are not malformed: the call is answered."""
+    async with sip_service(config, call_factory=echo_calls) as (service, observer):
+        client = await Client.open(service.address)
+        text = invite(client, call_id="folded", branch="z9hG4bK-fold")
+        text = (text.replace("Via: ", "v: ").replace("Call-ID: ", "i: ")
+                .replace("Max-Forwards: 70\r\n", "Subject: a question\r\n  folded over\r\n\ttwo lines\r\nMax-Forwards: 70\r\n"))
+        client.send(text)
+        ok = await client.expect(200, timeout=10)
+        assert header(ok, "Call-ID") == "folded"
+        client.send(in_dialog(client, "ACK", ok, 1))
+        await hang_up(client, ok)
+        client.close()
+
+
+async def test_a_handler_that_raises_is_answered_500_and_the_transport_goes_on(caplog):
+    """The transport's handler boundary: an unexpected exception is logged once, the request answered 500."""
+    from sub300.media.sip.transport import SipTransport
+
+    calls = []
+
+    def handler(data: bytes, flow) -> None:
+        calls.append(data)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        flow.send(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    transport = SipTransport(handler)
+    await transport.start("127.0.0.1", 0)
+    try:
+        client = await Client.open(transport.address)
+        client.send(options(client.port))
+        assert (await client.expect(500)).startswith("SIP/2.0 500 Server Internal Error\r\n")
+        client.send(options(client.port, call_id="again"))
+        await client.expect(200)
+        assert (await tcp_exchange(transport.address, options(1, "TCP"), 0.5)).startswith(b"SIP/2.0 200 ")
+        client.close()
+    finally:
+        await transport.close()
+    crashes = [r for r in caplog.records if "crashed its handler" in r.getMessage()]
+    assert len(crashes) == 1 and crashes[0].exc_info is not None

@@ -152,6 +152,10 @@ def check_request(message: sipmessage.Request) -> Request:
         raise BadRequest("unparsable header") from None
 
 
+def _port_ok(port: int | None) -> bool:
+    return port is None or 0 < port < 65536
+
+
 def _check_request(message: sipmessage.Request) -> Request:
     def need(name: str) -> str:
         values = [v.strip() for v in message.headers.getlist(name)]
@@ -173,7 +177,7 @@ def _check_request(message: sipmessage.Request) -> Request:
         top_via = Via.parse(vias[0])
     except ValueError:
         raise BadRequest("bad Via") from None
-    if not top_via.host:
+    if not top_via.host or not _port_ok(top_via.port):
         raise BadRequest("bad Via")
     from_, to, call_id, cseq = need("From"), need("To"), need("Call-ID"), need("CSeq")
     try:
@@ -191,10 +195,11 @@ def _check_request(message: sipmessage.Request) -> Request:
             if name == "Contact" and value.strip() == "*":
                 continue
             try:
-                if not Address.parse_many(value):
-                    raise ValueError(name)
+                addresses = Address.parse_many(value)
             except ValueError:
                 raise BadRequest(f"bad {name}") from None
+            if not addresses or not all(a.uri.host and _port_ok(a.uri.port) for a in addresses):
+                raise BadRequest(f"bad {name}")
     return Request(
         raw=message, method=message.method, uri=message.uri, vias=vias, top_via=top_via,
         from_=from_, to=to, from_tag=from_addr.parameters.get("tag"), to_tag=to_addr.parameters.get("tag"),

@@ -31,7 +31,10 @@ message can be addressed; the socket stays up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,8 +83,35 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport
 
     def send_to(self, data: bytes, destination: tuple[str, int]) -> None:
-        if self.transport is not None:
-            self.transport.sendto(data, destination)
+        """Send a datagram; never raises, and never lets a bad address close the socket.
+
+        asyncio closes a datagram transport on any non-OSError from sendto
+        (a port above 65535 from a Via or Contact is an OverflowError), and
+        a host name there would be resolved by a blocking call: so the port
+        is checked first, and a name is resolved off the loop.
+        """
+        if self.transport is None or self.transport.is_closing():
+            return
+        host, port = str(destination[0]), destination[1]
+        if not isinstance(port, int) or not 0 < port < 65536:
+            self.owner.refuse("datagram not sent: port out of range", host)
+            return
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            self.owner.resolver.spawn(self._resolve_and_send(data, host, port), "sip-resolve")
+            return
+        self.transport.sendto(data, (host, port))
+
+    async def _resolve_and_send(self, data: bytes, host: str, port: int) -> None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as error:
+            self.owner.refuse(f"datagram not sent: cannot resolve ({error})", host)
+            return
+        if infos and self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(OSError):
+                self.transport.sendto(data, infos[0][4][:2])
 
     def datagram_received(self, data: bytes, addr) -> None:
         if data.strip(b"\r\n\x00 ") == b"":
@@ -118,6 +148,7 @@ class SipTransport:
         self._udp: _Udp | None = None
         self._tcp: asyncio.Server | None = None
         self.connections = TaskOwner("sip-tcp")
+        self.resolver = TaskOwner("sip-resolve")   # datagrams to a host name wait for its address here
         self.address: tuple[str, int] = ("", 0)
         self.open_connections = 0
         self._per_source: Counter[str] = Counter()
@@ -262,5 +293,6 @@ class SipTransport:
         if self._tcp is not None:
             self._tcp.close()
         await self.connections.aclose()
+        await self.resolver.aclose()
         if self._tcp is not None:
             await self._tcp.wait_closed()
