@@ -260,3 +260,52 @@ def test_metrics_observer_counts_turns_and_goodput_per_registry():
     assert 'sub300_voice_to_voice_seconds_bucket{le="0.3",transport="webrtc"} 1.0' in text
     assert 'sub300_calls_ended_total{reason="connection_failed",transport="webrtc"} 1.0' in text
     assert a.active_calls() == 0 and "sub300_goodput_ratio NaN" in b.render().decode()
+
+
+# ------------------------------------------------------------ calls that hold a slot (fake engines, real aiortc)
+async def test_a_silent_caller_hears_the_goodbye_and_is_hung_up_on(config):
+    from sub300.testing.fakes import fake_engines
+
+    brief = copy.deepcopy(config)
+    brief.call.inactivity_timeout_s = 2.0
+    async with Server(brief, fake_engines()) as s:
+        caller = s.caller()
+        await caller.connect()
+        call = s.signalling.calls[caller.call_id]
+        assert caller.received_energy == 0.0
+        await caller.wait_for(lambda: bool(caller.events_of("hangup")), 15, "hang-up event")
+        await wait_until(lambda: call.closed, 10, "the server to hang up")
+        assert call.close_reason == "agent_hangup: inactivity" and not s.signalling.calls
+        assert s.metrics.active_calls() == 0
+        # the goodbye (FakeTts: 500 ms of a 440 Hz tone) reached the caller before the hang-up
+        assert [e["text"] for e in caller.events_of("agent_text")] == [brief.call.inactivity_goodbye]
+        assert caller.received_energy > 100.0, caller.received_energy
+        await caller.vanish()
+        await asyncio.sleep(0.2)
+        assert not live_pipeline_tasks(), live_pipeline_tasks()
+
+
+async def test_a_caller_that_vanishes_without_a_word_is_freed_within_the_no_media_timeout(config):
+    import time
+
+    from sub300.testing.fakes import fake_engines
+
+    quick = copy.deepcopy(config)
+    quick.webrtc.no_media_timeout_s = 1.5
+    async with Server(quick, fake_engines()) as s:
+        caller = s.caller()
+        await caller.connect()
+        call = s.signalling.calls[caller.call_id]
+        await asyncio.sleep(0.5)
+        assert call.last_audio is not None       # the caller's silence arrives as audio
+        gone = time.monotonic()
+        caller.disappear()                       # no BYE, no DTLS close, no SCTP abort: just gone
+        await wait_until(lambda: call.closed, 10, "the server to notice")
+        took = time.monotonic() - gone
+        assert call.close_reason == "caller vanished", call.close_reason
+        assert 1.4 <= took <= 1.5 + 1.0, took    # the timeout from the last frame (it left before `gone`), + the watchdog period and close
+        assert not s.signalling.calls and s.metrics.active_calls() == 0
+        assert call.pc.connectionState == "closed" and call.reader is not None and call.reader.done()
+        await caller.vanish()
+        await asyncio.sleep(0.2)
+        assert not live_pipeline_tasks(), live_pipeline_tasks()

@@ -162,6 +162,19 @@ class AiortcCaller:
             await asyncio.sleep(0.1)
         await self.vanish()
 
+    def disappear(self) -> None:
+        """Drop off the network with no goodbye at all (a laptop lid shut, Wi-Fi gone): no RTCP BYE,
+        no DTLS close_notify, no SCTP ABORT, no more RTP or ICE consent answers.  The caller's
+        sockets are closed under aiortc; `vanish()` afterwards cleans up this side."""
+        assert self.pc is not None
+        transports = {t.receiver.transport for t in self.pc.getTransceivers()}
+        if self.pc.sctp is not None:
+            transports.add(self.pc.sctp.transport)
+        for dtls in transports:
+            for protocol in list(dtls.transport._connection._protocols):
+                if protocol.transport is not None:
+                    protocol.transport.close()
+
     async def vanish(self) -> None:
         """Close the peer connection with no goodbye (a closed tab, a lost phone)."""
         self._track.stop()
