@@ -65,7 +65,7 @@ from sub300.models.protocols import SAMPLE_RATE
 FRAME = 512                 # 32 ms analysis frame at 16 kHz
 HOP = 256                   # 16 ms hop
 ACTIVE_DB = 30.0            # frames within this many dB of the loudest frame are analysed
-MIN_FRAMES = 4              # fewer active frames than this: too short to judge, let it through
+MIN_FRAMES = 3              # fewer active frames (< 64 ms) than this: too short to judge, let it through
 MIN_STATIC_FRAMES = 16      # the level-spread rule needs this many (256 ms): a syllable can be steady
 LEVEL_BAND_HZ = (100.0, 4000.0)
 LINE_BAND_HZ = (300.0, 4000.0)
@@ -73,8 +73,8 @@ CHUNK_S = 0.5               # long-term spectrum chunk (resolution ~2 Hz)
 MIN_CHUNK = 1600            # a last chunk shorter than 100 ms is left out (unless it is the only one)
 LINE_FFT = 4096             # at least this many points (zero-padded) per chunk
 LINE_DB = 10.0              # a line stands this far above its neighbourhood's median
-LINE_NEIGHBOURHOOD_HZ = 40.0
-LINE_HALF_WIDTH = 2         # bins either side of a line bin that count as the line
+LINE_NEIGHBOURHOOD_HZ = 40.0  # at least; 3 Hann half-lobes for a short chunk
+LINE_HALF_WIDTH = 2         # bins either side of a line bin that count as the line (at least; half a lobe)
 
 #: below this energy-contour spread (dB) an utterance is static: not speech (speech: >= 4.4 dB measured)
 MIN_LEVEL_STD_DB = 3.0
@@ -129,10 +129,12 @@ def _line_share(chunk: np.ndarray) -> tuple[float, float]:
     total = float(band.sum())
     if total <= 0.0:
         return 0.0, 0.0
-    half = max(3, int(LINE_NEIGHBOURHOOD_HZ / (SAMPLE_RATE / n)))
+    bin_hz = SAMPLE_RATE / n
+    lobe_hz = 2.0 * SAMPLE_RATE / len(chunk)      # half the Hann main lobe: a short chunk's lines are wide
+    half = max(3, int(max(LINE_NEIGHBOURHOOD_HZ, 3.0 * lobe_hz) / bin_hz))
     lines = band > 10 ** (LINE_DB / 10) * _median_filter(band, half)
     held = lines.copy()
-    for s in range(1, LINE_HALF_WIDTH + 1):
+    for s in range(1, max(LINE_HALF_WIDTH, int(np.ceil(lobe_hz / bin_hz))) + 1):
         held[s:] |= lines[:-s]
         held[:-s] |= lines[s:]
     return float(band[held].sum()) / total, total
