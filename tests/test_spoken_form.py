@@ -226,3 +226,31 @@ async def test_tts_gets_the_spoken_form_and_the_reply_keeps_the_model_text(confi
     assert turn.reply == "Sure! 😊 It costs $3.50 in the U.S. today. x = a * b."
     assert tts.pieces == ["Sure!", "It costs three dollars and fifty cents in the U.S. today.",
                           "x equals a times b."]
+
+
+# ---------------------------------------------------------------- heard through the real engines (slow tier)
+HEARD = [
+    # (reply text, words a listener must hear, words they must not hear), as Whisper writes them back:
+    # before the fix it heard "smiling face with smiling eyes ... party popper", "dollar 3.50",
+    # "x equals the asterisk B", "asterisk asterisk ... can help center", "C hash".
+    ("Sure! 😊 The answer is 42 🎉.", {"answer", "42"}, {"smiling", "face", "party", "popper"}),
+    ("It costs $3.50 today.", {"$3.50"}, {"dollar"}),
+    ("In Python, x = a * b multiplies.", {"equals", "times"}, {"asterisk"}),
+    ("**Bold** and help_center.", {"help"}, {"asterisk"}),
+    ("I write C# code.", {"sharp"}, {"hash"}),
+]
+
+
+@pytest.mark.parametrize(("text", "must", "must_not"), HEARD, ids=[t[:20] for t, _, _ in HEARD])
+def test_the_voice_says_the_spoken_form(engines, text: str, must: set[str], must_not: set[str]) -> None:
+    """Piper (the configured TTS) says `spoken_form(text)`; Whisper transcribes it back;
+    the listener's words are compared after Whisper's English normaliser (numbers as digits)."""
+    import numpy as np
+
+    from sub300.agent.audio import int16_to_float32, resample
+    from sub300.testing.wer import normalize
+
+    pcm = np.concatenate(list(engines.tts.synthesize(spoken_form(text))))
+    heard = engines.stt.transcribe(int16_to_float32(resample(pcm, engines.tts.sample_rate, 16000))).text
+    words = set(normalize(heard).split())
+    assert must <= words and not (must_not & words), (text, heard, normalize(heard))
