@@ -15,15 +15,34 @@ Differences from OpenAI's API, on purpose:
   pieces (engines yield about one piece per token), otherwise ``"stop"``.
 * No ``usage``: the LanguageModel interface does not count tokens.
 
-Errors are OpenAI-shaped, ``{"error": {"message", "type"}}``: 400 for a bad
-request, 401 for a wrong key (only when ``api_key`` is given), 502 when the
-model is itself a remote endpoint that failed, 500 for another model failure.
+Limits, checked before the model runs (400, ``invalid_request_error``):
+
+* ``max_tokens`` (or ``max_completion_tokens``) above ``max_tokens_cap``
+  (``[llm] api_max_tokens``, 1024 by default) is refused with code
+  ``invalid_value`` — refused, not clamped, so a client never gets less than
+  it asked for without knowing;
+* when the model tells its context (``context_length``, and
+  ``encode_prompt(messages)`` to count the prompt: the embedded CTranslate2
+  model does), prompt tokens + ``max_tokens`` beyond it is refused with code
+  ``context_length_exceeded``, as OpenAI does; the embedded model would
+  otherwise drop old turns silently (what a phone call wants, not an API);
+* ``messages`` is a non-empty array of at most `MAX_MESSAGES` objects with a
+  known role and text content; ``temperature`` 0–2, ``top_p`` 0–1,
+  ``presence_penalty``/``frequency_penalty`` −2–2, ``n`` = 1, ``stop`` up
+  to 4 strings, ``stream`` a boolean.
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``:
+400 for a bad request, 401 for a wrong key (only when ``api_key`` is given),
+502 when the model is itself a remote endpoint that failed, 500 for another
+model failure (its message is the ModelError's own sentence, which the
+model layer writes for users; never a repr or a traceback), logged once.
 A failure after the stream has started arrives as one ``data: {"error": …}``
 event, and the stream ends without ``[DONE]``.  When the client goes away,
 the model's iterator is closed at the next piece, which stops its generation.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -40,15 +59,25 @@ log = logging.getLogger(__name__)
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MAX_STOPS = 4
+#: more messages than any chat history sub300 keeps (llm.history_turns ≤ 1000 exchanges)
+MAX_MESSAGES = 4096
 
 
 class BadRequest(ValueError):
-    """A request that does not follow the chat-completions schema."""
+    """A request that does not follow the chat-completions schema (or our limits): a 400.
+
+    ``param``: the offending field, ``code``: OpenAI's error code (e.g. ``context_length_exceeded``)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
-def _error_response(status: int, message: str, err_type: str, *, code: str | None = None) -> web.Response:
+def _error_response(status: int, message: str, err_type: str, *, code: str | None = None,
+                    param: str | None = None) -> web.Response:
     return web.json_response(
-        {"error": {"message": message, "type": err_type, "param": None, "code": code}}, status=status
+        {"error": {"message": message, "type": err_type, "param": param, "code": code}}, status=status
     )
 
 
@@ -76,13 +105,17 @@ def _message_text(i: int, content: Any) -> str:
     raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
 
 
-def parse_chat_request(body: Any, default_max_tokens: int) -> dict[str, Any]:
-    """Validate a chat-completions body; returns the arguments for the model."""
+def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int | None = None) -> dict[str, Any]:
+    """Validate a chat-completions body; returns the arguments for the model.
+
+    ``max_tokens_cap``: the largest ``max_tokens`` accepted (None: no cap here).  Raises `BadRequest`."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' is required and must be a non-empty array")
+        raise BadRequest("'messages' is required and must be a non-empty array", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"'messages' has {len(messages)} items; at most {MAX_MESSAGES}", param="messages")
     clean: list[dict[str, str]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -108,13 +141,20 @@ def parse_chat_request(body: Any, default_max_tokens: int) -> dict[str, Any]:
     if max_tokens is None:
         max_tokens = default_max_tokens
     elif not _is_int(max_tokens) or max_tokens < 1:
-        raise BadRequest("'max_tokens' must be a positive integer")
+        raise BadRequest("'max_tokens' must be a positive integer", param="max_tokens")
+    elif max_tokens_cap is not None and max_tokens > max_tokens_cap:
+        raise BadRequest(f"'max_tokens' is {max_tokens}; this server allows at most {max_tokens_cap}",
+                         param="max_tokens", code="invalid_value")
 
     temperature = body.get("temperature")
     if temperature is None:
         temperature = 0.0
     elif not _is_number(temperature) or not 0 <= temperature <= 2:
-        raise BadRequest("'temperature' must be a number between 0 and 2")
+        raise BadRequest("'temperature' must be a number between 0 and 2", param="temperature")
+    for name, low, high in (("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+        value = body.get(name)
+        if value is not None and (not _is_number(value) or not low <= value <= high):
+            raise BadRequest(f"'{name}' must be a number between {low} and {high}", param=name)
 
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
@@ -171,15 +211,41 @@ class _StopFilter:
 
 
 # --------------------------------------------------------------- routes
+def context_overflow(model: Any, messages: list[dict[str, str]], max_tokens: int) -> BadRequest | None:
+    """OpenAI's ``context_length_exceeded`` when ``model`` counts tokens (``context_length`` and
+    ``encode_prompt``) and the prompt plus ``max_tokens`` does not fit; None when it fits or cannot tell."""
+    limit = getattr(model, "context_length", None)
+    encode = getattr(model, "encode_prompt", None)
+    if not _is_int(limit) or limit <= 0 or encode is None:
+        return None
+    if max_tokens >= limit:   # no prompt fits: no need to count it
+        return BadRequest(f"This model's maximum context length is {limit} tokens, prompt included; "
+                          f"'max_tokens' is {max_tokens}. Please reduce it.",
+                          param="max_tokens", code="context_length_exceeded")
+    try:
+        prompt = len(encode(messages))
+    except Exception:   # the model will say so itself when it runs
+        log.warning("cannot count the prompt's tokens", exc_info=True)
+        return None
+    if prompt + max_tokens <= limit:
+        return None
+    return BadRequest(
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the completion). "
+        "Please reduce the length of the messages or the completion.",
+        param="messages", code="context_length_exceeded")
+
+
 def add_openai_routes(
     app: web.Application,
     model: LanguageModel,
     *,
     model_name: str,
     default_max_tokens: int = 256,
+    max_tokens_cap: int | None = None,
     api_key: str | None = None,
 ) -> None:
-    """Serve `model` as ``model_name`` under /v1 on `app`."""
+    """Serve `model` as ``model_name`` under /v1 on `app` (``max_tokens_cap``: see the module docstring)."""
     created = int(time.time())
 
     def authorized(request: web.Request) -> bool:
@@ -202,12 +268,16 @@ def add_openai_routes(
             return _error_response(413, exc.text or "request too large", "invalid_request_error")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error_response(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return _error_response(400, "request body is not valid JSON", "invalid_request_error")
         try:
-            req = parse_chat_request(body, default_max_tokens)
+            req = parse_chat_request(body, default_max_tokens, max_tokens_cap)
+            overflow = await asyncio.to_thread(context_overflow, model, req["messages"], req["max_tokens"])
+            if overflow is not None:
+                raise overflow
         except BadRequest as exc:
-            return _error_response(400, str(exc), "invalid_request_error")
+            log.info("chat completion refused: %s", exc)
+            return _error_response(400, str(exc), "invalid_request_error", code=exc.code, param=exc.param)
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         pieces = model.stream_chat(req["messages"], max_tokens=req["max_tokens"], temperature=req["temperature"])
@@ -231,11 +301,14 @@ def add_openai_routes(
         }
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
-    def model_failure(exc: ModelError) -> tuple[int, str]:
+    def model_failure(exc: ModelError) -> tuple[int, str, str]:
+        """Status, error type and message (logged here, once).  A ModelError's text is written for
+        users ("prompt of N tokens ... exceeds the context"); it is quoted, never a repr or a traceback."""
         log.warning("model %s failed: %s", getattr(model, "name", model_name), exc)
+        message = f"model failed: {str(exc)[:500]}"
         if isinstance(exc, EndpointError):
-            return 502, "upstream_error"
-        return 500, "server_error"
+            return 502, "upstream_error", message
+        return 500, "server_error", message
 
     def client_gone(request: web.Request) -> bool:
         transport = request.transport
@@ -254,8 +327,8 @@ def add_openai_routes(
                 if stop.stopped or client_gone(request):
                     break
         except ModelError as exc:
-            status, err_type = model_failure(exc)
-            return _error_response(status, f"model failed: {exc}", err_type)
+            status, err_type, message = model_failure(exc)
+            return _error_response(status, message, err_type)
         out.append(stop.flush())
         finish = "length" if count >= req["max_tokens"] and not stop.stopped else "stop"
         return web.json_response({
@@ -282,8 +355,8 @@ def add_openai_routes(
         except StopAsyncIteration:
             first = None
         except ModelError as exc:
-            status, err_type = model_failure(exc)
-            return _error_response(status, f"model failed: {exc}", err_type)
+            status, err_type, message = model_failure(exc)
+            return _error_response(status, message, err_type)
 
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -316,8 +389,8 @@ def add_openai_routes(
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ModelError as exc:
-            _, err_type = model_failure(exc)
-            error = {"error": {"message": f"model failed: {exc}", "type": err_type, "param": None, "code": None}}
+            _, err_type, message = model_failure(exc)
+            error = {"error": {"message": message, "type": err_type, "param": None, "code": None}}
             with suppress(ConnectionError):
                 await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
                 await resp.write_eof()

@@ -63,7 +63,8 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     signalling.add_routes(app)
-    add_openai_routes(app, engines.llm, model_name=engines.llm.name, default_max_tokens=config.llm.max_tokens)
+    add_openai_routes(app, engines.llm, model_name=engines.llm.name, default_max_tokens=config.llm.max_tokens,
+                      max_tokens_cap=config.llm.api_max_tokens)
 
     async def close_engines(app: web.Application) -> None:
         await engines.aclose()
