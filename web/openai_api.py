@@ -216,7 +216,7 @@ def context_overflow(model: Any, messages: list[dict[str, str]], max_tokens: int
     ``encode_prompt``) and the prompt plus ``max_tokens`` does not fit; None when it fits or cannot tell."""
     limit = getattr(model, "context_length", None)
     encode = getattr(model, "encode_prompt", None)
-    if not _is_int(limit) or limit <= 0 or encode is None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0 or encode is None:
         return None
     if max_tokens >= limit:   # no prompt fits: no need to count it
         return BadRequest(f"This model's maximum context length is {limit} tokens, prompt included; "
