@@ -35,6 +35,7 @@ Errors: none; unknown characters pass through unchanged.
 """
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from collections.abc import Callable
@@ -89,10 +90,15 @@ _INVISIBLE = re.compile("[\ufe00-\ufe0f\u200d\u20e3\U000e0000-\U000e007f\U0001f3
 _KEEP_SYMBOLS = set("°©®™")
 
 
+_EMOTICON = re.compile(r"(?<!\S)(?:[:;=][-'^]?[)(DPpOo3/\\|*\]\[]+|<3+|\^_*\^|[xX]D|¯\\_\(ツ\)_/¯)(?!\S)")
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
+
+
 def _drop_emoji(text: str) -> str:
     text = _KEYCAP.sub(r"\1", text)
     text = emoji.replace_emoji(text, replace=" ")
     text = _INVISIBLE.sub("", text)
+    text = _EMOTICON.sub(" ", text)
     return "".join(" " if unicodedata.category(c) == "So" and c not in _KEEP_SYMBOLS else c for c in text)
 
 
@@ -134,7 +140,14 @@ def strip_markdown(text: str) -> str:
     table rules go; inline code and links keep their text (``[text](url)`` →
     text).  Lines are kept (the splitter uses them); spaces are not collapsed.
     """
+    code: list[str] = []  # inline code is content: kept out of the emphasis rules, put back at the end
+
+    def keep(match: re.Match[str]) -> str:
+        code.append(match.group(2).strip())
+        return f"\ue000{len(code) - 1}\ue001"
+
     text = _MD_FENCE.sub("", text)
+    text = _MD_CODE.sub(keep, text)
     text = _MD_RULE.sub("", text)
     text = _MD_TABLE_RULE.sub("", text)
     text = _MD_HEADING.sub(r"\1", text)
@@ -143,12 +156,11 @@ def strip_markdown(text: str) -> str:
     text = _MD_IMAGE.sub(r"\1", text)
     text = _MD_LINK.sub(r"\1", text)
     text = _MD_AUTOLINK.sub(r"\1", text)
-    text = _MD_CODE.sub(lambda m: m.group(2).strip(), text)
     for pattern in (_MD_STRONG, _MD_STRONG, _MD_EMPH_STAR, _MD_EMPH_UNDER, _MD_STRIKE):
         text = pattern.sub(lambda m: m.group(m.lastindex or 0), text)
     text = _MD_STRAY_RUN.sub(_stray_run, text)
     text = re.sub(r"[ \t]*\|[ \t]*", lambda m: ", " if m.start() else "", text) if text.count("|") >= 2 else text
-    return text
+    return re.sub("\ue000(\\d+)\ue001", lambda m: code[int(m.group(1))], text)
 
 
 # ------------------------------------------------------------------ URLs and e-mail
@@ -273,6 +285,23 @@ def _say_time_24(match: re.Match[str]) -> str:
     return head + _minutes(match.group("m"), "")
 
 
+_US_DATE = re.compile(r"\b(?P<a>[0-3]?\d)/(?P<b>[0-3]?\d)/(?P<y>\d{4})\b")
+_PER_WORDS = {"hr": "hour", "h": "hour", "wk": "week", "mo": "month", "yr": "year", "min": "minute", "sec": "second",
+              "kg": "kilogram", "lb": "pound", "g": "gram", "km": "kilometer", "mi": "mile", "ea": "each"}
+_PER = re.compile(r"(?<=\w)\s?/\s?(hour|hr|h|day|night|week|wk|month|mo|year|yr|person|head|user|seat|unit|item|"
+                  r"piece|kg|lb|g|km|mi|mile|minute|min|second|sec|page|word|serving|dose|ticket|ea)\b", re.IGNORECASE)
+
+
+def _say_us_date(match: re.Match[str]) -> str:
+    """m/d/yyyy (US order, as the voice is American) unless the first number cannot be a month."""
+    a, b = int(match.group("a")), int(match.group("b"))
+    if 1 <= a <= 12 and 1 <= b <= 31:
+        return f"{_MONTHS[a - 1]} {_words(b, 'ordinal')}, {_say_year(match.group('y'))}"
+    if 1 <= b <= 12 and 1 <= a <= 31:
+        return f"the {_words(a, 'ordinal')} of {_MONTHS[b - 1]}, {_say_year(match.group('y'))}"
+    return match.group()
+
+
 def _say_iso_date(match: re.Match[str]) -> str:
     return (f"{_MONTHS[int(match.group('mo')) - 1]} {_words(int(match.group('d')), 'ordinal')} "
             f"{_say_year(match.group('y'))}")
@@ -320,19 +349,14 @@ def _say_unit(match: re.Match[str]) -> str:
 _PERCENT = re.compile(rf"(?<![\w.,])(?P<neg>[-\u2212+])?(?P<num>{_NUM})\s?%")
 _ORDINAL = re.compile(r"\b(?P<num>\d{1,3}(?:,\d{3})*|\d+)(?P<suf>st|nd|rd|th)\b", re.IGNORECASE)
 _DECADE = re.compile(r"(?<![\w.,'])'?(?P<num>1[1-9]\d0|20\d0|[2-9]0)'?s\b")
-_RANGE = re.compile(rf"(?<![\w.,/-])(?P<a>{_NUM})\s?[-–—]\s?(?P<b>{_NUM})(?![\w/-]|[.,]\d|\s*=)")
-_PHONE = re.compile(r"(?<![\w])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}\b|\b\d{3}-\d{4}\b")
+_QUANTITY = r"[-\u2212]?[$€£¥₹]?\d[\d,]*(?:\.\d+)?(?::[0-5]\d)?(?:\s?[aApP]\.?[mM]\b\.?)?%?"
+# "3-5 days", "$10-$20", "50-60%", "9am-5pm", "10:30-11:00", "1990-1995": the dash reads "to"
+_RANGE_DASH = re.compile(rf"(?<![\w.,/-])(?P<a>{_QUANTITY})\s?[-–—]\s?(?=(?P<b>{_QUANTITY})(?![\w/-]|[.,]\d|\s*=))")
+_PHONE = re.compile(r"(?<![\w])(?:\+\d{1,3}[\s.-]?|1[\s.-])?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}\b|\b\d{3}-\d{4}\b")
 _FRACTION_CHARS = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅛": "1/8", "⅜": "3/8",
                    "⅝": "5/8", "⅞": "7/8", "⅕": "1/5"}
 _FRACTION_CHAR = re.compile(rf"(?:(\d)\s?)?([{''.join(_FRACTION_CHARS)}])")
 _FRACTION = re.compile(r"(?<![\w/.])(?:(?P<whole>\d+)(?:\s|-))?(?P<n>\d{1,2})/(?P<d>\d{1,2})(?![\w/]|\.\d)")
-
-
-def _say_range(match: re.Match[str]) -> str:
-    a, b = match.group("a"), match.group("b")
-    if _is_plain_year(a) and _is_plain_year(b):
-        return f"{_say_year(a)} to {_say_year(b)}"
-    return f"{number_words(a)} to {number_words(b)}"
 
 
 def _say_fraction(match: re.Match[str]) -> str:
@@ -368,6 +392,7 @@ _YEAR_AFTER = re.compile(
     r"and|or|to|through|when|while|where|with)\b)")
 _DOTTED = re.compile(r"(?<![\w.])\d+(?:\.\d+){2,}(?![\w]|\.\d)")  # versions 2.0.1, IPv4 addresses
 _RATIO = re.compile(r"(?<![\w:.])(\d+):(\d+)(?![\w:]|\.\d)")  # what is left after times: 3:2, 16:9
+_YEAR_PAIR = re.compile(r"\b(?:1\d{3}|20\d\d)\s+(?:to|and|or|through)\s+$")
 _INTEGER = re.compile(r"(?<![\w.,])(?P<neg>[-\u2212+](?=\d))?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?![\w])")
 
 
@@ -383,7 +408,7 @@ def _is_year(match: re.Match[str]) -> bool:
         return False
     before = match.string[: match.start()]
     after = match.string[match.end():]
-    return bool(_YEAR_BEFORE.search(before) or _YEAR_AFTER.match(after))
+    return bool(_YEAR_BEFORE.search(before) or _YEAR_AFTER.match(after) or _YEAR_PAIR.search(before))
 
 
 def _say_number(match: re.Match[str]) -> str:
@@ -414,6 +439,7 @@ _LATIN_ABBREVIATIONS = [
 _NUMERIC_SYMBOLS = [  # need the digits, so they run before numbers become words
     (re.compile(r"(?<![\w~])~\s?(?=[-\u2212]?\d)"), "about "),
     (re.compile(r"(?<=\d)\s*[x×]\s*(?=\d)"), " times "),
+    (re.compile(r"(?<=\d)[xX](?!\w)"), " times"),
     (re.compile(r"(?<=\d)\s+[-\u2212]\s+(?=\d)"), " minus "),
     (re.compile(r"(?<=\d)\s+/\s+(?=\d)"), " divided by "),
     (re.compile(r"(?<=\d)/(?=\d)"), " slash "),
@@ -426,8 +452,10 @@ _SYMBOL_RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
     (re.compile(r"(?<![\w#])#(?=[A-Za-z]\w*)"), "hashtag "),
     (re.compile(r"(?<![\w.])@(?=\w)"), "at "),
     (re.compile(r"\s*&\s*"), " and "),
-    (re.compile(r"(?<=[\w)\]])\s*\*\*\s*(?=[\w(\[-])"), " to the power of "),
-    (re.compile(r"(?<=[\w)\]])\s*\*\s*(?=[\w(\[-])"), " times "),
+    (re.compile(r"\s@\s"), " at "),
+    # an operator has space on both sides or on neither ("a * b", "2*3"); "*args" is not one
+    (re.compile(r"(?<=[\w)\]])(?:\s+\*\*\s+|\*\*)(?=[\w(\[-])"), " to the power of "),
+    (re.compile(r"(?<=[\w)\]])(?:\s+\*\s+|\*)(?=[\w(\[-])"), " times "),
     (re.compile(r"\s*×\s*"), " times "),
     (re.compile(r"\s*(?:→|->|⇒|=>)\s*"), " to "),
     (re.compile(r"\s*÷\s*"), " divided by "),
@@ -457,24 +485,28 @@ def spoken_form(text: str) -> str:
     speakable is left (e.g. a piece of emoji only).
     """
     text = unicodedata.normalize("NFC", text)
+    text = html.unescape(_HTML_TAG.sub(" ", text))
     text = _drop_emoji(text)
     text = strip_markdown(text)
     text = re.sub(r"\s+", " ", text)
     text = _EMAIL.sub(_say_email, text)
     text = _URL.sub(_say_url, text)
     text = _FRACTION_CHAR.sub(lambda m: f" {m.group(1) or ''} {_FRACTION_CHARS[m.group(2)]} ", text)
+    text = _PHONE.sub(_say_phone, text)
+    text = _ISO_DATE.sub(_say_iso_date, text)
+    text = _US_DATE.sub(_say_us_date, text)
+    text = _RANGE_DASH.sub(lambda m: m.group("a") + " to ", text)
+    text = re.sub(r"([$€£¥₹])(\d[\d,.]*) to (?=\d)", r"\1\2 to \1", text)  # "$10-20": both are dollars
     text = _MONEY_PREFIX.sub(_say_money, text)
     text = _MONEY_CODE_FIRST.sub(_say_money, text)
     text = _MONEY_SUFFIX.sub(_say_money, text)
-    text = _ISO_DATE.sub(_say_iso_date, text)
+    text = _PER.sub(lambda m: " per " + _PER_WORDS.get(m.group(1).lower(), m.group(1)), text)
     text = _MONTH_DAY.sub(lambda m: f"{_MONTH_NAMES[m.group('mon').lower()[:3]]} {_words(int(m.group('d')), 'ordinal')}", text)
     text = _TIME_AMPM.sub(_say_time_ampm, text)
     text = _TIME_24.sub(_say_time_24, text)
-    text = _PHONE.sub(_say_phone, text)
     text = _PERCENT.sub(lambda m: number_words((m.group("neg") or "") + m.group("num")) + " percent", text)
     text = re.sub(r"\b24/7\b", "twenty-four seven", text)
     text = _FRACTION.sub(_say_fraction, text)
-    text = _RANGE.sub(_say_range, text)
     text = _DECADE.sub(lambda m: _say_decade(m.group("num")), text)
     text = _NUMBER_UNIT.sub(_say_unit, text)
     text = _ORDINAL.sub(lambda m: _words(int(m.group("num").replace(",", "")), "ordinal"), text)
@@ -491,6 +523,9 @@ def spoken_form(text: str) -> str:
     text = re.sub(r"\s+([.,;:!?…])", r"\1", text)
     text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
     text = re.sub(r"\(\s*\)|\[\s*\]", "", text)
+    text = re.sub(r"([(\[])\s+", r"\1", text)
+    text = re.sub(r"\s+([)\]])", r"\1", text)
+    text = re.sub(r"[\s,;:]+$", "", text)
     text = re.sub(r"^[\s.,;:!?…]+", "", text)
     text = text.strip()
     return text if re.search(r"\w", text) else ""

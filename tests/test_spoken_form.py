@@ -97,6 +97,20 @@ TABLE: list[tuple[str, str, str]] = [
      "Code is at github dot com slash user slash repo underscore name."),
     ("email", "Write to jane.doe@example.com please.", "Write to jane dot doe at example dot com please."),
     ("email", "Mail support@sub300.io.", "Mail support at sub three hundred dot io."),
+    # probes beyond the brief's examples
+    ("money", "It's $15/hour or €99/month.", "It's fifteen dollars per hour or ninety-nine euros per month."),
+    ("range", "Save 50-60%, or $10-20, and walk 5-10 km.",
+     "Save fifty to sixty percent, or ten dollars to twenty dollars, and walk five to ten kilometers."),
+    ("time", "Open 9am-5pm and 10:30-11:00.", "Open nine AM to five PM and ten thirty to eleven o'clock."),
+    ("date", "Due 12/25/2024 or 25/12/2024.",
+     "Due December twenty-fifth, twenty twenty-four or the twenty-fifth of December, twenty twenty-four."),
+    ("number", "Call 1-800-555-1234, it is 3x faster.",
+     "Call one, eight zero zero, five five five, one two three four, it is three times faster."),
+    ("emoji", "Meet @ 5pm :) ok ;-)", "Meet at five PM ok"),
+    ("markdown", "Use &amp; and <b>bold</b> tags.", "Use and and bold tags."),
+    ("markdown", "Call `__init__` or `a * b`, **then** go.", "Call init or a times b, then go."),
+    ("markdown", "| Name | Price |\n|---|---|\n| Tea | $3 |", "Name, Price, Tea, three dollars"),
+    ("symbol", "Use *args in f(*args), (a+b)*c.", "Use args in f(args), (a plus b) times c."),
 ]
 
 
