@@ -5,7 +5,9 @@ answers on the same RTP path (symmetric RTP: it latches to sipp's media
 socket), the call's events reach the observer, and the agent hangs up with
 a BYE when the caller says goodbye.  Also: CANCEL while ringing, the
 caller's BYE in the middle of a reply (nothing left running afterwards),
-and a codec offer we cannot accept (488).
+a codec offer we cannot accept (488), and hold: re-INVITEs at 3.0 s
+(sendonly) and 6.0 s (sendrecv) while the agent answers, with music on
+hold in between (issue 9, field case hold_question.wav).
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import shutil
 
 import pytest
 
-from sub300.agent.events import AgentSpeech, TurnFinished
+from sub300.agent.events import AgentSpeech, CallHeld, CallResumed, TranscriptEvent, TurnFinished
 
+from .speech import speak
 from .test_sip_support import (
     poke_when,
     scenario_call,
     scenario_cancel,
+    scenario_hold,
     scenario_rejected,
     sip_service,
     sipp,
@@ -140,3 +144,81 @@ async def test_unsupported_codec_gets_488(config, engines, tmp_path, transport):
             peer.stop()
         assert rc == 0, sipp_errors(tmp_path) + peer.tail()
         assert observer.calls == {} and service.active_calls == 0
+
+
+@pytest.fixture(scope="module")
+def hold_audio(tmp_path_factory):
+    """The field case's layout (hold_question.wav): 0.5 s silence, the question, silence; then, inside the
+    hold (3.0–6.0 s), music on hold that speaks — from 3.3 s, so it must not become a turn."""
+    tmp = tmp_path_factory.mktemp("sip_hold_audio")
+    question = speak("What is the capital of France?")
+    moh = speak("Please hold. Your call is important to us.")
+    gap = 3.3 - 0.5 - len(question) / 16000
+    assert gap > 0.5 and 3.3 + len(moh) / 16000 < 5.8, "the recorded phrases no longer fit the hold window"
+    return ulaw_question(tmp, "hold_question", 0.5, question, gap, moh, 3.0)[0]
+
+
+@pytest.mark.parametrize("on_resume", ["continue", "drop"])
+async def test_hold_pauses_the_agents_audio_and_resume_continues_or_drops(config, engines, hold_audio, tmp_path,
+                                                                          on_resume):
+    async with sip_service(config, engines, sip={"on_resume": on_resume}) as (service, observer):
+        peer = sipp(tmp_path, scenario_hold(hold_audio), service.address)
+        sends: list[tuple[bool, bool, int]] = []   # per 20 ms tick: (held, agent audio pulled, RTP packets sent)
+        at_hold: list[int] = []                    # agent audio queued when the hold came (samples)
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                dialogs = list(service.uas.dialogs.values())
+                if dialogs and dialogs[0].call is not None and dialogs[0].call.endpoint is not None:
+                    break
+            else:
+                raise AssertionError("the call was not answered: " + peer.tail())
+            sip_call = dialogs[0].call
+            endpoint, agent = sip_call.endpoint, sip_call.agent
+            send, hold = endpoint.send, agent.hold
+
+            def recording_send(pcm):
+                send(pcm)
+                sends.append((sip_call.held, pcm is not None, endpoint.stats.sent))
+
+            def recording_hold():
+                at_hold.append(agent.playout.queued_samples + (agent._responder.reply is not None))
+                hold()
+
+            endpoint.send, agent.hold = recording_send, recording_hold
+            await poke_when(service, observer, lambda events: any(isinstance(e, CallResumed) for e in events)
+                            and any(isinstance(e, TurnFinished) for e in events))
+            rc = await peer.wait(40)
+        finally:
+            peer.stop()
+        assert rc == 0, sipp_errors(tmp_path) + peer.tail()
+        (record,) = await observer.wait_ended()
+    kinds = record.kinds()
+    assert kinds.count("call_held") == 1 and kinds.count("call_resumed") == 1, kinds
+    assert kinds.index("call_held") < kinds.index("call_resumed")
+    (turn,) = record.turns                                           # the music on hold was no turn
+    assert {"capital", "france"} <= words(turn.transcript), turn.transcript
+    finals = [e.text for e in record.events if isinstance(e, TranscriptEvent) and e.final]
+    assert not any({"hold", "important"} & words(t) for t in finals), finals
+    assert at_hold and at_hold[0] > 0, "the agent was not answering when the hold came (too slow a machine?)"
+    during = [s for s in sends if s[0]]
+    assert during, "no tick while held"
+    assert not any(pulled for _, pulled, _ in during), "agent audio was pulled during the hold"
+    assert during[-1][2] - during[0][2] <= 1, "RTP went out during the hold"
+    resumed_at = max(i for i, s in enumerate(sends) if s[0]) + 1
+    after = sum(pulled for _, pulled, _ in sends[resumed_at:])
+    before = sum(pulled for held, pulled, _ in sends[:resumed_at] if not held)
+    (held_event,) = [e for e in record.events if isinstance(e, CallHeld)]
+    (resumed,) = [e for e in record.events if isinstance(e, CallResumed)]
+    assert held_event.kind == "call_held"
+    if on_resume == "continue":
+        assert after > 0, "nothing was left after the resume"
+        assert resumed.dropped_s == 0 and turn.ledger.notes["interrupted"] is False
+        assert turn.reply == " ".join(e.text for e in record.events if isinstance(e, AgentSpeech))
+    else:
+        # dropped: what was heard before the hold, and nothing after (nothing at all if it had not begun)
+        assert after == 0 and turn.ledger.notes["interrupted"] is True
+        spoken = " ".join(e.text for e in record.events if isinstance(e, AgentSpeech))
+        assert spoken.startswith(turn.reply) and (len(turn.reply) < len(spoken) or spoken == "")
+        assert (turn.reply == "") == (before == 0), (turn.reply, before)
+        assert resumed.dropped_s > 0

@@ -348,3 +348,66 @@ def scenario_rejected(formats: str, rtpmaps: str, expect: int) -> str:
     out = _HEAD.format(name="rejected") + _INVITE.format(formats=formats, rtpmaps=rtpmaps)
     out += f'  <recv response="100" optional="true"/>\n  <recv response="{expect}"/>\n'
     return out + _ACK + "</scenario>\n"
+
+
+_REINVITE = """  <send retrans="500">
+    <![CDATA[
+      INVITE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+      [routes]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: {cseq} INVITE
+      Contact: <sip:sipp@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 {version} IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] {address}
+      t=0 0
+      m=audio [auto_media_port] RTP/AVP {formats}
+{rtpmaps}
+      a={direction}
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="200"/>
+  <send>
+    <![CDATA[
+      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+      [routes]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: {cseq} ACK
+      Max-Forwards: 70
+      Content-Length: 0
+    ]]>
+  </send>
+"""
+
+
+def scenario_hold(ulaw: str, *, hold_ms: int = 3000, resume_ms: int = 6000, hold: str = "sendonly",
+                  timeout_ms: int = 60000) -> str:
+    """INVITE → 200 → ACK → stream `ulaw`; at `hold_ms` a re-INVITE that holds (`hold`: sendonly, inactive,
+    or "0.0.0.0" for the RFC 2543 style), at `resume_ms` one with sendrecv (both from the stream's start);
+    then BYE when poked (see `poke`)."""
+    out = _HEAD.format(name="hold") + _INVITE.format(formats=PCMU[0], rtpmaps=PCMU[1])
+    out += ('  <recv response="100" optional="true"/>\n  <recv response="180" optional="true"/>\n'
+            '  <recv response="200" rtd="true" rrs="true"/>\n')
+    out += _ACK_2XX
+    out += f'  <nop><action><exec rtp_stream="{ulaw},1,0"/></action></nop>\n'
+    held = ("sendrecv", "0.0.0.0") if hold == "0.0.0.0" else (hold, "[media_ip]")
+    out += f'  <pause milliseconds="{hold_ms}"/>\n'
+    out += _REINVITE.format(cseq=2, version=2353687638, address=held[1], formats=PCMU[0], rtpmaps=PCMU[1],
+                            direction=held[0])
+    out += f'  <pause milliseconds="{resume_ms - hold_ms}"/>\n'
+    out += _REINVITE.format(cseq=3, version=2353687639, address="[media_ip]", formats=PCMU[0], rtpmaps=PCMU[1],
+                            direction="sendrecv")
+    out += _ANSWER_BYE.replace("BYE", "INFO").format(timeout_ms=timeout_ms)
+    return out + _BYE.replace("CSeq: 2 BYE", "CSeq: 4 BYE") + "</scenario>\n"
