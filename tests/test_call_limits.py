@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import shutil
 
 import numpy as np
 import pytest
@@ -146,3 +147,27 @@ async def test_a_transport_timer_ends_a_call_whose_frames_stopped(config):
         await caller.wait_until(lambda: bool(hangups(caller)), timeout=10)
     finally:
         await caller.close()
+
+
+# ------------------------------------------------------------ over SIP (sipp on 127.0.0.1, fake engines)
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("sipp") is None or shutil.which("sox") is None, reason="needs sipp and sox")
+async def test_a_silent_sip_caller_hears_the_goodbye_and_gets_the_agents_bye(config, tmp_path):
+    """sipp plays 1 s of silence and then sends no RTP at all: the SIP call feeds silence for the gap,
+    the inactivity limit fires, the goodbye plays, and the agent sends BYE (which sipp waits for)."""
+    from .test_sip_support import scenario_call, sip_service, sipp, sipp_errors, ulaw_question
+
+    c = limited(config, inactivity=2.0)
+    silence, _ = ulaw_question(tmp_path, "silence", 1.0)
+    async with sip_service(c, engines()) as (service, observer):
+        peer = sipp(tmp_path, scenario_call(silence, timeout_ms=20_000), service.address)
+        try:
+            rc = await peer.wait(30)
+        finally:
+            peer.stop()
+        assert rc == 0, sipp_errors(tmp_path) + peer.tail()   # the agent's BYE arrived and was answered
+        (call,) = await observer.wait_ended()
+    assert call.ended == "agent hung up"
+    assert [e.text for e in call.events if isinstance(e, AgentSpeech)] == [c.call.inactivity_goodbye]
+    assert [e.reason for e in call.events if isinstance(e, HangupRequested)] == [INACTIVITY]
+    assert service.uas.ended_calls[-1]["rtp_sent"] > 0

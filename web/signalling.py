@@ -140,8 +140,6 @@ def _direction(attrs: dict[str, list[str]], session: dict[str, list[str]]) -> st
 def _check_transport(name: str, lines: list[str], session: dict[str, list[str]]) -> str | None:
     """Why a media section (not rejected) cannot be negotiated: its mid, ICE and DTLS lines; or None."""
     attrs = _attributes(lines[1:])
-    if not attrs.get("mid") or not attrs["mid"][0]:
-        return f"the {name} has no a=mid (JSEP, RFC 8829 §5.2.1: every media section has one)"
     ufrag = (attrs.get("ice-ufrag") or session.get("ice-ufrag") or [""])[-1]
     pwd = (attrs.get("ice-pwd") or session.get("ice-pwd") or [""])[-1]
     if not ufrag or not pwd:
@@ -163,6 +161,8 @@ def _check_transport(name: str, lines: list[str], session: dict[str, list[str]])
     if setup not in _SETUP:
         return (f"the {name} has a=setup:{setup[:20]}" if setup else f"the {name} has no a=setup") + \
             "; an offer must say a=setup:actpass (RFC 5763 §5)"
+    if not attrs.get("mid") or not attrs["mid"][0]:
+        return f"the {name} has no a=mid (JSEP, RFC 8829 §5.2.1: every media section has one)"
     return None
 
 
