@@ -10,10 +10,12 @@ negative, non-numeric or conflicting Content-Length breaks the framing:
 What a peer may hold (`TcpLimits`, from the ``[sip]`` section):
 
 * a connection that starts a message must finish it within
-  ``message_timeout_s``; one that sends nothing for ``idle_timeout_s``
-  between messages is closed, unless it carries a call (``in_use``), since
-  our BYE would go on it.  CRLF keep-alives (RFC 5626 §4.4.1: a double CRLF
-  "ping" is answered by a single CRLF "pong") count as traffic;
+  ``message_timeout_s``, and a new connection must deliver its first whole
+  message within ``message_timeout_s`` of being accepted; after that, one
+  that sends nothing for ``idle_timeout_s`` between messages is closed,
+  unless it carries a call (``in_use``), since our BYE would go on it.  CRLF
+  keep-alives (RFC 5626 §4.4.1: a double CRLF "ping" is answered by a single
+  CRLF "pong") count as traffic between messages;
 * at most ``max_connections`` open connections, ``max_per_source`` from one
   IP address; one more is closed at once, at accept;
 * a message (UDP datagram or TCP message) larger than ``max_message_bytes``
@@ -234,6 +236,10 @@ class SipTransport:
             await self._read_messages(reader, flow)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # close(): end quietly.  Python 3.11's start_server callback calls task.exception() on this task,
+            # which raises (and logs "Exception in callback") when the task ends cancelled (fixed in 3.12).
+            pass
         finally:
             self.open_connections -= 1
             self._per_source[host] -= 1
@@ -245,12 +251,21 @@ class SipTransport:
         """Read framed messages until the peer closes, stalls, or breaks the framing (then return)."""
         limits, host = self.limits, flow.source[0]
         loop = asyncio.get_running_loop()
-        crlf = b""
+        crlf, first_deadline = b"", loop.time() + limits.message_timeout_s
         while True:
-            try:   # between messages: wait for the first byte of the next one
-                async with asyncio.timeout(limits.idle_timeout_s):
-                    first = await reader.readexactly(1)
+            # between messages: wait for the first byte of the next one; until a first message is complete the
+            # connection has tcp_message_timeout_s from accept, keep-alives or not (so silent sockets go fast)
+            try:
+                if first_deadline:
+                    async with asyncio.timeout_at(first_deadline):
+                        first = await reader.readexactly(1)
+                else:
+                    async with asyncio.timeout(limits.idle_timeout_s):
+                        first = await reader.readexactly(1)
             except TimeoutError:
+                if first_deadline:
+                    self.refuse("TCP connection closed: no message in time (sip.tcp_message_timeout_s)", host)
+                    return
                 if self.in_use(flow):
                     continue
                 self.refuse("TCP connection closed: idle (sip.tcp_idle_timeout_s)", host)
@@ -263,7 +278,7 @@ class SipTransport:
                 continue
             crlf = b""
             try:
-                async with asyncio.timeout_at(loop.time() + limits.message_timeout_s):
+                async with asyncio.timeout_at(first_deadline or loop.time() + limits.message_timeout_s):
                     try:
                         head = first + await reader.readuntil(b"\r\n\r\n")
                     except asyncio.LimitOverrunError:   # no end of headers within the limit: 513 from what came
@@ -284,6 +299,7 @@ class SipTransport:
             except TimeoutError:
                 self.refuse("TCP connection closed: message not finished in time (sip.tcp_message_timeout_s)", host)
                 return
+            first_deadline = 0.0
             self.deliver(head + body, flow)
 
     async def close(self) -> None:
