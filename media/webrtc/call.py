@@ -26,9 +26,11 @@ caller's track, or server shutdown; and by the watchdog:
 Measured on loopback (a caller whose sockets are closed under aiortc, no
 goodbye sent): the old per-`recv()` 20 s timeout freed the call after 20.1 s;
 with that timeout out of the way, ICE consent failure alone closed the
-connection after 32.3 s.  A per-`recv()` timeout restarts with every frame,
-so one late frame (a jitter-buffer flush) re-arms the whole 20 s on top of the
-consent delay (20 + 33 ≈ 54 s); the watchdog measures from the last frame.
+connection after 32.3 s.  The ~54 s seen in the field was not reproduced
+here; it is what the two add up to (20 + 33 ≈ 54 s) when the reader's
+per-`recv()` timeout is re-armed by one late frame around the consent
+failure.  The watchdog does not depend on either: it measures from the
+caller's last frame, on its own timer.
 """
 from __future__ import annotations
 
