@@ -35,7 +35,7 @@ import re
 import pysbd
 from pysbd.lang.english import English
 
-from .spoken_form import spoken_form, strip_markdown
+from .spoken_form import UNIT_NAMES, spoken_form, strip_markdown
 
 _SEGMENTER = pysbd.Segmenter(language="en", clean=False, char_span=True)
 # a stop (with closing quotes/brackets/markdown) followed by the start of more text
@@ -45,6 +45,8 @@ _ABBREVIATIONS = frozenset(English.Abbreviation.ABBREVIATIONS)
 _ABBREVIATION_LIKE = re.compile(r"(?:^|\s)(?:\w(?:\.\w)+|\w|(?P<word>\w+))\.[\"'”’)\]*_`]*\s*$")
 _WORD_DONE = re.compile(r"\s*\S+?(?:\s|[,;:.!?])")
 _CLAUSE_END = re.compile(r"[,;:—]+(?=\s)")
+_BELONGS_TO_NUMBER = re.compile(
+    r"(?:thousand|million|billion|trillion|percent|[ap]\.?m\.?|[AP]\.?M\.?|(?:" + UNIT_NAMES + r"))(?![\w/])")
 _LINE_BREAK = re.compile(r"\n\s*(?=\S)")
 # a list bullet, number or heading mark at the start of a line: not a sentence of its own
 _LINE_MARK = re.compile(r"[ \t]*(?:[-*+•]|\d{1,3}[.)]|#{1,6})[ \t]+")
@@ -61,18 +63,20 @@ def sentence_end(text: str) -> int | None:
     if not _CANDIDATE_STOP.search(text):
         return None
     spans = _SEGMENTER.segment(text)
-    if len(spans) < 2:
-        return None
-    end = int(spans[0].end)
-    if not text[end - 1].isspace():
-        return None  # a cut inside a run of stops ("Wait." + ".."): more is coming
-    # After a possible abbreviation pysbd decides on the whole next word ("U.S. It" vs
-    # "U.S. Itasca"): wait until that word is complete.
-    abbreviation = _ABBREVIATION_LIKE.search(text, 0, end)
-    if (abbreviation and (abbreviation["word"] is None or abbreviation["word"].lower() in _ABBREVIATIONS)
-            and not _WORD_DONE.match(text, end)):
-        return None
-    return end
+    for span in spans[:-1]:
+        end = int(span.end)
+        if not text[end - 1].isspace():
+            # not between words: a run of stops still coming ("Wait." + ".."), or pysbd
+            # cutting inside a token (it splits "example.com/a?b=c" at the "?")
+            continue
+        # After a possible abbreviation pysbd decides on the whole next word ("U.S. It" vs
+        # "U.S. Itasca"): wait until that word is complete.
+        abbreviation = _ABBREVIATION_LIKE.search(text, 0, end)
+        if (abbreviation and (abbreviation["word"] is None or abbreviation["word"].lower() in _ABBREVIATIONS)
+                and not _WORD_DONE.match(text, end)):
+            return None
+        return end
+    return None
 
 
 class SentenceSplitter:
@@ -128,12 +132,18 @@ class SentenceSplitter:
         for match in _CLAUSE_END.finditer(buffer, skip, line_end):
             if cut is not None and match.end() >= cut[0]:
                 break
-            if len(clean_for_speech(buffer[: match.end()])) >= self.min_clause_chars:
+            if (len(clean_for_speech(buffer[: match.end()])) >= self.min_clause_chars
+                    and buffer.count("`", 0, match.end()) % 2 == 0):
                 return match.end(), False
         if cut is None and self.first_piece_max_words:
             # No punctuation in sight: start speaking after a phrase's worth of words.
             # A word counts once the next one has begun (the space after it is seen).
-            words = list(re.finditer(r"\S+(?=\s+\S)", buffer[:line_end]))
-            if len(words) >= self.first_piece_max_words:
-                return words[self.first_piece_max_words - 1].end(), False
+            # Not inside inline code, next to an operator ("a *" | "b"), or before a word
+            # that belongs to the number ("$2.5" | "million", "9" | "a.m.").
+            words = list(re.finditer(r"\S+(?=\s+(\S+))", buffer[:line_end]))
+            for word in words[self.first_piece_max_words - 1:]:
+                after = word.group(1)
+                if (buffer.count("`", 0, word.end()) % 2 == 0 and re.search(r"\w", word.group())
+                        and re.match(r"[\w(\[\"'“‘]", after) and not _BELONGS_TO_NUMBER.match(after)):
+                    return word.end(), False
         return cut

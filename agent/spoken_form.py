@@ -43,7 +43,7 @@ from collections.abc import Callable
 import emoji
 from num2words import num2words
 
-__all__ = ["spoken_form", "strip_markdown", "number_words"]
+__all__ = ["UNIT_NAMES", "number_words", "spoken_form", "strip_markdown"]
 
 
 # ------------------------------------------------------------------ numbers
@@ -332,9 +332,9 @@ _UNITS: dict[str, tuple[str, str]] = {
     "°C": ("degree Celsius", "degrees Celsius"), "°F": ("degree Fahrenheit", "degrees Fahrenheit"),
     "°": ("degree", "degrees"), "º": ("degree", "degrees"),
 }
-_UNIT_NAMES = "|".join(re.escape(u) for u in sorted(_UNITS, key=len, reverse=True))
+UNIT_NAMES = "|".join(re.escape(u) for u in sorted(_UNITS, key=len, reverse=True))
 _NUMBER_UNIT = re.compile(
-    rf"(?<![\w.,])(?P<neg>[-\u2212])?(?P<num>{_NUM})(?P<sp>\s?)(?P<unit>{_UNIT_NAMES})(?![\w/])")
+    rf"(?<![\w.,])(?P<neg>[-\u2212])?(?P<num>{_NUM})(?P<sp>\s?)(?P<unit>{UNIT_NAMES})(?![\w/])")
 
 
 def _say_unit(match: re.Match[str]) -> str:

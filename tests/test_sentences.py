@@ -50,3 +50,26 @@ def test_first_piece_is_cut_after_a_phrase_when_no_punctuation_comes():
     splitter = SentenceSplitter(12, first_piece_max_words=2)
     assert splitter.push("Hello wor") == []
     assert splitter.push("ld and") == ["Hello world"]
+
+
+def test_the_first_piece_is_not_cut_inside_code_next_to_an_operator_or_before_a_number_word():
+    def first(tokens: list[str], words: int) -> str:
+        splitter = SentenceSplitter(12, first_piece_max_words=words)
+        out: list[str] = []
+        for token in tokens:
+            out += splitter.push(token)
+        return (out + splitter.flush())[0]
+
+    assert first(["Use", " `x", " =", " a", " *", " b`", " to", " multiply", " them", " now"], 3) == "Use x = a * b"
+    assert first(["So", " x", " =", " a", " *", " b", " is", " the", " answer", " here"], 4) == "So x = a * b"
+    assert first(["They", " raised", " $2.5", " million", " from", " investors", " today"], 3) == \
+        "They raised $2.5 million"
+    assert first(["We", " open", " at", " 9", " a.m.", " every", " day", " now"], 4) == "We open at 9 a.m."
+    assert first(["It", " is", " 5", " km", " away", " from", " here", " now"], 3) == "It is 5 km"
+    # a clause break inside inline code does not count
+    assert first(["Call", " `f(a,", " b)`", " with", " both,", " then", " go."], 4) == "Call f(a, b) with both,"
+
+
+def test_pysbd_cutting_inside_a_url_is_not_taken_but_the_real_end_is():
+    assert split(["Visit", " https://acme.co.uk/support?ref=voice.", " We", " are", " open."], 10**6) == [
+        "Visit https://acme.co.uk/support?ref=voice.", "We are open."]
