@@ -67,7 +67,8 @@ def test_the_first_piece_is_not_cut_inside_code_next_to_an_operator_or_before_a_
     assert first(["We", " open", " at", " 9", " a.m.", " every", " day", " now"], 4) == "We open at 9 a.m."
     assert first(["It", " is", " 5", " km", " away", " from", " here", " now"], 3) == "It is 5 km"
     # a clause break inside inline code does not count
-    assert first(["Call", " `f(a,", " b)`", " with", " both,", " then", " go."], 4) == "Call f(a, b) with both,"
+    assert first(["Call", " `compute(alpha,", " beta)`", " with", " both,", " then", " go."], 8) == \
+        "Call compute(alpha, beta) with both,"
 
 
 def test_pysbd_cutting_inside_a_url_is_not_taken_but_the_real_end_is():
