@@ -83,15 +83,18 @@ class Request:
         return self.raw.headers.getlist(name)
 
 
-def content_length(head: bytes) -> int | str:
-    """The Content-Length of a message head (0 when absent), or why it cannot frame a message (RFC 3261 §20.14).
+def content_length(head: bytes, absent: int = 0) -> int | str:
+    """The Content-Length of a message head (``absent`` when there is none), or why it cannot frame a message.
+
+    RFC 3261 §20.14: over TCP it is required (absent counts as 0); over UDP
+    the body then runs to the end of the datagram (§18.3).
 
     Every Content-Length (or compact ``l``) header must be a non-negative
     decimal number, and all of them the same.
     """
     values = {m.group(1).strip() for m in _CONTENT_LENGTH.finditer(head.split(b"\r\n", 1)[-1])}
     if not values:
-        return 0
+        return absent
     if len(values) > 1:
         return "conflicting Content-Length"
     (value,) = values
@@ -133,7 +136,7 @@ def parse(data: bytes) -> sipmessage.Request | sipmessage.Response:
         message = sipmessage.Message.parse(first + b"\r\n" + rest + b"\r\n\r\n")
     except Exception:
         raise BadRequest("unparsable message") from None
-    n = content_length(b"x\r\n" + rest)
+    n = content_length(b"x\r\n" + rest, absent=len(body))
     if isinstance(n, str):
         raise BadRequest(n)
     if n > len(body):
