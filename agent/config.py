@@ -219,6 +219,10 @@ class LlmConfig(Section):
         le=600.0,
         description="openai: limit on the wait for the first token (s)",
     )
+    idle_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600.0,
+        description="openai: limit on a silent gap in the stream after the first token (s); then the turn fails",
+    )
     history_turns: int = Field(default=8, ge=0, le=1000, description="past exchanges kept in the prompt")
     api_max_tokens: int = Field(
         default=1024, ge=1, le=1_000_000,

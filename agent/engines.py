@@ -94,6 +94,7 @@ def _openai_llm(c: Config) -> LanguageModel:
         api_key=os.environ.get(c.llm.api_key_env) or None,
         connect_timeout_s=c.llm.connect_timeout_s,
         first_token_timeout_s=c.llm.first_token_timeout_s,
+        idle_timeout_s=c.llm.idle_timeout_s,
     )
 
 

@@ -189,7 +189,7 @@ class Reply:
             queued.append(piece)
             queue.put_nowait(piece)
         if self.error is None and not any(has_words(piece) for piece in queued):
-            self.error = EmptyReply(f"LLM {_endpoint_of(self._llm)}: the answer had no text to speak "
+            self.error = EmptyReply(f"LLM {_endpoint_of(self._llm)}: empty answer, no text to speak "
                                     f"({len(queued)} pieces, {sum(map(len, queued))} characters)")
         self.ledger.mark("llm_done", self._clock())
         if self.error is not None:
@@ -245,8 +245,9 @@ def _unwrap(group: BaseExceptionGroup) -> BaseException:
 
 
 def _endpoint_of(llm: LanguageModel) -> str:
-    """What to call an engine in a message: its URL if it has one, else its name."""
-    return str(getattr(llm, "url", None) or llm.name)
+    """What to call an engine in a message: ``endpoint URL`` if it has one, else its name."""
+    url = getattr(llm, "url", None)
+    return f"endpoint {url}" if url else llm.name
 
 
 def failure_note(stage: str, error: ModelError) -> str:

@@ -151,5 +151,5 @@ class Responder:
             message = f"{stage.upper()} {message}"
         turn.ledger.notes.setdefault("failed", failure_note(stage, error))
         log.error("turn %d failed: %s%s", turn.number, message,
-                  "; the caller heard the fallback line" if fallback else "")
+                  "; answered with the fallback line" if fallback else "")
         self._emit(TurnFailed(turn.number, message, stage, error.kind, transcript, reply, turn.ledger))

@@ -197,7 +197,8 @@ class OpenAIChatModel:
                 except ValueError as exc:  # a line beyond the reader's limit
                     raise self._error(f"malformed event stream ({exc})") from exc
                 except aiohttp.ClientError as exc:
-                    raise self._error(f"connection dropped {after()} ({type(exc).__name__}: {exc})",
+                    # the type says it all (ClientPayloadError: the body ended early); its text is aiohttp's internals
+                    raise self._error(f"connection dropped {after()} ({type(exc).__name__})",
                                       EndpointDropped) from exc
                 at_eof = raw_line == b""
                 line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")

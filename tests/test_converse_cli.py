@@ -6,11 +6,15 @@ the reply text — a round trip through VAD, STT, LLM and TTS.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,8 +30,8 @@ CHAIN = ["speech_end", "stt_start", "stt_final", "llm_start", "llm_first_token",
          "first_piece", "tts_start", "tts_first_audio", "first_audio_out", "last_audio_out"]
 
 
-def converse(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
+def converse(*args: str, timeout: float = 180, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")} | (env_extra or {})
     return subprocess.run([sys.executable, "-m", "sub300.cli", "converse", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -140,3 +144,61 @@ def test_unreadable_file(tmp_path):
     path.chmod(0)
     result = converse(str(path), timeout=60)
     assert result.returncode == 2 and "not readable" in result.stderr
+
+
+@contextlib.contextmanager
+def failing_llm_endpoint() -> Iterator[str]:
+    """The fake misbehaving OpenAI-compatible server of test_llm_failures.py, on 127.0.0.1 in a
+    thread of its own (the CLI runs as a subprocess); yields its base URL (scenarios are paths)."""
+    from aiohttp import web
+
+    from .test_llm_failures import fake_endpoint
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(fake_endpoint(), shutdown_timeout=1.0)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    host, port = runner.addresses[0][:2]
+    thread = threading.Thread(target=loop.run_forever, name="fake-llm-endpoint", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+FALLBACK = "Sorry, I can't answer that right now."
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario, kind", [("drop", "dropped"), ("only_finish", "empty"), ("http_500", "http_5xx")])
+def test_llm_endpoint_failures_are_reported_and_the_fallback_is_spoken(tmp_path, engines, scenario, kind):
+    """Two questions to an LLM endpoint that fails every time: one log line per failed turn, no
+    traceback, exit 1, and the caller hears the fallback line (transcribed back from OUT.wav)."""
+    caller = compose(0.5, speak("What is the capital of France?"), 5.0, speak("How many days are in a week?"), 5.0)
+    wav, out = save(tmp_path / "two.wav", caller), tmp_path / "out.wav"
+    with failing_llm_endpoint() as url:
+        result = converse(str(wav), "--out", str(out), "--json", env_extra={
+            "SUB300_LLM_ENGINE": "openai", "SUB300_LLM_BASE_URL": f"{url}/{scenario}",
+            "SUB300_LLM_FALLBACK_TEXT": FALLBACK})
+    assert result.returncode == 1, result.stderr[-3000:]
+    stderr = result.stderr
+    assert "Traceback" not in stderr and "ExceptionGroup" not in stderr and "no speech detected" not in stderr
+    failures = re.findall(r"turn (\d+) failed: LLM (.*)", stderr)
+    assert [n for n, _ in failures] == ["1", "2"], stderr[-3000:]
+    assert all(f"{url}/{scenario}/chat/completions" in line for _, line in failures), failures
+    assert "2 of 2 turns failed" in stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(t["turn"], t["failed"]["stage"], t["failed"]["kind"]) for t in turns] == [(1, "llm", kind), (2, "llm", kind)]
+    assert all(t["reply"].endswith(FALLBACK) and "failed" in t["notes"] and not t["notes"]["interrupted"]
+               for t in turns), turns
+    if scenario == "drop":   # the complete sentence streamed before the drop is spoken first
+        assert all(t["reply"] == f"Let me think about that. {FALLBACK}" for t in turns)
+    # the caller hears the fallback after each question
+    agent = read_audio(out)
+    heard = words(engines.stt.transcribe(int16_to_float32(agent)).text)
+    assert {"sorry", "answer", "right", "now"} <= heard, heard
