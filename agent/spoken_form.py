@@ -328,6 +328,7 @@ _UNITS: dict[str, tuple[str, str]] = {
     "GHz": ("gigahertz", "gigahertz"), "W": ("watt", "watts"), "kW": ("kilowatt", "kilowatts"),
     "kWh": ("kilowatt hour", "kilowatt hours"), "V": ("volt", "volts"), "mAh": ("milliamp hour", "milliamp hours"),
     "ms": ("millisecond", "milliseconds"), "sec": ("second", "seconds"),
+    "tsp": ("teaspoon", "teaspoons"), "tbsp": ("tablespoon", "tablespoons"),
     "min": ("minute", "minutes"), "h": ("hour", "hours"), "hr": ("hour", "hours"), "hrs": ("hour", "hours"),
     "°C": ("degree Celsius", "degrees Celsius"), "°F": ("degree Fahrenheit", "degrees Fahrenheit"),
     "°": ("degree", "degrees"), "º": ("degree", "degrees"),
@@ -356,13 +357,15 @@ _PHONE = re.compile(r"(?<![\w])(?:\+\d{1,3}[\s.-]?|1[\s.-])?(?:\(\d{3}\)\s?|\d{3
 _FRACTION_CHARS = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅛": "1/8", "⅜": "3/8",
                    "⅝": "5/8", "⅞": "7/8", "⅕": "1/5"}
 _FRACTION_CHAR = re.compile(rf"(?:(\d)\s?)?([{''.join(_FRACTION_CHARS)}])")
-_FRACTION = re.compile(r"(?<![\w/.])(?:(?P<whole>\d+)(?:\s|-))?(?P<n>\d{1,2})/(?P<d>\d{1,2})(?![\w/]|\.\d)")
+_FRACTION = re.compile(r"(?<![\w/.])(?:(?P<whole>\d+)(?:\s|-))?(?P<n>\d{1,3})/(?P<d>\d{1,3})(?![\w/]|\.\d)")
 
 
 def _say_fraction(match: re.Match[str]) -> str:
     n, d = int(match.group("n")), int(match.group("d"))
-    if d == 0 or n >= d and not match.group("whole") or d > 16:
-        return f"{number_words(match.group('n'))} slash {number_words(match.group('d'))}" if d else match.group()
+    if d == 0:
+        return f"{number_words(match.group('n'))} slash zero"
+    if not match.group("whole") and (n >= d or d > 64 or d in (10, 20, 50)):  # "10/10", "7/10", "95/100": a score
+        return f"{number_words(match.group('n'))} out of {number_words(match.group('d'))}"
     if d == 2:
         part = "one half" if n == 1 else f"{_words(n)} halves"
     elif d == 4:
@@ -392,6 +395,8 @@ _YEAR_AFTER = re.compile(
     r"and|or|to|through|when|while|where|with)\b)")
 _DOTTED = re.compile(r"(?<![\w.])\d+(?:\.\d+){2,}(?![\w]|\.\d)")  # versions 2.0.1, IPv4 addresses
 _RATIO = re.compile(r"(?<![\w:.])(\d+):(\d+)(?![\w:]|\.\d)")  # what is left after times: 3:2, 16:9
+_DURATION = re.compile(r"(?<![\w:.])(\d+):([0-5]\d)(?::([0-5]\d))?(?![\w:]|\.\d)")  # 25:30, 1:30:15 (m:ss, h:mm:ss)
+_HEIGHT = re.compile(r"(?<![\w.])([1-9])'\s?(1[01]|[0-9])(?:\"|''|″)")  # 6'2": feet and inches
 _YEAR_PAIR = re.compile(r"\b(?:1\d{3}|20\d\d)\s+(?:to|and|or|through)\s+$")
 _INTEGER = re.compile(r"(?<![\w.,])(?P<neg>[-\u2212+](?=\d))?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?![\w])")
 
@@ -435,6 +440,7 @@ _LATIN_ABBREVIATIONS = [
     (re.compile(r"\b(?:No|no|Nr|nr)\.\s?(?=\d)"), "number "),
     (re.compile(r"(?<![\w&])#\s?(?=\d)"), "number "),
     (re.compile(r"\bapprox\.(?=\s)", re.IGNORECASE), "approximately"),
+    (re.compile(r"\bext\.\s?(?=\d)", re.IGNORECASE), "extension "),
 ]
 _NUMERIC_SYMBOLS = [  # need the digits, so they run before numbers become words
     (re.compile(r"(?<![\w~])~\s?(?=[-\u2212]?\d)"), "about "),
@@ -471,6 +477,8 @@ _SYMBOL_RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
     (re.compile(r"(?<=[\w)])\s+[-−]\s+(?=\w+\s*(?:=|equals))"), " minus "),
     (re.compile(r"(?<=\w)\^(?=\w)"), " to the power of "),
     (re.compile(r"(?<=[A-Za-z0-9])_(?=[A-Za-z0-9])"), " underscore "),
+    (re.compile(r"\band/or\b"), "and or"),
+    (re.compile(r"(?<=\b[A-Za-z])/(?=[A-Za-z]\b)"), " "),  # I/O, A/B
     (re.compile(r"(?<=[A-Za-z])/(?=[A-Za-z])"), " or "),
     (re.compile(r"™|®|©"), ""),
     (re.compile(r"[*_#`~^|\\]"), " "),
@@ -493,6 +501,7 @@ def spoken_form(text: str) -> str:
     text = _URL.sub(_say_url, text)
     text = _FRACTION_CHAR.sub(lambda m: f" {m.group(1) or ''} {_FRACTION_CHARS[m.group(2)]} ", text)
     text = _PHONE.sub(_say_phone, text)
+    text = _HEIGHT.sub(lambda m: f"{_words(int(m.group(1)))} foot {_words(int(m.group(2)))}", text)
     text = _ISO_DATE.sub(_say_iso_date, text)
     text = _US_DATE.sub(_say_us_date, text)
     text = _RANGE_DASH.sub(lambda m: m.group("a") + " to ", text)
@@ -513,6 +522,8 @@ def spoken_form(text: str) -> str:
     for pattern, replacement in _LATIN_ABBREVIATIONS:
         text = pattern.sub(replacement, text)
     text = _DOTTED.sub(lambda m: " dot ".join(number_words(part) for part in m.group().split(".")), text)
+    text = _DURATION.sub(lambda m: " ".join(
+        [number_words(m.group(1))] + [_minutes(g, "").strip() for g in m.groups()[1:] if g and int(g)]), text)
     text = _RATIO.sub(lambda m: f"{number_words(m.group(1))} to {number_words(m.group(2))}", text)
     for pattern, replacement in _NUMERIC_SYMBOLS:
         text = pattern.sub(replacement, text)

@@ -111,6 +111,17 @@ TABLE: list[tuple[str, str, str]] = [
     ("markdown", "Call `__init__` or `a * b`, **then** go.", "Call init or a times b, then go."),
     ("markdown", "| Name | Price |\n|---|---|\n| Tea | $3 |", "Name, Price, Tea, three dollars"),
     ("symbol", "Use *args in f(*args), (a+b)*c.", "Use args in f(args), (a plus b) times c."),
+    ("fraction", "A 10/10 from me, 7/10 people, 3/32 inch.",
+     "A ten out of ten from me, seven out of ten people, three thirty-seconds inch."),
+    ("time", "He ran it in 25:30.", "He ran it in twenty-five thirty."),
+    ("units", "He's 6'2\" and adds 1 tsp salt.", "He's six foot two and adds one teaspoon salt."),
+    ("symbol", "I/O bound, A/B tests, yes/no.", "I O bound, A B tests, yes or no."),
+    ("number", "Call (212) 555-0199 ext. 42.", "Call two one two, five five five, zero one nine nine extension forty-two."),
+    ("money", "Bitcoin hit $69,000.00, a 20% tip on $45.50 is $9.10.",
+     "Bitcoin hit sixty-nine thousand dollars, a twenty percent tip on forty-five dollars and fifty cents is "
+     "nine dollars and ten cents."),
+    ("date", "He was born on July 4, 1976.", "He was born on July fourth, nineteen seventy-six."),
+    ("units", "It dropped to -10°C overnight.", "It dropped to minus ten degrees Celsius overnight."),
 ]
 
 
