@@ -21,7 +21,7 @@ import pytest
 
 from sub300.media.sip import g711
 from sub300.media.sip.jitter import MAX_CONCEALED, ReorderBuffer
-from sub300.media.sip.rtp import MAX_LOGGED_STRANGERS, SSRC_SWITCH_S, RtpEndpoint, behind_nat
+from sub300.media.sip.rtp import DTMF_BURST, MAX_LOGGED_STRANGERS, SSRC_SWITCH_S, RtpEndpoint, behind_nat
 from sub300.media.sip.sdp import AudioParams
 
 PAYLOAD = g711.encode("PCMU", np.full(160, 1000, np.int16))
@@ -68,7 +68,7 @@ class Line:
 
     def seen(self) -> int:
         s = self.endpoint.stats
-        return s.received + s.strangers + s.other_ssrc + s.malformed
+        return s.received + s.strangers + s.other_ssrc + s.malformed + s.dtmf + s.dtmf_dropped
 
     async def send(self, sock: socket.socket, packets: list[bytes]) -> None:
         """Send and wait until the endpoint has seen every packet (bounded in time)."""
@@ -245,3 +245,27 @@ def test_behind_nat():
     assert behind_nat("192.168.1.2") and behind_nat("10.0.0.1") and behind_nat("100.100.1.1")
     assert behind_nat("0.0.0.0") and behind_nat("fe80::1") and behind_nat("fd00::1")
     assert not behind_nat("127.0.0.1") and not behind_nat("8.8.8.8") and not behind_nat("2001:4860::8888")
+
+
+def dtmf(seq: int, event: int, ts: int, ssrc: int) -> bytes:
+    return rtp(seq, ssrc, struct.pack("!BBH", event, 0x80 | 10, 800), pt=101, ts=ts)
+
+
+async def test_dtmf_from_a_stranger_is_ignored_and_a_flood_is_paced():
+    digits: list[str] = []
+    async with opened() as call:
+        call.endpoint.on_dtmf = digits.append
+        stranger = udp()
+        await call.send(call.caller, [rtp(0, 5)])
+        await call.send(stranger, [dtmf(1 + i, 1, 1000 * (i + 1), 5) for i in range(20)])   # spoofed SSRC, too
+        assert digits == [] and call.endpoint.stats.strangers == 20
+        # 2,000 distinct events in one instant: a burst passes, the rest is dropped and counted
+        for start in range(0, 2000, 200):
+            await call.send(call.caller, [dtmf(1 + i, i % 10, 1000 * (i + 1), 5) for i in range(start, start + 200)])
+        assert len(digits) == DTMF_BURST and call.endpoint.stats.dtmf_dropped == 2000 - DTMF_BURST
+        # a person's pace (one key every 200 ms) is never dropped
+        for i in range(30):
+            call.clock.now += 0.2
+            await call.send(call.caller, [dtmf(3000 + i, 7, 10_000_000 + i * 1600, 5)])
+        assert len(digits) == DTMF_BURST + 30
+        stranger.close()

@@ -19,7 +19,9 @@ re-routed or restarted stream), so interleaved streams are not mixed.
 We send to the locked source (the one address a NAT lets back in), or to
 the signalled address until one is locked.  Nothing here grows with the
 number of packets: the reorder buffer holds a few packets, the set of
-logged strangers is capped.
+logged strangers is capped, and telephone-events become digits no faster
+than a keypad can send them (`DTMF_PER_S`), so a flood of events cannot
+queue keypad turns faster than a person could.
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ SSRC_SWITCH_S = 0.2
 #: signalled address is behind a NAT (private, CGNAT, link-local, unspecified); "always" — latch onto the
 #: first source whatever was signalled (peers that signal a wrong public address)
 LATCHING = ("off", "nat", "always")
+#: keys a keypad can send: ITU-T Q.24 allows 40 ms of tone and 40 ms of pause per digit (12.5 digits/s);
+#: a burst of `DTMF_BURST` is let through (events bunched by the network), beyond that a flood is dropped
+DTMF_PER_S = 12.5
+DTMF_BURST = 16
 #: strangers logged per call (one line each); further ones are only counted
 MAX_LOGGED_STRANGERS = 16
 
@@ -59,6 +65,7 @@ class RtpStats:
     sent: int = 0
     dtmf: int = 0
     malformed: int = 0
+    dtmf_dropped: int = 0    # digits beyond the keypad's possible rate (`DTMF_PER_S`), dropped
     other_ssrc: int = 0      # packets of a second, interleaved stream from the locked source, dropped
     strangers: int = 0       # packets from an address that is not the call's source, dropped
     latched: tuple[str, int] | None = None   # the source the call is locked onto (signalled or latched)
@@ -114,6 +121,7 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._signalled = (self.params.remote_host, self.params.remote_port)
         self._logged: set[tuple[str, int]] = set()
+        self._dtmf_tokens, self._dtmf_at = float(DTMF_BURST), float("-inf")
         self._jitter = ReorderBuffer()
         self._events = TelephoneEvents()
         self._remote_ssrc: int | None = None
@@ -169,6 +177,16 @@ class RtpEndpoint(asyncio.DatagramProtocol):
             return True   # a host name: where its packets come from cannot be checked without DNS
         return behind_nat(host)
 
+    def _dtmf_allowed(self, now: float) -> bool:
+        """A token bucket (`DTMF_BURST` deep, `DTMF_PER_S` refill): no more digits than a keypad can send."""
+        if self._dtmf_at > float("-inf"):
+            self._dtmf_tokens = min(float(DTMF_BURST), self._dtmf_tokens + (now - self._dtmf_at) * DTMF_PER_S)
+        self._dtmf_at = now
+        if self._dtmf_tokens < 1.0:
+            return False
+        self._dtmf_tokens -= 1.0
+        return True
+
     def _stranger(self, source: tuple[str, int]) -> None:
         self.stats.strangers += 1
         if source not in self._logged and len(self._logged) < MAX_LOGGED_STRANGERS:
@@ -206,9 +224,11 @@ class RtpEndpoint(asyncio.DatagramProtocol):
             # the event's sequence numbers still count: let the buffer see a silent frame
             for payload, at in self._jitter.push(packet.sequence_number, b"", now):
                 self._deliver(payload, at)
-            if digit is not None:
+            if digit is not None and self._dtmf_allowed(now):
                 self.stats.dtmf += 1
                 self.on_dtmf(digit)
+            elif digit is not None:
+                self.stats.dtmf_dropped += 1
             return
         if packet.payload_type != self.params.payload_type:
             return   # comfort noise or a codec we did not agree on
