@@ -175,6 +175,9 @@ _URL_SYMBOLS = {".": " dot ", "/": " slash ", "-": " dash ", "_": " underscore "
                 "?": " question mark ", "=": " equals ", "&": " and ", "#": " hash ", ":": " colon ",
                 "+": " plus ", "~": " tilde ", "%": " percent "}
 
+_FILE_NAME = re.compile(r"(?<=\w)\.(txt|py|js|ts|json|ya?ml|toml|csv|pdf|docx?|xlsx?|pptx?|png|jpe?g|gif|svg|md|"
+                        r"html?|css|wav|mp3|mp4|zip|tar|gz|exe|sh|log|ini|cfg|sql|java|cpp|rs|go)\b", re.IGNORECASE)
+
 
 def _say_address(text: str) -> str:
     out = re.sub(r"[./\-_@?=&#:+~%]", lambda m: _URL_SYMBOLS[m.group()], text)
@@ -439,6 +442,7 @@ _LATIN_ABBREVIATIONS = [
     (re.compile(r"\bvs\.?(?=\s)", re.IGNORECASE), "versus"),
     (re.compile(r"\b(?:No|no|Nr|nr)\.\s?(?=\d)"), "number "),
     (re.compile(r"(?<![\w&])#\s?(?=\d)"), "number "),
+    (re.compile(r"(?<![\w&])#\s(?=of\b)"), "number "),
     (re.compile(r"\bapprox\.(?=\s)", re.IGNORECASE), "approximately"),
     (re.compile(r"\bext\.\s?(?=\d)", re.IGNORECASE), "extension "),
 ]
@@ -499,6 +503,7 @@ def spoken_form(text: str) -> str:
     text = re.sub(r"\s+", " ", text)
     text = _EMAIL.sub(_say_email, text)
     text = _URL.sub(_say_url, text)
+    text = _FILE_NAME.sub(lambda m: " dot " + m.group(1), text)
     text = _FRACTION_CHAR.sub(lambda m: f" {m.group(1) or ''} {_FRACTION_CHARS[m.group(2)]} ", text)
     text = _PHONE.sub(_say_phone, text)
     text = _HEIGHT.sub(lambda m: f"{_words(int(m.group(1)))} foot {_words(int(m.group(2)))}", text)

@@ -122,6 +122,10 @@ TABLE: list[tuple[str, str, str]] = [
      "nine dollars and ten cents."),
     ("date", "He was born on July 4, 1976.", "He was born on July fourth, nineteen seventy-six."),
     ("units", "It dropped to -10°C overnight.", "It dropped to minus ten degrees Celsius overnight."),
+    ("symbol", "Open my_file.txt, then main.py; the # of files grew.",
+     "Open my underscore file dot txt, then main dot py; the number of files grew."),
+    ("markdown", "**Step 1:** Rate it ***** (5 stars), *Note*: 5 * 3 * 2.",
+     "Step one: Rate it (five stars), Note: five times three times two."),
 ]
 
 
