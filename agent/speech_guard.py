@@ -22,26 +22,34 @@ ends a turn; the responder drops the turn before the LLM):
   move, steady noise keeps a fixed level, and a note of music holds a fixed
   harmonic series.
 
-Two measures over the utterance (32 ms Hann frames, 16 ms hop, 16 kHz; the
-"active" frames are those within `ACTIVE_DB` of the loudest one):
+Three measures over the utterance (32 ms Hann frames, 16 ms hop, 16 kHz;
+the "active" frames are those within `ACTIVE_DB` of the loudest one):
 
 * ``level_std_db`` — standard deviation of the active frames' levels (dB,
   100 Hz .. 4 kHz).  Speech rises and falls with every syllable: on the 551
   Asterisk prompts it is never below 4.4 dB (median 7.0).  A tone, steady
-  noise (white, pink, brown) or a held chord: 0 .. 2 dB.
+  noise (white, pink, brown) or a held chord: 0 .. 2.7 dB.
+* ``steady_peaks`` — the share of consecutive frame pairs whose spectrum
+  (300 Hz .. 4 kHz) is one or two narrow peaks holding most of the energy,
+  the strongest of which stayed within 1 Hz (parabolic interpolation) from
+  one frame to the next.  A generator's tone or a DTMF pair: 0.7 .. 1; the
+  notes of synthetic music: ~0.8; speech, whose harmonics glide: at most
+  0.42, and at most 0.29 where its line share (next) is >= 0.6.
 * ``line_share`` — the share of the energy (300 Hz .. 4 kHz) in narrow
   spectral lines of the long-term spectrum (0.5 s chunks, ~2 Hz
   resolution): bins more than 10 dB above the median of their ±40 Hz
-  neighbourhood, ±2 bins.  A generator's tone, DTMF, ringback or the exact
-  harmonics of synthetic music: > 0.9; speech, whose pitch glides and so
-  smears its harmonics: median 0.13, at most 0.90 on the Asterisk set.
+  neighbourhood.  Tones, ringback, exact harmonics: > 0.9 (two close tones
+  that beat, as ringback 440+480 Hz, which the 32 ms frames cannot resolve:
+  1.0); speech: median 0.13, at most 0.90 on the Asterisk set.
 
 An utterance is rejected when it is **static** (``level_std_db <
-MIN_LEVEL_STD_DB``: tones, noise, held chords) or **tonal and fairly
-steady** (``line_share >= MAX_LINE_SHARE`` and ``level_std_db <
-TONAL_LEVEL_STD_DB``: tone cadences, plucked or decaying notes).  The
-thresholds keep a margin on the speech side — a lost real turn is worse
-than a phantom one; scripts/bench_nonspeech.py measures both sides.
+MIN_LEVEL_STD_DB`` over at least 256 ms: tones, noise, held chords), when
+its **peaks are steady** (``steady_peaks >= MAX_STEADY_PEAKS`` and
+``line_share >= STEADY_LINE_SHARE``: DTMF, beeps, cadences, notes), or when
+it is **all lines** (``line_share >= MAX_LINE_SHARE`` and ``level_std_db <
+TONAL_LEVEL_STD_DB``: beating dual tones in a cadence).  The thresholds
+keep a margin on the speech side — a lost real turn is worse than a phantom
+one; scripts/bench_nonspeech.py measures both sides.
 
 Whisper's non-speech annotations ("(music)", "[BLANK_AUDIO]", "*beep*",
 "♪") are the last line: a transcript made only of them is no turn
@@ -50,8 +58,9 @@ Whisper's non-speech annotations ("(music)", "[BLANK_AUDIO]", "*beep*",
 Sources: energy-contour variance and spectral-line (tonality) measures are
 the classical speech/non-speech features (Scheirer & Slaney, "Construction
 and evaluation of a robust multifeature speech/music discriminator", ICASSP
-1997; Gray & Markel 1974 for spectral flatness); the thresholds are this
-project's, measured as stated above.
+1997); peak interpolation: Smith & Serra, "PARSHL", ICMC 1987; the
+thresholds are this project's, measured as stated above
+(scripts/bench_nonspeech.py).
 """
 from __future__ import annotations
 
@@ -76,12 +85,21 @@ LINE_DB = 10.0              # a line stands this far above its neighbourhood's m
 LINE_NEIGHBOURHOOD_HZ = 40.0  # at least; 3 Hann half-lobes for a short chunk
 LINE_HALF_WIDTH = 2         # bins either side of a line bin that count as the line (at least; half a lobe)
 
+PEAK_FFT = 4096             # zero-padded frame FFT for the peak frequencies (3.9 Hz bins, then interpolated)
+PEAK_HALF_HZ = 30.0         # a peak's energy: within this many Hz of it (the 32 ms Hann main lobe)
+PEAK_SHARE = 0.6            # a frame is "one or two peaks" when they hold this share of its energy
+STEADY_HZ = 1.0             # a peak that moved less than this in 16 ms did not move
+
+#: this share of frame pairs with the same one or two peaks ... (speech with line_share >= 0.6: <= 0.29 measured)
+MAX_STEADY_PEAKS = 0.5
+#: ... and this line share is tones or music (DTMF, beeps, notes: >= 0.69 and >= 0.9)
+STEADY_LINE_SHARE = 0.6
 #: below this energy-contour spread (dB) an utterance is static: not speech (speech: >= 4.4 dB measured)
 MIN_LEVEL_STD_DB = 3.0
-#: this share of energy in narrow lines ... (speech: <= 0.90 measured)
-MAX_LINE_SHARE = 0.90
-#: ... with a contour spread below this (dB) is a tone cadence or music
-TONAL_LEVEL_STD_DB = 4.0
+#: this share of energy in narrow lines ... (speech: <= 0.90 measured; two close tones that beat: 1.0)
+MAX_LINE_SHARE = 0.95
+#: ... with a contour spread below this (dB) is a tone cadence
+TONAL_LEVEL_STD_DB = 6.0
 
 _ANNOTATION = re.compile(r"^\s*(?:[\(\[\*][^\)\]\*]*[\)\]\*]|[♪♫#\s.,!?-])*\s*$")
 
@@ -90,7 +108,7 @@ _ANNOTATION = re.compile(r"^\s*(?:[\(\[\*][^\)\]\*]*[\)\]\*]|[♪♫#\s.,!?-])*\
 class SpeechCheck:
     """The guard's measures for one utterance and its verdict.
 
-    ``level_std_db``: dB; ``line_share``: 0..1; ``frames``: active 16 ms
+    ``level_std_db``: dB; ``line_share``, ``steady_peaks``: 0..1; ``frames``: active 16 ms
     frames analysed; ``reason``: why it is not speech, or None when it is
     (or is too short to judge).
     """
@@ -99,6 +117,7 @@ class SpeechCheck:
     line_share: float
     frames: int
     reason: str | None
+    steady_peaks: float = 0.0
 
     @property
     def is_speech(self) -> bool:
@@ -107,7 +126,7 @@ class SpeechCheck:
     def notes(self) -> dict[str, float | int | str | None]:
         """For the turn ledger's notes."""
         return {"guard_level_std_db": round(self.level_std_db, 2), "guard_line_share": round(self.line_share, 3),
-                "guard_frames": self.frames}
+                "guard_steady_peaks": round(self.steady_peaks, 3), "guard_frames": self.frames}
 
 
 def is_annotation(text: str) -> bool:
@@ -138,6 +157,41 @@ def _line_share(chunk: np.ndarray) -> tuple[float, float]:
         held[s:] |= lines[:-s]
         held[:-s] |= lines[s:]
     return float(band[held].sum()) / total, total
+
+
+def _interpolated_peak(power: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (index, frequency in Hz) of the strongest bin, refined by a parabola through the
+    log power of it and its neighbours (Smith & Serra, "PARSHL", ICMC 1987)."""
+    rows = np.arange(len(power))
+    i = np.clip(np.argmax(power, axis=1), 1, power.shape[1] - 2)
+    a, b, c = (np.log(power[rows, i + k] + 1e-30) for k in (-1, 0, 1))
+    denom = a - 2 * b + c
+    offset = np.where(np.abs(denom) > 1e-12, 0.5 * (a - c) / np.where(denom == 0, 1, denom), 0.0)
+    return i, freqs[i] + np.clip(offset, -0.5, 0.5) * (freqs[1] - freqs[0])
+
+
+def _steady_peaks(frames: np.ndarray, active: np.ndarray) -> float:
+    """Share of consecutive active frame pairs in which the spectrum is one or two narrow peaks
+    (>= PEAK_SHARE of the 300 Hz .. 4 kHz energy within ±PEAK_HALF_HZ of them) and the strongest
+    peak of the second frame is within STEADY_HZ of one of the first's two.  A tone generator's
+    frequency does not move; a voice's harmonics glide."""
+    power = np.abs(np.fft.rfft(frames, n=PEAK_FFT, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(PEAK_FFT, 1.0 / SAMPLE_RATE)
+    keep = (freqs >= LINE_BAND_HZ[0]) & (freqs <= LINE_BAND_HZ[1])
+    power, freqs = power[:, keep], freqs[keep]
+    total = power.sum(axis=1) + 1e-30
+    half = int(PEAK_HALF_HZ / (freqs[1] - freqs[0]))
+    i1, f1 = _interpolated_peak(power, freqs)
+    masked = power.copy()
+    cols = np.arange(power.shape[1])
+    masked[np.abs(cols[None, :] - i1[:, None]) <= half] = 0.0
+    i2, f2 = _interpolated_peak(masked, freqs)
+    near = (np.abs(cols[None, :] - i1[:, None]) <= half) | (np.abs(cols[None, :] - i2[:, None]) <= half)
+    peaked = (power * near).sum(axis=1) / total >= PEAK_SHARE
+    same = np.minimum(np.abs(f1[1:] - f1[:-1]), np.abs(f1[1:] - f2[:-1])) < STEADY_HZ
+    steady = same & peaked[1:] & peaked[:-1]
+    pairs = active[1:] & active[:-1]
+    return float(steady[pairs].mean()) if pairs.any() else 0.0
 
 
 def check(audio: np.ndarray) -> SpeechCheck:
@@ -177,9 +231,12 @@ def check(audio: np.ndarray) -> SpeechCheck:
         shares.append(share)
         weights.append(weight)
     line_share = float(np.average(shares, weights=weights)) if sum(weights) > 0 else 0.0
+    steady = _steady_peaks(frames, active)
     reason = None
     if level_std < MIN_LEVEL_STD_DB and count >= MIN_STATIC_FRAMES:
         reason = f"steady sound, not speech (level spread {level_std:.1f} dB)"
+    elif steady >= MAX_STEADY_PEAKS and line_share >= STEADY_LINE_SHARE:
+        reason = f"tones or music, not speech (steady peaks {steady:.2f})"
     elif line_share >= MAX_LINE_SHARE and level_std < TONAL_LEVEL_STD_DB:
         reason = f"tones or music, not speech (line share {line_share:.2f})"
-    return SpeechCheck(level_std, line_share, count, reason)
+    return SpeechCheck(level_std, line_share, count, reason, steady)

@@ -92,6 +92,18 @@ def test_dtmf_heard_in_band_is_not_speech(digit, seconds):
     assert not verdict.is_speech, verdict
 
 
+def test_a_dialled_string_heard_in_band_is_not_speech():
+    gap = np.zeros(int(0.1 * RATE), np.float32)
+    digits = np.concatenate([np.concatenate([tones(DTMF[d], 0.1), gap]) for d in "5591#D1"])
+    assert not speech_guard.check(digits).is_speech
+
+
+def test_a_beating_ringback_cadence_is_not_speech():
+    """UK ringback: 400+450 Hz (too close for a 32 ms frame: they beat), 0.4 on, 0.2 off, 0.4 on."""
+    cadence = np.concatenate([tones((400, 450), 0.4), np.zeros(int(0.2 * RATE), np.float32), tones((400, 450), 0.4)])
+    assert not speech_guard.check(cadence).is_speech
+
+
 @pytest.mark.parametrize("freqs", [(440, 480), (350, 440), (480, 620), (913.8, 1370.6, 1776.7)],
                          ids=["ringback", "dialtone", "busy", "SIT"])
 def test_dual_tones_and_sit_are_not_speech(freqs):
@@ -108,9 +120,10 @@ def test_steady_noise_is_not_speech(colour, level):
     assert not verdict.is_speech and "steady" in verdict.reason, verdict
 
 
-@pytest.mark.parametrize("decay", [0.0, 3.0, 6.0])
-def test_synthetic_music_is_not_speech(decay):
-    assert not speech_guard.check(arpeggio(2.0, decay=decay)).is_speech
+@pytest.mark.parametrize("decay", [0.0, 3.0, 6.0, 10.0])
+@pytest.mark.parametrize("note_s", [0.15, 0.25])
+def test_synthetic_music_is_not_speech(decay, note_s):
+    assert not speech_guard.check(arpeggio(2.0, note_s, decay=decay)).is_speech
     chord = sum(tones([f * h for h in range(1, 5)], 1.5) for f in (261.6, 329.6, 392.0))
     assert not speech_guard.check(chord).is_speech
 
