@@ -177,6 +177,10 @@ class Reply:
                     await self._first_audio.wait()
         except ModelError as error:
             self.error = error
+        except Exception as error:   # a bug in the engine: logged with its traceback, yet the caller hears the fallback
+            log.exception("turn %d: LLM %s raised %s", self.turn, self._llm.name, type(error).__name__)
+            self.error = ModelError(f"LLM {_endpoint_of(self._llm)}: unexpected {type(error).__name__}: {error}")
+            self.error.kind = "internal"
         finally:
             if stream is not None:
                 await stream.aclose()

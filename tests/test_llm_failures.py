@@ -396,3 +396,70 @@ async def test_conversation_with_the_real_client_on_a_failing_endpoint(config, c
     assert len(errors) == 1 and errors[0].getMessage().startswith("turn 1 failed: LLM"), \
         [r.getMessage() for r in errors]
     assert not any(r.exc_info for r in caplog.records)
+
+
+# ------------------------------------------------------------------ an engine's bug, the embedded engine
+class FakeBuggyLlm:
+    """Fake LanguageModel with a bug: yields one sentence, then raises a plain ValueError."""
+
+    name = "fake-buggy"
+
+    async def stream_chat(self, messages, *, max_tokens, temperature=0.0):
+        await asyncio.sleep(0.045)
+        yield "Let me think about that."
+        await asyncio.sleep(0.01)
+        raise ValueError("index out of range in the detokenizer")
+
+
+@pytest.mark.looptime
+async def test_an_engine_bug_is_logged_with_its_traceback_and_still_answered(configured, caplog):
+    tts = FakeTts(delay_s=0.033, ms_per_piece=500.0)
+    caller = ScriptedCaller(fake_engines(stt=FakeStt("Hm?", delay_s=0.105), llm=FakeBuggyLlm(), tts=tts),
+                            configured(), clock=asyncio.get_running_loop().time)
+    with caplog.at_level(logging.INFO):
+        await two_questions(caller)
+    failed = of(caller, TurnFailed)
+    assert [(e.turn, e.failure, e.reply) for e in failed] == [(n, "internal", f"Let me think about that. {FALLBACK}")
+                                                             for n in (1, 2)]
+    assert "unexpected ValueError: index out of range" in failed[0].error
+    bugs = [r for r in caplog.records if r.exc_info]
+    assert len(bugs) == 2 and all(isinstance(r.exc_info[1], ValueError) for r in bugs)   # a bug keeps its traceback
+
+
+class FakeBrokenGenerator:
+    """Fake of ctranslate2.Generator whose generation fails (as a CUDA OOM would)."""
+
+    def generate_batch(self, *args, **kwargs):
+        raise RuntimeError("CUDA failed with error out of memory")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio(loop_scope="function")
+@pytest.mark.parametrize("breakage", ["generation", "tokenizer"])
+async def test_embedded_engine_failures_take_the_same_path(engines, config, monkeypatch, caplog, breakage):
+    """The real CTranslate2 engine (bundled SmolLM2), broken two ways: a failed turn and the fallback."""
+    llm = engines.llm
+    if breakage == "generation":
+        monkeypatch.setattr(llm, "_generator", FakeBrokenGenerator())
+        words = "generation failed: CUDA failed with error out of memory"
+    else:
+        def broken_encode(messages):
+            raise ValueError("tokenizer: invalid UTF-8")
+        monkeypatch.setattr(llm, "encode_prompt", broken_encode)
+        words = "cannot encode the prompt: tokenizer: invalid UTF-8"
+    c = copy.deepcopy(config)
+    c.llm.fallback_text, c.stt.partial_interval_ms = FALLBACK, 0
+    tts = FakeTts(delay_s=0.03, ms_per_piece=300.0)
+    caller = ScriptedCaller(fake_engines(stt=FakeStt("Tell me something.", delay_s=0.05), llm=llm, tts=tts), c)
+    try:
+        with caplog.at_level(logging.INFO):
+            await caller.silence(0.3)
+            await caller.say(speech(0.6))
+            await caller.until_idle()
+    finally:
+        await caller.close()
+    (failed,) = of(caller, TurnFailed)
+    assert (failed.stage, failed.failure, failed.reply) == ("llm", "model", FALLBACK)
+    assert failed.error.startswith(f"LLM {llm.name}") and words in failed.error, failed.error
+    assert tts.pieces == [FALLBACK]
+    assert not any(r.exc_info for r in caplog.records)
