@@ -127,9 +127,15 @@ _MD_STRAY_RUN = re.compile(r"\*{2,}|_{2,}|~{2,}")
 def _stray_run(match: re.Match[str]) -> str:
     """An unmatched ``**``/``__``/``~~`` is markup, unless it sits between operands (``2 ** 3``)."""
     before, after = match.string[: match.start()].rstrip(" \t"), match.string[match.end():].lstrip(" \t")
-    if match.group().startswith("*") and re.search(r"[\w)\]]$", before) and re.match(r"[\w(\[-]", after):
+    if match.group() == "**" and re.search(r"[\w)\]]$", before) and re.match(r"[\w(\[-]", after):
         return match.group()
     return ""
+
+
+def _emphasised(match: re.Match[str]) -> str:
+    """The text inside emphasis marks; a "span" of marks only (``*****``) is no emphasis."""
+    inner = match.group(match.lastindex or 0)
+    return inner if re.search(r"\w", inner) else match.group()
 
 
 def strip_markdown(text: str) -> str:
@@ -157,7 +163,7 @@ def strip_markdown(text: str) -> str:
     text = _MD_LINK.sub(r"\1", text)
     text = _MD_AUTOLINK.sub(r"\1", text)
     for pattern in (_MD_STRONG, _MD_STRONG, _MD_EMPH_STAR, _MD_EMPH_UNDER, _MD_STRIKE):
-        text = pattern.sub(lambda m: m.group(m.lastindex or 0), text)
+        text = pattern.sub(_emphasised, text)
     text = _MD_STRAY_RUN.sub(_stray_run, text)
     text = re.sub(r"[ \t]*\|[ \t]*", lambda m: ", " if m.start() else "", text) if text.count("|") >= 2 else text
     return re.sub("\ue000(\\d+)\ue001", lambda m: code[int(m.group(1))], text)
