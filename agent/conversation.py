@@ -47,9 +47,16 @@ from .config import Config
 from .echo import EchoGuard
 from .endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VoiceOnset
 from .engines import Engines
-from .events import Event, StateChanged, TranscriptEvent, TurnFinished
-from .events import AgentSpeech, HangupRequested
-from .events import CallHeld, CallResumed
+from .events import (
+    AgentSpeech,
+    CallHeld,
+    CallResumed,
+    Event,
+    HangupRequested,
+    StateChanged,
+    TranscriptEvent,
+    TurnFinished,
+)
 from .history import History
 from .interruptions import Interruptions
 from .keypad import Keypad, as_text
@@ -155,7 +162,7 @@ class Conversation:
         if self._closed or self.ended_by is not None:
             return None
         now = self.clock()
-        if self.busy:
+        if self.busy or self.held:   # on hold the caller will come back: that is no inactivity
             self.limits.activity(now)
         reached = self.limits.expired(now)
         if reached is not None:
