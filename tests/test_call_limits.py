@@ -171,3 +171,19 @@ async def test_a_silent_sip_caller_hears_the_goodbye_and_gets_the_agents_bye(con
     assert [e.text for e in call.events if isinstance(e, AgentSpeech)] == [c.call.inactivity_goodbye]
     assert [e.reason for e in call.events if isinstance(e, HangupRequested)] == [INACTIVITY]
     assert service.uas.ended_calls[-1]["rtp_sent"] > 0
+
+
+@pytest.mark.looptime
+async def test_a_call_on_hold_is_not_inactive(config):
+    caller = ScriptedCaller(engines(), limited(config, inactivity=5.0), clock=asyncio.get_running_loop().time)
+    try:
+        await caller.silence(1.0)
+        caller.conversation.hold()
+        await caller.silence(10.0)              # music on hold, or nothing: the caller comes back
+        assert not hangups(caller)
+        caller.conversation.unhold(drop_rest=False)
+        resumed = caller.clock()
+        await caller.wait_until(lambda: bool(hangups(caller)), timeout=30)
+        assert caller.conversation.ended_by.at == pytest.approx(resumed + 5.0, abs=0.05)
+    finally:
+        await caller.close()
