@@ -223,6 +223,7 @@ class Endpointer:
             self._paused = True
             self._vad_voiced_end = self._last_voiced_end
             self._last_voiced_end, self._last_voiced_time = self._refined_end()
+            self._extend_end(start)   # this first unvoiced frame's own blocks may still be voice
             events.append(SpeechPaused(self._last_voiced_end, self._last_voiced_time))
         else:
             self._extend_end(start)
