@@ -11,10 +11,12 @@ audio, in the turn-taking path (the conversation runs it when the endpointer
 ends a turn; the responder drops the turn before the LLM):
 
 * Whisper's own signals (`no_speech_prob`, `avg_logprob`, exposed in
-  `Transcript`) are **not** enough: Whisper tiny.en is confident on a pure
-  tone (it transcribes a 1 kHz beep as a bleeped word with a low
-  no-speech probability), and faster-whisper already drops what its
-  no-speech rule catches.  They are kept in the ledger notes for diagnosis.
+  `Transcript`) are **not** enough: on the field case's turn (1 kHz for
+  1 s) tiny.en writes "F***!" with no_speech_prob 0.51 and avg_logprob
+  -1.31, which passes Whisper's own no-speech rule (> 0.6 *and* < -1.0,
+  already applied in models/stt_whisper.py), while clear speech scores
+  ~0.08; a threshold between them would be a guess per model and level.
+  The probability is kept in the ledger notes (``stt_no_speech_prob``).
 * A spectral measure is model-free, a few ms per utterance, and it tests
   what separates speech from all of these at once: **speech moves**.  Its
   level rises and falls with every syllable and its pitch glides, while a

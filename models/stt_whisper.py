@@ -238,19 +238,21 @@ class WhisperRecognizer:
         try:
             if self.padding != "full" and seconds <= MAX_WINDOW_SECONDS:
                 min_seconds = self.window_s if self.padding == "window" else 0.0
-                text = self._transcribe_short(audio, min_seconds)
-                if text is None:  # the guard tripped: take Whisper's trained path
+                decoded = self._transcribe_short(audio, min_seconds)
+                if decoded is None:  # the guard tripped: take Whisper's trained path
                     self.fallbacks += 1
-                    text = self._transcribe_full(audio)
+                    decoded = self._transcribe_full(audio)
             else:
-                text = self._transcribe_full(audio)
+                decoded = self._transcribe_full(audio)
         except ModelError:
             raise
         except Exception as exc:
             raise ModelError(f"Whisper inference failed: {exc}") from exc
-        return Transcript(text, seconds, time.perf_counter() - start)
+        text, no_speech_prob, avg_logprob = decoded
+        return Transcript(text, seconds, time.perf_counter() - start, no_speech_prob, avg_logprob)
 
-    def _transcribe_full(self, audio: np.ndarray) -> str:
+    def _transcribe_full(self, audio: np.ndarray) -> tuple[str, float | None, float | None]:
+        """(text, the first segment's no_speech_prob, mean avg_logprob of the segments)."""
         segments, _info = self._fw.transcribe(
             audio,
             language=self.language,
@@ -260,7 +262,11 @@ class WhisperRecognizer:
             without_timestamps=True,
             condition_on_previous_text=False,
         )
-        return " ".join(s.text.strip() for s in segments if s.text.strip()).strip()
+        kept = [s for s in segments if s.text.strip()]
+        text = " ".join(s.text.strip() for s in kept).strip()
+        if not kept:
+            return text, None, None
+        return text, kept[0].no_speech_prob, float(np.mean([s.avg_logprob for s in kept]))
 
     def _features(self, audio: np.ndarray, min_seconds: float = 0.0) -> np.ndarray:
         """Log-mel of the utterance plus trailing silence: ~1 s, or up to `min_seconds` in all.
@@ -277,8 +283,9 @@ class WhisperRecognizer:
             feats = feats[:, :-1]
         return np.ascontiguousarray(feats[None].astype(np.float32))
 
-    def _transcribe_short(self, audio: np.ndarray, min_seconds: float = 0.0) -> str | None:
-        """Decode a clip of at most 30 s fed without 30 s padding; None when a guard trips."""
+    def _transcribe_short(self, audio: np.ndarray, min_seconds: float = 0.0) -> tuple[str, float, float] | None:
+        """Decode a clip of at most 30 s fed without 30 s padding: (text, no_speech_prob, avg_logprob);
+        None when a guard trips."""
         import ctranslate2
         from faster_whisper.transcribe import get_suppressed_tokens
 
@@ -306,7 +313,7 @@ class WhisperRecognizer:
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if tokens else 0.0
         if result.no_speech_prob > NO_SPEECH_THRESHOLD:
             if avg_logprob < LOG_PROB_THRESHOLD:
-                return ""
+                return "", result.no_speech_prob, avg_logprob
             # "probably no speech" yet a confident word — often a hallucinated "you" on
             # near-silence in a padded window: let the trained 30 s path decide
             log.info("stt: no_speech_prob %.2f with text %r; retrying padded", result.no_speech_prob, text)
@@ -314,7 +321,7 @@ class WhisperRecognizer:
         trimmed = trim_repetition(text, seconds)
         if trimmed != text:
             log.debug("stt: trimmed a decoding loop: %r -> %r", text, trimmed)
-            return trimmed
+            return trimmed, result.no_speech_prob, avg_logprob
         if seconds > SPARSE_MIN_SECONDS and len(text.split()) < SPARSE_WORDS_PER_SECOND * seconds:
             # stopped early: a short window sometimes ends the decode after the first sentence
             log.info("stt: short decode gave %d words for %.1f s; retrying padded", len(text.split()), seconds)
@@ -322,4 +329,4 @@ class WhisperRecognizer:
         if len(tokens) >= budget or _compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD:
             log.info("stt: short decode looks like a loop (%d tokens for %.1f s); retrying padded", len(tokens), seconds)
             return None
-        return text
+        return text, result.no_speech_prob, avg_logprob

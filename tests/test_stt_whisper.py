@@ -61,6 +61,9 @@ def test_transcribes_spoken_sentence(recognizer, speech):
     assert words >= KEY_WORDS, tr.text
     assert tr.audio_seconds == pytest.approx(len(speech) / SAMPLE_RATE)
     assert tr.inference_seconds > 0
+    # Whisper's own signals ride along (issue 9): clear speech is confidently speech
+    assert tr.no_speech_prob is not None and 0.0 <= tr.no_speech_prob < 0.5, tr
+    assert tr.avg_logprob is not None and -1.0 < tr.avg_logprob <= 0.0, tr
 
 
 @pytest.mark.slow
