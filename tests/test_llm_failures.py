@@ -65,8 +65,11 @@ async def _stream(request: web.Request, chunks: list[bytes], *, then: str = "eof
         assert request.transport is not None
         request.transport.close()      # no terminating chunk: the body is incomplete
         return resp
-    if then == "stall":
-        await asyncio.sleep(30)
+    if then == "stall":    # until the client gives up (at most 30 s)
+        for _ in range(600):
+            if request.transport is None or request.transport.is_closing():
+                break
+            await asyncio.sleep(0.05)
     with contextlib.suppress(ConnectionError):   # after a stall the client has long gone
         await resp.write_eof()
     return resp
@@ -373,16 +376,16 @@ async def test_conversation_with_the_real_client_on_a_failing_endpoint(config, c
     c.llm.fallback_text, c.stt.partial_interval_ms = FALLBACK, 0
     async with serve(fake_endpoint()) as url:
         llm = OpenAIChatModel(f"{url}/{scenario}", "test-model", first_token_timeout_s=2.0, idle_timeout_s=2.0)
-        tts = FakeTts(delay_s=0.03, ms_per_piece=300.0)
+        tts = FakeTts(delay_s=0.03, ms_per_piece=100.0)
         caller = ScriptedCaller(fake_engines(stt=FakeStt("Tell me something.", delay_s=0.05), llm=llm, tts=tts), c)
         try:
             with caplog.at_level(logging.INFO):
-                await caller.silence(0.3)
-                await caller.say(speech(0.6))
+                await caller.silence(0.1)
+                await caller.say(speech(0.4))
                 await caller.until_idle()
                 llm.url = f"{url}/ok/chat/completions"     # the endpoint recovers: the call goes on
-                await caller.silence(0.3)
-                await caller.say(speech(0.6))
+                await caller.silence(0.1)
+                await caller.say(speech(0.4))
                 await caller.until_idle()
         finally:
             await caller.close()
