@@ -125,6 +125,15 @@ class VadConfig(Section):
     max_utterance_s: int = Field(
         default=30, ge=1, le=600, description="a longer monologue is cut into turns of at most this length (s)"
     )
+    # issue 9: non-speech guard and level-relative endpointing (agent/speech_guard.py, agent/endpointing.py)
+    speech_guard: bool = Field(
+        default=True, description="drop turns that are tones, DTMF heard as audio, ringback, noise or music"
+    )
+    relative_end: bool = Field(
+        default=True,
+        description="end-of-speech refinement relative to the caller's own noise floor and level "
+        "(false: the old fixed -55 dBFS floor)",
+    )
 
 
 class SttConfig(Section):
@@ -167,6 +176,11 @@ class SttConfig(Section):
     )
     early_final: bool = Field(
         default=True, description="start the final transcription when silence begins, not when the hangover ends"
+    )
+    tail_ms: int = Field(
+        default=100, ge=0, le=1000,
+        description="audio kept after the refined end of speech for the recogniser, so a soft last sound "
+        "is not clipped (ms; issue 9)",
     )
 
     @field_validator("language")

@@ -39,6 +39,7 @@ from typing import Any
 
 from sub300.models.protocols import SAMPLE_RATE, ModelError
 
+from . import speech_guard
 from .audio import AudioFrame, StreamResampler
 from .audio_ring import AudioRing
 from .barge_in import BargeInRules
@@ -87,7 +88,8 @@ class Conversation:
     def __post_init__(self) -> None:
         vad, interrupt = self.config.vad, self.config.interrupt
         self.endpointer = Endpointer(self.engines.vad, min_speech_ms=vad.min_speech_ms,
-                                     hangover_ms=vad.hangover_ms, onset_ms=interrupt.onset_ms)
+                                     hangover_ms=vad.hangover_ms, onset_ms=interrupt.onset_ms,
+                                     relative=vad.relative_end)
         self.history = History(self.config.llm.system_prompt, self.config.llm.history_turns)
         self.turn_state = TurnStateMachine()
         self.echo_frames = 0
@@ -251,7 +253,7 @@ class Conversation:
         turn.transcriber = UtteranceTranscriber(
             stt=self.engines.stt, ring=self._ring, endpointer=self.endpointer, start_sample=turn.start_sample,
             owner=turn.tasks, clock=self.clock, early_final=stt.early_final,
-            partial_interval_s=stt.partial_interval_ms / 1000,
+            partial_interval_s=stt.partial_interval_ms / 1000, tail_samples=stt.tail_ms * SAMPLE_RATE // 1000,
             on_early_final=lambda _t, text: self._maybe_speculate(turn, text),
             on_partial=lambda text: self._emit(TranscriptEvent(turn.number, text, final=False)),
             on_stale=turn.drop_speculation)
@@ -274,6 +276,11 @@ class Conversation:
         ledger = turn.ledger
         ledger.mark("speech_end", event.speech_end)
         ledger.mark("endpoint", self.clock())
+        if self.config.vad.speech_guard:   # tones, DTMF heard as audio, noise, music: no turn (speech_guard.py)
+            verdict = speech_guard.check(self._ring.slice(turn.voiced_start, event.end_sample))
+            ledger.notes.update(verdict.notes())
+            if verdict.reason is not None:
+                ledger.notes["non_speech"] = verdict.reason
         turn.transcription, early = turn.stt.final(event.end_sample)
         ledger.notes["early_final"] = early
         if not early:

@@ -23,6 +23,7 @@ from .events import EventHandler, HangupRequested, TranscriptEvent, TurnDiscarde
 from .history import History
 from .playout import PlayoutQueue
 from .reply import Reply, ReplySettings, failure_note
+from .speech_guard import is_annotation
 from .tasks import TaskOwner
 from .turn import Turn
 from .turn_state import TurnEvent as E
@@ -102,8 +103,16 @@ class Responder:
         ledger.mark("stt_final", transcription.finished or self._clock())
         ledger.notes["stt_inference_ms"] = round(transcript.inference_seconds * 1000, 1)
         ledger.notes["stt_audio_s"] = round(transcript.audio_seconds, 2)
+        if transcript.no_speech_prob is not None:
+            ledger.notes["stt_no_speech_prob"] = round(transcript.no_speech_prob, 3)
         text = transcript.text.strip()
         self._emit(TranscriptEvent(turn.number, text, final=True))
+        if (non_speech := ledger.notes.get("non_speech")) is not None or is_annotation(text):
+            reason = f"not speech: {non_speech or f'only non-speech marks {text!r}'}"
+            ledger.notes["discarded"] = reason
+            log.info("turn %d discarded: %s (transcript %r)", turn.number, reason, text)
+            self._emit(TurnDiscarded(turn.number, reason))
+            return
         if not has_words(text):
             self._emit(TurnDiscarded(turn.number, "no words in the transcript"))
             return

@@ -43,6 +43,7 @@ def configured(config):
     def make(**sections):
         c = copy.deepcopy(config)
         c.stt.partial_interval_ms = 0
+        c.stt.tail_ms = 0   # the timings below count from the first silent frame (tail: tests/test_quiet_caller.py)
         for key, value in sections.items():
             section, _, name = key.partition("__")
             setattr(getattr(c, section), name, value)
@@ -249,7 +250,9 @@ def test_run_virtual_runs_a_call_outside_pytest_marks(config):
     from sub300.testing.clock import loop_clock, run_virtual
 
     async def call():
-        caller = ScriptedCaller(engines(), copy.deepcopy(config), clock=loop_clock())
+        c = copy.deepcopy(config)
+        c.stt.tail_ms = 0   # as in the speculation-hit test
+        caller = ScriptedCaller(engines(), c, clock=loop_clock())
         await one_question(caller, seconds=1.0)
         return caller
 

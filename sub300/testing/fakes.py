@@ -32,9 +32,16 @@ FRAME = 320   # 20 ms at 16 kHz
 
 
 def speech(seconds: float, *, level: int = 3000, seed: int = 0) -> np.ndarray:
-    """``seconds`` of caller "speech" for `FakeVad` (int16 16 kHz): noise, never digital silence."""
+    """``seconds`` of caller "speech" for `FakeVad` (int16 16 kHz): noise, never digital silence.
+
+    Its level rises and falls in 4 "syllables" a second (between ``level`` and
+    a tenth of it), as speech does: steady noise is what the non-speech guard
+    (agent/speech_guard.py) rejects.
+    """
     rng = np.random.default_rng(seed)
-    pcm = np.clip(rng.normal(0, level, int(round(seconds * SAMPLE_RATE))), -32767, 32767).astype(np.int16)
+    n = int(round(seconds * SAMPLE_RATE))
+    envelope = 0.1 + 0.9 * np.abs(np.cos(np.pi * 4.0 * np.arange(n) / SAMPLE_RATE))
+    pcm = np.clip(rng.normal(0, level, n) * envelope, -32767, 32767).astype(np.int16)
     pcm[pcm == 0] = 1
     return pcm
 
