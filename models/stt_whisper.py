@@ -238,7 +238,7 @@ class WhisperRecognizer:
         try:
             if self.padding != "full" and seconds <= MAX_WINDOW_SECONDS:
                 min_seconds = self.window_s if self.padding == "window" else 0.0
-                decoded = self._transcribe_short(audio, min_seconds)
+                decoded: tuple[str, float | None, float | None] | None = self._transcribe_short(audio, min_seconds)
                 if decoded is None:  # the guard tripped: take Whisper's trained path
                     self.fallbacks += 1
                     decoded = self._transcribe_full(audio)
@@ -248,6 +248,7 @@ class WhisperRecognizer:
             raise
         except Exception as exc:
             raise ModelError(f"Whisper inference failed: {exc}") from exc
+        assert decoded is not None
         text, no_speech_prob, avg_logprob = decoded
         return Transcript(text, seconds, time.perf_counter() - start, no_speech_prob, avg_logprob)
 

@@ -96,7 +96,7 @@ def decode_g722(path: Path) -> np.ndarray:
     """Raw G.722 → float32 mono 16 kHz with PyAV."""
     import av
 
-    chunks = []
+    chunks: list[np.ndarray] = []
     with av.open(str(path), format="g722") as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         for frame in container.decode(audio=0):

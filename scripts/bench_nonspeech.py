@@ -41,14 +41,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_asr import DEFAULT_DATA_DIR, ensure_data, load_clips, machine  # noqa: E402
-from bench_quiet import CachedStt, build, call_turns  # noqa: E402
+from bench_asr import DEFAULT_DATA_DIR, ensure_data, load_clips, machine
+from bench_quiet import CachedStt, build, call_turns
 
-from sub300.agent.config import load_config  # noqa: E402
-from sub300.agent.speech_guard import is_annotation  # noqa: E402
-from sub300.agent.words import has_words  # noqa: E402
-from sub300.models.protocols import SAMPLE_RATE  # noqa: E402
-from sub300.testing.wer import word_errors  # noqa: E402
+from sub300.agent.config import load_config
+from sub300.agent.speech_guard import is_annotation
+from sub300.agent.words import has_words
+from sub300.models.protocols import SAMPLE_RATE
+from sub300.testing.wer import word_errors
 
 R = SAMPLE_RATE
 CASE = Path("/work/shared/cases/tone_1khz_1s.wav")
@@ -120,7 +120,8 @@ def inputs() -> list[tuple[str, np.ndarray]]:
     items += [
         ("arpeggio C-E-G-C 3 s (5 harmonics, decaying)", arpeggio(3.0)),
         ("arpeggio, fast decay", arpeggio(3.0, 0.25, 8.0)),
-        ("held chord C-E-G 2 s (4 harmonics)", sum(tone([f * h for h in range(1, 5)], 2.0, 0.1) for f in (261.6, 329.6, 392.0))),
+        ("held chord C-E-G 2 s (4 harmonics)",
+         np.sum([tone([f * h for h in range(1, 5)], 2.0, 0.1) for f in (261.6, 329.6, 392.0)], axis=0)),
     ]
     out = [(name, np.concatenate([sil(0.5), x, sil(1.5)])) for name, x in items]
     pcm = [(name, np.clip(x * 32767, -32768, 32767).astype(np.int16)) for name, x in out]
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = [stt(t.audio).text.strip() for t in turns]
         before = [has_words(x) for x in texts]
         after = [b and not is_annotation(x) and t.guard is not None and t.guard.is_speech
-                 for b, x, t in zip(before, texts, turns)]
+                 for b, x, t in zip(before, texts, turns, strict=True)]
         reasons = "; ".join(sorted({(t.guard.reason or "speech").split(" (")[0] for t in turns if t.guard}))
         heard = " / ".join(repr(x) for x in texts)[:60]
         total[0] += len(turns)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         pcm = np.concatenate([lead, np.clip(clip.audio * 32767, -32768, 32767).astype(np.int16), gap])
         turns = call_turns(pcm, vad, copy.deepcopy(config))
         texts = [stt(t.audio).text for t in turns]
-        kept = [x for x, t in zip(texts, turns) if t.guard is None or t.guard.is_speech]
+        kept = [x for x, t in zip(texts, turns, strict=True) if t.guard is None or t.guard.is_speech]
         dropped = len(turns) - len(kept)
         if dropped:
             lost_names.append(clip.name)

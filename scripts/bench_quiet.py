@@ -40,18 +40,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_asr import DEFAULT_DATA_DIR, ensure_data, load_clips, machine  # noqa: E402
+from bench_asr import DEFAULT_DATA_DIR, ensure_data, load_clips, machine
 
-from sub300.agent.config import Config, load_config  # noqa: E402
-from sub300.agent.endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted  # noqa: E402
-from sub300.agent.speech_guard import SpeechCheck  # noqa: E402
-from sub300.agent.speech_guard import check as guard_check  # noqa: E402
-from sub300.agent.speech_guard import is_annotation  # noqa: E402
-from sub300.agent.audio_ring import AudioRing  # noqa: E402
-from sub300.agent.tasks import TaskOwner  # noqa: E402
-from sub300.agent.transcription import UtteranceTranscriber  # noqa: E402
-from sub300.models.protocols import SAMPLE_RATE, SpeechRecognizer, Transcript, VoiceActivityDetector  # noqa: E402
-from sub300.testing.wer import word_errors  # noqa: E402
+from sub300.agent.audio_ring import AudioRing
+from sub300.agent.config import Config, load_config
+from sub300.agent.endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
+from sub300.agent.speech_guard import (
+    SpeechCheck,
+    is_annotation,
+)
+from sub300.agent.speech_guard import check as guard_check
+from sub300.agent.tasks import TaskOwner
+from sub300.agent.transcription import UtteranceTranscriber
+from sub300.models.protocols import SAMPLE_RATE, SpeechRecognizer, Transcript, VoiceActivityDetector
+from sub300.testing.wer import word_errors
 
 FRAME = 320   # the transports' 20 ms frames
 
@@ -93,16 +95,16 @@ async def _call_turns(pcm: np.ndarray, vad: VoiceActivityDetector, config: Confi
     turns: list[CallTurn] = []
     speaking: tuple[UtteranceTranscriber, int] | None = None
     pending = []
-    now = 0.0
+    clock = [0.0]                   # the call's time: the arrival of the latest frame
     for i in range(0, len(pcm) - FRAME + 1, FRAME):
         frame = pcm[i: i + FRAME]
         ring.append(frame)
-        now = (i + FRAME) / SAMPLE_RATE
+        now = clock[0] = (i + FRAME) / SAMPLE_RATE
         for event in endpointer.feed(frame, now):
             if isinstance(event, SpeechStarted):
                 transcriber = UtteranceTranscriber(
                     stt=recorder, ring=ring, endpointer=endpointer, start_sample=max(0, event.sample - pre_roll),
-                    owner=owner.child("turn"), clock=lambda: now, early_final=stt.early_final,
+                    owner=owner.child("turn"), clock=lambda: clock[0], early_final=stt.early_final,
                     partial_interval_s=0.0, on_early_final=lambda _t, _x: None, on_partial=lambda _x: None,
                     on_stale=lambda: None, tail_samples=stt.tail_ms * SAMPLE_RATE // 1000)
                 speaking = (transcriber, event.sample)
@@ -141,7 +143,8 @@ class CachedStt:
     """Whisper, memoised by the audio's bytes (old and new cuts are often the same)."""
 
     def __init__(self, stt: SpeechRecognizer) -> None:
-        self.stt, self.cache, self.seconds = stt, {}, 0.0
+        self.stt, self.seconds = stt, 0.0
+        self.cache: dict[str, Transcript] = {}
 
     def __call__(self, audio: np.ndarray) -> Transcript:
         key = hashlib.sha1(np.ascontiguousarray(audio, np.float32).tobytes()).hexdigest()
