@@ -277,8 +277,9 @@ class Conversation:
         ledger.mark("speech_end", event.speech_end)
         ledger.mark("endpoint", self.clock())
         if self.config.vad.speech_guard:   # tones, DTMF heard as audio, noise, music: no turn (speech_guard.py)
+            started = time.perf_counter()
             verdict = speech_guard.check(self._ring.slice(turn.voiced_start, event.end_sample))
-            ledger.notes.update(verdict.notes())
+            ledger.notes.update(verdict.notes(), guard_ms=round((time.perf_counter() - started) * 1000, 1))
             if verdict.reason is not None:
                 ledger.notes["non_speech"] = verdict.reason
         turn.transcription, early = turn.stt.final(event.end_sample)
