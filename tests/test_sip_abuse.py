@@ -353,3 +353,27 @@ async def test_closing_with_tcp_connections_open_raises_nothing_in_callbacks(con
     assert all([await closed_by_peer(r, 1.0) for r, _ in conns])
     for _, w in conns:
         w.close()
+
+
+async def test_a_peer_that_never_reads_is_dropped(config):
+    """Pipelined requests whose responses are never read must not pile up in our memory."""
+    import socket
+
+    async with sip_service(config, call_factory=echo_calls, sip={"max_message_bytes": 16384}) as (service, _):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, service.address)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        pad = "x" * 6000   # echoed in the Via and Call-ID of every response: 12 kB answers to fill the buffers quickly
+        batch = b"".join(options(1, "TCP", f"p{i}{pad}") for i in range(50))
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):                                               # up to ~12 MB of answers
+                writer.write(batch)
+                await asyncio.wait_for(writer.drain(), 5)
+                if any("does not read" in reason for reason in service.transport.refused):
+                    break
+        assert any("does not read" in reason for reason in service.transport.refused)
+        await asyncio.sleep(0.1)
+        assert service.transport.open_connections == 0
+        writer.close()

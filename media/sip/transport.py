@@ -21,6 +21,9 @@ What a peer may hold (`TcpLimits`, from the ``[sip]`` section):
 * a message (UDP datagram or TCP message) larger than ``max_message_bytes``
   is refused: 513 Message Too Large (RFC 3261 §21.5.13) where it can be
   addressed, then (TCP) the connection is closed;
+* a peer that does not read: once more than ``WRITE_BUFFER_MESSAGES``
+  times ``max_message_bytes`` of our output waits in its connection's
+  buffer (beyond the kernel's), the connection is aborted;
 * ``accept(host)`` (the `SourceFilter` of ``sip.allowed_sources``) is asked
   when a TCP connection is accepted: a source it refuses is closed before a
   byte is read.
@@ -48,6 +51,7 @@ from . import message as sip
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 64 * 1024
 _LOGGED_MAX = 1024   # (reason, host) pairs remembered for "log once"
+WRITE_BUFFER_MESSAGES = 4   # a peer that leaves this many max-size messages of ours unread is dropped
 
 
 @dataclass(frozen=True)
@@ -228,8 +232,12 @@ class SipTransport:
         self._per_source[host] += 1
 
         def send_to(data: bytes, _destination) -> None:
-            if not writer.is_closing():
-                writer.write(data)
+            if writer.is_closing():
+                return
+            writer.write(data)
+            if writer.transport.get_write_buffer_size() > WRITE_BUFFER_MESSAGES * self.limits.max_message_bytes:
+                self.refuse("TCP connection closed: it does not read what we send", host)
+                writer.transport.abort()   # ends the reader too (connection_lost)
 
         flow = Flow("TCP", (host, int(peer[1])), send_to)
         try:
