@@ -88,6 +88,10 @@ END_SEARCH_S = 0.35       # how far back from the detector's last voiced frame t
 NOISE_MARGIN_DB = 8.0     # relative mode: a voice block stands this far above the call's noise floor
 NOISE_PERCENTILE = 20.0   # the noise floor: this percentile of the block levels heard outside speech
 NOISE_WINDOW_S = 3.0      # ... over the last this many seconds of them
+VAD_TARGET_DBFS = -20.0   # relative mode: the detector hears the recent peak lifted to about this level
+VAD_MAX_GAIN_DB = 30.0    # ... by at most this much
+VAD_NOISE_CEIL_DBFS = -65.0   # ... and never lifting the noise floor above this
+LEVEL_WINDOW_S = 3.0      # the recent peak: the loudest 10 ms block of this many seconds
 SILENCE_DBFS = -120.0     # the level of digital silence (a finite floor keeps max() and comparisons simple)
 
 
@@ -105,6 +109,7 @@ class Endpointer:
         (False: the old fixed `END_FLOOR_DBFS`)."""
         self._relative = relative
         self._noise: deque[float] = deque(maxlen=int(NOISE_WINDOW_S * SAMPLE_RATE / BLOCK))
+        self._recent: deque[float] = deque(maxlen=int(LEVEL_WINDOW_S * SAMPLE_RATE / BLOCK))
         self._vad = vad.new_stream()
         self._threshold = vad.threshold
         self._frame = vad.frame_samples
@@ -128,6 +133,8 @@ class Endpointer:
         self._suppressed: deque[tuple[int, int]] = deque()   # sample ranges of suppressed audio
         # (end sample, arrival time of that sample, level) of recent 10 ms blocks
         self._levels: deque[tuple[int, float, float]] = deque(maxlen=int(END_SEARCH_S * 100) + 8)
+        # the raw frames behind self._levels: the end of speech to the sample
+        self._raw: deque[tuple[int, np.ndarray]] = deque(maxlen=(int(END_SEARCH_S * 100) + 8) * BLOCK // self._frame + 2)
 
     @property
     def paused(self) -> bool:
@@ -163,16 +170,20 @@ class Endpointer:
             frame_time = timestamp - (end_index - frame_end) / SAMPLE_RATE
             while self._suppressed and self._suppressed[0][1] <= frame_start:
                 self._suppressed.popleft()
+            levels = _block_levels(frame)
+            self._recent.extend(levels)
+            self._raw.append((frame_start, frame))
             if any(a < frame_end and b > frame_start for a, b in self._suppressed):
                 voiced = False
             else:
-                voiced = self._vad.speech_probability(frame) >= self._threshold
-            levels = _block_levels(frame)
+                gain = self._vad_gain()
+                heard = frame if gain == 1.0 else np.clip(frame * gain, -32768, 32767).astype(np.int16)
+                voiced = self._vad.speech_probability(heard) >= self._threshold
             for k, level in enumerate(levels):
                 block_end = frame_start + (k + 1) * BLOCK if k < len(levels) - 1 else frame_end
                 self._levels.append((block_end, frame_time - (frame_end - block_end) / SAMPLE_RATE, level))
-            if not voiced and not self.in_speech and self._run_start is None:
-                self._noise.extend(levels)   # the line between utterances: the caller's noise floor
+            if not self.in_speech:
+                self._noise.extend(levels)   # the line between turns: the caller's noise floor
             self._step(voiced, frame_start, frame_end, frame_time, max(levels), events)
         return events
 
@@ -181,6 +192,20 @@ class Endpointer:
         """The call's noise floor (dBFS of a 10 ms block): a low percentile of the levels heard
         outside speech; SILENCE_DBFS before any were heard."""
         return float(np.percentile(self._noise, NOISE_PERCENTILE)) if self._noise else SILENCE_DBFS
+
+    def _vad_gain(self) -> float:
+        """The gain (linear, >= 1) at which the detector hears the caller (relative mode).
+
+        A quiet caller (x0.02, peak ~-37 dBFS) is below webrtcvad's own energy gate and would
+        never open a turn; so the detector hears the line lifted until the loudest 10 ms block
+        of the last `LEVEL_WINDOW_S` reaches `VAD_TARGET_DBFS`, by at most `VAD_MAX_GAIN_DB`, and
+        never so much that the call's noise floor rises above `VAD_NOISE_CEIL_DBFS`.  Only the
+        detector's copy is scaled: levels, the end refinement and the audio for STT are not.
+        """
+        if not self._relative or not self._recent:
+            return 1.0
+        lift = min(VAD_TARGET_DBFS - max(self._recent), VAD_MAX_GAIN_DB, VAD_NOISE_CEIL_DBFS - self.noise_floor_db)
+        return 10 ** (lift / 20) if lift > 0 else 1.0
 
     def _end_floor(self) -> float:
         """The level (dBFS) a 10 ms block must reach to count as voice at the end of speech."""
@@ -233,6 +258,23 @@ class Endpointer:
             self._paused = False
             events.append(SpeechEnded(self._start_sample, self._last_voiced_end, self._last_voiced_time, time))
 
+    def _sample_end(self, block_end: int, block_time: float, floor_db: float) -> tuple[int, float]:
+        """(sample, time) just after the last sample of the 10 ms block ending at ``block_end`` whose
+        magnitude reaches the floor's level: the end of the voice to the sample, never after it (the
+        block's own end would be up to 10 ms late).  The block's end when its audio is gone."""
+        if not self._relative:
+            return block_end, block_time
+        amplitude = 10 ** (floor_db / 20) * 32768
+        for frame_start, frame in reversed(self._raw):
+            if frame_start < block_end <= frame_start + len(frame):
+                lo = max(0, block_end - BLOCK - frame_start)
+                loud = np.flatnonzero(np.abs(frame[lo: block_end - frame_start].astype(np.int32)) >= amplitude)
+                if len(loud) == 0:
+                    break
+                end = frame_start + lo + int(loud[-1]) + 1
+                return end, block_time - (block_end - end) / SAMPLE_RATE
+        return block_end, block_time
+
     def _extend_end(self, frame_start: int) -> None:
         """A loud block shortly after the detector's last voiced frame is still speech.
 
@@ -244,7 +286,7 @@ class Endpointer:
         limit = self._vad_voiced_end + int(END_SEARCH_S * SAMPLE_RATE)
         for block_end, block_time, level in self._levels:
             if frame_start < block_end <= limit and block_end > self._last_voiced_end and level >= floor:
-                self._last_voiced_end, self._last_voiced_time = block_end, block_time
+                self._last_voiced_end, self._last_voiced_time = self._sample_end(block_end, block_time, floor)
 
     def _refined_end(self) -> tuple[int, float]:
         """The end of the last loud 10 ms block at or before the detector's last voiced frame."""
@@ -256,5 +298,5 @@ class Endpointer:
             if block_end <= max(earliest, self._start_sample):
                 break
             if level >= floor:
-                return block_end, block_time
+                return self._sample_end(block_end, block_time, floor)
         return self._last_voiced_end, self._last_voiced_time

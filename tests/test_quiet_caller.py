@@ -119,9 +119,8 @@ async def test_the_final_transcription_gets_the_tail(config, tail_ms):
 
 # ------------------------------------------------------------------ real Whisper
 @pytest.mark.slow
-def test_a_quiet_caller_is_heard_to_the_end(engines, config):
-    from sub300.agent.engines import Engines
-    from sub300.models.vad_webrtc import WebRtcVad
+def test_a_quiet_caller_is_heard_to_the_end(config):
+    from sub300.agent.engines import Engines, _webrtc_vad, _whisper
     from sub300.testing.fakes import FakeLlm, FakeTts
     from sub300.testing.scripted_caller import ScriptedCaller
     from tests.speech import speak
@@ -132,8 +131,8 @@ def test_a_quiet_caller_is_heard_to_the_end(engines, config):
     c = copy.deepcopy(config)
 
     async def call() -> list[str]:
-        eng = Engines(vad=WebRtcVad(aggressiveness=c.vad.aggressiveness, frame_ms=c.vad.frame_ms), stt=engines.stt,
-                      llm=FakeLlm(["Paris."]), tts=FakeTts())
+        # the configured VAD and Whisper, as a call loads them; a fake LLM and TTS (not under test)
+        eng = Engines(vad=_webrtc_vad(c), stt=_whisper(c), llm=FakeLlm(["Paris."]), tts=FakeTts())
         caller = ScriptedCaller(eng, c)
         try:
             await caller.silence(0.5)
@@ -147,3 +146,54 @@ def test_a_quiet_caller_is_heard_to_the_end(engines, config):
 
     transcripts = asyncio.run(call())
     assert len(transcripts) == 1 and "france" in transcripts[0].lower(), transcripts
+
+
+# ------------------------------------------------------------------ the detector hears a quiet caller
+def _espeak(text: str) -> np.ndarray:
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from sub300.media.audio_file import read_audio
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "s.wav"
+        subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True, capture_output=True)
+        return read_audio(wav, RATE)
+
+
+def _turns(pcm: np.ndarray, *, relative: bool) -> list[SpeechEnded]:
+    from sub300.models.vad_webrtc import WebRtcVad
+
+    ep = Endpointer(WebRtcVad(), min_speech_ms=100, hangover_ms=250, relative=relative)
+    out = []
+    for i in range(0, len(pcm) - FRAME + 1, FRAME):
+        out += [e for e in ep.feed(pcm[i:i + FRAME], (i + FRAME) / RATE) if isinstance(e, SpeechEnded)]
+    return out
+
+
+@pytest.mark.parametrize("gain", [0.02, 0.01])
+def test_a_very_quiet_caller_opens_a_turn(gain):
+    """webrtcvad's own energy gate misses a caller at x0.01 (peak ~-45 dBFS); the endpointer lifts
+    the detector's copy of the line to the caller's level, so the turn opens and ends where the voice does."""
+    spoken = _espeak("What is the capital of France?")
+    quiet = (spoken.astype(np.float64) * gain).astype(np.int16)
+    voiced = np.flatnonzero(np.abs(quiet) > 0)
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), quiet, np.zeros(RATE, np.int16)])
+    true_end = RATE // 2 + voiced[-1] + 1
+    turns = _turns(pcm, relative=True)
+    assert turns, "no turn for a quiet caller"
+    assert turns[-1].end_sample <= true_end
+    assert turns[-1].end_sample >= true_end - 0.15 * RATE
+    if gain == 0.01:
+        assert not _turns(pcm, relative=False), "the old endpointing heard it too: this level proves nothing"
+
+
+@pytest.mark.parametrize("noise_dbfs", [-80.0, -65.0, -50.0])
+def test_the_lift_does_not_make_a_noisy_line_speak(noise_dbfs):
+    rng = np.random.default_rng(2)
+    pcm = np.clip(rng.normal(0, 32768 * 10 ** (noise_dbfs / 20), 6 * RATE), -32768, 32767).astype(np.int16)
+    assert not _turns(pcm, relative=True)
