@@ -392,21 +392,25 @@ _REINVITE = """  <send retrans="500">
 """
 
 
-def scenario_hold(ulaw: str, *, hold_ms: int = 3000, resume_ms: int = 6000, hold: str = "sendonly",
+def scenario_hold(ulaw: str, *, hold_ms: int | None = 3000, resume_ms: int = 6000, hold: str = "sendonly",
                   timeout_ms: int = 60000) -> str:
     """INVITE → 200 → ACK → stream `ulaw`; at `hold_ms` a re-INVITE that holds (`hold`: sendonly, inactive,
     or "0.0.0.0" for the RFC 2543 style), at `resume_ms` one with sendrecv (both from the stream's start);
-    then BYE when poked (see `poke`)."""
+    then BYE when poked (see `poke`).  With ``hold_ms=None`` the hold comes when poked, and the resume
+    ``resume_ms`` after it."""
     out = _HEAD.format(name="hold") + _INVITE.format(formats=PCMU[0], rtpmaps=PCMU[1])
     out += ('  <recv response="100" optional="true"/>\n  <recv response="180" optional="true"/>\n'
             '  <recv response="200" rtd="true" rrs="true"/>\n')
     out += _ACK_2XX
     out += f'  <nop><action><exec rtp_stream="{ulaw},1,0"/></action></nop>\n'
     held = ("sendrecv", "0.0.0.0") if hold == "0.0.0.0" else (hold, "[media_ip]")
-    out += f'  <pause milliseconds="{hold_ms}"/>\n'
+    if hold_ms is None:
+        out += _ANSWER_BYE.replace("BYE", "INFO").format(timeout_ms=timeout_ms)
+    else:
+        out += f'  <pause milliseconds="{hold_ms}"/>\n'
     out += _REINVITE.format(cseq=2, version=2353687638, address=held[1], formats=PCMU[0], rtpmaps=PCMU[1],
                             direction=held[0])
-    out += f'  <pause milliseconds="{resume_ms - hold_ms}"/>\n'
+    out += f'  <pause milliseconds="{resume_ms - (hold_ms or 0)}"/>\n'
     out += _REINVITE.format(cseq=3, version=2353687639, address="[media_ip]", formats=PCMU[0], rtpmaps=PCMU[1],
                             direction="sendrecv")
     out += _ANSWER_BYE.replace("BYE", "INFO").format(timeout_ms=timeout_ms)
