@@ -28,9 +28,23 @@ as a low percentile (`NOISE_PERCENTILE`) of the 10 ms block levels heard
 outside speech over the last `NOISE_WINDOW_S`.  No fixed absolute floor: a
 caller at -29 dBFS peak (x0.05) keeps the soft end of "France" that the old
 -55 dBFS floor (`END_FLOOR_DBFS`, still used with ``relative=False``) cut off.
-The end stays honest: a block at the noise floor is never voice, so
-`speech_end` is not later than the end of the voice (tests/test_endpointing.py,
-tests/test_quiet_caller.py).
+The end stays honest: a block at the noise floor is never voice, and within
+the last voice block the end is the sample after the last one that reaches
+the floor's level (`_sample_end`), so `speech_end` is not later than the end
+of the voice (tests/test_quiet_caller.py, on synthetic and spoken audio with
+a known end).
+
+In the same mode the detector hears a quiet caller lifted to their own level
+(`_vad_gain`): webrtcvad has a fixed energy gate and would never open a turn
+for a caller at x0.01 (peak about -45 dBFS); the copy it classifies is
+scaled so that the loudest block of the last few seconds reaches
+`VAD_TARGET_DBFS` (at most `VAD_MAX_GAIN_DB`, and never lifting the call's
+noise floor above `VAD_NOISE_CEIL_DBFS`).  Only the detector's copy: levels,
+the refinement and the audio for STT are the caller's own.
+
+With ``relative=False`` (config ``vad.relative_end = false``) everything is
+as before issue 9: fixed floor, block-resolution end, no lift
+(scripts/bench_quiet.py measures both in one run).
 
 Sample indices count from the start of the call, so callers can cut the
 utterance out of their audio history.
