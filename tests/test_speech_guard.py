@@ -225,3 +225,39 @@ async def test_spoken_words_in_a_call_are_a_turn(config):
     caller = await _call(spoken, copy.deepcopy(config), stt_text="What is the capital of France?")
     (turn,) = [e for e in caller.events if isinstance(e, TurnFinished)]
     assert turn.ledger.notes["guard_level_std_db"] >= speech_guard.MIN_LEVEL_STD_DB
+
+
+# ------------------------------------------------------------------ real engines
+@pytest.mark.slow
+@pytest.mark.parametrize("text", ["What is the capital of France?", "Yes.", "No, thank you.",
+                                  "Can you call me back at five?", "Hmm."])
+def test_piper_speech_passes_the_guard(text):
+    from tests.speech import speak
+
+    spoken = speak(text)
+    for gain in (1.0, 0.05):
+        verdict = speech_guard.check((spoken * gain).astype(np.int16))
+        assert verdict.is_speech, (text, gain, verdict)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [field_tone, ringback_burst, dtmf_digit])
+def test_with_real_whisper_a_tone_is_no_turn(make, config):
+    from sub300.agent.engines import Engines, _webrtc_vad, _whisper
+    from sub300.testing.fakes import FakeLlm, FakeTts
+
+    c = copy.deepcopy(config)
+
+    async def call() -> ScriptedCaller:
+        eng = Engines(vad=_webrtc_vad(c), stt=_whisper(c), llm=FakeLlm(["Sure."]), tts=FakeTts())
+        caller = ScriptedCaller(eng, c)
+        try:
+            await caller.silence(0.3)
+            await caller.say(make())
+            await caller.until_idle(timeout=30)
+        finally:
+            await caller.close()
+        return caller
+
+    caller = asyncio.run(call())
+    assert not [e for e in caller.events if isinstance(e, TurnFinished)]
