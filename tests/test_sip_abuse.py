@@ -377,3 +377,19 @@ async def test_a_peer_that_never_reads_is_dropped(config):
         await asyncio.sleep(0.1)
         assert service.transport.open_connections == 0
         writer.close()
+
+
+async def test_an_invite_flood_from_a_refused_source_is_not_amplified(config, monkeypatch):
+    """403s to a refused source are resent until their ACK (Timer G) only up to a bound; beyond, each goes once."""
+    from sub300.media.sip import transactions
+
+    monkeypatch.setattr(transactions, "MAX_RETRANSMITTING", 10)
+    async with sip_service(config, call_factory=echo_calls, sip={"allowed_sources": ["10.0.0.0/8"]}) as (service, _):
+        client = await Client.open(service.address)
+        for i in range(40):
+            client.send(invite(client, call_id=f"f{i}", branch=f"z9hG4bK-f{i}"))
+        got = await client.silent(1.2)   # Timer G: resends at 0.5 s and 1.5 s
+        refusals = [m for m in got if m.startswith("SIP/2.0 403 ")]
+        assert 40 <= len(refusals) <= 40 + 10 * 2                             # each answered; only 10 resent
+        assert len({header(m, "Call-ID") for m in refusals}) == 40
+        client.close()

@@ -2,7 +2,8 @@
 
 * INVITE server transactions (§17.2.1): a retransmitted INVITE gets the last
   response again; a final error response is retransmitted over UDP (Timer G:
-  T1, doubling up to T2) until its ACK, for at most 64·T1 (Timer H).
+  T1, doubling up to T2) until its ACK, for at most 64·T1 (Timer H) — at most
+  ``MAX_RETRANSMITTING`` at once: under a flood further ones go out once.
 * 2xx to INVITE (§13.3.1.4): the user agent itself retransmits its 200 OK
   over UDP until the ACK arrives, and gives up (the caller is told to hang
   up by the dialog layer) after 64·T1.
@@ -34,6 +35,8 @@ from .transport import Flow
 log = logging.getLogger(__name__)
 T1, T2 = 0.5, 4.0            # §17.1.1.1: RTT estimate and the cap of the retransmission interval (seconds)
 TIMER_B = 64 * T1            # Timers B/F/H/J: give up waiting for an ACK or a response after this
+MAX_RETRANSMITTING = 256     # error responses resent until their ACK at once; beyond, each is sent once, so a
+                             # flood of spoofed-source UDP INVITEs is not amplified (RFC 3261 §26.1.5)
 
 
 @dataclass
@@ -103,6 +106,8 @@ class Transactions:
         self.invites: dict[str, InviteServerTransaction] = {}
         self._answered: dict[tuple[str, str], tuple[bytes, Flow, tuple[str, int], float]] = {}
         self._client: dict[str, asyncio.Event] = {}
+        self._retransmitting = 0     # error responses being resent (Timer G) now
+        self._flooded = False
 
     def prune(self) -> None:
         """Forget transactions whose time is up (called for every message)."""
@@ -129,9 +134,25 @@ class Transactions:
         """Answer an INVITE with a final error ``status`` (3xx–6xx), resent over UDP until its ACK (Timer G/H)."""
         data = sip.response(tx.request, tx.flow.source, status, to_tag=to_tag or sip.new_tag(), headers=headers)
         tx.send(data, final=status, expires=self.clock() + TIMER_B)
-        if tx.flow.transport == "UDP":
-            self.tasks.spawn(retransmit(lambda: tx.flow.send(data, tx.destination), tx.acked, self.clock),
-                             "sip-retransmit-final")
+        if tx.flow.transport != "UDP":
+            return
+        if self._retransmitting >= MAX_RETRANSMITTING:
+            # a flood of INVITEs (perhaps from spoofed addresses): answer each once, do not amplify it tenfold
+            if not self._flooded:
+                log.warning("SIP: %d error responses already retransmitting; further ones are sent once",
+                            MAX_RETRANSMITTING)
+            self._flooded = True
+            return
+        self._flooded = False
+        self._retransmitting += 1
+
+        async def resend() -> None:
+            try:
+                await retransmit(lambda: tx.flow.send(data, tx.destination), tx.acked, self.clock)
+            finally:
+                self._retransmitting -= 1
+
+        self.tasks.spawn(resend(), "sip-retransmit-final")
 
     def accept(self, tx: InviteServerTransaction, ok: bytes, on_no_ack: Callable[[], None]) -> asyncio.Event:
         """Send a 2xx for the INVITE and resend it over UDP until the ACK (§13.3.1.4).
