@@ -466,3 +466,34 @@ async def test_embedded_engine_failures_take_the_same_path(engines, config, monk
     assert failed.error.startswith(f"LLM {llm.name}") and words in failed.error, failed.error
     assert tts.pieces == [FALLBACK]
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_no_task_group_in_the_project_can_leak_an_exception_group():
+    """Source audit: every ``asyncio.TaskGroup`` sits in a ``try`` that turns its group back into the
+    typed error (``except BaseExceptionGroup`` → ``_unwrap``) and nothing uses ``except*``.  ``gather``
+    makes no groups; each one here has ``return_exceptions=True``, so one failure neither hides the
+    others' nor leaves them running unawaited (the callers log what comes back)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [p for layer in ("agent", "media", "web", "models", "sub300") for p in (root / layer).rglob("*.py")]
+    assert len(files) > 40
+    task_groups = 0
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        guarded: set[int] = set()
+        for node in ast.walk(tree):
+            assert not isinstance(node, ast.TryStar), f"{path}:{node.lineno}: except* hands on a group"
+            if isinstance(node, ast.Try) and any(
+                    isinstance(h.type, ast.Name) and h.type.id in {"BaseExceptionGroup", "ExceptionGroup"}
+                    and "_unwrap" in ast.unparse(h) for h in node.handlers):
+                guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in {"asyncio.TaskGroup", "TaskGroup"}:
+                task_groups += 1
+                assert id(node) in guarded, f"{path}:{node.lineno}: a TaskGroup whose ExceptionGroup can escape"
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in {"asyncio.gather", "gather"}:
+                assert any(k.arg == "return_exceptions" for k in node.keywords), \
+                    f"{path}:{node.lineno}: gather without return_exceptions"
+    assert task_groups >= 1    # agent/reply.py's
