@@ -18,7 +18,10 @@ finishes cleanly without any content is not an error here: what counts as
 "nothing to say" is the caller's business (agent/reply.py).
 Nothing waits forever: connecting is bounded by ``connect_timeout_s``, the
 first token by ``first_token_timeout_s`` (counted from the request's start),
-and every later gap between two reads by ``idle_timeout_s``.  Cancelling the
+and every later wait for the next piece of text by ``idle_timeout_s``
+(counted from when the consumer asks for it; keep-alive comments and empty
+chunks do not extend either limit, so a server that stalls while keeping the
+connection busy still fails the turn).  Cancelling the
 consumer (or ``aclose()`` on the iterator) closes the HTTP connection at once,
 which is how a server such as vLLM learns to stop generating.
 """
@@ -135,16 +138,17 @@ class OpenAIChatModel:
         first_deadline = loop.time() + self.first_token_timeout_s
         got_token = False
         pieces = 0
+        waiting_since = loop.time()    # since the consumer asked for the next piece
 
         def after() -> str:
             return f"after {pieces} piece{'' if pieces == 1 else 's'} of text"
 
         def read_deadline() -> float:
-            return first_deadline if not got_token else loop.time() + self.idle_timeout_s
+            return first_deadline if not got_token else waiting_since + self.idle_timeout_s
 
         def timeout_error() -> EndpointError:
             if got_token:
-                return self._error(f"no data for {self.idle_timeout_s:g} s {after()} (idle timeout)",
+                return self._error(f"no text for {self.idle_timeout_s:g} s {after()} (idle timeout)",
                                    EndpointTimeout)
             return self._error(f"no first token within {self.first_token_timeout_s:g} s", EndpointTimeout)
 
@@ -226,6 +230,7 @@ class OpenAIChatModel:
                         got_token = True
                         pieces += 1
                         yield piece
+                        waiting_since = loop.time()
                 if at_eof:
                     if finish_reason is None:
                         raise self._error(f"connection dropped {after()} (the stream ended before [DONE] "

@@ -57,10 +57,13 @@ async def _stream(request: web.Request, chunks: list[bytes], *, then: str = "eof
     connection mid-body) or ``stall`` (send nothing more for 30 s)."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
-    for chunk in chunks:
-        await resp.write(chunk)
-        if gap_s:
-            await asyncio.sleep(gap_s)
+    try:
+        for chunk in chunks:
+            await resp.write(chunk)
+            if gap_s:
+                await asyncio.sleep(gap_s)
+    except ConnectionError:   # the client gave up
+        return resp
     if then == "drop":
         assert request.transport is not None
         request.transport.close()      # no terminating chunk: the body is incomplete
@@ -103,6 +106,10 @@ def fake_endpoint() -> web.Application:
     async def stall_between(request):
         return await _stream(request, _tokens(THINK[:2]), then="stall")
 
+    async def stall_with_keepalives(request):   # one piece, then only keep-alive comments and empty chunks
+        idle = [b": keep-alive\n\n", sse(delta(""))] * 100   # 10 s of them: longer than the test's bound
+        return await _stream(request, _tokens(THINK[:1]) + idle, gap_s=0.05, then="stall")
+
     async def only_finish(request):
         return await _stream(request, [sse(delta(None, "stop"), "[DONE]")])
 
@@ -119,7 +126,7 @@ def fake_endpoint() -> web.Application:
 
     app = web.Application()
     for handler in (drop, eof_without_done, error_event, http_500, http_429, stall_first, stall_between,
-                    only_finish, malformed, close_before_headers, ok):
+                    stall_with_keepalives, only_finish, malformed, close_before_headers, ok):
         app.router.add_post(f"/{handler.__name__}/chat/completions", handler)
     return app
 
@@ -132,7 +139,8 @@ CLIENT_SCENARIOS = [
     ("http_500", EndpointHTTPError, "http_5xx", "HTTP 500 Internal Server Error: CUDA out of memory", 0),
     ("http_429", EndpointHTTPError, "http_4xx", "HTTP 429 Too Many Requests: rate limit reached", 0),
     ("stall_first", EndpointTimeout, "timeout", "no first token within 0.3 s", 0),
-    ("stall_between", EndpointTimeout, "timeout", "no data for 0.2 s after 2 pieces of text", 2),
+    ("stall_between", EndpointTimeout, "timeout", "no text for 0.2 s after 2 pieces of text", 2),
+    ("stall_with_keepalives", EndpointTimeout, "timeout", "no text for 0.2 s after 1 piece of text", 1),
     ("malformed", EndpointProtocolError, "malformed", "malformed event data", 3),
     ("close_before_headers", EndpointDropped, "dropped", "connection dropped before the response", 0),
 ]
@@ -218,7 +226,7 @@ def metric(observer: MetricsObserver, name: str, **labels) -> float:
 @pytest.mark.parametrize("error, kind", [
     (EndpointDropped("LLM endpoint http://x/v1/chat/completions: connection dropped after 6 pieces"), "dropped"),
     (EndpointStreamError("LLM endpoint http://x/v1/chat/completions: error event: model crashed"), "stream_error"),
-    (EndpointTimeout("LLM endpoint http://x/v1/chat/completions: no data for 10 s (idle timeout)"), "timeout"),
+    (EndpointTimeout("LLM endpoint http://x/v1/chat/completions: no text for 10 s (idle timeout)"), "timeout"),
     (ModelError("ct2:smollm2 generation failed: std::bad_alloc"), "model"),    # the embedded engine's kind
 ], ids=["dropped", "error_event", "idle_timeout", "ct2"])
 async def test_failure_mid_answer_speaks_the_part_then_the_fallback(configured, caplog, error, kind, speculate):
