@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ from .protocols import (
     EndpointTimeout,
     EndpointUnreachable,
 )
+
+log = logging.getLogger(__name__)
 
 #: how much of an error body goes into the exception message
 _BODY_EXCERPT_CHARS = 300
@@ -227,6 +230,12 @@ class OpenAIChatModel:
                     if reason:
                         finish_reason = reason
                     if piece:
+                        if pieces >= max_tokens:
+                            # every piece is at least one token: a server that goes on has ignored
+                            # max_tokens (an endless stream would keep the agent talking); stop here
+                            log.warning("LLM endpoint %s: more than max_tokens=%d pieces of text; stopped reading",
+                                        self.url, max_tokens)
+                            return
                         got_token = True
                         pieces += 1
                         yield piece

@@ -110,6 +110,9 @@ def fake_endpoint() -> web.Application:
         idle = [b": keep-alive\n\n", sse(delta(""))] * 100   # 10 s of them: longer than the test's bound
         return await _stream(request, _tokens(THINK[:1]) + idle, gap_s=0.05, then="stall")
 
+    async def endless(request):   # ignores max_tokens: "tick " for ever (well, 2000 times)
+        return await _stream(request, [sse(delta("tick ")) for _ in range(2000)], gap_s=0.001)
+
     async def only_finish(request):
         return await _stream(request, [sse(delta(None, "stop"), "[DONE]")])
 
@@ -126,7 +129,7 @@ def fake_endpoint() -> web.Application:
 
     app = web.Application()
     for handler in (drop, eof_without_done, error_event, http_500, http_429, stall_first, stall_between,
-                    stall_with_keepalives, only_finish, malformed, close_before_headers, ok):
+                    stall_with_keepalives, endless, only_finish, malformed, close_before_headers, ok):
         app.router.add_post(f"/{handler.__name__}/chat/completions", handler)
     return app
 
@@ -173,6 +176,10 @@ async def test_unreachable_and_empty_endpoints():
         with pytest.raises(EndpointUnreachable, match="cannot connect") as info:
             _ = [p async for p in llm.stream_chat(QUESTION, max_tokens=8)]
     assert info.value.kind == "unreachable"
+    # a server that ignores max_tokens: reading stops after max_tokens pieces, with a warning
+    async with serve(fake_endpoint()) as url, client_for(f"{url}/endless") as llm:
+        async with asyncio.timeout(5):
+            assert [p async for p in llm.stream_chat(QUESTION, max_tokens=7)] == ["tick "] * 7
     # only a finish_reason: the client yields nothing and does not raise (the reply calls it empty)
     async with serve(fake_endpoint()) as url, client_for(f"{url}/only_finish") as llm:
         assert [p async for p in llm.stream_chat(QUESTION, max_tokens=8)] == []
