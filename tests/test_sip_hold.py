@@ -237,3 +237,26 @@ async def test_hold_in_the_ack_of_an_offerless_reinvite(config):
         await hang_up(client, ok, 4)
         client.close()
         await observer.wait_ended()
+
+
+async def test_a_reinvite_holds_the_conversation_itself(config):
+    """dialogs → SipCall → `Conversation` (on the named fakes): the hold reaches the agent and its events the observer."""
+    from sub300.media.sip.service import conversation_calls
+
+    factory = conversation_calls(fake_engines(), config)
+    async with sip_service(config, call_factory=factory, sip={"on_resume": "drop"}) as (service, observer):
+        client = await Client.open(service.address)
+        ok = await call(client, rtp_port=40020)
+        (dialog,) = service.uas.dialogs.values()
+        conversation = dialog.call.agent
+        to_tag = ";tag=" + header(ok, "To").split("tag=")[1]
+        client.send(invite(client, branch="z9hG4bK-c2", cseq=2, to_tag=to_tag, body=hold_sdp(40020, media="inactive")))
+        client.send(in_dialog(client, "ACK", await client.expect(200), 2))
+        assert conversation.held and conversation.playout.held
+        client.send(invite(client, branch="z9hG4bK-c3", cseq=3, to_tag=to_tag, body=hold_sdp(40020)))
+        client.send(in_dialog(client, "ACK", await client.expect(200), 3))
+        assert not conversation.held and not conversation.playout.held
+        await hang_up(client, ok, 4)
+        client.close()
+        (record,) = await observer.wait_ended()
+    assert [e.kind for e in record.events if isinstance(e, CallHeld | CallResumed)] == ["call_held", "call_resumed"]
