@@ -393,7 +393,6 @@ class SipConfig(Section):
         min_length=1,
         description="offered codecs, in order of preference: PCMU, PCMA",
     )
-
     on_resume: Literal["continue", "drop"] = Field(
         default="continue",
         description="after a hold (re-INVITE sendonly/inactive/c=0.0.0.0, RFC 3264 §8.4): continue the agent's "

@@ -269,6 +269,6 @@ def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncGenerator[np.ndarray,
     return iterate_in_thread(lambda: tts.synthesize(text), name="tts")
 
 
-
 #: a piece that ends a sentence (closing quotes or brackets may follow the mark)
 _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s*$")
+

@@ -403,6 +403,7 @@ async def test_endpoint_that_never_answers_times_out():
         await server.wait_closed()
 
 
+@pytest.mark.slow   # waits out real timeouts (~2 s)
 async def test_stream_stalls_first_token_then_idle():
     """Fake remote endpoint: sends headers and keep-alives but no token; another
     sends one token and then stalls."""

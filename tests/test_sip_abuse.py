@@ -12,8 +12,13 @@ import random
 import re
 from collections import Counter
 
+import pytest
+
 from .test_sip_protocol import Client, call, hang_up, header, in_dialog, invite
 from .test_sip_support import echo_calls, sip_service
+
+#: real sockets and real timeouts (seconds each): the slow tier
+pytestmark = pytest.mark.slow
 
 SHORT = {"tcp_message_timeout_s": 0.5, "tcp_idle_timeout_s": 1.0}
 

@@ -10,6 +10,9 @@ import pytest
 
 from sub300.models.protocols import ModelUnavailable, SpeechSynthesizer
 
+#: the real engines (Piper, espeak-ng): the slow tier
+pytestmark = pytest.mark.slow
+
 SENTENCE = "Hello there. The weather in Paris is sunny today."
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng binary not installed")
