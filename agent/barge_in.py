@@ -25,6 +25,7 @@ Agents' false-interruption resume; the rules and numbers are ours
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,11 +79,17 @@ class BargeIn:
         return self.state is BargeInState.COMMITTED
 
     # ------------------------------------------------------------ events
-    def voiced(self, spoken_ms: float) -> Action | None:
-        """The caller's turn holds ``spoken_ms`` of voiced speech so far (called every frame)."""
+    def voiced(self, spoken_ms: float, sounds_like_speech: Callable[[], bool] | None = None) -> Action | None:
+        """The caller's turn holds ``spoken_ms`` of voiced speech so far (called every frame).
+
+        ``sounds_like_speech``: asked once, when ``min_speech_ms`` is reached; a voiced run that
+        is a steady sound (line noise, a tone: speech_guard.py) does not commit on its length
+        alone but goes to the word check, like ``require_words``.
+        """
         if self.decided or spoken_ms < self.rules.min_speech_ms:
             return None
-        if not self.rules.require_words:
+        if (not self.rules.require_words and not self._word_check_asked
+                and (sounds_like_speech is None or sounds_like_speech())):
             return self._decide(Action.COMMIT)
         if not self._word_check_asked:
             self._word_check_asked = True

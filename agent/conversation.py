@@ -144,7 +144,7 @@ class Conversation:
             if turn.barge_in is not None and self.endpointer.in_speech:
                 # voiced time only: the hangover silence after a cough must not count as speech
                 voiced_ms = (self.endpointer.voiced_end_sample - turn.voiced_start) / SAMPLE_RATE * 1000
-                self.interruptions.voiced(turn, voiced_ms)
+                self.interruptions.voiced(turn, voiced_ms, self._sounds_like_speech(turn))
             if self._ring.end - turn.start_sample >= self.config.vad.max_utterance_s * SAMPLE_RATE:
                 # a monologue: answer what we have rather than grow forever
                 self.endpointer.in_speech = False
@@ -154,6 +154,13 @@ class Conversation:
         if (digits := self._keypad.tick(self.clock())) is not None:
             self._queue_keypad_turn(digits)
         self.check_limits()
+
+    def _sounds_like_speech(self, turn: Turn) -> Callable[[], bool] | None:
+        """For the barge-in policy: is the turn's voiced audio so far speech, or a steady sound
+        (line noise, a tone) that must not interrupt the agent by its length alone?"""
+        if not self.config.vad.speech_guard:
+            return None
+        return lambda: speech_guard.check(self._ring.slice(turn.voiced_start, self.endpointer.voiced_end_sample)).is_speech
 
     def check_limits(self) -> LimitReached | None:
         """Run on every caller frame, and by a transport's timer when frames may stop (call_limits.py).

@@ -56,10 +56,10 @@ class Interruptions:
             self.current = BargeIn(self._rules, onset=onset, paused_at=self._clock(), reply=reply)
         return self.current
 
-    def voiced(self, turn: Turn, spoken_ms: float) -> None:
-        """The turn's voiced speech so far (every frame while it is spoken)."""
+    def voiced(self, turn: Turn, spoken_ms: float, sounds_like_speech: Callable[[], bool] | None = None) -> None:
+        """The turn's voiced speech so far (every frame while it is spoken); see `BargeIn.voiced`."""
         if turn.barge_in is not None:
-            self._act(turn.barge_in, turn.barge_in.voiced(spoken_ms), turn, "caller speech")
+            self._act(turn.barge_in, turn.barge_in.voiced(spoken_ms, sounds_like_speech), turn, "caller speech")
 
     def turn_ended(self, turn: Turn) -> None:
         """Short speech while the agent talked: "Stop." interrupts, a cough or an "mm-hmm" does not.

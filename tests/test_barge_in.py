@@ -32,6 +32,27 @@ def test_with_require_words_speech_asks_for_words_and_words_commit():
     assert b.committed
 
 
+def test_a_steady_sound_as_long_as_speech_does_not_commit_by_length():
+    """Line noise or a tone lifted into the detector (a quiet line): its words decide, asked once."""
+    asked = []
+
+    def steady() -> bool:
+        asked.append(True)
+        return False
+
+    b = barge()
+    assert b.voiced(299, steady) is None and not asked        # not asked before the threshold
+    assert b.voiced(300, steady) is Action.CHECK_WORDS
+    assert b.voiced(600, steady) is None and len(asked) == 1  # asked once
+    assert b.state is BargeInState.UNDECIDED
+    b.turn_ended()
+    assert b.words("", final=True, caller_in_turn=False) is Action.RESUME   # no words: the agent resumes
+
+
+def test_speech_that_sounds_like_speech_commits_by_length():
+    assert barge().voiced(300, lambda: True) is Action.COMMIT
+
+
 def test_a_short_voice_run_resumes_after_quiet():
     b = barge()
     # last voiced frame at 10.08; quiet is counted from the later of that and the pause

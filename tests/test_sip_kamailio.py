@@ -64,7 +64,7 @@ async def test_call_through_kamailio_and_rtpengine(config, engines, tmp_path):
                 rc = await caller.wait(60)
             finally:
                 caller.stop()
-            assert rc == 0, sipp_errors(tmp_path) + caller.tail() + kamailio.tail()
+            assert rc == 0, observer.describe() + sipp_errors(tmp_path) + caller.tail() + kamailio.tail()
             (call,) = await observer.wait_ended()
         finally:
             kamailio.stop()

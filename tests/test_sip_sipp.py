@@ -85,7 +85,8 @@ async def test_sipp_call_is_heard_answered_and_hung_up_by_the_agent(config, engi
             rc = await peer.wait(60)
         finally:
             peer.stop()
-        assert rc == 0, sipp_errors(tmp_path) + peer.tail()   # 200 OK seen, the agent's BYE received and answered
+        # 200 OK seen, the agent's BYE received and answered
+        assert rc == 0, observer.describe() + sipp_errors(tmp_path) + peer.tail()
         (call,) = await observer.wait_ended()
     assert call.ended == "agent hung up"
     assert {"capital", "france"} <= words(call.turns[0].transcript), call.turns[0].transcript

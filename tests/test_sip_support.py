@@ -62,6 +62,17 @@ class RecordingObserver:
             await asyncio.sleep(0.05)
         raise AssertionError(f"calls did not end: {self.calls}")
 
+    def describe(self) -> str:
+        """What each call's conversation said it did (final transcripts, discards, barge-ins,
+        failures, hang-ups): for a failing test's message."""
+        lines = []
+        for call_id, record in self.calls.items():
+            for e in record.events:
+                if e.kind in ("transcript", "turn_discarded", "barge_in", "turn_failed", "hangup") and \
+                        getattr(e, "final", True):
+                    lines.append(f"{call_id}: {e}")
+        return "\n".join(lines)
+
 
 class EchoAgent:
     """A fake agent (no model) for SIP protocol tests: plays the caller's audio straight back, keeps the digits.
