@@ -21,6 +21,8 @@ from sub300.models.protocols import ModelError
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech, voiced_seconds
 from sub300.testing.scripted_caller import ScriptedCaller
 
+from .config_helpers import configure
+
 pytest.importorskip("looptime", reason="virtual time needs the test extra (looptime)")
 pytestmark = pytest.mark.looptime
 
@@ -40,15 +42,8 @@ def approx(t: float):
 
 @pytest.fixture
 def configured(config):
-    def make(**sections):
-        c = copy.deepcopy(config)
-        c.stt.partial_interval_ms = 0
-        c.stt.tail_ms = 0   # the timings below count from the first silent frame (tail: tests/test_quiet_caller.py)
-        for key, value in sections.items():
-            section, _, name = key.partition("__")
-            setattr(getattr(c, section), name, value)
-        return c
-    return make
+    # the timings below count from the first silent frame (tail: tests/test_quiet_caller.py)
+    return lambda **sections: configure(config, **{"stt__partial_interval_ms": 0, "stt__tail_ms": 0, **sections})
 
 
 def engines(text="What is the capital of France?", *, tokens=TOKENS, tts_ms=500.0, **stt):

@@ -44,6 +44,7 @@ from sub300.models.protocols import (
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech
 from sub300.testing.scripted_caller import ScriptedCaller
 
+from .config_helpers import configure
 from .test_openai_llm import QUESTION, client_for, closed_port, delta, serve, sse
 
 FALLBACK = "Sorry, I can't answer that right now."
@@ -188,15 +189,7 @@ async def test_unreachable_and_empty_endpoints():
 # ------------------------------------------------------------------ conversation, virtual time
 @pytest.fixture
 def configured(config):
-    def make(**sections):
-        c = copy.deepcopy(config)
-        c.stt.partial_interval_ms = 0
-        c.llm.fallback_text = FALLBACK
-        for key, value in sections.items():
-            section, _, name = key.partition("__")
-            setattr(getattr(c, section), name, value)
-        return c
-    return make
+    return lambda **sections: configure(config, **{"stt__partial_interval_ms": 0, "llm__fallback_text": FALLBACK, **sections})
 
 
 def failing_llm(error: ModelError, error_after: int, tokens=THINK, fail_times: int = 1) -> FakeLlm:

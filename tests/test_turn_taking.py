@@ -5,7 +5,6 @@ reacts to what the agent does, so these tests hold on a slow machine too.
 """
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from sub300.agent.events import AgentSpeech, TurnFinished
 from sub300.testing.scripted_caller import ScriptedCaller
 
+from .config_helpers import configure
 from .speech import speak
 
 pytestmark = pytest.mark.slow   # real engines, real time: the fast tier is test_conversation_fast.py
@@ -32,14 +32,7 @@ def story():
 
 @pytest.fixture
 def configured(config):
-    def make(**sections):
-        c = copy.deepcopy(config)
-        c.stt.partial_interval_ms = 0
-        for key, value in sections.items():
-            section, _, name = key.partition("__")
-            setattr(getattr(c, section), name, value)
-        return c
-    return make
+    return lambda **sections: configure(config, **{"stt__partial_interval_ms": 0, **sections})
 
 
 async def test_barge_in_stops_the_agent_and_keeps_only_what_was_heard(engines, configured, story):
