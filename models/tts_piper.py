@@ -56,7 +56,11 @@ class PiperSynthesizer:
         length_scale: float | None = None,
         threads: int = defaults.PIPER_THREADS,
         volume: float = 0.9,
+        noise_scale: float | None = None,
+        noise_w_scale: float | None = None,
     ) -> None:
+        """``noise_scale``/``noise_w_scale``: VITS sampling noise (None = the voice's own; 0 makes
+        the same text give the same audio every time, which tests use)."""
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
         try:
@@ -74,7 +78,8 @@ class PiperSynthesizer:
         # PiperVoice.load() would build a session with default (all-core)
         # threading; build the same dataclass around our own session instead.
         self._voice = PiperVoice(session=session, config=config)
-        self._syn_config = SynthesisConfig(length_scale=length_scale, volume=volume)
+        self._syn_config = SynthesisConfig(length_scale=length_scale, volume=volume,
+                                           noise_scale=noise_scale, noise_w_scale=noise_w_scale)
         self.voice_path = model
         self.sample_rate: int = int(config.sample_rate)
         self.threads = threads

@@ -3,6 +3,11 @@
 Questions are spoken by Piper (a neural voice that Whisper tiny.en hears
 reliably); espeak-ng's formant voice is available too, but tiny.en mishears
 it often ("capital and friends"), which would test the model, not our code.
+Piper's sampling noise is off, so the same text is the same audio in every
+run: with it on, one rendering in a few of "What is the capital of France?"
+was heard as "…capital of friends?" over 8 kHz μ-law, failing SIP tests at
+random (measured 2026-11-29; the same rendering fails with every endpointing
+setting, so it was the input, not the code under test).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ def speak(text: str, *, engine: str = "piper", voice: str = "en-us", speed_wpm: 
         from sub300.agent.audio import resample
         from sub300.models.tts_piper import PiperSynthesizer
 
-        _piper = _piper or PiperSynthesizer()
+        _piper = _piper or PiperSynthesizer(noise_scale=0.0, noise_w_scale=0.0)
         pcm = resample(np.concatenate(list(_piper.synthesize(text))), _piper.sample_rate, RATE)
         span = voiced_span(pcm)
         assert span is not None, "Piper produced silence"
