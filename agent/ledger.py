@@ -16,7 +16,10 @@ written as `first_piece`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sub300.models.scheduling import WorkTicket
 
 #: Marks in the order they normally happen.
 MARKS = (
@@ -45,6 +48,9 @@ STAGES = (
     ("send", "first_audio_out"),
 )
 
+#: engines whose queue wait a turn records (`record_engine`)
+ENGINE_STAGES = ("stt", "llm", "tts")
+
 #: old name → current name, for marks and stages
 ALIASES = {"first_sentence": "first_piece"}
 
@@ -59,6 +65,10 @@ class TurnLedger:
     marks: dict[str, float] = field(default_factory=dict)
     #: free-form facts about the turn: engines, speculation, word counts
     notes: dict[str, Any] = field(default_factory=dict)
+    #: per engine stage ("stt", "llm", "tts"): ms the critical-path request waited for the engine
+    #: (submitted → its work started) and ms of its work, from its `WorkTicket` (models/scheduling.py)
+    queue_ms: dict[str, float] = field(default_factory=dict)
+    work_ms: dict[str, float] = field(default_factory=dict)
 
     def mark(self, name: str, at: float) -> None:
         """Record a mark (clock seconds); the first write wins so retries cannot move it."""
@@ -66,6 +76,24 @@ class TurnLedger:
         if name not in MARKS:
             raise KeyError(f"unknown ledger mark {name!r}")
         self.marks.setdefault(name, at)
+
+    def record_engine(self, stage: str, ticket: WorkTicket, work_end: float | None = None) -> None:
+        """Keep the queue wait and the work of ``stage``'s critical-path request (first write wins).
+
+        The work runs from the ticket's start to ``work_end`` (clock seconds)
+        or, without one, to the ticket's end: the LLM's is given up to its
+        first token, TTS's up to the first piece's audio, STT's is the final
+        transcription.
+        """
+        if stage not in ENGINE_STAGES:
+            raise KeyError(f"unknown engine stage {stage!r} (one of {ENGINE_STAGES})")
+        wait, work = ticket.queue_wait_s, ticket.work_s
+        if work_end is not None and ticket.started is not None:
+            work = max(0.0, work_end - ticket.started)
+        if wait is not None:
+            self.queue_ms.setdefault(stage, round(wait * 1000.0, 1))
+        if work is not None:
+            self.work_ms.setdefault(stage, round(work * 1000.0, 1))
 
     def has(self, name: str) -> bool:
         return _current(name) in self.marks
@@ -124,6 +152,8 @@ class TurnLedger:
             "stages_ms": {k: round(v, 1) for k, v in self.stages_ms().items()},
             "overlaps_ms": {k: round(v, 1) for k, v in self.overlaps_ms().items()},
             "voice_to_voice_ms": None if v2v is None else round(v2v, 1),
+            "queue_ms": dict(self.queue_ms),
+            "work_ms": dict(self.work_ms),
             "notes": dict(self.notes),
         }
 
@@ -134,13 +164,19 @@ class TurnLedger:
         Accepts documents written before a rename (e.g. ``first_sentence``).
         """
         marks = {_current(name): ms / 1000.0 for name, ms in doc.get("marks_ms", {}).items()}
-        return cls(doc["turn"], {m: marks[m] for m in MARKS if m in marks}, dict(doc.get("notes", {})))
+        return cls(doc["turn"], {m: marks[m] for m in MARKS if m in marks}, dict(doc.get("notes", {})),
+                   dict(doc.get("queue_ms", {})), dict(doc.get("work_ms", {})))
 
     def format_table(self, budget_ms: float | None = None) -> str:
         """A short human report: one line per critical-path stage."""
         lines = [f"turn {self.turn} ledger (ms after the caller's true end of speech):"]
         for stage, ms in self.stages_ms().items():
             lines.append(f"  {stage:<16} {ms:8.1f}")
+        for stage in ENGINE_STAGES:
+            if stage in self.queue_ms:
+                work = self.work_ms.get(stage)
+                worked = f", worked {work:.1f}" if work is not None else ""
+                lines.append(f"  ({stage} engine: queued {self.queue_ms[stage]:.1f}{worked})")
         for name, ms in self.overlaps_ms().items():
             lines.append(f"  ({name:<14} {ms:8.1f}  overlapped, not on the critical path)")
         v2v = self.voice_to_voice_ms

@@ -46,6 +46,7 @@ from .protocols import (
     EndpointTimeout,
     EndpointUnreachable,
 )
+from .scheduling import WorkTicket
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,16 @@ class OpenAIChatModel:
         *,
         max_tokens: int,
         temperature: float = 0.0,
+        ticket: WorkTicket | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Yield the content pieces of the streamed answer, in order."""
+        """Yield the content pieces of the streamed answer, in order.
+
+        The ``ticket`` is marked started when the request is sent: a remote
+        server's own queue (vLLM, SGLang schedule and batch continuously) is
+        part of its work as seen from here.
+        """
+        if ticket is not None:
+            ticket.mark_started()
         payload = self._payload(messages, max_tokens, temperature)
         session = self._get_session()
         loop = asyncio.get_running_loop()

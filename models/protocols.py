@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .scheduling import WorkTicket
+
 #: The pipeline's internal audio format: 16 kHz mono.
 SAMPLE_RATE = 16_000
 
@@ -144,11 +146,15 @@ class LanguageModel(Protocol):
         *,
         max_tokens: int,
         temperature: float = 0.0,
+        ticket: WorkTicket | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yield text pieces as they are generated (an async generator: `aclose()` stops it).
 
         Cancelling the consumer (or `aclose()` on the iterator) must stop the
         generation promptly; failures raise ModelError/EndpointError.
+        ``ticket`` (models/scheduling.py) carries the request's deadline class,
+        which may change while it runs; the engine marks it started when its
+        work begins (a scheduled engine: when the request enters a batch).
         """
         ...
 

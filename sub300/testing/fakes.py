@@ -27,6 +27,7 @@ import numpy as np
 
 from sub300.agent.engines import Engines
 from sub300.models.protocols import SAMPLE_RATE, ChatMessage, ModelError, Transcript
+from sub300.models.scheduling import WorkTicket
 
 FRAME = 320   # 20 ms at 16 kHz
 
@@ -99,6 +100,7 @@ class FakeStt:
         self.delay_s = delay_s
         self._error, self._fail_times = error, fail_times
         self.calls: list[tuple[float, float]] = []
+        self.tickets: list[WorkTicket | None] = []
 
     def _answer(self, audio: np.ndarray) -> Transcript:
         if self._error is not None and self._fail_times > 0:
@@ -111,10 +113,17 @@ class FakeStt:
         time.sleep(self.delay_s)
         return self._answer(audio)
 
-    async def transcribe_async(self, audio: np.ndarray) -> Transcript:
+    async def transcribe_async(self, audio: np.ndarray, *, ticket: WorkTicket | None = None) -> Transcript:
         self.calls.append((asyncio.get_running_loop().time(), len(audio) / SAMPLE_RATE))
-        await asyncio.sleep(self.delay_s)
-        return self._answer(audio)
+        self.tickets.append(ticket)
+        if ticket is not None:
+            ticket.mark_started()          # a fake has no queue
+        try:
+            await asyncio.sleep(self.delay_s)
+            return self._answer(audio)
+        finally:
+            if ticket is not None:
+                ticket.mark_finished()
 
 
 def voiced_seconds(audio: np.ndarray) -> float:
@@ -141,10 +150,14 @@ class FakeLlm:
         self.first_token_s, self.per_token_s = first_token_s, per_token_s
         self._error, self._error_after, self._fail_times = error, error_after, fail_times
         self.requests: list[list[ChatMessage]] = []
+        self.tickets: list[WorkTicket | None] = []
 
     async def stream_chat(self, messages: Sequence[ChatMessage], *, max_tokens: int,
-                          temperature: float = 0.0) -> AsyncGenerator[str, None]:
+                          temperature: float = 0.0, ticket: WorkTicket | None = None) -> AsyncGenerator[str, None]:
         self.requests.append(list(messages))
+        self.tickets.append(ticket)
+        if ticket is not None:
+            ticket.mark_started()          # a fake has no queue
         tokens = self._tokens(messages) if callable(self._tokens) else self._tokens
         error = None
         if self._error is not None and self._fail_times > 0:
@@ -170,16 +183,22 @@ class FakeTts:
     def __init__(self, *, delay_s: float = 0.03, ms_per_piece: float = 500.0, sample_rate: int = SAMPLE_RATE):
         self.delay_s, self.ms_per_piece, self.sample_rate = delay_s, ms_per_piece, sample_rate
         self.pieces: list[str] = []
+        self.tickets: list[WorkTicket | None] = []
 
     def synthesize(self, text: str) -> Iterator[np.ndarray]:
         self.pieces.append(text)
         time.sleep(self.delay_s)
         yield tone(self.ms_per_piece, self.sample_rate)
 
-    async def synthesize_async(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize_async(self, text: str, *, ticket: WorkTicket | None = None) -> AsyncIterator[np.ndarray]:
         self.pieces.append(text)
+        self.tickets.append(ticket)
+        if ticket is not None:
+            ticket.mark_started()          # a fake has no queue
         await asyncio.sleep(self.delay_s)
         yield tone(self.ms_per_piece, self.sample_rate)
+        if ticket is not None:
+            ticket.mark_finished()
 
 
 def fake_engines(*, vad: FakeVad | None = None, stt: FakeStt | None = None, llm: FakeLlm | None = None,
