@@ -182,6 +182,16 @@ class SttConfig(Section):
         description="audio kept after the refined end of speech for the recogniser, so a soft last sound "
         "is not clipped (ms; issue 9)",
     )
+    workers: int = Field(
+        default=0, ge=0, le=64,
+        description="Whisper runs at once, shared by all calls (runs; 0 = auto: 1 on CPU, 2 on CUDA); "
+        "more requests wait by deadline class (models/stt_service.py)",
+    )
+    max_batch: int = Field(
+        default=0, ge=0, le=64,
+        description="final transcriptions that wait together go into one batched Whisper call, at most this "
+        "many (requests; 1 = no batching; 0 = auto: 1 on CPU, 8 on CUDA; scripts/bench_stt_batch.py)",
+    )
 
     @field_validator("language")
     @classmethod
@@ -208,6 +218,10 @@ class LlmConfig(Section):
     )
     threads: int = Field(
         default=defaults.CT2_THREADS, ge=0, le=512, description="embedded: CPU threads (0 = one per core)"
+    )
+    max_batch: int = Field(
+        default=0, ge=0, le=1024,
+        description="embedded: requests decoded together at most (0 = auto: 8 on CPU, 32 on CUDA)",
     )
     max_tokens: int = Field(default=60, ge=1, le=8192, description="longest reply (tokens)")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="sampling temperature (0 = greedy)")
@@ -236,6 +250,10 @@ class LlmConfig(Section):
     idle_timeout_s: float = Field(
         default=10.0, gt=0.0, le=600.0,
         description="openai: limit on a silent gap in the stream after the first token (s); then the turn fails",
+    )
+    max_connections: int = Field(
+        default=256, ge=1, le=100_000,
+        description="openai: streams open at once, one HTTP connection each (vLLM/SGLang batch them); more wait",
     )
     history_turns: int = Field(default=8, ge=0, le=1000, description="past exchanges kept in the prompt")
     api_max_tokens: int = Field(
@@ -269,6 +287,11 @@ class TtsConfig(Section):
         ge=1,
         le=64,
         description="piper: ONNX threads per synthesis (the LLM pauses while the first piece is made)",
+    )
+    workers: int = Field(
+        default=0, ge=0, le=64,
+        description="syntheses at once for all calls, first pieces first (0 = auto: 1, as one Piper run "
+        "already uses every core)",
     )
     espeak_voice: str = Field(
         default=defaults.ESPEAK_VOICE, min_length=1, description="espeak: voice name (espeak-ng --voices)"
@@ -329,7 +352,10 @@ class WebRtcConfig(Section):
     turn_credential_env: str = Field(
         default="SUB300_TURN_CREDENTIAL", description="environment variable that holds the TURN secret"
     )
-    max_calls: int = Field(default=8, ge=1, le=10_000, description="concurrent calls (then 503)")
+    max_calls: int = Field(
+        default=8, ge=1, le=10_000,
+        description="WebRTC calls at once, a cap for this transport within admission.max_calls (then 503)",
+    )
     # a caller gone without a goodbye: RTP stops at once, ICE consent (RFC 7675) fails only after ~30 s
     no_media_timeout_s: float = Field(
         default=10.0, gt=0.0, le=3600.0, description="no RTP from the caller for this long ends the call (s)"
@@ -357,7 +383,11 @@ class SipConfig(Section):
     public_address: str = Field(default="", description="address written into SDP/Contact ('' = host)")
     rtp_port_min: int = Field(default=20000, ge=1024, le=65535, description="lowest RTP port (even ports are used)")
     rtp_port_max: int = Field(default=20999, ge=1024, le=65535, description="highest RTP port")
-    max_calls: int = Field(default=8, ge=1, le=10_000, description="concurrent calls (then 503)")
+    max_calls: int = Field(
+        default=8, ge=1, le=10_000,
+        description="SIP calls at once, ringing ones included: a cap for this transport within admission.max_calls "
+        "(then 503 with Retry-After)",
+    )
     allowed_sources: CommaList = Field(
         default_factory=lambda: ["127.0.0.1/32"],
         description="CIDRs allowed to INVITE (empty = anyone: use digest auth)",
@@ -452,6 +482,66 @@ class CallConfig(Section):
     )
 
 
+class AdmissionConfig(Section):
+    """Admission of new calls, WebRTC and SIP together (agent/admission.py): capacity and the queue-wait guard."""
+
+    max_calls: int | Literal["auto"] = Field(
+        default=8,
+        description="calls at once, WebRTC and SIP together (then 503 with Retry-After) | auto: the load "
+        "benchmark's capacity_file, else capacity_calls, else a per-device guess (logged as a guess); "
+        "webrtc.max_calls and sip.max_calls still cap each transport",
+    )
+    capacity_calls: int = Field(
+        default=0, ge=0, le=100_000,
+        description="max_calls = auto: the capacity when no capacity_file exists (calls; 0 = unset)",
+    )
+    capacity_file: str = Field(
+        default="",
+        description="max_calls = auto: the JSON that scripts/bench_load.py --write-capacity writes "
+        "('' = <models.cache_dir>/capacity.json)",
+    )
+    max_queue_wait_ms: float = Field(
+        default=500.0, ge=0.0, le=600_000.0,
+        description="refuse new calls while the p95 of recent turns' committed engine queue wait "
+        "(STT + LLM + TTS, per turn) is above this (ms; 0 = off); calls in progress are untouched",
+    )
+    window_turns: int = Field(
+        default=20, ge=1, le=100_000, description="the queue-wait guard's window: the last this many turns (turns)"
+    )
+    window_s: float = Field(
+        default=30.0, gt=0.0, le=86_400.0,
+        description="... no older than this, so the guard recovers once the turns that tripped it age out (s)",
+    )
+    min_turns: int = Field(
+        default=5, ge=1, le=100_000, description="the guard judges only with at least this many turns in its window"
+    )
+    retry_after_s: int = Field(
+        default=5, ge=1, le=86_400, description="Retry-After of a refusal, HTTP 503 and SIP 503 (s)"
+    )
+
+    @field_validator("max_calls", mode="before")
+    @classmethod
+    def _max_calls(cls, value: Any) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            calls = int(value) if not isinstance(value, bool | float) else None
+        except (TypeError, ValueError):
+            calls = None
+        if calls is None or not 1 <= calls <= 100_000:
+            raise ValueError("expected 'auto' or a number of calls, 1 <= x <= 100000")
+        return calls
+
+    @model_validator(mode="after")
+    def _window(self) -> AdmissionConfig:
+        if self.min_turns > self.window_turns:
+            raise ValueError(
+                f"min_turns = {self.min_turns} is not allowed: the window holds at most window_turns = "
+                f"{self.window_turns} turns"
+            )
+        return self
+
+
 class ModelsConfig(Section):
     """Where models are converted to and whether the hub may be used."""
 
@@ -487,6 +577,7 @@ class Config(BaseSettings):
     webrtc: WebRtcConfig = Field(default_factory=lambda: WebRtcConfig())
     sip: SipConfig = Field(default_factory=lambda: SipConfig())
     call: CallConfig = Field(default_factory=lambda: CallConfig())
+    admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
 
     @classmethod

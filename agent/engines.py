@@ -46,9 +46,10 @@ def _silero_vad(c: Config) -> VoiceActivityDetector:
 
 
 def _whisper(c: Config) -> SpeechRecognizer:
+    from sub300.models.stt_service import ScheduledRecognizer, auto_max_batch, auto_workers
     from sub300.models.stt_whisper import WhisperRecognizer
 
-    return WhisperRecognizer(
+    whisper = WhisperRecognizer(
         c.stt.model,
         device=c.stt.device,
         compute_type=c.stt.compute_type,
@@ -59,6 +60,9 @@ def _whisper(c: Config) -> SpeechRecognizer:
         window_s=c.stt.window_s,
         allow_download=c.models.allow_download,
     )
+    # one shared service in front of the model: deadline classes, batching (models/stt_service.py)
+    return ScheduledRecognizer(whisper, workers=auto_workers(c.stt.workers, whisper.device),
+                               max_batch=auto_max_batch(c.stt.max_batch, whisper.device))
 
 
 def embedded_llm_dir(c: Config, progress: Progress = print) -> Path:
@@ -82,6 +86,7 @@ def _embedded_llm(c: Config) -> LanguageModel:
         device=c.llm.device,
         compute_type=c.llm.compute_type,
         threads=c.llm.threads,
+        max_batch=c.llm.max_batch,
     )
 
 
@@ -95,6 +100,7 @@ def _openai_llm(c: Config) -> LanguageModel:
         connect_timeout_s=c.llm.connect_timeout_s,
         first_token_timeout_s=c.llm.first_token_timeout_s,
         idle_timeout_s=c.llm.idle_timeout_s,
+        max_connections=c.llm.max_connections,
     )
 
 
@@ -133,9 +139,19 @@ class Engines:
         }
 
     async def aclose(self) -> None:
+        stt_close = getattr(self.stt, "aclose", None)
+        if stt_close is not None:
+            await stt_close()
         close = getattr(self.llm, "aclose", None)
         if close is not None:
             await close()
+
+
+def scheduled_tts(engine: SpeechSynthesizer, c: Config) -> SpeechSynthesizer:
+    """The TTS engine as a shared service: a priority pool, first pieces first (models/tts_service.py)."""
+    from sub300.models.tts_service import ScheduledSynthesizer
+
+    return ScheduledSynthesizer(engine, workers=c.tts.workers or 1)
 
 
 def load_engines(config: Config, progress: Progress = print) -> Engines:
@@ -151,7 +167,7 @@ def load_engines(config: Config, progress: Progress = print) -> Engines:
         vad=timed("VAD", VAD_ENGINES[config.vad.engine]),
         stt=timed("STT", STT_ENGINES[config.stt.engine]),
         llm=timed("LLM", LLM_ENGINES[config.llm.engine]),
-        tts=timed("TTS", TTS_ENGINES[config.tts.engine]),
+        tts=scheduled_tts(timed("TTS", TTS_ENGINES[config.tts.engine]), config),
     )
 
 

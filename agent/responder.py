@@ -101,6 +101,7 @@ class Responder:
             self._fail(turn, "stt", stt_error)
             return
         ledger.mark("stt_final", transcription.finished or self._clock())
+        ledger.record_engine("stt", transcription.ticket)
         ledger.notes["stt_inference_ms"] = round(transcript.inference_seconds * 1000, 1)
         ledger.notes["stt_audio_s"] = round(transcript.audio_seconds, 2)
         if transcript.no_speech_prob is not None:

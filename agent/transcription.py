@@ -14,6 +14,13 @@
   down, so an early final that is due while another transcription of this
   utterance runs waits for it (`_relaunch_pending`) and starts when it ends,
   if the caller is still silent.
+* **Deadline classes** (models/scheduling.py): every transcription carries a
+  `WorkTicket` on the utterance's clock, which the shared STT service
+  (models/stt_service.py) orders its queue by.  Partials are SLACK; the
+  early final is SPECULATIVE while the hangover runs and is promoted to
+  COMMITTED when `final()` takes it as the turn's final (demoted to SLACK
+  when the caller goes on and it is only a partial); a final launched after
+  the turn ended and a barge-in's word check are COMMITTED.
 
 Every transcription is a task of the utterance's `TaskOwner`, so the turn's
 work is cancelled as one.  Engines are called through `transcribe()`, the one
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sub300.models.protocols import SpeechRecognizer, Transcript
+from sub300.models.scheduling import Urgency, WorkTicket
 
 from .audio import int16_to_float32
 from .audio_ring import AudioRing
@@ -37,17 +45,25 @@ from .tasks import TaskOwner
 Clock = Callable[[], float]
 
 
-async def transcribe(stt: SpeechRecognizer, audio: np.ndarray) -> Transcript:
+async def transcribe(stt: SpeechRecognizer, audio: np.ndarray, ticket: WorkTicket | None = None) -> Transcript:
     """Run the recogniser on ``audio`` (float32 mono 16 kHz) without blocking the event loop.
 
-    A recogniser with its own coroutine ``transcribe_async(audio)`` (a remote
-    engine, or a test fake on virtual time) is awaited; a blocking one runs in
-    a worker thread.  Errors are the engine's (`ModelError`).
+    A recogniser with its own coroutine ``transcribe_async(audio, ticket=)``
+    (the shared STT service, a remote engine, a test fake on virtual time) is
+    awaited and marks the ticket itself; a blocking one runs in a worker
+    thread, the ticket marked around it (no queue: submitted = started).
+    Errors are the engine's (`ModelError`).
     """
     native = getattr(stt, "transcribe_async", None)
     if native is not None:
-        return await native(audio)
-    return await asyncio.to_thread(stt.transcribe, audio)
+        return await native(audio, ticket=ticket)
+    if ticket is not None:
+        ticket.mark_started()
+    try:
+        return await asyncio.to_thread(stt.transcribe, audio)
+    finally:
+        if ticket is not None:
+            ticket.mark_finished()
 
 
 @dataclass(eq=False)
@@ -58,6 +74,8 @@ class Transcription:
     started: float           # clock seconds
     task: asyncio.Future[Transcript] = field(init=False)
     finished: float | None = None   # clock seconds; set when the engine returned or failed
+    #: the engine request's deadline class and queue/work times (a keypad entry's is never used)
+    ticket: WorkTicket = field(default_factory=lambda: WorkTicket(label="stt"))
 
     @classmethod
     def ready(cls, text: str, at: float) -> Transcription:
@@ -128,6 +146,7 @@ class UtteranceTranscriber:
         """The caller went on: the early final is only a partial now."""
         self._early_due = False
         if self.early_final is not None:
+            self.early_final.ticket.urgency = Urgency.SLACK
             self._show_as_partial(self.early_final)
             self.partial, self.early_final = self.early_final, None
 
@@ -148,7 +167,7 @@ class UtteranceTranscriber:
         if busy or now - self._last_partial_at < self._interval:
             return
         self._last_partial_at = now
-        self.partial = self._launch()
+        self.partial = self._launch(Urgency.SLACK)
         self._show_as_partial(self.partial)
 
     def final(self, end_sample: int) -> tuple[Transcription, bool]:
@@ -157,24 +176,25 @@ class UtteranceTranscriber:
         self.active = False
         early = self.early_final
         if early is not None and early.end_sample >= min(end_sample + self._tail, self._ring.end):
+            early.ticket.urgency = Urgency.COMMITTED      # the caller waits for it now
             return early, True
-        return self._launch(), False
+        return self._launch(Urgency.COMMITTED), False
 
     def transcribe_now(self) -> Transcription:
-        """A transcription of what was said so far (a barge-in's word check)."""
-        return self._launch()
+        """A transcription of what was said so far (a barge-in's word check: the agent waits on it)."""
+        return self._launch(Urgency.COMMITTED)
 
     # ------------------------------------------------------------ work
-    def _launch(self) -> Transcription:
+    def _launch(self, urgency: Urgency) -> Transcription:
         end = self._ring.end
         audio = int16_to_float32(self._ring.slice(self._start, end))
-        transcription = Transcription(end, self._clock())
+        transcription = Transcription(end, self._clock(), ticket=WorkTicket(urgency, clock=self._clock, label="stt"))
         transcription.task = self._owner.spawn(self._run(transcription, audio), name="stt")
         return transcription
 
     async def _run(self, transcription: Transcription, audio: np.ndarray) -> Transcript:
         try:
-            return await transcribe(self._stt, audio)
+            return await transcribe(self._stt, audio, transcription.ticket)
         finally:
             transcription.finished = self._clock()
 
@@ -186,7 +206,7 @@ class UtteranceTranscriber:
                 running[0].then(lambda _text: self._relaunch())
             return
         self._on_stale()
-        early = self.early_final = self._launch()
+        early = self.early_final = self._launch(Urgency.SPECULATIVE)
         early.then(lambda text: self._early_final_done(early, text))
 
     def _relaunch(self) -> None:

@@ -56,6 +56,7 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -233,24 +234,78 @@ class WhisperRecognizer:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         seconds = len(audio) / SAMPLE_RATE
         start = time.perf_counter()
-        if seconds < MIN_AUDIO_SECONDS or not np.isfinite(audio).all() or float(np.abs(audio).max()) < SILENCE_PEAK:
+        if self._nothing_to_hear(audio):
             return Transcript("", seconds, time.perf_counter() - start)
         try:
-            if self.padding != "full" and seconds <= MAX_WINDOW_SECONDS:
-                min_seconds = self.window_s if self.padding == "window" else 0.0
-                decoded: tuple[str, float | None, float | None] | None = self._transcribe_short(audio, min_seconds)
-                if decoded is None:  # the guard tripped: take Whisper's trained path
-                    self.fallbacks += 1
-                    decoded = self._transcribe_full(audio)
+            if self._decodes_short(audio):
+                decoded = self._decode_short_or_full(audio)
             else:
                 decoded = self._transcribe_full(audio)
         except ModelError:
             raise
         except Exception as exc:
             raise ModelError(f"Whisper inference failed: {exc}") from exc
-        assert decoded is not None
         text, no_speech_prob, avg_logprob = decoded
         return Transcript(text, seconds, time.perf_counter() - start, no_speech_prob, avg_logprob)
+
+    def transcribe_batch(self, audios: Sequence[np.ndarray]) -> list[Transcript]:
+        """Blocking: several clips (float32 mono 16 kHz each) in one batched CTranslate2 call,
+        one `Transcript` per clip, in order, as `transcribe` gives them clip by clip.
+
+        Clips that `transcribe` would not decode short (silence or too short,
+        ``padding="full"``, longer than 30 s) take the single path; the others
+        share one ``Whisper.generate`` call (`_transcribe_short_batch`).
+        ``inference_seconds`` of every transcript is the wall time of the whole
+        call: no clip's text is ready before it returns.  Errors: `ModelError`
+        for the whole batch.
+        """
+        start = time.perf_counter()
+        clips = [np.asarray(audio, dtype=np.float32).reshape(-1) for audio in audios]
+        decoded: list[tuple[str, float | None, float | None]] = [("", None, None)] * len(clips)
+        try:
+            short = [i for i, clip in enumerate(clips) if not self._nothing_to_hear(clip) and self._decodes_short(clip)]
+            for i, clip in enumerate(clips):
+                if i not in short and not self._nothing_to_hear(clip):
+                    decoded[i] = self._transcribe_full(clip)
+            if len(short) == 1:
+                decoded[short[0]] = self._decode_short_or_full(clips[short[0]])
+            elif short:
+                batched, alone = self._transcribe_short_batch([clips[i] for i in short], self._min_seconds())
+                for j, (i, result) in enumerate(zip(short, batched, strict=True)):
+                    if j in alone:
+                        decoded[i] = self._decode_short_or_full(clips[i])
+                    elif result is None:      # a guard tripped, as in `transcribe`
+                        self.fallbacks += 1
+                        decoded[i] = self._transcribe_full(clips[i])
+                    else:
+                        decoded[i] = result
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"Whisper batched inference failed ({len(clips)} clips): {exc}") from exc
+        elapsed = time.perf_counter() - start
+        return [Transcript(text, len(clip) / SAMPLE_RATE, elapsed, no_speech_prob, avg_logprob)
+                for clip, (text, no_speech_prob, avg_logprob) in zip(clips, decoded, strict=True)]
+
+    @staticmethod
+    def _nothing_to_hear(audio: np.ndarray) -> bool:
+        """Too short, not finite, or below the silence peak: "" without running the model."""
+        seconds = len(audio) / SAMPLE_RATE
+        return seconds < MIN_AUDIO_SECONDS or not np.isfinite(audio).all() or float(np.abs(audio).max()) < SILENCE_PEAK
+
+    def _decodes_short(self, audio: np.ndarray) -> bool:
+        return self.padding != "full" and len(audio) / SAMPLE_RATE <= MAX_WINDOW_SECONDS
+
+    def _min_seconds(self) -> float:
+        return self.window_s if self.padding == "window" else 0.0
+
+    def _decode_short_or_full(self, audio: np.ndarray) -> tuple[str, float | None, float | None]:
+        """The short/window decode, or Whisper's trained 30 s path when a guard trips."""
+        decoded: tuple[str, float | None, float | None] | None = self._transcribe_short(audio, self._min_seconds())
+        if decoded is None:  # the guard tripped: take Whisper's trained path
+            self.fallbacks += 1
+            decoded = self._transcribe_full(audio)
+        return decoded
 
     def _transcribe_full(self, audio: np.ndarray) -> tuple[str, float | None, float | None]:
         """(text, the first segment's no_speech_prob, mean avg_logprob of the segments)."""
@@ -269,14 +324,22 @@ class WhisperRecognizer:
             return text, None, None
         return text, kept[0].no_speech_prob, float(np.mean([s.avg_logprob for s in kept]))
 
-    def _features(self, audio: np.ndarray, min_seconds: float = 0.0) -> np.ndarray:
-        """Log-mel of the utterance plus trailing silence: ~1 s, or up to `min_seconds` in all.
+    @staticmethod
+    def _padded_samples(samples: int, min_seconds: float = 0.0) -> int:
+        """The input length (samples) of a clip of ``samples`` in short/window mode: the clip plus
+        ~1 s of silence, or `min_seconds` in all; never more than 30 s unless the clip is."""
+        total = max(samples + int(SHORT_PAD_SECONDS * SAMPLE_RATE), int(min_seconds * SAMPLE_RATE))
+        return min(total, max(samples, int(MAX_WINDOW_SECONDS * SAMPLE_RATE)))
 
-        Never more than Whisper's 3000 frames (30 s).
+    def _features(self, audio: np.ndarray, min_seconds: float = 0.0, total: int | None = None) -> np.ndarray:
+        """Log-mel of the utterance plus trailing silence: ~1 s, or up to `min_seconds` in all
+        (``total``: exactly this many samples in all, for a batch padded to its longest input).
+
+        Never more than Whisper's 3000 frames (30 s).  Shape [1, n_mels, frames], frames even.
         """
         fe = self._fw.feature_extractor
-        total = max(len(audio) + int(SHORT_PAD_SECONDS * SAMPLE_RATE), int(min_seconds * SAMPLE_RATE))
-        total = min(total, max(len(audio), int(MAX_WINDOW_SECONDS * SAMPLE_RATE)))
+        if total is None:
+            total = self._padded_samples(len(audio), min_seconds)
         # padding= appends zero samples before the STFT, like Whisper's own log_mel_spectrogram
         feats = fe(audio, padding=total - len(audio))[:, :-1]
         feats = feats[:, : fe.nb_max_frames]
@@ -309,6 +372,72 @@ class WhisperRecognizer:
             suppress_blank=True,
             suppress_tokens=list(get_suppressed_tokens(tok, [-1])),
         )[0]
+        return self._judge_short(result, tok, seconds, budget)
+
+    def _transcribe_short_batch(self, clips: list[np.ndarray], min_seconds: float
+                                ) -> tuple[list[tuple[str, float, float] | None], set[int]]:
+        """`_transcribe_short` for several clips (each at most 30 s) in one ``generate`` call.
+
+        Returns one result per clip: (text, no_speech_prob, avg_logprob), or
+        None when a guard trips (redo with full padding); and the positions of
+        the clips that must be decoded on their own to keep the single path's
+        result (their result is None).
+
+        The batch needs one input length: every clip's mel is made from the
+        clip plus silence (zero samples before the STFT, as in the single
+        path) up to the longest input of the batch.  In window mode every clip
+        up to ``window_s`` - 1 s has the same input alone or in the batch; a
+        longer clip in the batch gives the others more trailing silence (a
+        longer window).  The decode keeps each clip's own token budget:
+        ``max_length`` is the largest budget, and a clip that used up its own
+        budget (the single decode would have been cut there, and its text,
+        score and guards depend on that cut) is redone alone; under greedy
+        decoding (beam_size 1, the default) every other clip's tokens and
+        scores are those of its single decode.  A multilingual model without a
+        configured language detects each clip's language on the batch input
+        and decodes one ``generate`` call per language.
+        """
+        import ctranslate2
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        total = max(self._padded_samples(len(clip), min_seconds) for clip in clips)
+        feats = np.ascontiguousarray(np.concatenate([self._features(clip, total=total) for clip in clips]))
+        features = ctranslate2.StorageView.from_array(feats)
+        if self.language is None:
+            languages = [ranked[0][0].strip("<|>") for ranked in self._ct2.detect_language(features)]
+        else:
+            languages = [self.language] * len(clips)
+        out: list[tuple[str, float, float] | None] = [None] * len(clips)
+        alone: set[int] = set()
+        for language in dict.fromkeys(languages):
+            rows = [i for i, lang in enumerate(languages) if lang == language]
+            tok = self._tokenizer(language)
+            prompt = list(tok.sot_sequence) + [tok.no_timestamps]
+            seconds = [len(clips[i]) / SAMPLE_RATE for i in rows]
+            budgets = [min(MAX_LENGTH - len(prompt), int(MIN_NEW_TOKENS + TOKENS_PER_SECOND * s)) for s in seconds]
+            group = features if len(rows) == len(clips) else ctranslate2.StorageView.from_array(
+                np.ascontiguousarray(feats[rows]))
+            results = self._ct2.generate(
+                group,
+                [prompt] * len(rows),
+                beam_size=self.beam_size,
+                max_length=len(prompt) + max(budgets),
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=list(get_suppressed_tokens(tok, [-1])),
+            )
+            for i, clip_seconds, budget, result in zip(rows, seconds, budgets, results, strict=True):
+                used = sum(1 for t in result.sequences_ids[0] if t < tok.eot)
+                if used >= budget and budget < max(budgets):
+                    alone.add(i)
+                else:
+                    out[i] = self._judge_short(result, tok, clip_seconds, budget)
+        return out, alone
+
+    def _judge_short(self, result, tok, seconds: float, budget: int) -> tuple[str, float, float] | None:
+        """The guards of a short/window decode (`_transcribe_short`): (text, no_speech_prob,
+        avg_logprob), or None when the clip must be redone with full padding."""
         tokens = [t for t in result.sequences_ids[0] if t < tok.eot]
         text = tok.decode(tokens).strip()
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if tokens else 0.0

@@ -277,6 +277,26 @@ async def test_partials_every_interval_then_the_early_final(configured):
     assert turn.ledger.marks["stt_start"] == approx(3.02)
 
 
+async def test_stt_tickets_partials_slack_early_final_speculative_then_committed(configured):
+    from sub300.models.scheduling import Urgency
+
+    eng = engines()
+    caller = caller_on(eng, configured(stt__partial_interval_ms=1000))
+    try:
+        await caller.silence(0.5)
+        await caller.say(speech(2.5))                 # partials at 1.60 and 2.60, the early final at 3.02
+        await caller.wait_until(lambda: len(eng.stt.tickets) == 3)
+        during_hangover = [t.urgency for t in eng.stt.tickets if t is not None]
+        await caller.until_idle()
+    finally:
+        await caller.close()
+    assert during_hangover == [Urgency.SLACK, Urgency.SLACK, Urgency.SPECULATIVE]
+    # the hangover expired: the early final became the turn's final, on the critical path
+    assert [t.urgency for t in eng.stt.tickets if t is not None] == [Urgency.SLACK, Urgency.SLACK, Urgency.COMMITTED]
+    (turn,) = of(caller, TurnFinished)
+    assert turn.ledger.queue_ms["stt"] == 0.0 and turn.ledger.work_ms["stt"] == pytest.approx(STT_S * 1000)
+
+
 def test_fake_vad_follows_its_script():
     from sub300.testing.fakes import FakeVad
 

@@ -1,0 +1,211 @@
+"""The shared speech-recognition service: one queue for every call, served by deadline class.
+
+`ScheduledRecognizer` wraps a blocking `SpeechRecognizer` (Whisper) that all
+calls share.  Each request carries a `WorkTicket` (models/scheduling.py);
+waiting requests are served by (``ticket.urgency``, arrival), the urgency
+read when a worker frees, so a speculative early final promoted to COMMITTED
+when its turn ends moves ahead of partial transcripts (SLACK) of other calls.
+
+* **Workers.**  At most ``workers`` engine runs at once, each in a thread of
+  the service's own pool (CTranslate2 releases the GIL).  On a small CPU one
+  run at a time is fastest: two concurrent Whisper runs share the same cores
+  and each takes about twice as long.
+* **Batching.**  When the engine can batch (it has
+  ``transcribe_batch(list[np.ndarray]) -> list[Transcript]``, as
+  `WhisperRecognizer` does) and several requests wait when a worker frees,
+  the worker takes up to ``max_batch`` of them, the most urgent first, into
+  one call.  A lone waiter runs alone (``transcribe``).
+* **Cancellation.**  A waiter that is cancelled leaves the queue and costs
+  nothing; a request whose run has started cannot stop the engine (a
+  CTranslate2 call is not interruptible): its result is dropped and the run
+  finishes for the other requests in its batch.
+* **Errors.**  A run that fails fails each of its requests with the engine's
+  `ModelError` (any other exception is wrapped in one and logged); requests
+  in other runs are unaffected.
+* **Tickets.**  ``mark_submitted`` on arrival, ``mark_started`` when its run
+  starts, ``mark_finished`` when the run ends: the ledger tells the queue
+  wait apart from the work.
+
+The blocking ``transcribe`` passes straight through to the engine (warm-up,
+scripts).  One service serves one event loop at a time; `aclose` fails the
+waiters, waits for the runs in flight and stops the threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .protocols import ModelError, SpeechRecognizer, Transcript
+from .scheduling import Urgency, WorkTicket
+
+log = logging.getLogger(__name__)
+
+#: engine runs at once when ``workers`` is 0 (auto): one on a CPU (concurrent runs only share the
+#: cores), two on a GPU (one run's CPU-side work — features, decoding loop — overlaps the other's kernels)
+AUTO_WORKERS = {"cpu": 1, "cuda": 2}
+#: requests per batched call when ``max_batch`` is 0 (auto).  CPU: measured with
+#: scripts/bench_stt_batch.py (see its docstring and the README); CUDA: a batch of 8 short clips
+#: costs little more than one on a GPU (the encoder is bound by kernel launches, not arithmetic).
+AUTO_MAX_BATCH = {"cpu": 1, "cuda": 8}
+
+
+def _device_kind(device: str) -> str:
+    """"cuda" for a device string such as "cuda/float16" or "cuda:1/int8", else "cpu"."""
+    return "cuda" if device.split("/", 1)[0].split(":", 1)[0] == "cuda" else "cpu"
+
+
+def auto_workers(workers: int, device: str) -> int:
+    """``workers``, or the device's default when it is 0."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = auto), got {workers!r}")
+    return workers or AUTO_WORKERS[_device_kind(device)]
+
+
+def auto_max_batch(max_batch: int, device: str) -> int:
+    """``max_batch``, or the device's default when it is 0."""
+    if max_batch < 0:
+        raise ValueError(f"max_batch must be >= 0 (0 = auto), got {max_batch!r}")
+    return max_batch or AUTO_MAX_BATCH[_device_kind(device)]
+
+
+@dataclass(eq=False)
+class _Request:
+    audio: np.ndarray
+    ticket: WorkTicket
+    order: int
+    future: asyncio.Future[Transcript] = field(repr=False)
+
+    def key(self) -> tuple[Urgency, int]:
+        return self.ticket.urgency, self.order
+
+
+class ScheduledRecognizer:
+    """A `SpeechRecognizer` shared by all calls: a priority queue in front of a blocking engine.
+
+    ``workers``: engine runs at once (>= 1).  ``max_batch``: requests per run
+    (>= 1; above 1 only used when the engine has ``transcribe_batch``).
+    ``waiting`` (queued requests) and ``busy`` (runs in flight) are for
+    metrics and admission.  Errors: `ModelError` from the engine, or when the
+    service is closed.
+    """
+
+    def __init__(self, recognizer: SpeechRecognizer, *, workers: int = 1, max_batch: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch!r}")
+        self.recognizer = recognizer
+        self.name: str = recognizer.name
+        self.device: str = recognizer.device
+        self.workers = workers
+        batch: Callable[[list[np.ndarray]], list[Transcript]] | None = getattr(recognizer, "transcribe_batch", None)
+        self._batch = batch if max_batch > 1 else None
+        self.max_batch = max_batch if batch is not None else 1
+        if max_batch > 1 and batch is None:
+            log.info("stt: %s cannot batch; max_batch=%d ignored", self.name, max_batch)
+        self._queue: list[_Request] = []
+        self._runs: set[asyncio.Task[None]] = set()
+        self._order = itertools.count()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stt")
+        self._closed = False
+
+    # ------------------------------------------------------------ the SpeechRecognizer protocol
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """Blocking, straight to the engine, outside the queue (warm-up, scripts)."""
+        return self.recognizer.transcribe(audio)
+
+    async def transcribe_async(self, audio: np.ndarray, *, ticket: WorkTicket | None = None) -> Transcript:
+        """Queue ``audio`` (float32 mono 16 kHz) behind more urgent work; the engine's transcript."""
+        if self._closed:
+            raise ModelError(f"{self.name}: the recognition service is closed")
+        ticket = ticket if ticket is not None else WorkTicket(Urgency.COMMITTED, label="stt")
+        ticket.mark_submitted()
+        request = _Request(audio, ticket, next(self._order), asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._dispatch()
+        try:
+            return await request.future
+        finally:
+            if request in self._queue:          # cancelled while waiting: leave no trace
+                self._queue.remove(request)
+
+    # ------------------------------------------------------------ metrics
+    @property
+    def waiting(self) -> int:
+        """Requests queued, not yet in a run."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        """Engine runs in flight."""
+        return sum(1 for run in self._runs if not run.done() and not run.get_loop().is_closed())
+
+    # ------------------------------------------------------------ scheduling
+    def _dispatch(self) -> None:
+        """Start runs while a worker is free and requests wait: the most urgent first."""
+        self._queue = [r for r in self._queue if not r.future.done() and not r.future.get_loop().is_closed()]
+        while self._queue and self.busy < self.workers and not self._closed:
+            self._queue.sort(key=_Request.key)
+            take = self.max_batch if self._batch is not None else 1
+            batch, self._queue = self._queue[:take], self._queue[take:]
+            run = asyncio.get_running_loop().create_task(self._run(batch), name="stt-run")
+            self._runs.add(run)
+            run.add_done_callback(self._run_done)
+
+    def _run_done(self, run: asyncio.Task[None]) -> None:
+        self._runs.discard(run)
+        if not run.cancelled() and (error := run.exception()) is not None:
+            log.error("stt: a run crashed: %r", error)     # _run settles its futures; this is a bug
+        if not run.get_loop().is_closed():
+            self._dispatch()
+
+    async def _run(self, batch: list[_Request]) -> None:
+        for request in batch:
+            request.ticket.mark_started()
+        audios = [r.audio for r in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            if len(batch) == 1:
+                results: Sequence[Transcript] = [await loop.run_in_executor(self._pool, self.recognizer.transcribe,
+                                                                            audios[0])]
+            else:
+                assert self._batch is not None
+                results = await loop.run_in_executor(self._pool, self._batch, audios)
+                if len(results) != len(batch):
+                    raise ModelError(f"{self.name}: transcribe_batch gave {len(results)} results for {len(batch)}")
+        except asyncio.CancelledError:          # the loop is shutting down: so are the waiters
+            for request in batch:
+                request.future.cancel()
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, ModelError) else ModelError(f"{self.name}: recognition failed: {exc!r}")
+            if not isinstance(exc, ModelError):
+                log.error("stt: %s failed a run of %d: %r", self.name, len(batch), exc)
+            for request in batch:
+                request.ticket.mark_finished()
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        for request, result in zip(batch, results, strict=True):
+            request.ticket.mark_finished()
+            if not request.future.done():       # a cancelled request's result is dropped
+                request.future.set_result(result)
+
+    # ------------------------------------------------------------ lifetime
+    async def aclose(self) -> None:
+        """Fail the waiters (`ModelError`), let the runs in flight finish, stop the threads."""
+        self._closed = True
+        for request in self._queue:
+            if not request.future.done():
+                request.future.set_exception(ModelError(f"{self.name}: the recognition service closed"))
+        self._queue.clear()
+        runs = [run for run in self._runs if not run.get_loop().is_closed()]
+        if runs:
+            await asyncio.gather(*runs, return_exceptions=True)
+        self._pool.shutdown(wait=False)
