@@ -131,6 +131,42 @@ def test_window_mode_guard_fallback_is_counted(speech, monkeypatch):
     assert rec.fallbacks == 1
 
 
+BATCH_SENTENCES = ["What is the capital of France?", "Please call me back tomorrow morning about the weather report.",
+                   "Turn off the lights in the kitchen."]
+
+
+@pytest.fixture(scope="module")
+def piper_clips() -> list[np.ndarray]:
+    from .speech import speak as piper_speak
+
+    return [piper_speak(text).astype(np.float32) / 32768.0 for text in BATCH_SENTENCES]
+
+
+@pytest.mark.slow
+def test_a_batch_gives_the_single_path_transcripts(piper_clips):
+    rec = WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", cpu_threads=2)   # window padding, the default
+    clips = [*piper_clips, np.zeros(SAMPLE_RATE, np.float32)]                         # silence: no model run
+    single = [rec.transcribe(clip) for clip in clips]
+    batch = rec.transcribe_batch(clips)
+    assert [t.text for t in batch] == [t.text for t in single]
+    assert all(normalize(t.text) == normalize(s) for t, s in zip(batch, BATCH_SENTENCES, strict=False)), batch
+    for b, s in zip(batch, single, strict=True):
+        assert b.audio_seconds == s.audio_seconds
+        assert b.no_speech_prob == pytest.approx(s.no_speech_prob, abs=1e-3)
+        assert b.avg_logprob == pytest.approx(s.avg_logprob, abs=1e-3)
+    assert len({t.inference_seconds for t in batch}) == 1 and batch[0].inference_seconds > 0  # the batch's wall time
+    assert batch[-1].text == "" and batch[-1].no_speech_prob is None
+
+
+@pytest.mark.slow
+def test_a_batch_keeps_the_guard_fallback(piper_clips, monkeypatch):
+    rec = WhisperRecognizer("bundled:whisper-tiny.en", device="cpu", cpu_threads=2, padding="window")
+    monkeypatch.setattr(rec, "_judge_short", lambda *args: None)      # every short decode trips a guard
+    batch = rec.transcribe_batch(piper_clips[:2])
+    assert [normalize(t.text) for t in batch] == [normalize(s) for s in BATCH_SENTENCES[:2]]   # redone padded
+    assert rec.fallbacks == 2
+
+
 # ------------------------------------------------------------ loading errors
 def test_missing_local_directory_is_model_unavailable(tmp_path):
     with pytest.raises(ModelUnavailable):
