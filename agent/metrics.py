@@ -1,7 +1,11 @@
 """Prometheus metrics for every call, whatever its transport (WebRTC, SIP).
 
 A CallObserver: transports report calls to it and feed its listener to their
-Conversation; it turns each finished turn's ledger into histograms.  Each
+Conversation; it turns each finished turn's ledger into histograms (the
+critical-path stages, and each engine's queue wait apart from its work).
+Watching the process's `Admission` (`watch`), it shows the capacity and what
+remains of it (gauges for autoscalers), counts refused calls by reason, and
+feeds each finished turn's queue waits to the admission's queue-wait guard.  Each
 observer owns its CollectorRegistry (not prometheus-client's global one), so
 a process — or a test — can build several apps side by side.
 """
@@ -12,18 +16,22 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .admission import REASONS, Admission, Refusal
 from .events import Event, TurnDiscarded, TurnFailed, TurnFinished
-from .ledger import STAGES
+from .ledger import ENGINE_STAGES, STAGES
 
 log = logging.getLogger(__name__)
 
 #: seconds; dense around the 300 ms budget, wide enough for a slow CPU turn
 _BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: seconds; an engine queue wait is often 0 or a few ms when the engine is free
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, *_BUCKETS)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class MetricsObserver:
-    def __init__(self, budget_ms: float, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, budget_ms: float, registry: CollectorRegistry | None = None,
+                 admission: Admission | None = None) -> None:
         self.budget_s = budget_ms / 1000.0
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -48,6 +56,14 @@ class MetricsObserver:
                                         ["transport"], buckets=_BUCKETS, registry=r)
         self.stage = Histogram("sub300_stage_seconds", "Critical-path stage durations (sum to voice-to-voice)",
                                ["transport", "stage"], buckets=_BUCKETS, registry=r)
+        self.queue_wait = Histogram("sub300_queue_wait_seconds",
+                                    "A turn's critical-path engine request: submitted to its work started",
+                                    ["transport", "engine"], buckets=_QUEUE_BUCKETS, registry=r)
+        self.engine_work = Histogram("sub300_engine_work_seconds",
+                                     "A turn's critical-path engine request: its work (STT: the final transcript, "
+                                     "LLM: to the first token, TTS: to the first piece's audio)",
+                                     ["transport", "engine"], buckets=_QUEUE_BUCKETS, registry=r)
+        self.admission: Admission | None = None
         self._answered = 0
         self._within = 0
         self.goodput.set(float("nan"))
@@ -56,6 +72,38 @@ class MetricsObserver:
             self.calls_active.labels(transport)
             for stage, _ in STAGES:
                 self.stage.labels(transport, stage)
+            for engine in ENGINE_STAGES:
+                self.queue_wait.labels(transport, engine)
+                self.engine_work.labels(transport, engine)
+        if admission is not None:
+            self.watch(admission)
+
+    def watch(self, admission: Admission) -> None:
+        """Show ``admission``'s capacity and remaining calls (read at each scrape), count its refusals,
+        and feed it each finished turn's queue waits (its queue-wait guard)."""
+        if self.admission is not None:
+            raise ValueError("this metrics observer already watches an admission")
+        self.admission = admission
+        r = self.registry
+        self.capacity = Gauge("sub300_capacity_calls", "Calls the process admits at once (admission)", registry=r)
+        self.capacity_remaining = Gauge("sub300_capacity_remaining_calls",
+                                        "New calls that would be admitted now (0 when full or saturated)",
+                                        registry=r)
+        self.calls_refused = Counter("sub300_calls_refused", "Calls refused by admission, by reason "
+                                     "(full, transport_full, saturated)", ["transport", "reason"], registry=r)
+        self.guard_p95 = Gauge("sub300_admission_queue_wait_p95_seconds",
+                               "p95 of recent turns' summed engine queue wait, as the admission's guard sees it "
+                               "(NaN: no recent turn)", registry=r)
+        self.capacity.set_function(lambda: admission.capacity.calls)
+        self.capacity_remaining.set_function(admission.remaining_calls)
+        self.guard_p95.set_function(lambda: _seconds(admission.queue_wait_p95_ms()))
+        admission.on_refusal.append(self._refused)
+        for transport in ("webrtc", "sip"):
+            for reason in REASONS:
+                self.calls_refused.labels(transport, reason)
+
+    def _refused(self, transport: str, refusal: Refusal) -> None:
+        self.calls_refused.labels(transport, refusal.reason).inc()
 
     # ------------------------------------------------------------ CallObserver
     def call_started(self, transport: str, call_id: str) -> Callable[[Event], None]:
@@ -82,6 +130,12 @@ class MetricsObserver:
             ledger = event.ledger
             for stage, ms in ledger.stages_ms().items():
                 self.stage.labels(transport, stage).observe(ms / 1000.0)
+            for engine, ms in ledger.queue_ms.items():
+                self.queue_wait.labels(transport, engine).observe(ms / 1000.0)
+            for engine, ms in ledger.work_ms.items():
+                self.engine_work.labels(transport, engine).observe(ms / 1000.0)
+            if self.admission is not None:
+                self.admission.record_turn(ledger.queue_ms)
             v2v = ledger.voice_to_voice_ms
             if v2v is None:
                 return
@@ -98,6 +152,10 @@ class MetricsObserver:
     def active_calls(self, transport: str | None = None) -> int:
         samples = next(iter(self.calls_active.collect())).samples
         return int(sum(s.value for s in samples if transport is None or s.labels["transport"] == transport))
+
+
+def _seconds(ms: float | None) -> float:
+    return float("nan") if ms is None else ms / 1000.0
 
 
 def _label(word: str) -> str:

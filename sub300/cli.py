@@ -132,20 +132,22 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     return serve(config, progress=_progress)
 
 
-async def start_sip(config: Config, engines, observer):
-    """The SIP service (media/sip), sharing engines and metrics; None when disabled."""
+async def start_sip(config: Config, engines, observer, admission=None):
+    """The SIP service (media/sip), sharing engines, metrics and the admission; None when disabled."""
     if not config.sip.enabled:
         return None
     from sub300.media.sip.service import start_sip_service
 
-    return await start_sip_service(config, engines, observer)
+    return await start_sip_service(config, engines, observer, admission=admission)
 
 
 def serve(config: Config, progress: Callable[[str], None] = print) -> int:
     """Run the server until SIGINT/SIGTERM: the web app (page, signalling, metrics,
-    OpenAI API) and, when enabled, the SIP service, sharing one set of engines."""
+    OpenAI API) and, when enabled, the SIP service, sharing one set of engines
+    and one admission (a call counts against one capacity, whatever its transport)."""
     from aiohttp import web
 
+    from sub300.agent.admission import Admission
     from sub300.agent.engines import load_engines, warm_up
     from sub300.agent.metrics import MetricsObserver
     from sub300.web.server import build_app
@@ -154,17 +156,18 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
 
     async def main() -> None:
         await warm_up(engines, config)
-        observer = MetricsObserver(config.budget_ms)
-        app = build_app(config, engines, observer)
+        admission = Admission.from_config(config, device=engines.stt.device.split("/")[0])
+        observer = MetricsObserver(config.budget_ms, admission=admission)
+        app = build_app(config, engines, observer, admission)
         runner = web.AppRunner(app, handle_signals=True)
         await runner.setup()
         sip = None
         try:
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
-            sip = await start_sip(config, engines, observer)
+            sip = await start_sip(config, engines, observer, admission)
             progress(f"serving on http://{config.server.host}:{config.server.port} "
-                     f"(/ demo page, /offer, /metrics, /healthz, /v1/chat/completions"
+                     f"(/ demo page, /offer, /metrics, /healthz, /readyz, /v1/chat/completions"
                      f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
                      f"engines: {engines.describe()}")
             await asyncio.Event().wait()

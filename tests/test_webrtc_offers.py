@@ -217,6 +217,7 @@ def fixed_cases(seed: str) -> list[tuple[str, str]]:
 async def test_400_mutated_offers_never_get_5xx_and_leave_nothing_behind(config, seed):
     many = copy.deepcopy(config)
     many.webrtc.max_calls = 10_000
+    many.admission.max_calls = 10_000   # the process-wide capacity (agent/admission.py) too
     rng = random.Random(FUZZ_SEED)
     cases = fixed_cases(seed) + [mutate(seed, rng)[::-1] for _ in range(FUZZ_OFFERS)]
     before = asyncio.all_tasks()

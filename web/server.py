@@ -1,10 +1,12 @@
 """`sub300 serve`: the aiohttp server that shares one set of engines between callers.
 
 Routes: the latency demo page (`/`, `/static/…`), WebRTC signalling
-(`POST /offer`, `GET /webrtc/config`), `/healthz`, `/metrics` (Prometheus)
-and the OpenAI-compatible API over the embedded LLM.  Browser (WebRTC) and,
-when enabled, phone (SIP) callers use the same engines and report to the
-same metrics observer.
+(`POST /offer`, `GET /webrtc/config`), `/healthz` (liveness: the process
+answers), `/readyz` (readiness: 200 while a new call would be admitted, 503
+with the reason when the admission is full or saturated), `/metrics`
+(Prometheus) and the OpenAI-compatible API over the embedded LLM.  Browser
+(WebRTC) and, when enabled, phone (SIP) callers use the same engines, report
+to the same metrics observer and count against the same `Admission`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from sub300.agent.admission import Admission
 from sub300.agent.config import Config
 from sub300.agent.engines import Engines
 from sub300.agent.metrics import CONTENT_TYPE, MetricsObserver
@@ -27,6 +30,7 @@ ENGINES_KEY = web.AppKey("engines", Engines)
 STARTED_KEY = web.AppKey("started", float)
 METRICS_KEY = web.AppKey("metrics", MetricsObserver)
 SIGNALLING_KEY = web.AppKey("signalling", Signalling)
+ADMISSION_KEY = web.AppKey("admission", Admission)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -36,7 +40,15 @@ async def healthz(request: web.Request) -> web.Response:
         "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 1),
         "engines": engines.describe(),
         "calls": describe_calls(request.app[SIGNALLING_KEY]),
+        "admission": request.app[ADMISSION_KEY].describe(),
     })
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 ``{"ready": true, ...}`` while a new call would be admitted; 503 ``{"ready": false, "reason": ...}``
+    when the admission is full or its queue-wait guard refuses (agent/admission.py `Admission.describe`)."""
+    state = request.app[ADMISSION_KEY].describe()
+    return web.json_response(state, status=200 if state["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -50,17 +62,28 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def build_app(config: Config, engines: Engines, observer: MetricsObserver | None = None) -> web.Application:
+def build_app(config: Config, engines: Engines, observer: MetricsObserver | None = None,
+              admission: Admission | None = None) -> web.Application:
+    """The web app. ``admission``: the process's, shared with SIP (`sub300 serve`); without one, the app makes
+    its own from ``config`` (device: where ``engines``' STT runs). ``observer`` is made to watch it."""
     app = web.Application(client_max_size=256 * 1024)
+    if admission is None:
+        admission = Admission.from_config(config, device=engines.stt.device.split("/")[0])
     observer = observer or MetricsObserver(config.budget_ms)
-    signalling = Signalling(config, engines, observer)
+    if observer.admission is None:
+        observer.watch(admission)
+    elif observer.admission is not admission:
+        raise ValueError("build_app: the metrics observer watches another admission than the app's")
+    signalling = Signalling(config, engines, observer, admission)
     app[ENGINES_KEY] = engines
     app[STARTED_KEY] = time.monotonic()
     app[METRICS_KEY] = observer
     app[SIGNALLING_KEY] = signalling
+    app[ADMISSION_KEY] = admission
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     signalling.add_routes(app)
     add_openai_routes(app, engines.llm, model_name=engines.llm.name, default_max_tokens=config.llm.max_tokens,

@@ -17,7 +17,10 @@ is wrong, in terms of the request, never our internals:
   one of an unknown hash; a bad ``a=setup`` (RFC 4145 §4); no audio codec
   we can decode (Opus, PCMU, PCMA, G722).
 
-Beyond `webrtc.max_calls` callers get 503 with Retry-After.  An offer that
+A caller the process's `Admission` refuses (capacity full, `webrtc.max_calls`
+reached, or engine queues saturated: agent/admission.py) gets 503 with
+Retry-After before any peer connection exists; an admitted offer holds its
+slot while it is answered, and the call until it closes.  An offer that
 aiortc still refuses while answering is a 400 too, and its call is closed at
 once (peer connection included) before the response goes out.  An answered
 call that never connects is closed after `webrtc.connect_timeout_s`
@@ -39,6 +42,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
 from aiortc.sdp import SessionDescription
 
+from sub300.agent.admission import Admission, Refusal, Ticket
 from sub300.agent.calls import CallObserver
 from sub300.agent.config import Config
 from sub300.agent.engines import Engines
@@ -266,12 +270,15 @@ def parse_offer(raw: bytes) -> RTCSessionDescription:
 class Signalling:
     """The live browser calls of one app, and the routes that create them."""
 
-    def __init__(self, config: Config, engines: Engines, observer: CallObserver) -> None:
+    def __init__(self, config: Config, engines: Engines, observer: CallObserver,
+                 admission: Admission | None = None) -> None:
         self.config = config
         self.engines = engines
         self.observer = observer
+        #: shared with SIP under `sub300 serve`; alone, ``webrtc.max_calls`` is the limit
+        self.admission = admission or Admission.per_transport("webrtc", config.webrtc.max_calls)
         self.calls: dict[str, WebRtcCall] = {}
-        self._pending = 0   # offers being answered: they count against max_calls too
+        self._tickets: dict[str, Ticket] = {}   # call id → its admission slot, released when the call is forgotten
         allow_loopback_when_alone()
 
     def add_routes(self, app: web.Application) -> None:
@@ -294,20 +301,21 @@ class Signalling:
             offer = parse_offer(raw)
         except BadOffer as bad:
             return _error(bad.status, str(bad))
-        if len(self.calls) + self._pending >= self.config.webrtc.max_calls:
-            return _error(503, f"busy: {self.config.webrtc.max_calls} calls in progress, try again later",
-                          **{"Retry-After": "5"})
-        self._pending += 1
+        ticket = self.admission.try_admit("webrtc")
+        if isinstance(ticket, Refusal):
+            return _error(503, ticket.message, **{"Retry-After": str(ticket.retry_after_s)})
         try:
-            return await self._answer(offer)
+            return await self._answer(offer, ticket)
         finally:
-            self._pending -= 1
+            if not any(t is ticket for t in self._tickets.values()):
+                ticket.release()   # never answered: the slot goes back now (an answered call's goes with it)
 
-    async def _answer(self, offer: RTCSessionDescription) -> web.Response:
+    async def _answer(self, offer: RTCSessionDescription, ticket: Ticket) -> web.Response:
         call_id = uuid.uuid4().hex[:12]
         pc = RTCPeerConnection(rtc_configuration(self.config.webrtc))
         call = WebRtcCall(call_id, pc, self.engines, self.config, self.observer, on_closed=self._forget)
         self.calls[call_id] = call
+        self._tickets[call_id] = ticket
         try:
             answer = await call.accept(offer)
         except asyncio.CancelledError:  # the client went away while we answered
@@ -328,6 +336,9 @@ class Signalling:
 
     def _forget(self, call: WebRtcCall) -> None:
         self.calls.pop(call.call_id, None)
+        ticket = self._tickets.pop(call.call_id, None)
+        if ticket is not None:
+            ticket.release()
 
     async def close_all(self, reason: str = "shutdown") -> None:
         calls = list(self.calls.values())

@@ -1,8 +1,10 @@
 """The SIP user agent server's dialog layer (RFC 3261 §12–§15), as gateways exercise it.
 
-New INVITE: checks (hops, source allow-list, digest, Require, call limit,
-SDP → 488) → 100 Trying → 180 Ringing → 200 OK with the SDP answer
-(§13.3).  In the dialog: ACK, BYE (either side, §15), re-INVITE (new
+New INVITE: checks (hops, source allow-list, digest, Require, SDP → 488,
+admission → 503 with Retry-After, §21.5.4 and §20.33) → 100 Trying → 180
+Ringing → 200 OK with the SDP answer (§13.3).  The admission
+(agent/admission.py) is the process's, shared with WebRTC: a call holds its
+slot from the INVITE until its dialog ends, ringing included.  In the dialog: ACK, BYE (either side, §15), re-INVITE (new
 address, codec or hold, §14), INFO (DTMF), OPTIONS (§11).  CANCEL while
 ringing → 200 for the CANCEL and 487 for the INVITE (§9.2).  The
 transactions under all this — retransmissions, their timers, matching by
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from sipmessage import URI, Address, Response
 
+from sub300.agent.admission import Admission, Refusal, Ticket
 from sub300.agent.calls import CallObserver
 from sub300.agent.tasks import TaskOwner
 
@@ -80,6 +83,7 @@ class Dialog:
     pending_ack: asyncio.Event | None = None   # a 2xx (INVITE or re-INVITE) waiting for its ACK
     observed: bool = False
     ended: bool = False
+    ticket: Ticket | None = None               # the admission slot, released when the dialog ends
 
     @property
     def call_id(self) -> str:
@@ -112,12 +116,15 @@ class UserAgentServer:
     ``send_udp(data, (host, port))`` sends from the SIP socket; ``local_port``
     is the SIP port written into Contact and Via.  ``observer`` hears of
     every answered call (`call_started` after the 200 OK, `call_ended` once).
+    ``admission``: the process's (shared with WebRTC); without one, ``sip.max_calls`` alone.
     """
 
     def __init__(self, sip_config: SipConfig, call_factory: CallFactory, observer: CallObserver,
                  send_udp: Callable[[bytes, tuple[str, int]], None], *, local_port: int,
-                 auth: DigestAuth | None = None, answer_delay_s: float = 0.0, clock=time.monotonic):
+                 auth: DigestAuth | None = None, answer_delay_s: float = 0.0, clock=time.monotonic,
+                 admission: Admission | None = None):
         self.sip = sip_config
+        self.admission = admission or Admission.per_transport("sip", sip_config.max_calls)
         self.call_factory = call_factory
         self.observer = observer
         self.send_udp = send_udp
@@ -223,9 +230,6 @@ class UserAgentServer:
         required = [r.strip() for h in request.headers("Require") for r in h.split(",") if r.strip()]
         if required:
             return reject(tx, 420, [("Unsupported", ", ".join(required))])
-        if self.active_calls >= self.sip.max_calls:
-            log.warning("INVITE from %s refused: %d calls already (sip.max_calls)", flow.source[0], self.sip.max_calls)
-            return reject(tx, 503, [("Retry-After", "5")])
         contact = request.header("Contact")
         try:
             target = str(Address.parse_many(contact)[0].uri) if contact else ""
@@ -244,16 +248,28 @@ class UserAgentServer:
             except SdpError as error:
                 log.info("INVITE from %s: bad SDP: %s", flow.source[0], error)
                 return reject(tx, 400)
+        ticket = self.admission.try_admit("sip")
+        if isinstance(ticket, Refusal):
+            log.warning("INVITE from %s refused: %s", flow.source[0], ticket.message)
+            warning = ticket.message.replace('"', "'").replace("\\", "/")
+            return reject(tx, 503, [("Retry-After", str(ticket.retry_after_s)),
+                                    ("Warning", f'399 sub300 "{warning}"')])   # §20.43: 399 = miscellaneous
         try:
             sock = self.ports.bind(self.sip.host)
         except OSError as error:
+            ticket.release()
             log.error("no RTP port for a call: %s", error)
-            return reject(tx, 503, [("Retry-After", "5")])
-        tx.send(sip.response(request, flow.source, 100))
-        routes = [str(a) for h in request.headers("Record-Route") for a in Address.parse_many(h)]
-        public = self.sip.public_address or (self.sip.host if self.sip.host not in ("0.0.0.0", "::") else _local_ip_for(flow.source[0]))
-        dialog = Dialog(request, tx, sip.new_tag(), target, routes, LocalDescription(public, sock.getsockname()[1]),
-                        params, offerless=offer is None, remote_cseq=request.cseq, sock=sock)
+            return reject(tx, 503, [("Retry-After", str(self.admission.retry_after_s))])
+        try:
+            tx.send(sip.response(request, flow.source, 100))
+            routes = [str(a) for h in request.headers("Record-Route") for a in Address.parse_many(h)]
+            public = self.sip.public_address or (self.sip.host if self.sip.host not in ("0.0.0.0", "::") else _local_ip_for(flow.source[0]))
+            dialog = Dialog(request, tx, sip.new_tag(), target, routes, LocalDescription(public, sock.getsockname()[1]),
+                            params, offerless=offer is None, remote_cseq=request.cseq, sock=sock, ticket=ticket)
+        except Exception:   # `handle` answers 500; the slot and the port must not stay taken
+            ticket.release()
+            sock.close()
+            raise
         self.dialogs[dialog.key] = dialog
         tx.send(sip.response(request, flow.source, 180, to_tag=dialog.local_tag, record_route=True,
                              headers=[("Contact", self._contact(public, flow))]))
@@ -434,6 +450,8 @@ class UserAgentServer:
             return
         dialog.ended = True
         self.dialogs.pop(dialog.key, None)
+        if dialog.ticket is not None:
+            dialog.ticket.release()
         if dialog.pending_ack is not None:
             dialog.pending_ack.set()
         if send_bye:
