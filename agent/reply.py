@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sub300.models.protocols import ChatMessage, EmptyReply, LanguageModel, ModelError, SpeechSynthesizer
+from sub300.models.scheduling import Urgency, WorkTicket
 from sub300.models.threads import iterate_in_thread
 
 from .audio import StreamResampler
@@ -76,6 +77,10 @@ class Reply:
         self.pieces: list[str] = []
         self.ledger = TurnLedger(turn)          # scratch until commit
         self.committed = False
+        # Deadline classes (models/scheduling.py): speculative until commit; the LLM's first
+        # tokens and the first piece's TTS are committed; the rest has the playout's slack.
+        self._llm_ticket = WorkTicket(Urgency.SPECULATIVE, clock=clock, label=f"turn{turn}-llm")
+        self._first_tts_ticket = WorkTicket(Urgency.SPECULATIVE, clock=clock, label=f"turn{turn}-tts")
         self.interrupted = False
         self._llm, self._tts, self._playout = llm, tts, playout
         self._clock, self._emit, self._settings = clock, emit, settings
@@ -101,8 +106,14 @@ class Reply:
             ledger.mark(name, at)
         for name, value in self.ledger.notes.items():   # "failed", "unspoken" of a speculation that failed
             ledger.notes.setdefault(name, value)
+        for stage, ms in self.ledger.queue_ms.items():
+            ledger.queue_ms.setdefault(stage, ms)
+        for stage, ms in self.ledger.work_ms.items():
+            ledger.work_ms.setdefault(stage, ms)
         self.ledger = ledger
         self.committed = True
+        self._llm_ticket.urgency = Urgency.SLACK if ledger.has("first_piece") else Urgency.COMMITTED
+        self._first_tts_ticket.urgency = Urgency.COMMITTED
         for text in self.pieces:
             self._emit(AgentSpeech(self.turn, text))
         held, self._held = self._held, []
@@ -163,12 +174,14 @@ class Reply:
         stream: AsyncGenerator[str, None] | None = None
         try:
             stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
-                                           temperature=settings.temperature)
+                                           temperature=settings.temperature, ticket=self._llm_ticket)
             async for text in stream:
                 if text and not self.ledger.has("llm_first_token"):
-                    self.ledger.mark("llm_first_token", self._clock())
+                    now = self._clock()
+                    self.ledger.mark("llm_first_token", now)
+                    self.ledger.record_engine("llm", self._llm_ticket, work_end=now)
                 for piece in splitter.push(text):
-                    self.ledger.mark("first_piece", self._clock())
+                    self._first_piece_made()
                     queued.append(piece)
                     queue.put_nowait(piece)
                 if queue.qsize() and not self._first_audio.is_set():
@@ -189,7 +202,7 @@ class Reply:
             # cut off mid-sentence: say the fallback rather than half a sentence
             self.ledger.notes["unspoken"] = rest.pop()
         for piece in rest:
-            self.ledger.mark("first_piece", self._clock())
+            self._first_piece_made()
             queued.append(piece)
             queue.put_nowait(piece)
         if self.error is None and not any(has_words(piece) for piece in queued):
@@ -204,6 +217,12 @@ class Reply:
                 queue.put_nowait(settings.fallback_text.strip())
         queue.put_nowait(None)
 
+    def _first_piece_made(self) -> None:
+        """A piece is complete: the rest of the LLM's answer has the playout's slack from now on."""
+        self.ledger.mark("first_piece", self._clock())
+        if self.committed:
+            self._llm_ticket.urgency = Urgency.SLACK
+
     async def _synthesize(self, queue: asyncio.Queue[str | None]) -> None:
         resampler = StreamResampler(self._tts.sample_rate, self._playout.sample_rate)
         index = -1
@@ -213,9 +232,13 @@ class Reply:
             if self.committed:
                 self._emit(AgentSpeech(self.turn, piece))
             self.ledger.mark("tts_start", self._clock())
-            chunks = _tts_chunks(self._tts, spoken_form(piece))  # history keeps `piece`; TTS gets the words
+            ticket = self._first_tts_ticket if index == 0 else WorkTicket(
+                Urgency.SLACK, clock=self._clock, label=f"turn{self.turn}-tts{index}")
+            chunks = _tts_chunks(self._tts, spoken_form(piece), ticket)  # history keeps `piece`; TTS gets the words
             try:
                 async for chunk in chunks:
+                    if index == 0 and not self.ledger.has("tts_first_audio"):
+                        self.ledger.record_engine("tts", ticket, work_end=self._clock())
                     self.ledger.mark("tts_first_audio", self._clock())
                     self._push(resampler.process(chunk), index)
                     self._first_audio.set()
@@ -259,13 +282,17 @@ def failure_note(stage: str, error: ModelError) -> str:
     return f"{stage}: {error.kind}: {error}"
 
 
-def _tts_chunks(tts: SpeechSynthesizer, text: str) -> AsyncGenerator[np.ndarray, None]:
-    """TTS audio chunks without blocking the event loop: an engine's own ``synthesize_async(text)``
-    (a remote engine, or a test fake on virtual time) if it has one, else its blocking
-    generator in a worker thread."""
+def _tts_chunks(tts: SpeechSynthesizer, text: str,
+                ticket: WorkTicket | None = None) -> AsyncGenerator[np.ndarray, None]:
+    """TTS audio chunks without blocking the event loop: an engine's own ``synthesize_async(text,
+    ticket=)`` (the scheduled service of models/tts_service.py, a remote engine, a test fake on
+    virtual time) if it has one, else its blocking generator in a worker thread, unscheduled.
+    Without a ticket the speech is COMMITTED (a goodbye the caller waits for)."""
+    ticket = ticket or WorkTicket(Urgency.COMMITTED, label="tts")
     native = getattr(tts, "synthesize_async", None)
     if native is not None:
-        return native(text)
+        return native(text, ticket=ticket)
+    ticket.mark_started()
     return iterate_in_thread(lambda: tts.synthesize(text), name="tts")
 
 

@@ -6,26 +6,19 @@ chat template and stop tokens) or by ``ct2-transformers-converter
 --copy_files tokenizer.json tokenizer_config.json`` for bigger models.
 Run time needs only ctranslate2, tokenizers and jinja2.
 
-Generation runs in one worker thread per call (``Generator.generate_batch``
-with a per-token callback), bridged to the asyncio consumer by
-``models.threads.stream_from_thread``.  Token ids become text with
-``tokenizers.decoders.DecodeStream``, which holds back a piece until its UTF-8
-is whole (byte-fallback and byte-level tokens).
-
-Flow control: the worker runs at most ``AHEAD`` text pieces ahead of the
-consumer.  A consumer that stops reading (the reply synthesizing its first
-clause) thereby pauses generation and frees the CPU for what the caller waits
-for.  Closing or cancelling the consumer sets a stop flag that the callback
-checks, so CTranslate2 stops at the next token; the consumer then waits for
-the worker's end without blocking the loop (a long prompt's prefill cannot be
-interrupted, and the next generation on this model should not overlap it).
+All generations of the process run in one scheduler thread, batched
+continuously with deadline classes (models/llm_batching.py: how requests
+join and leave a running batch on CTranslate2, flow control, preemption).
+Token ids become text with ``tokenizers.decoders.DecodeStream``, which holds
+back a piece until its UTF-8 is whole (byte-fallback and byte-level tokens).
+Closing or cancelling a consumer stops its request at the next decoding step.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
@@ -37,15 +30,16 @@ from tokenizers.decoders import DecodeStream
 from .chat_template import render_chat
 from .device import Placement, select_placement
 from .gguf_to_ct2 import METADATA_FILE, TOKENIZER_FILE
+from .llm_batching import BatchRequest, BatchScheduler, collect, open_stream, sampling_options
 from .protocols import ChatMessage, ModelError, ModelUnavailable
-from .threads import stream_from_thread
+from .scheduling import Urgency, WorkTicket
 
 log = logging.getLogger(__name__)
 
 _STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
 
-#: text pieces the generation thread may run ahead of its consumer
-AHEAD = 4
+#: requests decoded together at most, when not configured: bounded by step time on a CPU, memory on a GPU
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 
 
 def detokenizer(tokenizer: Any) -> Callable[[int], str]:
@@ -98,7 +92,8 @@ def _load_metadata(model_dir: Path, tokenizer: Any) -> dict[str, Any]:
 class CTranslate2ChatModel:
     """A chat model on CTranslate2, streamed token by token."""
 
-    def __init__(self, model_dir: Path, *, device: str = "auto", compute_type: str = "auto", threads: int = 0):
+    def __init__(self, model_dir: Path, *, device: str = "auto", compute_type: str = "auto", threads: int = 0,
+                 max_batch: int = 0):
         model_dir = Path(model_dir)
         if not (model_dir / "model.bin").is_file():
             raise ModelUnavailable(f"no CTranslate2 model (model.bin) in {model_dir}")
@@ -144,6 +139,19 @@ class CTranslate2ChatModel:
         self._stop_ids = frozenset(stop_ids)
         self._end_tokens = [self._tokenizer.id_to_token(i) for i in sorted(self._stop_ids)]
         self.context_length: int | None = self._meta.get("context_length")
+        self.max_batch = max_batch or DEFAULT_MAX_BATCH.get(self.placement.device, 8)
+        self.scheduler = BatchScheduler(
+            self._generator, name=self.name, tokens_of=self._tokens_of, end_tokens=self._end_tokens,
+            stop_ids=self._stop_ids, max_batch=self.max_batch,
+        )
+        log.info("%s: continuous batching, at most %d requests per decoding step", self.name, self.max_batch)
+
+    def _tokens_of(self, ids: list[int]) -> list[str]:
+        return [self._tokenizer.id_to_token(i) for i in ids]
+
+    async def aclose(self) -> None:
+        """Stop the batching thread (requests still running end with a ModelError)."""
+        await asyncio.to_thread(self.scheduler.close)
 
     @property
     def device(self) -> str:
@@ -185,60 +193,20 @@ class CTranslate2ChatModel:
         return ids
 
     # -------------------------------------------------------- generation
-    def _generate(
-        self,
-        prompt_ids: list[int],
-        max_tokens: int,
-        temperature: float,
-        emit: Callable[[str], object],
-        stop: threading.Event,
-    ) -> None:
-        """Blocking: generate, calling ``emit`` with each text piece, until done or ``stop``."""
-        decode = detokenizer(self._tokenizer)
-        callback_error: list[BaseException] = []
-        stop_ids = self._stop_ids
+    def _request(self, prompt_ids: list[int], max_tokens: int, temperature: float, ticket: WorkTicket | None,
+                 deliver: Callable[[object], None]) -> BatchRequest:
+        return BatchRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling_options(temperature),
+                            ticket=ticket or WorkTicket(Urgency.COMMITTED, label="llm"),
+                            decode=detokenizer(self._tokenizer), deliver=deliver, auto_slack=ticket is None)
 
-        def on_step(step: Any) -> bool:
-            try:
-                if stop.is_set():
-                    return True
-                if step.token_id in stop_ids:
-                    return True
-                piece = decode(step.token_id)
-                if piece:
-                    emit(piece)
-                return stop.is_set()
-            except BaseException as exc:  # never let an exception cross into C++
-                callback_error.append(exc)
-                return True
-
-        if temperature and temperature > 0:
-            sampling = {"sampling_topk": 50, "sampling_topp": 0.95, "sampling_temperature": float(temperature)}
-        else:
-            sampling = {"sampling_topk": 1}
-        tokens = [self._tokenizer.id_to_token(i) for i in prompt_ids]
-        try:
-            self._generator.generate_batch(
-                [tokens],
-                max_length=max_tokens,
-                beam_size=1,
-                include_prompt_in_result=False,
-                end_token=self._end_tokens,
-                callback=on_step,
-                **sampling,
-            )
-        except Exception as exc:
-            raise ModelError(f"{self.name} generation failed: {exc}") from exc
-        if callback_error:
-            raise ModelError(f"{self.name} streaming failed: {callback_error[0]}") from callback_error[0]
-
-    def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int, temperature: float = 0.0) -> str:
-        """Blocking, non-streamed answer (same generation path as ``stream_chat``)."""
-        pieces: list[str] = []
+    def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int, temperature: float = 0.0,
+                 ticket: WorkTicket | None = None) -> str:
+        """Blocking, non-streamed answer (the same batched path as ``stream_chat``); not on the event loop."""
         if max_tokens < 1:
             return ""
-        self._generate(self._fit_prompt(messages, max_tokens), max_tokens, temperature, pieces.append, threading.Event())
-        return "".join(pieces)
+        prompt_ids = self._fit_prompt(messages, max_tokens)
+        return collect(self.scheduler, lambda deliver: self._request(prompt_ids, max_tokens, temperature, ticket,
+                                                                        deliver))
 
     async def stream_chat(
         self,
@@ -246,6 +214,7 @@ class CTranslate2ChatModel:
         *,
         max_tokens: int,
         temperature: float = 0.0,
+        ticket: WorkTicket | None = None,
     ) -> AsyncGenerator[str, None]:
         if max_tokens < 1:
             return
@@ -256,10 +225,11 @@ class CTranslate2ChatModel:
         except Exception as exc:  # a tokenizer failure is this engine's failure too (a failed turn, not a crash)
             raise ModelError(f"{self.name} cannot encode the prompt: {exc}") from exc
 
-        def produce(emit: Callable[[str], bool], stop: threading.Event) -> None:
-            self._generate(prompt_ids, max_tokens, temperature, emit, stop)
-
-        pieces = stream_from_thread(produce, ahead=AHEAD, wait_on_close=True, name=f"llm-{self.name}")
+        pieces = open_stream(
+            self.scheduler,
+            lambda deliver: self._request(prompt_ids, max_tokens, temperature, ticket, deliver),
+            name=f"llm-{self.name}",
+        )
         try:
             async with aclosing(pieces):
                 async for piece in pieces:

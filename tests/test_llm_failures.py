@@ -325,7 +325,7 @@ async def test_empty_fallback_text_stays_silent_but_still_fails_the_turn(configu
 class FakeBrokenTts(FakeTts):
     """Fake TTS whose synthesis fails with a ModelError (a dead voice)."""
 
-    async def synthesize_async(self, text):
+    async def synthesize_async(self, text, *, ticket=None):
         self.pieces.append(text)
         await asyncio.sleep(0.01)
         raise ModelError("fake-tts: voice crashed")
@@ -415,7 +415,7 @@ class FakeBuggyLlm:
 
     name = "fake-buggy"
 
-    async def stream_chat(self, messages, *, max_tokens, temperature=0.0):
+    async def stream_chat(self, messages, *, max_tokens, temperature=0.0, ticket=None):
         await asyncio.sleep(0.045)
         yield "Let me think about that."
         await asyncio.sleep(0.01)

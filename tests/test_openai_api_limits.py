@@ -36,7 +36,8 @@ class FakeCountingModel:
     def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return [0] * sum(len(m["content"].split()) + 2 for m in messages)
 
-    async def stream_chat(self, messages, *, max_tokens: int, temperature: float = 0.0) -> AsyncGenerator[str, None]:
+    async def stream_chat(self, messages, *, max_tokens: int, temperature: float = 0.0,
+                          ticket=None) -> AsyncGenerator[str, None]:
         self.calls += 1
         for piece in ["Paris", " it", " is", "."][:max_tokens]:
             yield piece

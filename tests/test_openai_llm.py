@@ -100,7 +100,7 @@ class Recording:
         self.exhausted = False
         self.closed = asyncio.Event()
 
-    async def stream_chat(self, messages, *, max_tokens, temperature=0.0):
+    async def stream_chat(self, messages, *, max_tokens, temperature=0.0, ticket=None):
         try:
             async for piece in self.inner.stream_chat(messages, max_tokens=max_tokens, temperature=temperature):
                 self.pieces += 1
@@ -121,7 +121,7 @@ class FakeEndlessModel:
         self.calls = 0
         self.closed = asyncio.Event()
 
-    async def stream_chat(self, messages, *, max_tokens, temperature=0.0):
+    async def stream_chat(self, messages, *, max_tokens, temperature=0.0, ticket=None):
         self.calls += 1
         try:
             while True:
@@ -141,7 +141,7 @@ class FakeScriptedModel:
         self.script = pieces
         self.error = error
 
-    async def stream_chat(self, messages, *, max_tokens, temperature=0.0):
+    async def stream_chat(self, messages, *, max_tokens, temperature=0.0, ticket=None):
         for p in self.script[:max_tokens]:
             yield p
         if self.error is not None:
