@@ -112,6 +112,11 @@ class VadConfig(Section):
         lt=1.0,
         description="silero: speech probability above which a frame is voiced (0 < x < 1)",
     )
+    device: Device = Field(
+        default="auto",
+        description="silero: auto (ONNX Runtime's CUDA provider when onnxruntime-gpu is installed and a GPU is "
+        "visible) | cpu | cuda",
+    )
     min_speech_ms: int = Field(default=100, ge=0, le=5000, description="voiced audio needed to open a turn (ms)")
     hangover_ms: int = Field(
         default=250, ge=20, le=5000, description="silence after the last voiced frame that ends a turn (ms)"
@@ -287,6 +292,11 @@ class TtsConfig(Section):
         ge=1,
         le=64,
         description="piper: ONNX threads per synthesis (the LLM pauses while the first piece is made)",
+    )
+    device: Device = Field(
+        default="auto",
+        description="piper: auto (ONNX Runtime's CUDA provider when onnxruntime-gpu is installed and a GPU is "
+        "visible) | cpu | cuda",
     )
     workers: int = Field(
         default=0, ge=0, le=64,

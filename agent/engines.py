@@ -42,7 +42,7 @@ def _webrtc_vad(c: Config) -> VoiceActivityDetector:
 def _silero_vad(c: Config) -> VoiceActivityDetector:
     from sub300.models.vad_silero import SileroVad
 
-    return SileroVad(threshold=c.vad.threshold)
+    return SileroVad(threshold=c.vad.threshold, device=c.vad.device)
 
 
 def _whisper(c: Config) -> SpeechRecognizer:
@@ -107,7 +107,7 @@ def _openai_llm(c: Config) -> LanguageModel:
 def _piper(c: Config) -> SpeechSynthesizer:
     from sub300.models.tts_piper import PiperSynthesizer
 
-    return PiperSynthesizer(c.tts.voice, threads=c.tts.threads)
+    return PiperSynthesizer(c.tts.voice, threads=c.tts.threads, device=c.tts.device)
 
 
 def _espeak(c: Config) -> SpeechSynthesizer:
