@@ -99,6 +99,7 @@ def _check_caller(caller: dict, keys: set[str]) -> None:
     # the turn ledger and the browser's own mouth-to-ear figure are on the page
     (row, *_) = dom["ledgerRows"]
     assert row["segments"] >= 5 and row["v2v"].endswith("ms") and row["m2e"].endswith("ms"), row
+    assert "(queued " in row["queues"], row   # an engine's queue wait next to its work (the ledger's queue_ms)
     assert re.fullmatch(r"\d+ ms", dom["m2eCard"]), dom["m2eCard"]
     (turn, *_) = state["turns"]
     onset = state["onsets"][0]

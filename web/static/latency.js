@@ -1,6 +1,9 @@
 // The latency panel: one waterfall row per turn (the server's ledger, stage by
 // stage against the budget line), the browser's mouth-to-ear tick on the same
-// scale, and p50/p95 over the call.
+// scale, and p50/p95 over the call.  Under each bar, each engine's work on the
+// turn's critical path and how long its request queued first (the ledger's
+// work_ms / queue_ms: shared engines serve many calls, so a slow stage says
+// whether it waited or computed).
 export const STAGES = [
   ["endpointing", "endpointing"],
   ["stt", "speech-to-text"],
@@ -19,7 +22,17 @@ export function percentile(values, q) {
   return s[lo] + (s[hi] - s[lo]) * (pos - lo);
 }
 
+//: the engines whose queue wait the ledger keeps, and the stage each one ends
+export const ENGINES = [["stt", "stt"], ["llm", "llm_first_token"], ["tts", "tts_first_audio"]];
+
 const ms = (v) => (v == null ? "–" : `${Math.round(v)} ms`);
+
+/** "stt 90 ms (queued 0) · llm 180 ms (queued 40)": each engine's work and queue wait, or "" without them. */
+export function engineLine(ledger) {
+  const queue = (ledger && ledger.queue_ms) || {}, work = (ledger && ledger.work_ms) || {};
+  return ENGINES.filter(([e]) => queue[e] != null || work[e] != null)
+    .map(([e]) => `${e} ${ms(work[e])} (queued ${queue[e] == null ? "–" : Math.round(queue[e])})`).join(" · ");
+}
 
 export class Latency {
   constructor({ waterfall, legend, cards }, budgetMs = 300) {
@@ -58,11 +71,14 @@ export class Latency {
     const parts = [];
     for (const [turn, r] of [...this.rows.entries()].sort((a, b) => a[0] - b[0])) {
       let cursor = 0, segs = "";
+      const queue = (r.ledger && r.ledger.queue_ms) || {};
       if (r.ledger) {
         for (const [k, label] of STAGES) {
           const d = r.ledger.stages_ms[k];
           if (d == null) continue;
-          segs += `<div class="seg" title="${label}: ${Math.round(d)} ms" style="left:${pct(cursor)};width:${pct(d)};background:var(--${k})"></div>`;
+          const engine = ENGINES.find(([, stage]) => stage === k);
+          const queued = engine && queue[engine[0]] != null ? ` (queued ${Math.round(queue[engine[0]])} ms)` : "";
+          segs += `<div class="seg" title="${label}: ${Math.round(d)} ms${queued}" style="left:${pct(cursor)};width:${pct(d)};background:var(--${k})"></div>`;
           cursor += d;
         }
       }
@@ -70,7 +86,8 @@ export class Latency {
       const v = r.ledger ? r.ledger.voice_to_voice_ms : null;
       parts.push(`<div class="row" data-turn="${turn}"><span class="name">turn ${turn}</span>
         <div class="track">${segs}<div class="budget" style="left:${pct(this.budget)}"></div>${tick}</div>
-        <span class="nums"><span class="v2v">${ms(v)}</span> · <span class="m2e-val" title="mouth-to-ear">ear ${ms(r.m2e)}</span></span></div>`);
+        <span class="nums"><span class="v2v">${ms(v)}</span> · <span class="m2e-val" title="mouth-to-ear">ear ${ms(r.m2e)}</span></span>
+        <span class="queues" title="each engine's work on this turn, and how long its request queued first (ms)">${engineLine(r.ledger)}</span></div>`);
     }
     if (parts.length) {
       const every = scale / step <= 10 ? step : step * 2;
