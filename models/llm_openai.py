@@ -24,10 +24,19 @@ chunks do not extend either limit, so a server that stalls while keeping the
 connection busy still fails the turn).  Cancelling the
 consumer (or ``aclose()`` on the iterator) closes the HTTP connection at once,
 which is how a server such as vLLM learns to stop generating.
+
+Many calls share one client.  HTTP/1.1 carries one stream per connection,
+so ``max_connections`` streams run at once (aiohttp's own default pool of
+100 would queue the 101st silently, inside its connect timeout).  Beyond
+that, requests wait for a free connection in a `PriorityLimiter`, committed
+work first; the wait is the ticket's queue wait, it counts against the first
+token's limit, and it is logged.  Idle connections are kept for
+`KEEPALIVE_TIMEOUT_S`, less than the servers' own keep-alive.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -46,12 +55,21 @@ from .protocols import (
     EndpointTimeout,
     EndpointUnreachable,
 )
-from .scheduling import WorkTicket
+from .scheduling import PriorityLimiter, WorkTicket
 
 log = logging.getLogger(__name__)
 
 #: how much of an error body goes into the exception message
 _BODY_EXCERPT_CHARS = 300
+#: default of ``max_connections`` (llm.max_connections): concurrent streams, one connection each
+MAX_CONNECTIONS = 256
+#: seconds an idle pooled connection is kept.  Below the 5 s after which uvicorn, and so vLLM
+#: (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, default 5) and SGLang (``timeout_keep_alive=5``), close an
+#: idle connection: a request is never sent on a connection the server is closing at that moment
+#: (aiohttp does not retry a POST; its own default is 15 s).
+KEEPALIVE_TIMEOUT_S = 4.0
+#: seconds between two warnings that every connection is busy
+_POOL_FULL_WARNING_INTERVAL_S = 10.0
 
 
 class OpenAIChatModel:
@@ -66,10 +84,18 @@ class OpenAIChatModel:
         connect_timeout_s: float = defaults.OPENAI_CONNECT_TIMEOUT_S,
         first_token_timeout_s: float = defaults.OPENAI_FIRST_TOKEN_TIMEOUT_S,
         idle_timeout_s: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
         extra_body: dict | None = None,
     ) -> None:
+        """``max_connections``: streams open at once (one HTTP/1.1 connection each); more wait.
+
+        Raises EndpointError for a base_url that is not http(s), ValueError
+        for ``max_connections`` < 1.
+        """
         if not base_url.startswith(("http://", "https://")):
             raise EndpointError(f"LLM base_url must start with http:// or https://, got {base_url!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
@@ -78,18 +104,26 @@ class OpenAIChatModel:
         self.connect_timeout_s = connect_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
         self.extra_body = dict(extra_body or {})
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._connections = PriorityLimiter(max_connections, name="llm connections")
+        self._pool_full_warned_at: float | None = None
+        log.info("LLM endpoint %s: up to %d streams at once (max_connections, one connection each; "
+                 "more wait, committed first); idle connections kept %g s",
+                 self.url, max_connections, KEEPALIVE_TIMEOUT_S)
 
     def __repr__(self) -> str:
         return f"OpenAIChatModel({self.url!r}, model={self.model!r})"
 
     # ------------------------------------------------------------ session
     def _get_session(self) -> aiohttp.ClientSession:
-        """The shared HTTP session, created lazily in the running loop."""
+        """The shared HTTP session, created lazily in the running loop (with a new connection limiter)."""
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
+            if self._session_loop is not loop:
+                self._connections = PriorityLimiter(self.max_connections, name="llm connections")
             headers = {"Accept": "text/event-stream"}
             if self._api_key:
                 headers["Authorization"] = f"Bearer {self._api_key}"
@@ -100,9 +134,10 @@ class OpenAIChatModel:
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=self.connect_timeout_s, sock_connect=self.connect_timeout_s
                 ),
-                # no pool limit: a wait for a free pooled connection would eat
-                # into the connect timeout under many concurrent calls.
-                connector=aiohttp.TCPConnector(limit=0),
+                # as many as the limiter lets through, so aiohttp never queues a request
+                # itself (its wait would count as connecting, unseen and unordered)
+                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
+                                               keepalive_timeout=KEEPALIVE_TIMEOUT_S),
             )
             self._session_loop = loop
         return self._session
@@ -138,16 +173,49 @@ class OpenAIChatModel:
     ) -> AsyncGenerator[str, None]:
         """Yield the content pieces of the streamed answer, in order.
 
-        The ``ticket`` is marked started when the request is sent: a remote
-        server's own queue (vLLM, SGLang schedule and batch continuously) is
-        part of its work as seen from here.
+        The ``ticket`` is marked started when a connection is free and the
+        request is sent (its queue wait is the wait for a connection, 0 while
+        fewer than ``max_connections`` streams are open), finished when the
+        stream ends.  A remote server's own queue (vLLM and SGLang schedule
+        and batch continuously) is part of the work as seen from here.
+        Raises EndpointTimeout if no connection frees before the first
+        token's limit.
         """
-        if ticket is not None:
-            ticket.mark_started()
         payload = self._payload(messages, max_tokens, temperature)
         session = self._get_session()
+        connections = self._connections
         loop = asyncio.get_running_loop()
         first_deadline = loop.time() + self.first_token_timeout_s
+        if connections.busy >= connections.slots:
+            self._warn_pool_full(loop.time(), connections)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout_at(first_deadline):
+                    await stack.enter_async_context(connections.slot(ticket or WorkTicket(label="llm")))
+            except TimeoutError:
+                raise self._error(
+                    f"no free connection within {self.first_token_timeout_s:g} s: all {connections.slots} "
+                    f"(max_connections) in use, {connections.waiting} requests waiting", EndpointTimeout,
+                ) from None
+            inner = self._stream(session, payload, max_tokens, first_deadline)
+            async with contextlib.aclosing(inner):
+                async for piece in inner:
+                    yield piece
+
+    def _warn_pool_full(self, now: float, connections: PriorityLimiter) -> None:
+        """Say (at most every `_POOL_FULL_WARNING_INTERVAL_S`) that requests wait for a connection."""
+        last = self._pool_full_warned_at
+        if last is not None and now - last < _POOL_FULL_WARNING_INTERVAL_S:
+            return
+        self._pool_full_warned_at = now
+        log.warning("LLM endpoint %s: all %d connections (max_connections) are streaming; new requests wait "
+                    "for one (%d waiting); raise llm.max_connections if the server can take more",
+                    self.url, connections.slots, connections.waiting + 1)
+
+    async def _stream(self, session: aiohttp.ClientSession, payload: dict[str, Any], max_tokens: int,
+                      first_deadline: float) -> AsyncGenerator[str, None]:
+        """One request on one connection: the content pieces of the SSE stream."""
+        loop = asyncio.get_running_loop()
         got_token = False
         pieces = 0
         waiting_since = loop.time()    # since the consumer asked for the next piece
