@@ -25,7 +25,7 @@ import numpy as np
 
 from . import defaults
 from .bundled import is_bundled, not_installed, resolve_bundled
-from .onnx import cpu_session
+from .onnx import onnx_session, session_device
 from .protocols import ModelError, ModelUnavailable
 
 _MAX_INT16 = 32767.0
@@ -45,7 +45,7 @@ def _resolve_voice(voice: str | Path) -> tuple[Path, Path]:
 
 
 class PiperSynthesizer:
-    """SpeechSynthesizer over a Piper ONNX voice (CPU)."""
+    """SpeechSynthesizer over a Piper ONNX voice (CPU, or CUDA through ONNX Runtime: models/onnx.py)."""
 
     name = "piper"
 
@@ -58,9 +58,11 @@ class PiperSynthesizer:
         volume: float = 0.9,
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
+        device: str = "auto",
     ) -> None:
         """``noise_scale``/``noise_w_scale``: VITS sampling noise (None = the voice's own; 0 makes
-        the same text give the same audio every time, which tests use)."""
+        the same text give the same audio every time, which tests use).  ``device``: auto | cpu |
+        cuda (`onnx_session`; ``threads`` counts on the CPU only)."""
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
         try:
@@ -74,7 +76,7 @@ class PiperSynthesizer:
                 config = PiperConfig.from_dict(json.load(f))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelUnavailable(f"bad Piper voice config {config_path}: {exc}") from exc
-        session = cpu_session(model, "Piper voice", threads=threads)
+        session = onnx_session(model, "Piper voice", device=device, threads=threads)
         # PiperVoice.load() would build a session with default (all-core)
         # threading; build the same dataclass around our own session instead.
         self._voice = PiperVoice(session=session, config=config)
@@ -83,6 +85,7 @@ class PiperSynthesizer:
         self.voice_path = model
         self.sample_rate: int = int(config.sample_rate)
         self.threads = threads
+        self.device = session_device(session)
 
     def synthesize(self, text: str) -> Iterator[np.ndarray]:
         """Yield int16 mono chunks at ``sample_rate``, one per sentence."""
@@ -103,4 +106,4 @@ class PiperSynthesizer:
             raise ModelError(f"Piper synthesis failed for {text[:60]!r}: {exc}") from exc
 
     def __repr__(self) -> str:
-        return f"PiperSynthesizer({str(self.voice_path)!r}, threads={self.threads})"
+        return f"PiperSynthesizer({str(self.voice_path)!r}, threads={self.threads}, device={self.device!r})"

@@ -1,6 +1,6 @@
 """Silero VAD through ONNX Runtime; the ONNX ships inside faster-whisper.
 
-One ``InferenceSession`` per model file per process, shared by all streams
+One ``InferenceSession`` per model file and device per process, shared by all streams
 (ONNX Runtime's ``run`` is thread-safe); each stream keeps its own recurrent
 state and the last 64 samples of the previous frame, which the model expects
 in front of every 512-sample (32 ms) frame at 16 kHz.
@@ -20,23 +20,24 @@ from pathlib import Path
 import numpy as np
 
 from . import defaults
-from .onnx import cpu_session
+from .onnx import onnx_session, session_device
 from .protocols import SAMPLE_RATE, ModelError, ModelUnavailable
 
 FRAME_SAMPLES = 512  # 32 ms at 16 kHz: the only chunk size the model takes there
 CONTEXT_SAMPLES = 64  # samples of the previous chunk prepended to each chunk
 
-_SESSIONS: dict[Path, object] = {}
+_SESSIONS: dict[tuple[Path, str], object] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
-def _shared_session(path: Path):
-    """One onnxruntime session per model file per process."""
-    key = path.resolve()
+def _shared_session(path: Path, device: str = "auto"):
+    """One onnxruntime session per model file and device (auto | cpu | cuda: models/onnx.py) per process."""
+    key = (path.resolve(), device)
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
         if session is None:
-            session = cpu_session(key, "Silero VAD model", threads=1, memory_arena=False, log_level=4)
+            session = onnx_session(key[0], "Silero VAD model", device=device, threads=1, memory_arena=False,
+                                   log_level=4)
             _SESSIONS[key] = session
         return session
 
@@ -86,7 +87,8 @@ class SileroVad:
     name = "silero"
     frame_samples = FRAME_SAMPLES
 
-    def __init__(self, model_path: Path | str | None = None, threshold: float = defaults.SILERO_THRESHOLD) -> None:
+    def __init__(self, model_path: Path | str | None = None, threshold: float = defaults.SILERO_THRESHOLD,
+                 device: str = "auto") -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"Silero VAD threshold must be in (0, 1), got {threshold!r}")
         if model_path is None:
@@ -98,7 +100,8 @@ class SileroVad:
             raise ModelUnavailable(f"Silero VAD model not found at {model_path}")
         self.model_path = model_path
         self.threshold = threshold
-        self._session = _shared_session(model_path)
+        self._session = _shared_session(model_path, device)
+        self.device = session_device(self._session)
         inputs = {i.name for i in self._session.get_inputs()}
         if {"input", "h", "c"} <= inputs:
             self._layout = "v6"
@@ -113,4 +116,4 @@ class SileroVad:
         return SileroVadStream(self)
 
     def __repr__(self) -> str:
-        return f"SileroVad({str(self.model_path)!r}, threshold={self.threshold})"
+        return f"SileroVad({str(self.model_path)!r}, threshold={self.threshold}, device={self.device!r})"

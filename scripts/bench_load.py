@@ -374,7 +374,10 @@ async def webrtc_caller(session, url: str, plan: Plan, index: int, questions: li
             caller.say(pcm)
             try:
                 turns = await caller.wait_for_turns(k, plan.turn_timeout_s)
-                await caller.wait_for(lambda o=onsets: len(caller.onsets) > o, 10, "reply onset")
+                def heard_reply(before: int = onsets) -> bool:
+                    return len(caller.onsets) > before
+
+                await caller.wait_for(heard_reply, 10, "reply onset")
                 await caller.wait_for(lambda: caller.events_of("state")[-1].get("state") == "listening",
                                       plan.turn_timeout_s, "the agent done")
                 ledger = turns[k - 1]["ledger"]
