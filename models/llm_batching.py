@@ -40,6 +40,12 @@ consumer (the reply synthesizing its first clause), the thread pauses inside
 the step callback, freeing the CPU for the TTS the caller waits for, and
 resumes without a re-prefill.
 
+Sharing the cores (``yield_to_critical_path``, on for a CPU placement): a
+round with no COMMITTED member pauses between steps, up to ``MAX_YIELD_S``,
+while another engine does committed work (`models.scheduling.critical_path`:
+a final transcript, a first piece's TTS), so the caller who waits is not
+slowed by text that is only needed later.
+
 Deadline classes and queue wait: each request carries a
 `models.scheduling.WorkTicket`; its urgency is read at every decision, so a
 speculative reply promoted to COMMITTED moves ahead at once.  The ticket is
@@ -51,12 +57,13 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .protocols import ModelError
-from .scheduling import Urgency, WorkTicket
+from .scheduling import Urgency, WorkTicket, critical_path
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,9 @@ MIN_ROUND_STEPS = 4
 #: a request whose ticket the engine made (no caller's ticket: the OpenAI-compatible API, ``complete``) is
 #: COMMITTED for its first tokens and SLACK after this many (tokens; about a first clause)
 AUTO_SLACK_AFTER_TOKENS = 8
+#: longest pause of a round without committed members while other engines do committed work (seconds);
+#: bounded so that slack work cannot starve past the audio that covers it
+MAX_YIELD_S = 0.4
 
 
 class _End:
@@ -142,7 +152,8 @@ class BatchScheduler:
     """
 
     def __init__(self, generator: Any, *, name: str, tokens_of: Callable[[list[int]], list[str]],
-                 end_tokens: list[str], stop_ids: frozenset[int], max_batch: int = 8, ahead: int = AHEAD) -> None:
+                 end_tokens: list[str], stop_ids: frozenset[int], max_batch: int = 8, ahead: int = AHEAD,
+                 yield_to_critical_path: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch!r}")
         self._generator = generator
@@ -152,6 +163,9 @@ class BatchScheduler:
         self._stop_ids = stop_ids
         self.max_batch = max_batch
         self.ahead = ahead
+        self.yield_to_critical_path = yield_to_critical_path
+        #: seconds rounds spent paused for other engines' committed work
+        self.yielded_s = 0.0
         self._cond = threading.Condition()
         self._requests: list[BatchRequest] = []
         self._round: _Round | None = None
@@ -390,11 +404,26 @@ class BatchScheduler:
                 round_.left.add(index)
                 return True
             self._pause_while_all_wait(round_)
+            self._yield_to_critical_path(round_)
             if round_.stopping or request.cancelled or self._closed:
                 round_.stopping = round_.stopping or not request.cancelled
                 round_.left.add(index)
                 return True
             return False
+
+    def _yield_to_critical_path(self, round_: _Round) -> None:
+        """Pause (under the lock) a round without committed members while other engines do committed work."""
+        if not self.yield_to_critical_path or not critical_path.busy:
+            return
+        if any(m.ticket.urgency == Urgency.COMMITTED for i, m in enumerate(round_.members) if i not in round_.left):
+            return
+        start = time.monotonic()
+        while critical_path.busy and time.monotonic() - start < MAX_YIELD_S and not self._closed:
+            if self._should_restart(round_):
+                round_.stopping = True
+                break
+            self._cond.wait(0.005)
+        self.yielded_s += time.monotonic() - start
 
     def _pause_while_all_wait(self, round_: _Round) -> None:
         """Block (under the lock) while every running member waits for its consumer and nothing else is due."""

@@ -137,17 +137,21 @@ class CTranslate2ChatModel:
             if tid is not None:
                 stop_ids.add(tid)
         self._stop_ids = frozenset(stop_ids)
-        self._end_tokens = [self._tokenizer.id_to_token(i) for i in sorted(self._stop_ids)]
+        self._end_tokens: list[str] = [t for t in map(self._tokenizer.id_to_token, sorted(self._stop_ids)) if t]
         self.context_length: int | None = self._meta.get("context_length")
         self.max_batch = max_batch or DEFAULT_MAX_BATCH.get(self.placement.device, 8)
         self.scheduler = BatchScheduler(
             self._generator, name=self.name, tokens_of=self._tokens_of, end_tokens=self._end_tokens,
             stop_ids=self._stop_ids, max_batch=self.max_batch,
+            yield_to_critical_path=self.placement.device == "cpu",   # the cores are shared with STT and TTS
         )
         log.info("%s: continuous batching, at most %d requests per decoding step", self.name, self.max_batch)
 
     def _tokens_of(self, ids: list[int]) -> list[str]:
-        return [self._tokenizer.id_to_token(i) for i in ids]
+        tokens = [self._tokenizer.id_to_token(i) for i in ids]
+        if None in tokens:
+            raise ModelError(f"{self.name}: token id outside the vocabulary in {ids!r}")
+        return tokens  # type: ignore[return-value]
 
     async def aclose(self) -> None:
         """Stop the batching thread (requests still running end with a ModelError)."""

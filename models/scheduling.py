@@ -31,8 +31,8 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from enum import IntEnum
 
 Clock = Callable[[], float]
@@ -154,7 +154,8 @@ class PriorityLimiter:
         await self._acquire(ticket)
         ticket.mark_started()
         try:
-            yield
+            async with critical_path.working(ticket):
+                yield
         finally:
             ticket.mark_finished()
             self._release()
@@ -180,3 +181,46 @@ class PriorityLimiter:
             if not future.done():
                 self.busy += 1
                 future.set_result(None)
+
+
+class CriticalPath:
+    """How many COMMITTED requests are at work right now, across the process's engines (thread-safe).
+
+    On a CPU every engine shares the same cores, so slack work of one engine
+    (the LLM finishing a reply whose audio still plays) slows committed work
+    of another (the final transcript of a turn that just ended).  The STT and
+    TTS services count their committed work here (`working`); the LLM's
+    scheduler pauses a round with no committed member while ``busy``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._count > 0
+
+    @contextmanager
+    def counting(self, ticket: WorkTicket) -> Iterator[None]:
+        """Count ``ticket``'s work while it runs, if it is COMMITTED when it starts."""
+        counted = ticket.urgency == Urgency.COMMITTED
+        if counted:
+            with self._lock:
+                self._count += 1
+        try:
+            yield
+        finally:
+            if counted:
+                with self._lock:
+                    self._count -= 1
+
+    @asynccontextmanager
+    async def working(self, ticket: WorkTicket) -> AsyncIterator[None]:
+        """`counting` for a coroutine's work."""
+        with self.counting(ticket):
+            yield
+
+
+#: the process's one critical-path gauge (engines are process-wide too)
+critical_path = CriticalPath()

@@ -230,3 +230,22 @@ def test_close_ends_waiting_requests_with_an_error():
     assert held.done.wait(5)
     with pytest.raises(ModelError):
         sched.submit(Consumer(sched, [1], 1, Urgency.COMMITTED).request)
+
+
+def test_a_slack_round_yields_to_committed_work_of_other_engines_and_a_committed_round_does_not():
+    from sub300.models.scheduling import critical_path
+
+    gen = FakeCt2Generator()
+    sched = BatchScheduler(gen, name="fake-llm", tokens_of=lambda ids: [str(i) for i in ids], end_tokens=["0"],
+                           stop_ids=frozenset({STOP}), yield_to_critical_path=True)
+    with critical_path.counting(WorkTicket(Urgency.COMMITTED)):      # e.g. a final transcript being computed
+        slack = Consumer(sched, [1] * 10, 20, Urgency.SLACK).submit()
+        urgent = Consumer(sched, [2] * 10, 20, Urgency.COMMITTED)
+        threading.Event().wait(0.1)
+        assert len(slack.pieces) <= 1 and not slack.done.is_set()   # paused between steps
+        urgent.submit()                                              # preempts the paused slack round
+        assert urgent.done.wait(5)
+    assert slack.done.wait(5)
+    sched.close()
+    assert slack.tokens() == alone([1] * 10, 20) and urgent.tokens() == alone([2] * 10, 20)
+    assert sched.yielded_s > 0.05

@@ -451,7 +451,7 @@ async def test_embedded_engine_failures_take_the_same_path(engines, config, monk
     """The real CTranslate2 engine (bundled SmolLM2), broken two ways: a failed turn and the fallback."""
     llm = engines.llm
     if breakage == "generation":
-        monkeypatch.setattr(llm, "_generator", FakeBrokenGenerator())
+        monkeypatch.setattr(llm.scheduler, "_generator", FakeBrokenGenerator())
         words = "generation failed: CUDA failed with error out of memory"
     else:
         def broken_encode(messages):

@@ -25,7 +25,7 @@ async def test_waiters_are_served_by_urgency_then_arrival_and_record_their_queue
         ("busy", Urgency.COMMITTED), ("spec", Urgency.SPECULATIVE), ("slack", Urgency.SLACK),
         ("late-committed", Urgency.COMMITTED)]}
     tasks = []
-    for name, ticket in tickets.items():
+    for ticket in tickets.values():
         tasks.append(asyncio.create_task(_hold(limiter, ticket, order, 0.1)))
         await asyncio.sleep(0.01)
     assert limiter.waiting == 3
