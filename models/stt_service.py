@@ -14,7 +14,10 @@ when its turn ends moves ahead of partial transcripts (SLACK) of other calls.
   ``transcribe_batch(list[np.ndarray]) -> list[Transcript]``, as
   `WhisperRecognizer` does) and several requests wait when a worker frees,
   the worker takes up to ``max_batch`` of them, the most urgent first, into
-  one call.  A lone waiter runs alone (``transcribe``).
+  one call.  A lone waiter runs alone (``transcribe``).  A batch holds
+  requests of one deadline class only (the most urgent waiting): a batched
+  call costs more than a single one, and a committed final must not pay for
+  other calls' partials riding along.
 * **Cancellation.**  A waiter that is cancelled leaves the queue and costs
   nothing; a request whose run has started cannot stop the engine (a
   CTranslate2 call is not interruptible): its result is dropped and the run
@@ -153,7 +156,9 @@ class ScheduledRecognizer:
         while self._queue and self.busy < self.workers and not self._closed:
             self._queue.sort(key=_Request.key)
             take = self.max_batch if self._batch is not None else 1
-            batch, self._queue = self._queue[:take], self._queue[take:]
+            head = self._queue[0].ticket.urgency      # a batch holds one deadline class (see the module doc)
+            batch = [r for r in self._queue[:take] if r.ticket.urgency == head]
+            self._queue = self._queue[len(batch):]
             run = asyncio.get_running_loop().create_task(self._run(batch), name="stt-run")
             self._runs.add(run)
             run.add_done_callback(self._run_done)

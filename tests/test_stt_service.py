@@ -135,18 +135,23 @@ async def test_waiting_requests_are_batched_most_urgent_first_up_to_max_batch(ma
     running, _ = submit(service, 1, Urgency.COMMITTED)
     await until(lambda: len(fake.runs) == 1)
     waiting = [submit(service, label, urgency) for label, urgency in
-               [(2, Urgency.SLACK), (3, Urgency.SPECULATIVE), (4, Urgency.COMMITTED)]]
+               [(2, Urgency.COMMITTED), (3, Urgency.SLACK), (4, Urgency.COMMITTED), (5, Urgency.COMMITTED),
+                (6, Urgency.SLACK)]]
     await asyncio.sleep(0)
     fake.gate.release()
     await until(lambda: len(fake.runs) == 2)
-    assert fake.runs[1] == ["4", "2"]
-    waiting[1][0].cancel()            # not in the running batch: leaves the queue
+    assert fake.runs[1] == ["2", "4"]            # up to max_batch, the most urgent first
     waiting[0][0].cancel()            # in the running batch: its result is dropped, the batch goes on
-    fake.gate.release(2)
+    fake.gate.release()
     assert (await waiting[2][0]).text == "4" and (await running).text == "1"
-    assert waiting[0][0].cancelled() and waiting[1][0].cancelled()
+    assert waiting[0][0].cancelled()
+    await until(lambda: len(fake.runs) == 3)
+    assert fake.runs[2] == ["5"]                 # a batch holds one deadline class: 5 does not carry 3 along
+    waiting[4][0].cancel()            # not in a batch yet: leaves the queue
+    fake.gate.release(2)
+    assert (await waiting[1][0]).text == "3" and (await waiting[3][0]).text == "5"
     await asyncio.sleep(0.01)
-    assert fake.runs == [["1"], ["4", "2"]] and service.waiting == 0 and service.busy == 0
+    assert fake.runs == [["1"], ["2", "4"], ["5"], ["3"]] and service.waiting == 0 and service.busy == 0
 
 
 async def test_a_failing_batch_fails_its_requests_only(make):
