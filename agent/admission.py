@@ -55,8 +55,9 @@ Clock = Callable[[], float]
 Reason = Literal["full", "transport_full", "saturated"]
 REASONS: tuple[Reason, ...] = ("full", "transport_full", "saturated")
 #: calls per device when nothing is measured or configured. CPU: one call per core, from issue 10's measurement on
-#: a 2-core CPU (2 calls at once held voice-to-voice p95 958 ms, 4 calls 3311 ms). CUDA: a guess, not measured.
-GUESSED_CAPACITY = {"cpu": max(1, os.cpu_count() or 1), "cuda": 16}
+#: a 2-core CPU (2 calls at once held voice-to-voice p95 958 ms, 4 calls 3311 ms), capped at 8 because a guess
+#: should err low (the engines' threads do not scale linearly with cores). CUDA: a guess, not measured.
+GUESSED_CAPACITY = {"cpu": min(8, max(1, os.cpu_count() or 1)), "cuda": 16}
 CAPACITY_FILE_NAME = "capacity.json"
 
 

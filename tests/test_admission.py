@@ -273,6 +273,7 @@ async def test_offer_refused_with_503_and_retry_after_and_readyz_follows(config,
             sip_call = admission.try_admit("sip")    # a phone call takes the other slot
             status, refused, headers = await get("/offer")
             assert status == 503 and headers["Retry-After"] == "11" and "busy" in refused["error"]
+            assert refused["reason"] == "full"
             status, ready, _ = await get("/readyz")
             assert status == 503 and ready["ready"] is False and ready["reason"].startswith("full")
             assert isinstance(sip_call, Ticket)

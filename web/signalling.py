@@ -19,7 +19,8 @@ is wrong, in terms of the request, never our internals:
 
 A caller the process's `Admission` refuses (capacity full, `webrtc.max_calls`
 reached, or engine queues saturated: agent/admission.py) gets 503 with
-Retry-After before any peer connection exists; an admitted offer holds its
+Retry-After and ``{"error": ..., "reason": "full" | "transport_full" |
+"saturated"}`` before any peer connection exists; an admitted offer holds its
 slot while it is answered, and the call until it closes.  An offer that
 aiortc still refuses while answering is a 400 too, and its call is closed at
 once (peer connection included) before the response goes out.  An answered
@@ -303,7 +304,8 @@ class Signalling:
             return _error(bad.status, str(bad))
         ticket = self.admission.try_admit("webrtc")
         if isinstance(ticket, Refusal):
-            return _error(503, ticket.message, **{"Retry-After": str(ticket.retry_after_s)})
+            return web.json_response({"error": ticket.message, "reason": ticket.reason}, status=503,
+                                     headers={"Retry-After": str(ticket.retry_after_s)})
         try:
             return await self._answer(offer, ticket)
         finally:
