@@ -322,7 +322,7 @@ async def inproc_caller(engines, config, plan: Plan, index: int, questions: list
     return rows
 
 
-async def run_inproc(args, config, ns: list[int]) -> tuple[list[dict], list[TurnRow], dict]:
+async def run_inproc(args, config, ns: list[int], report: Report) -> None:
     from sub300.agent.engines import load_engines, warm_up
 
     engines = load_engines(config, progress=lambda m: print(f"# {m}", file=sys.stderr))
@@ -330,7 +330,6 @@ async def run_inproc(args, config, ns: list[int]) -> tuple[list[dict], list[Turn
     questions = speak_questions(engines.tts, len(QUESTIONS))
     if args.simultaneous:
         questions = padded_to_one_length(questions)
-    summaries, all_rows = [], []
     try:
         for n in ns:
             plan = Plan(n, time.monotonic() + 0.5, args.duration_s, args.stagger_s, args.turn_timeout_s,
@@ -340,12 +339,9 @@ async def run_inproc(args, config, ns: list[int]) -> tuple[list[dict], list[Turn
             per_caller = await asyncio.gather(*(inproc_caller(engines, config, plan, i, questions) for i in range(n)))
             resources = sampler.stop()
             rows = [r for caller_rows in per_caller for r in caller_rows]
-            all_rows += rows
-            summaries.append(summarize(n, rows, resources, args.slo_ms))
-            print(f"# N={n}: {format_row(summaries[-1], args.slo_ms)}", file=sys.stderr)
+            report.add(summarize(n, rows, resources, args.slo_ms), rows, engines.describe())
     finally:
         await engines.aclose()
-    return summaries, all_rows, engines.describe()
 
 
 # ------------------------------------------------------------------ WebRTC callers against a server
@@ -400,7 +396,7 @@ async def webrtc_caller(session, url: str, plan: Plan, index: int, questions: li
     return rows
 
 
-async def run_webrtc(args, ns: list[int]) -> tuple[list[dict], list[TurnRow], dict]:
+async def run_webrtc(args, ns: list[int], report: Report) -> None:
     import aiohttp
     from bench_webrtc import LEAD_S, TAIL_S, wait_healthy
 
@@ -412,7 +408,6 @@ async def run_webrtc(args, ns: list[int]) -> tuple[list[dict], list[TurnRow], di
         questions = padded_to_one_length(questions)
     server = None if args.url else start_server(args.port, max(ns))
     url = args.url or f"http://127.0.0.1:{args.port}"
-    summaries, all_rows = [], []
     try:
         async with aiohttp.ClientSession() as session:
             health = await wait_healthy(session, url)
@@ -427,15 +422,12 @@ async def run_webrtc(args, ns: list[int]) -> tuple[list[dict], list[TurnRow], di
                 if server is None:
                     resources["note"] = "CPU/RSS of the benchmark process (the server is remote)"
                 rows = [r for caller_rows in per_caller for r in caller_rows]
-                all_rows += rows
-                summaries.append(summarize(n, rows, resources, args.slo_ms))
-                print(f"# N={n}: {format_row(summaries[-1], args.slo_ms)}", file=sys.stderr)
+                report.add(summarize(n, rows, resources, args.slo_ms), rows, health.get("engines", {}))
                 await asyncio.sleep(1.0)   # the calls' teardown leaves the server before the next N
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
-    return summaries, all_rows, health.get("engines", {})
 
 
 # ------------------------------------------------------------------ statistics and reports
@@ -565,47 +557,80 @@ def parse_list(text: str, kind=float) -> list:
     return values
 
 
+class Report:
+    """The run's outputs, rewritten after every N, so a run stopped by a time limit keeps the Ns it finished."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.machine = describe_machine()
+        self.date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        self.summaries: list[dict] = []
+        self.rows: list[TurnRow] = []
+        self.engines: dict = {}
+
+    def add(self, summary: dict, rows: list[TurnRow], engines: dict) -> None:
+        self.summaries.append(summary)
+        self.rows += rows
+        self.engines = engines
+        print(f"# N={summary['calls']}: {format_row(summary, self.args.slo_ms)}", file=sys.stderr)
+        self.write()
+
+    @property
+    def capacity(self) -> int:
+        return capacity(self.summaries, self.args.slo_ms[0])
+
+    def table(self) -> str:
+        args = self.args
+        mode = ("simultaneous (all stop speaking on one tick)" if args.simultaneous
+                else f"starts spread over {args.stagger_s:g} s")
+        header = [f"# Load: {args.transport} callers, {args.duration_s:g} s per N, {mode}, "
+                  f"pauses 1-3 s (seed {args.seed})",
+                  f"# {self.machine}",
+                  f"# engines: {self.engines}",
+                  f"# capacity (largest N with p95 ≤ {args.slo_ms[0]:.0f} ms): {self.capacity}",
+                  "# voice-to-voice in ms; a turn not answered counts as infinitely late; "
+                  "queue = the ledger's queue_ms (request → start of work)"]
+        return markdown(self.summaries, args.slo_ms, header)
+
+    def write(self, final: bool = False) -> None:
+        args = self.args
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            doc = {"machine": self.machine, "date": self.date, "transport": args.transport,
+                   "simultaneous": args.simultaneous, "complete": final, "args": vars(args), "engines": self.engines,
+                   "capacity_calls": self.capacity, "slo_ms": args.slo_ms, "rows": self.summaries,
+                   "turns": [asdict(r) for r in self.rows]}
+            (out / "load.md").write_text(self.table() + "\n")
+            (out / "load.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+            if final:
+                plot(out / "load.png", self.summaries, args.slo_ms,
+                     f"sub300 load ({args.transport}{', simultaneous' if args.simultaneous else ''})\n{self.machine}")
+                print(f"# wrote {out}/load.md, load.json{', load.png' if (out / 'load.png').exists() else ''}",
+                      file=sys.stderr)
+        if args.write_capacity:
+            capacity_doc = {"capacity_calls": self.capacity, "slo_ms": args.slo_ms[0], "machine": self.machine,
+                            "date": self.date, "transport": args.transport}
+            Path(args.write_capacity).write_text(json.dumps(capacity_doc, indent=1) + "\n")
+            if final:
+                print(f"# wrote {args.write_capacity}: {capacity_doc}", file=sys.stderr)
+
+
 async def main_async(args) -> int:
     from sub300.agent.config import load_config
 
     config = load_config(args.config)
     ns = sorted(set(args.calls))
+    report = Report(args)
     if args.transport == "inproc":
-        summaries, rows, engines = await run_inproc(args, config, ns)
+        await run_inproc(args, config, ns, report)
     elif args.transport == "webrtc":
-        summaries, rows, engines = await run_webrtc(args, ns)
+        await run_webrtc(args, ns, report)
     else:
         raise SystemExit("--transport sip is not implemented yet: use scripts/bench_sip.py for single SIP calls")
-    machine = describe_machine()
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    cap = capacity(summaries, args.slo_ms[0])
-    mode = "simultaneous (all stop speaking on one tick)" if args.simultaneous else f"starts spread over {args.stagger_s:g} s"
-    header = [f"# Load: {args.transport} callers, {args.duration_s:g} s per N, {mode}, pauses 1-3 s (seed {args.seed})",
-              f"# {machine}",
-              f"# engines: {engines}",
-              f"# capacity (largest N with p95 ≤ {args.slo_ms[0]:.0f} ms): {cap}",
-              "# voice-to-voice in ms; a turn not answered counts as infinitely late; "
-              "queue = the ledger's queue_ms (request → start of work)"]
-    table = markdown(summaries, args.slo_ms, header)
-    print(table)
-    doc = {"machine": machine, "date": date, "transport": args.transport, "simultaneous": args.simultaneous,
-           "args": {k: v for k, v in vars(args).items() if k != "func"}, "engines": engines,
-           "capacity_calls": cap, "slo_ms": args.slo_ms, "rows": summaries, "turns": [asdict(r) for r in rows]}
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "load.md").write_text(table + "\n")
-        (out / "load.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        plot(out / "load.png", summaries, args.slo_ms,
-             f"sub300 load ({args.transport}{', simultaneous' if args.simultaneous else ''})\n{machine}")
-        print(f"# wrote {out}/load.md, load.json{', load.png' if (out / 'load.png').exists() else ''}",
-              file=sys.stderr)
-    if args.write_capacity:
-        capacity_doc = {"capacity_calls": cap, "slo_ms": args.slo_ms[0], "machine": machine, "date": date,
-                        "transport": args.transport}
-        Path(args.write_capacity).write_text(json.dumps(capacity_doc, indent=1) + "\n")
-        print(f"# wrote {args.write_capacity}: {capacity_doc}", file=sys.stderr)
-    return 0 if any(s["answered"] for s in summaries) else 1
+    report.write(final=True)
+    print(report.table())
+    return 0 if any(s["answered"] for s in report.summaries) else 1
 
 
 def main() -> None:
