@@ -52,9 +52,14 @@ log = logging.getLogger(__name__)
 #: engine runs at once when ``workers`` is 0 (auto): one on a CPU (concurrent runs only share the
 #: cores), two on a GPU (one run's CPU-side work — features, decoding loop — overlaps the other's kernels)
 AUTO_WORKERS = {"cpu": 1, "cuda": 2}
-#: requests per batched call when ``max_batch`` is 0 (auto).  CPU: measured with
-#: scripts/bench_stt_batch.py (see its docstring and the README); CUDA: a batch of 8 short clips
-#: costs little more than one on a GPU (the encoder is bound by kernel launches, not arithmetic).
+#: requests per batched call when ``max_batch`` is 0 (auto).  CPU: no batching.  Measured with
+#: scripts/bench_stt_batch.py (tiny.en int8, window padding, 2-core EPYC, 2026-11-29): one batched
+#: call of 4 clips costs 0.64x the 4 one after another (2: 0.84x), but when 4 finals arrive at once
+#: the per-request latency is p50 445 / p95 635 ms batched against 406 / 697 ms one by one (2: the
+#: same), and a batch in flight holds the one CPU worker for its whole length (~430 ms for 4 against
+#: ~150 ms for one clip), which is how long a committed final that arrives just after waits.
+#: Batching stays available (stt.max_batch).  CUDA: 8, not measured here; on a GPU a batch of
+#: short clips costs little more than one (the small encoder does not fill the device).
 AUTO_MAX_BATCH = {"cpu": 1, "cuda": 8}
 
 
