@@ -30,8 +30,11 @@ when its turn ends moves ahead of partial transcripts (SLACK) of other calls.
   wait apart from the work.
 
 The blocking ``transcribe`` passes straight through to the engine (warm-up,
-scripts).  One service serves one event loop at a time; `aclose` fails the
-waiters, waits for the runs in flight and stops the threads.
+scripts).  One service serves one event loop at a time.  `aclose` fails the
+waiters, refuses new requests while it waits for the runs in flight, and
+stops the threads; a request after that starts them again (the engines live
+as long as the process, and a server or test that closes them may be
+followed by another that uses them).
 """
 from __future__ import annotations
 
@@ -120,8 +123,8 @@ class ScheduledRecognizer:
         self._queue: list[_Request] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._order = itertools.count()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stt")
-        self._closed = False
+        self._pool: ThreadPoolExecutor | None = None      # started by the first run
+        self._closing = False
 
     # ------------------------------------------------------------ the SpeechRecognizer protocol
     def transcribe(self, audio: np.ndarray) -> Transcript:
@@ -130,8 +133,8 @@ class ScheduledRecognizer:
 
     async def transcribe_async(self, audio: np.ndarray, *, ticket: WorkTicket | None = None) -> Transcript:
         """Queue ``audio`` (float32 mono 16 kHz) behind more urgent work; the engine's transcript."""
-        if self._closed:
-            raise ModelError(f"{self.name}: the recognition service is closed")
+        if self._closing:
+            raise ModelError(f"{self.name}: the recognition service is closing")
         ticket = ticket if ticket is not None else WorkTicket(Urgency.COMMITTED, label="stt")
         ticket.mark_submitted()
         request = _Request(audio, ticket, next(self._order), asyncio.get_running_loop().create_future())
@@ -158,7 +161,7 @@ class ScheduledRecognizer:
     def _dispatch(self) -> None:
         """Start runs while a worker is free and requests wait: the most urgent first."""
         self._queue = [r for r in self._queue if not r.future.done() and not r.future.get_loop().is_closed()]
-        while self._queue and self.busy < self.workers and not self._closed:
+        while self._queue and self.busy < self.workers and not self._closing:
             self._queue.sort(key=_Request.key)
             take = self.max_batch if self._batch is not None else 1
             head = self._queue[0].ticket.urgency      # a batch holds one deadline class (see the module doc)
@@ -180,6 +183,8 @@ class ScheduledRecognizer:
             request.ticket.mark_started()
         audios = [r.audio for r in batch]
         loop = asyncio.get_running_loop()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="stt")
         try:
             if len(batch) == 1:
                 results: Sequence[Transcript] = [await loop.run_in_executor(self._pool, self.recognizer.transcribe,
@@ -210,12 +215,17 @@ class ScheduledRecognizer:
     # ------------------------------------------------------------ lifetime
     async def aclose(self) -> None:
         """Fail the waiters (`ModelError`), let the runs in flight finish, stop the threads."""
-        self._closed = True
-        for request in self._queue:
-            if not request.future.done():
-                request.future.set_exception(ModelError(f"{self.name}: the recognition service closed"))
-        self._queue.clear()
-        runs = [run for run in self._runs if not run.get_loop().is_closed()]
-        if runs:
-            await asyncio.gather(*runs, return_exceptions=True)
-        self._pool.shutdown(wait=False)
+        self._closing = True
+        try:
+            for request in self._queue:
+                if not request.future.done():
+                    request.future.set_exception(ModelError(f"{self.name}: the recognition service closed"))
+            self._queue.clear()
+            runs = [run for run in self._runs if not run.get_loop().is_closed()]
+            if runs:
+                await asyncio.gather(*runs, return_exceptions=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+        finally:
+            self._closing = False

@@ -191,19 +191,25 @@ async def test_queue_wait_and_work_are_recorded_on_the_ticket(make):
     assert ticket.submitted == 1.0 and ticket.queue_wait_s == 2.0 and ticket.work_s == 0.5
 
 
-async def test_a_closed_service_fails_its_waiters_and_new_requests(make):
+async def test_closing_fails_the_waiters_finishes_the_run_and_a_later_request_starts_it_again(make):
     service, fake = make()
     running, _ = submit(service, 1, Urgency.COMMITTED)
     await until(lambda: len(fake.runs) == 1)
     waiter, _ = submit(service, 2, Urgency.COMMITTED)
     await asyncio.sleep(0)
+    closing = asyncio.ensure_future(service.aclose())
+    await asyncio.sleep(0)
+    with pytest.raises(ModelError, match="closing"):
+        await service.transcribe_async(np.ones(1600, np.float32))
     fake.gate.release()
-    await service.aclose()
+    await closing
     assert (await running).text == "1"
     with pytest.raises(ModelError, match="closed"):
         await waiter
-    with pytest.raises(ModelError, match="closed"):
-        await service.transcribe_async(np.ones(1600, np.float32))
+    assert fake.runs == [["1"]] and service.busy == 0
+    again, _ = submit(service, 3, Urgency.COMMITTED)      # the engines outlive one server: it starts again
+    fake.gate.release()
+    assert (await again).text == "3"
 
 
 def test_auto_workers_and_batch_follow_the_device():
