@@ -219,7 +219,11 @@ class BatchScheduler:
             return sum(1 for r in self._requests if r.live)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread: running requests end at their next step with an error."""
+        """Stop the thread: running requests end at their next step, waiting ones with an error.
+
+        Requests submitted while it closes are refused; a later request starts
+        a new thread (the engines outlive an app that closed them, as in tests).
+        """
         with self._cond:
             self._closed = True
             for request in self._requests:
@@ -230,6 +234,10 @@ class BatchScheduler:
             thread.join(timeout)
             if thread.is_alive():
                 log.error("%s: the batching thread did not stop within %.0f s", self.name, timeout)
+                return
+        with self._cond:
+            self._thread = None
+            self._closed = False
 
     # ------------------------------------------------------------ the scheduler thread
     def _run(self) -> None:

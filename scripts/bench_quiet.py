@@ -67,7 +67,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.audio: list[np.ndarray] = []
 
-    async def transcribe_async(self, audio: np.ndarray) -> Transcript:
+    async def transcribe_async(self, audio: np.ndarray, *, ticket: object = None) -> Transcript:
         self.audio.append(audio.copy())
         await asyncio.sleep(0)
         return Transcript(str(len(self.audio) - 1), len(audio) / SAMPLE_RATE, 0.0)
