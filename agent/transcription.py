@@ -16,11 +16,13 @@
   if the caller is still silent.
 * **Deadline classes** (models/scheduling.py): every transcription carries a
   `WorkTicket` on the utterance's clock, which the shared STT service
-  (models/stt_service.py) orders its queue by.  Partials are SLACK; the
-  early final is SPECULATIVE while the hangover runs and is promoted to
-  COMMITTED when `final()` takes it as the turn's final (demoted to SLACK
-  when the caller goes on and it is only a partial); a final launched after
-  the turn ended and a barge-in's word check are COMMITTED.
+  (models/stt_service.py) orders its queue by.  Partials are SPECULATIVE
+  (shown on the page, nobody waits for them) and are skipped, not queued,
+  while the shared recogniser has a queue; the early final is SLACK while
+  the hangover runs (usually the final, due when the hangover ends) and is
+  promoted to COMMITTED when `final()` takes it as the turn's final (demoted
+  to SPECULATIVE when the caller goes on and it is only a partial); a final
+  launched after the turn ended and a barge-in's word check are COMMITTED.
 
 Every transcription is a task of the utterance's `TaskOwner`, so the turn's
 work is cancelled as one.  Engines are called through `transcribe()`, the one
@@ -146,7 +148,7 @@ class UtteranceTranscriber:
         """The caller went on: the early final is only a partial now."""
         self._early_due = False
         if self.early_final is not None:
-            self.early_final.ticket.urgency = Urgency.SLACK
+            self.early_final.ticket.urgency = Urgency.SPECULATIVE     # nobody waits for a partial
             self._show_as_partial(self.early_final)
             self.partial, self.early_final = self.early_final, None
 
@@ -167,7 +169,9 @@ class UtteranceTranscriber:
         if busy or now - self._last_partial_at < self._interval:
             return
         self._last_partial_at = now
-        self.partial = self._launch(Urgency.SLACK)
+        if getattr(self._stt, "waiting", 0):
+            return    # the shared recogniser has a queue: a partial (shown on the page only) is skipped, not queued
+        self.partial = self._launch(Urgency.SPECULATIVE)
         self._show_as_partial(self.partial)
 
     def final(self, end_sample: int) -> tuple[Transcription, bool]:
@@ -206,7 +210,8 @@ class UtteranceTranscriber:
                 running[0].then(lambda _text: self._relaunch())
             return
         self._on_stale()
-        early = self.early_final = self._launch(Urgency.SPECULATIVE)
+        # SLACK, not SPECULATIVE: it is usually the final, due when the hangover ends
+        early = self.early_final = self._launch(Urgency.SLACK)
         early.then(lambda text: self._early_final_done(early, text))
 
     def _relaunch(self) -> None:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .protocols import ModelError, SpeechRecognizer, Transcript
-from .scheduling import Urgency, WorkTicket
+from .scheduling import Urgency, WorkTicket, critical_path
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +185,11 @@ class ScheduledRecognizer:
         loop = asyncio.get_running_loop()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="stt")
+        # a committed transcription counts on the critical path (the LLM's slack rounds yield the cores to it)
+        most_urgent = min((r.ticket for r in batch), key=lambda t: t.urgency)
         try:
-            if len(batch) == 1:
-                results: Sequence[Transcript] = [await loop.run_in_executor(self._pool, self.recognizer.transcribe,
-                                                                            audios[0])]
-            else:
-                assert self._batch is not None
-                results = await loop.run_in_executor(self._pool, self._batch, audios)
-                if len(results) != len(batch):
-                    raise ModelError(f"{self.name}: transcribe_batch gave {len(results)} results for {len(batch)}")
+            with critical_path.counting(most_urgent):
+                results = await self._transcribe(loop, batch, audios)
         except asyncio.CancelledError:          # the loop is shutting down: so are the waiters
             for request in batch:
                 request.future.cancel()
@@ -211,6 +207,17 @@ class ScheduledRecognizer:
             request.ticket.mark_finished()
             if not request.future.done():       # a cancelled request's result is dropped
                 request.future.set_result(result)
+
+    async def _transcribe(self, loop: asyncio.AbstractEventLoop, batch: list[_Request],
+                          audios: list[np.ndarray]) -> Sequence[Transcript]:
+        assert self._pool is not None
+        if len(batch) == 1:
+            return [await loop.run_in_executor(self._pool, self.recognizer.transcribe, audios[0])]
+        assert self._batch is not None
+        results = await loop.run_in_executor(self._pool, self._batch, audios)
+        if len(results) != len(batch):
+            raise ModelError(f"{self.name}: transcribe_batch gave {len(results)} results for {len(batch)}")
+        return results
 
     # ------------------------------------------------------------ lifetime
     async def aclose(self) -> None:

@@ -277,7 +277,7 @@ async def test_partials_every_interval_then_the_early_final(configured):
     assert turn.ledger.marks["stt_start"] == approx(3.02)
 
 
-async def test_stt_tickets_partials_slack_early_final_speculative_then_committed(configured):
+async def test_stt_tickets_partials_speculative_early_final_slack_then_committed(configured):
     from sub300.models.scheduling import Urgency
 
     eng = engines()
@@ -290,9 +290,10 @@ async def test_stt_tickets_partials_slack_early_final_speculative_then_committed
         await caller.until_idle()
     finally:
         await caller.close()
-    assert during_hangover == [Urgency.SLACK, Urgency.SLACK, Urgency.SPECULATIVE]
+    assert during_hangover == [Urgency.SPECULATIVE, Urgency.SPECULATIVE, Urgency.SLACK]
     # the hangover expired: the early final became the turn's final, on the critical path
-    assert [t.urgency for t in eng.stt.tickets if t is not None] == [Urgency.SLACK, Urgency.SLACK, Urgency.COMMITTED]
+    assert [t.urgency for t in eng.stt.tickets if t is not None] == [
+        Urgency.SPECULATIVE, Urgency.SPECULATIVE, Urgency.COMMITTED]
     (turn,) = of(caller, TurnFinished)
     assert turn.ledger.queue_ms["stt"] == 0.0 and turn.ledger.work_ms["stt"] == pytest.approx(STT_S * 1000)
 
@@ -316,3 +317,13 @@ def test_the_fakes_implement_the_engine_protocols():
     assert FakeStt("hi", delay_s=0).transcribe(speech(0.1).astype("float32")).text == "hi"
     (chunk,) = FakeTts(delay_s=0, ms_per_piece=20).synthesize("x")
     assert len(chunk) == 320
+
+
+async def test_partials_are_skipped_while_the_shared_recogniser_has_a_queue(configured):
+    eng = engines()
+    eng.stt.waiting = 1             # as ScheduledRecognizer.waiting: other calls' transcriptions are queued
+    caller = caller_on(eng, configured(stt__partial_interval_ms=1000))
+    await one_question(caller, seconds=2.5)
+    partials = [e for e in of(caller, TranscriptEvent) if not e.final]
+    assert partials == [] and len(eng.stt.calls) == 1       # only the final
+    assert len(of(caller, TurnFinished)) == 1
