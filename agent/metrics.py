@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .admission import REASONS, Admission, Refusal
 from .events import Event, TurnDiscarded, TurnFailed, TurnFinished
 from .ledger import ENGINE_STAGES, STAGES
+
+if TYPE_CHECKING:
+    from .engines import Engines
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,21 @@ class MetricsObserver:
                 self.engine_work.labels(transport, engine)
         if admission is not None:
             self.watch(admission)
+
+    def watch_engines(self, engines: Engines) -> None:
+        """Requests waiting in each shared engine's queue, read at each scrape (engines that have a queue)."""
+        if getattr(self, "_engines_watched", False):
+            return
+        self._engines_watched = True
+        waiting = Gauge("sub300_engine_waiting_requests",
+                        "Requests queued for a shared engine, all calls together (not yet at work)",
+                        ["engine"], registry=self.registry)
+        def reader(engine: object) -> Callable[[], float]:
+            return lambda: float(getattr(engine, "waiting", 0))
+
+        for stage, engine in (("stt", engines.stt), ("llm", engines.llm), ("tts", engines.tts)):
+            if hasattr(engine, "waiting"):
+                waiting.labels(stage).set_function(reader(engine))
 
     def watch(self, admission: Admission) -> None:
         """Show ``admission``'s capacity and remaining calls (read at each scrape), count its refusals,

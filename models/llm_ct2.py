@@ -147,6 +147,11 @@ class CTranslate2ChatModel:
         )
         log.info("%s: continuous batching, at most %d requests per decoding step", self.name, self.max_batch)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting outside the running batch (for metrics)."""
+        return self.scheduler.waiting
+
     def _tokens_of(self, ids: list[int]) -> list[str]:
         tokens = [self._tokenizer.id_to_token(i) for i in ids]
         if None in tokens:

@@ -74,6 +74,7 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
         observer.watch(admission)
     elif observer.admission is not admission:
         raise ValueError("build_app: the metrics observer watches another admission than the app's")
+    observer.watch_engines(engines)
     signalling = Signalling(config, engines, observer, admission)
     app[ENGINES_KEY] = engines
     app[STARTED_KEY] = time.monotonic()
