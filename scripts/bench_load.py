@@ -20,6 +20,11 @@ Transports:
   (sub300/testing/aiortc_caller.py) call it; the ledger comes back over the
   data channel, and the caller's mouth-to-ear is reported beside it.
   CPU and RSS are the server process's.
+* ``sip``: the SIP service in this process on the shared engines (as in
+  scripts/bench_sip.py), N sipp callers streaming G.711 μ-law over RTP.
+  sipp cannot wait for the agent, so each caller's line is one fixed
+  schedule (open loop): question, ``--sip-answer-s`` for the answer, a
+  pause, the next question; a question that produced no turn is unanswered.
 
 Per N: p50/p95/p99 voice-to-voice over every turn asked (a turn that failed,
 was dropped or timed out counts as infinitely late, so it can never hold an
@@ -44,6 +49,11 @@ the SLO lines; needs matplotlib: ``pip install 'sub300[bench]'``).
     .venv/bin/python scripts/bench_load.py --calls 1,2,4 --duration-s 60 --out /tmp/load
     .venv/bin/python scripts/bench_load.py --calls 1,2,4 --simultaneous --duration-s 30
     .venv/bin/python scripts/bench_load.py --transport webrtc --calls 1,2,4 --duration-s 60
+    .venv/bin/python scripts/bench_load.py --transport sip --calls 1,2,4 --duration-s 60
+
+Against a server (webrtc, sip) the admission limits are lifted to the largest
+N and its queue-wait guard is off, so the benchmark measures past capacity;
+``--keep-admission`` keeps them (refused calls then count as unanswered).
 """
 from __future__ import annotations
 
@@ -345,10 +355,27 @@ async def run_inproc(args, config, ns: list[int], report: Report) -> None:
 
 
 # ------------------------------------------------------------------ WebRTC callers against a server
-def start_server(port: int, max_calls: int) -> subprocess.Popen:
+def _has_admission() -> bool:
+    from sub300.agent.config import Config
+
+    return "admission" in Config.model_fields
+
+
+def lift_admission(config, max_calls: int) -> None:
+    """Let every benchmark call in: the point is to measure past capacity (``--keep-admission`` keeps the limits)."""
+    if _has_admission():
+        config.admission.max_calls = max_calls
+        config.admission.max_queue_wait_ms = 0.0
+    config.sip.max_calls = config.webrtc.max_calls = max(max_calls, 1)
+
+
+def start_server(port: int, max_calls: int, keep_admission: bool) -> subprocess.Popen:
     """`sub300 serve` as its own process with the default configuration (the user's SUB300_* dropped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
-    env["SUB300_WEBRTC_MAX_CALLS"] = str(max_calls)
+    if not keep_admission:
+        env["SUB300_WEBRTC_MAX_CALLS"] = str(max_calls)
+        if _has_admission():
+            env.update(SUB300_ADMISSION_MAX_CALLS=str(max_calls), SUB300_ADMISSION_MAX_QUEUE_WAIT_MS="0")
     return subprocess.Popen([sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -406,7 +433,7 @@ async def run_webrtc(args, ns: list[int], report: Report) -> None:
     questions = [(t, k, compose(LEAD_S, speak(t), TAIL_S)) for t, k in QUESTIONS]
     if args.simultaneous:
         questions = padded_to_one_length(questions)
-    server = None if args.url else start_server(args.port, max(ns))
+    server = None if args.url else start_server(args.port, max(ns), args.keep_admission)
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -428,6 +455,107 @@ async def run_webrtc(args, ns: list[int], report: Report) -> None:
         if server is not None:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
+
+
+# ------------------------------------------------------------------ SIP callers (sipp) against the SIP service
+def sipp_script(plan: Plan, index: int, questions: list, answer_s: float) -> tuple[np.ndarray, list[str]]:
+    """One sipp caller's whole line as 16 kHz audio: its questions, each followed by ``answer_s`` seconds for
+    the answer and a human pause, until the duration is used; and the questions' texts.
+
+    sipp streams a file and cannot wait for the agent, so the schedule is fixed (open loop): an answer
+    longer than ``answer_s`` is talked over by the next question.
+    """
+    rng = plan.rng(index)
+    parts: list[np.ndarray] = []
+    asked: list[str] = []
+    total = 0.0
+    q = index
+    while not asked or total < plan.duration_s:
+        text, _keys, pcm = questions[q % len(questions)]
+        gap = np.zeros(int((answer_s + rng.uniform(*PAUSE_S)) * 16000), np.int16)
+        parts += [pcm, gap]
+        asked.append(text)
+        total += (len(pcm) + len(gap)) / 16000
+        q += 1
+    return np.concatenate(parts), asked
+
+
+async def run_sip(args, config, ns: list[int], report: Report) -> None:
+    import tempfile
+
+    from sub300.agent.audio import resample
+    from sub300.agent.engines import load_engines, warm_up
+    from sub300.agent.events import TurnDiscarded, TurnFailed, TurnFinished
+    from sub300.media.sip import g711
+    from sub300.media.sip.service import start_sip_service
+    from tests.test_sip_support import Peer, RecordingObserver, scenario_call
+
+    if shutil.which("sipp") is None:
+        raise SystemExit("--transport sip needs sipp (Debian package sip-tester; scripts/setup.sh --test-deps)")
+    config = config.model_copy(deep=True)
+    config.sip.host, config.sip.port = "127.0.0.1", 0
+    if not args.keep_admission:
+        lift_admission(config, max(ns))
+    engines = load_engines(config, progress=lambda m: print(f"# {m}", file=sys.stderr))
+    await warm_up(engines, config)
+    questions = speak_questions(engines.tts, len(QUESTIONS))
+    if args.simultaneous:
+        questions = padded_to_one_length(questions)
+    observer = RecordingObserver()
+    service = await start_sip_service(config, engines, observer)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_load_sip_"))
+    try:
+        for n in ns:
+            plan = Plan(n, time.monotonic() + 1.0, args.duration_s, args.stagger_s, args.turn_timeout_s,
+                        args.simultaneous, args.seed)
+            before = set(observer.calls)
+            asked: list[str] = []
+            peers: list[Peer] = []
+            sampler = Sampler(os.getpid())
+            sampler.start()
+            try:
+                for i in range(n):
+                    pcm, texts = sipp_script(plan, i, questions, args.sip_answer_s)
+                    asked += texts
+                    ulaw = tmp / f"n{n}_c{i}.ulaw"
+                    ulaw.write_bytes(g711.encode("PCMU", resample(pcm, 16000, 8000)))
+                    bye_ms = int((len(pcm) / 16000 + args.sip_answer_s) * 1000)
+                    scenario = tmp / f"n{n}_c{i}.xml"
+                    scenario.write_text(scenario_call(str(ulaw), then="bye_after", bye_after_ms=bye_ms))
+                    await asyncio.sleep(max(0.0, plan.start_of(i) - time.monotonic()))
+                    peers.append(Peer(["sipp", "-sf", str(scenario), "-i", "127.0.0.1", "-mi", "127.0.0.1",
+                                       "-p", "0", "-m", "1", "-nostdin", "-timeout", f"{bye_ms // 1000 + 60}s",
+                                       "-timeout_error", f"{service.address[0]}:{service.address[1]}"],
+                                      cwd=str(tmp), log_path=str(tmp / f"n{n}_c{i}.out")))
+                codes = [await peer.wait(args.duration_s + args.sip_answer_s + 120) for peer in peers]
+                await observer.wait_ended(len(before) + n, timeout=30)
+            finally:
+                for peer in peers:
+                    peer.stop()
+            resources = sampler.stop()
+            rows: list[TurnRow] = []
+            for caller, call_id in enumerate(sorted(set(observer.calls) - before)):
+                for event in observer.calls[call_id].events:
+                    if isinstance(event, TurnFinished):
+                        ledger = event.ledger
+                        rows.append(TurnRow(n, caller, event.transcript, "answered", ledger.voice_to_voice_ms,
+                                            dict(ledger.queue_ms), dict(ledger.work_ms),
+                                            {k: round(v, 1) for k, v in ledger.stages_ms().items()},
+                                            event.transcript))
+                    elif isinstance(event, TurnFailed):
+                        rows.append(TurnRow(n, caller, "", "failed", detail=event.error))
+                    elif isinstance(event, TurnDiscarded):
+                        rows.append(TurnRow(n, caller, "", "discarded", detail=event.reason))
+            # a question that produced no turn at all (merged with another, lost, the call refused) is unanswered
+            rows += [TurnRow(n, -1, "", "timeout", detail="no turn for this question")
+                     for _ in range(max(0, len(asked) - len(rows)))]
+            bad = [c for c in codes if c != 0]
+            if bad:
+                print(f"# N={n}: {len(bad)} sipp call(s) ended with an error (logs in {tmp})", file=sys.stderr)
+            report.add(summarize(n, rows, resources, args.slo_ms), rows, engines.describe())
+    finally:
+        await service.close()
+        await engines.aclose()
 
 
 # ------------------------------------------------------------------ statistics and reports
@@ -627,7 +755,7 @@ async def main_async(args) -> int:
     elif args.transport == "webrtc":
         await run_webrtc(args, ns, report)
     else:
-        raise SystemExit("--transport sip is not implemented yet: use scripts/bench_sip.py for single SIP calls")
+        await run_sip(args, config, ns, report)
     report.write(final=True)
     print(report.table())
     return 0 if any(s["answered"] for s in report.summaries) else 1
@@ -653,6 +781,10 @@ def main() -> None:
     parser.add_argument("--write-capacity", metavar="FILE", help="write the measured capacity as JSON for admission")
     parser.add_argument("--port", type=int, default=8312, help="webrtc: port of the server started here")
     parser.add_argument("--url", help="webrtc: an already running server (default: start `sub300 serve` here)")
+    parser.add_argument("--keep-admission", action="store_true",
+                        help="webrtc/sip: keep the server's admission limits (default: lifted to max N, guard off)")
+    parser.add_argument("--sip-answer-s", type=float, default=8.0,
+                        help="sip: seconds left for each answer before the pause and the next question (s)")
     sys.exit(asyncio.run(main_async(parser.parse_args())))
 
 
