@@ -47,6 +47,12 @@ from .words import has_words
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
+#: playout slack: once less agent audio than this is queued while the reply's next text or audio is not
+#: ready, the caller is about to hear a gap, and that work becomes COMMITTED (seconds)
+SLACK_MARGIN_S = 0.5
+#: how often a committed reply looks at its playout slack (seconds)
+SLACK_POLL_S = 0.05
+
 
 @dataclass
 class ReplySettings:
@@ -81,6 +87,7 @@ class Reply:
         # tokens and the first piece's TTS are committed; the rest has the playout's slack.
         self._llm_ticket = WorkTicket(Urgency.SPECULATIVE, clock=clock, label=f"turn{turn}-llm")
         self._first_tts_ticket = WorkTicket(Urgency.SPECULATIVE, clock=clock, label=f"turn{turn}-tts")
+        self._tts_ticket: WorkTicket | None = None      # the piece being synthesized
         self.interrupted = False
         self._llm, self._tts, self._playout = llm, tts, playout
         self._clock, self._emit, self._settings = clock, emit, settings
@@ -162,7 +169,8 @@ class Reply:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._generate(queue), name=f"turn{self.turn}-llm")
-                group.create_task(self._synthesize(queue), name=f"turn{self.turn}-tts")
+                synthesis = group.create_task(self._synthesize(queue), name=f"turn{self.turn}-tts")
+                group.create_task(self._watch_slack(synthesis), name=f"turn{self.turn}-slack")
         except BaseExceptionGroup as group_error:
             raise _unwrap(group_error) from None
 
@@ -223,6 +231,21 @@ class Reply:
         if self.committed:
             self._llm_ticket.urgency = Urgency.SLACK
 
+    async def _watch_slack(self, synthesis: asyncio.Task[None]) -> None:
+        """Until the reply is synthesized: when the queued audio runs short (`SLACK_MARGIN_S`) while the
+        LLM or TTS still works on what comes next, that work becomes COMMITTED (the caller would hear a gap)."""
+        while not synthesis.done():
+            await asyncio.wait({synthesis}, timeout=SLACK_POLL_S)
+            if not self.committed or not self._first_pushed:
+                continue
+            if self._playout.queued_samples >= SLACK_MARGIN_S * self._playout.sample_rate:
+                continue
+            generating = None if self.ledger.has("llm_done") else self._llm_ticket
+            for ticket in (generating, self._tts_ticket):
+                if ticket is not None and ticket.urgency == Urgency.SLACK:
+                    ticket.urgency = Urgency.COMMITTED
+                    self.ledger.notes["slack_ran_out"] = self.ledger.notes.get("slack_ran_out", 0) + 1
+
     async def _synthesize(self, queue: asyncio.Queue[str | None]) -> None:
         resampler = StreamResampler(self._tts.sample_rate, self._playout.sample_rate)
         index = -1
@@ -235,6 +258,7 @@ class Reply:
             ticket = self._first_tts_ticket if index == 0 else WorkTicket(
                 Urgency.SLACK, clock=self._clock, label=f"turn{self.turn}-tts{index}")
             chunks = _tts_chunks(self._tts, spoken_form(piece), ticket)  # history keeps `piece`; TTS gets the words
+            self._tts_ticket = ticket
             try:
                 async for chunk in chunks:
                     if index == 0 and not self.ledger.has("tts_first_audio"):
@@ -243,6 +267,7 @@ class Reply:
                     self._push(resampler.process(chunk), index)
                     self._first_audio.set()
             finally:
+                self._tts_ticket = None
                 self._first_audio.set()
                 await chunks.aclose()
         if index >= 0:

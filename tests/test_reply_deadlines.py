@@ -53,7 +53,8 @@ async def one_turn(config, llm: HistoryLlm, tts: FakeTts) -> TurnFinished:
 
 
 async def test_a_committed_reply_is_committed_until_its_first_piece_then_slack(config):
-    llm, tts = HistoryLlm(TOKENS, first_token_s=0.045, per_token_s=0.01), FakeTts(delay_s=0.033)
+    # 2 s of audio per piece: the rest of the answer always has slack
+    llm, tts = HistoryLlm(TOKENS, first_token_s=0.045, per_token_s=0.01), FakeTts(delay_s=0.033, ms_per_piece=2000)
     turn = await one_turn(configure(config, llm__speculate=False, stt__partial_interval_ms=0), llm, tts)
     assert llm.histories == [[Urgency.COMMITTED, Urgency.SLACK]]
     assert [t.urgency for t in tts.tickets] == [Urgency.COMMITTED, Urgency.SLACK]
@@ -71,3 +72,14 @@ async def test_a_speculative_reply_is_speculative_until_the_turn_ends(config):
     assert llm.histories[-1] == [Urgency.SPECULATIVE, Urgency.COMMITTED, Urgency.SLACK]
     assert tts.tickets[0] is not None and tts.tickets[0].urgency == Urgency.COMMITTED
     assert "llm" in turn.ledger.queue_ms and "llm" in turn.ledger.work_ms
+
+
+async def test_work_whose_playout_slack_runs_out_becomes_committed_again(config):
+    # the first piece plays 0.5 s; the LLM needs 0.3 s a token for the next sentence: the caller is
+    # about to hear a gap, so the rest of the answer is on the critical path again
+    llm, tts = HistoryLlm(TOKENS, first_token_s=0.045, per_token_s=0.3), FakeTts(delay_s=0.033, ms_per_piece=500)
+    turn = await one_turn(configure(config, llm__speculate=False, stt__partial_interval_ms=0), llm, tts)
+    (history,) = llm.histories
+    assert history[:3] == [Urgency.COMMITTED, Urgency.SLACK, Urgency.COMMITTED], history
+    assert turn.ledger.notes["slack_ran_out"] >= 1
+    assert turn.reply == "Sure. Paris is lovely."
