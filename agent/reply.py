@@ -47,9 +47,6 @@ from .words import has_words
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
-#: playout slack: once less agent audio than this is queued while the reply's next text or audio is not
-#: ready, the caller is about to hear a gap, and that work becomes COMMITTED (seconds)
-SLACK_MARGIN_S = 0.5
 #: how often a committed reply looks at its playout slack (seconds)
 SLACK_POLL_S = 0.05
 
@@ -232,19 +229,22 @@ class Reply:
             self._llm_ticket.urgency = Urgency.SLACK
 
     async def _watch_slack(self, synthesis: asyncio.Task[None]) -> None:
-        """Until the reply is synthesized: when the queued audio runs short (`SLACK_MARGIN_S`) while the
-        LLM or TTS still works on what comes next, that work becomes COMMITTED (the caller would hear a gap)."""
+        """Until the reply is synthesized, keep the deadline of the work on what comes next: the moment
+        the queued audio runs out (earliest deadline first among SLACK work, models/scheduling.py).  When
+        it has run out the caller hears a gap now, and that work is COMMITTED (ledger note ``gaps``)."""
         while not synthesis.done():
             await asyncio.wait({synthesis}, timeout=SLACK_POLL_S)
-            if not self.committed or not self._first_pushed:
+            if not self.committed or not self._first_pushed or self._playout.paused:
                 continue
-            if self._playout.queued_samples >= SLACK_MARGIN_S * self._playout.sample_rate:
-                continue
+            queued_s = self._playout.queued_samples / self._playout.sample_rate
             generating = None if self.ledger.has("llm_done") else self._llm_ticket
             for ticket in (generating, self._tts_ticket):
-                if ticket is not None and ticket.urgency == Urgency.SLACK:
+                if ticket is None:
+                    continue
+                ticket.deadline = self._clock() + queued_s
+                if queued_s == 0 and ticket.urgency == Urgency.SLACK:
                     ticket.urgency = Urgency.COMMITTED
-                    self.ledger.notes["slack_ran_out"] = self.ledger.notes.get("slack_ran_out", 0) + 1
+                    self.ledger.notes["gaps"] = self.ledger.notes.get("gaps", 0) + 1
 
     async def _synthesize(self, queue: asyncio.Queue[str | None]) -> None:
         resampler = StreamResampler(self._tts.sample_rate, self._playout.sample_rate)

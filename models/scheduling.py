@@ -55,12 +55,15 @@ class WorkTicket:
     ``queue_wait_s`` and ``work_s`` are None until known.
     """
 
-    __slots__ = ("_urgency", "clock", "submitted", "started", "finished", "_listeners", "_lock", "label")
+    __slots__ = ("_urgency", "clock", "submitted", "started", "finished", "_listeners", "_lock", "label", "deadline")
 
     def __init__(self, urgency: Urgency = Urgency.COMMITTED, *, clock: Clock = time.monotonic, label: str = ""):
         self._urgency = Urgency(urgency)
         self.clock = clock
         self.label = label
+        #: SLACK work: when it is needed (clock seconds; the moment the audio before it runs out);
+        #: None = no known deadline.  Among SLACK requests the earliest deadline is served first (EDF).
+        self.deadline: float | None = None
         self.submitted: float | None = None
         self.started: float | None = None
         self.finished: float | None = None
@@ -70,6 +73,11 @@ class WorkTicket:
     @property
     def urgency(self) -> Urgency:
         return self._urgency
+
+    def rank(self) -> tuple[int, float]:
+        """The order schedulers serve in (lowest first): the class, then, for SLACK, the deadline."""
+        deadline = self.deadline if self._urgency == Urgency.SLACK and self.deadline is not None else float("inf")
+        return (int(self._urgency), deadline)
 
     @urgency.setter
     def urgency(self, value: Urgency) -> None:
@@ -132,7 +140,8 @@ class PriorityLimiter:
     is decided when a slot frees, on each waiter's *current* urgency, so a
     speculative request promoted to COMMITTED moves ahead.  A waiter that is
     cancelled leaves the queue and takes nothing.  ``waiting`` and
-    ``busy`` are for metrics and admission.
+    ``busy`` are for metrics and admission.  Among SLACK waiters the earliest
+    ``deadline`` goes first.
     """
 
     def __init__(self, slots: int, name: str = "engine") -> None:
@@ -176,7 +185,7 @@ class PriorityLimiter:
     def _release(self) -> None:
         self.busy -= 1
         while self._waiters and self.busy < self.slots:
-            future = min(self._waiters, key=lambda f: (self._waiters[f][0].urgency, self._waiters[f][1]))
+            future = min(self._waiters, key=lambda f: (self._waiters[f][0].rank(), self._waiters[f][1]))
             del self._waiters[future]
             if not future.done():
                 self.busy += 1

@@ -74,12 +74,14 @@ async def test_a_speculative_reply_is_speculative_until_the_turn_ends(config):
     assert "llm" in turn.ledger.queue_ms and "llm" in turn.ledger.work_ms
 
 
-async def test_work_whose_playout_slack_runs_out_becomes_committed_again(config):
-    # the first piece plays 0.5 s; the LLM needs 0.3 s a token for the next sentence: the caller is
-    # about to hear a gap, so the rest of the answer is on the critical path again
+async def test_slack_work_carries_its_deadline_and_is_committed_once_the_audio_ran_out(config):
+    # the first piece plays 0.5 s; the LLM needs 0.3 s a token for the next sentence: the caller
+    # hears a gap, so the rest of the answer is on the critical path again
     llm, tts = HistoryLlm(TOKENS, first_token_s=0.045, per_token_s=0.3), FakeTts(delay_s=0.033, ms_per_piece=500)
     turn = await one_turn(configure(config, llm__speculate=False, stt__partial_interval_ms=0), llm, tts)
     (history,) = llm.histories
     assert history[:3] == [Urgency.COMMITTED, Urgency.SLACK, Urgency.COMMITTED], history
-    assert turn.ledger.notes["slack_ran_out"] >= 1
+    assert turn.ledger.notes["gaps"] >= 1
+    ticket = llm.tickets[0]
+    assert ticket is not None and ticket.deadline is not None      # when the queued audio ran out
     assert turn.reply == "Sure. Paris is lovely."

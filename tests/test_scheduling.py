@@ -63,3 +63,15 @@ def test_ticket_listeners_hear_changes_only():
     ticket.urgency = Urgency.SLACK
     assert heard == [Urgency.COMMITTED]
     assert ticket.queue_wait_s is None
+
+
+async def test_slack_waiters_are_served_earliest_deadline_first():
+    limiter = PriorityLimiter(1, "test")
+    order: list[str] = []
+    busy = asyncio.create_task(_hold(limiter, WorkTicket(label="busy"), order, 0.1))
+    await asyncio.sleep(0)
+    late, soon, none = (WorkTicket(Urgency.SLACK, label=name) for name in ("late", "soon", "no-deadline"))
+    late.deadline, soon.deadline = 5.0, 1.0
+    tasks = [asyncio.create_task(_hold(limiter, t, order, 0.1)) for t in (none, late, soon)]
+    await asyncio.gather(busy, *tasks)
+    assert order == ["busy", "soon", "late", "no-deadline"]
