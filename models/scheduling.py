@@ -74,11 +74,6 @@ class WorkTicket:
     def urgency(self) -> Urgency:
         return self._urgency
 
-    def rank(self) -> tuple[int, float]:
-        """The order schedulers serve in (lowest first): the class, then, for SLACK, the deadline."""
-        deadline = self.deadline if self._urgency == Urgency.SLACK and self.deadline is not None else float("inf")
-        return (int(self._urgency), deadline)
-
     @urgency.setter
     def urgency(self, value: Urgency) -> None:
         value = Urgency(value)
@@ -89,6 +84,11 @@ class WorkTicket:
             listeners = list(self._listeners)
         for listener in listeners:
             listener(self)
+
+    def rank(self) -> tuple[int, float]:
+        """The order schedulers serve in (lowest first): the class, then, for SLACK, the deadline."""
+        deadline = self.deadline if self._urgency == Urgency.SLACK and self.deadline is not None else float("inf")
+        return (int(self._urgency), deadline)
 
     def on_change(self, listener: Callable[[WorkTicket], None]) -> Callable[[], None]:
         """Call ``listener(ticket)`` when the urgency changes; returns the function that unregisters it."""
