@@ -279,6 +279,21 @@ def _rows_from_events(events: list, calls: int, caller: int, question: str) -> l
     return rows
 
 
+def _stuck_state(caller, engines) -> str:
+    """What a call that got no answer was doing, for the log: its events since the question, the turn
+    state, the reply, and the shared engines' queues."""
+    conv = caller.conversation
+    reply = conv._responder.reply
+    events = [type(e).__name__ for e in caller.events[-8:]]
+    llm = getattr(engines.llm, "scheduler", None)
+    queues = {name: getattr(engine, "waiting", "-") for name, engine in
+              (("stt", engines.stt), ("llm", engines.llm), ("tts", engines.tts))}
+    return (f"state {conv.turn_state.state.name}, answering {conv._responder.answering}, "
+            f"reply {'none' if reply is None else (reply.text[:40], reply.ledger.marks.keys())}, "
+            f"playout idle {conv.playout.idle}, last events {events}, queues {queues}, "
+            f"llm active {getattr(llm, 'active', '-')}")
+
+
 def _resolved(events: list) -> bool:
     from sub300.agent.events import TurnDiscarded, TurnFailed, TurnFinished
 
@@ -303,8 +318,8 @@ async def inproc_caller(engines, config, plan: Plan, index: int, questions: list
             rows += got or [TurnRow(plan.calls, index, text, "timeout" if not done else "error",
                                     detail="no answer" if not done else "no turn event")]
             if not done:
-                print(f"# N={plan.calls} caller {index}: no answer to {text!r} within {plan.turn_timeout_s:.0f} s",
-                      file=sys.stderr)
+                print(f"# N={plan.calls} caller {index}: no answer to {text!r} within {plan.turn_timeout_s:.0f} s; "
+                      f"{_stuck_state(caller, engines)}", file=sys.stderr)
             pause_ticks = round(rng.uniform(*PAUSE_S) * 1000 / FRAME_MS)
             if plan.simultaneous:
                 # the round ends when every caller has its answer; the next starts for all on one tick
