@@ -29,9 +29,11 @@ steps.  The scheduler is built around both:
   slack or speculative work in; a more urgent request ends any less urgent
   round at the next step (preemption);
 * slack work is served earliest deadline first (the reply's
-  `WorkTicket.deadline`: when its queued audio runs out); a slack round is
-  restarted for a waiting request due within ``DEADLINE_HORIZON_S`` and
-  ``DEADLINE_LEAD_S`` sooner than every running one;
+  `WorkTicket.deadline`: when its queued audio runs out) when a round is
+  formed, but a deadline never ends a running round: a restart costs every
+  member a re-prefill (~0.5 s for a late turn's prompt on this CPU), and
+  slack rounds preempting each other by deadline made replies that never
+  finished at 8 calls;
 * a round of slack work (the rest of replies whose audio is still playing)
   is restarted to merge waiting requests whose length is within
   ``MAX_FORCED_STEPS`` of it — batched decoding is nearly free on this CPU
@@ -79,10 +81,6 @@ PREFILL_LENGTH_TOLERANCE = 8
 MAX_FORCED_STEPS = 24
 #: a slack round runs at least this many steps before it is restarted to merge waiting requests
 MIN_ROUND_STEPS = 4
-#: a waiting SLACK request whose audio runs out within this (seconds) ...
-DEADLINE_HORIZON_S = 1.0
-#: ... and this much sooner than every running one's ends a slack round (seconds)
-DEADLINE_LEAD_S = 0.3
 #: a request whose ticket the engine made (no caller's ticket: the OpenAI-compatible API, ``complete``) is
 #: COMMITTED for its first tokens and SLACK after this many (tokens; about a first clause)
 AUTO_SLACK_AFTER_TOKENS = 8
@@ -349,24 +347,9 @@ class BatchScheduler:
             return False
         if any(r.ticket.urgency < best for r in outside):
             return True          # preemption: more urgent work waits
-        if best == Urgency.SLACK and self._deadline_due(running, outside):
-            return True          # slack work whose audio runs out first goes first (EDF)
         if best == Urgency.COMMITTED or round_.steps < MIN_ROUND_STEPS or len(running) >= self.max_batch:
             return False
         return any(self._may_join(r, sorted(running, key=BatchRequest.sort_key)) for r in outside)
-
-    @staticmethod
-    def _deadline_due(running: list[BatchRequest], outside: list[BatchRequest]) -> bool:
-        """A waiting SLACK request is due within `DEADLINE_HORIZON_S`, sooner than every running one by
-        `DEADLINE_LEAD_S` (a restart costs a re-prefill: only for a real difference)."""
-        waiting = [r.ticket.deadline for r in outside
-                   if r.ticket.urgency == Urgency.SLACK and r.ticket.deadline is not None]
-        if not waiting:
-            return False
-        soonest = min(waiting)
-        now = running[0].ticket.clock()
-        running_deadlines = [m.ticket.deadline if m.ticket.deadline is not None else float("inf") for m in running]
-        return soonest - now < DEADLINE_HORIZON_S and soonest < min(running_deadlines) - DEADLINE_LEAD_S
 
     def _decode(self, round_: _Round) -> None:
         members = round_.members
