@@ -47,6 +47,9 @@ from .words import has_words
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
+#: a gap in a reply (its audio ran out, the next is not ready) this long makes the late work COMMITTED,
+#: so that under overload no reply starves behind other calls' first tokens (seconds)
+GAP_PROMOTE_S = 1.0
 #: how often a committed reply looks at its playout slack (seconds)
 SLACK_POLL_S = 0.05
 
@@ -232,23 +235,32 @@ class Reply:
         """Until the reply is synthesized, keep the deadline of the work on what comes next: the moment
         the queued audio runs out (earliest deadline first among SLACK work, models/scheduling.py).
 
-        The work stays SLACK even when the audio has run out (the caller hears a gap, counted in the
-        ledger note ``gaps``): promoting it to COMMITTED made it compete with other calls' first
-        tokens, and voice-to-voice p95 at 8 calls went from 2.6 s to 5.9 s on this project's CPU.
+        The work stays SLACK when the audio has just run out (the caller hears a gap, counted in the
+        ledger note ``gaps``): promoting it at once made it compete with other calls' first tokens
+        (voice-to-voice p95 at 8 calls went from 2.6 s to 5.9 s on this project's CPU).  A gap longer
+        than `GAP_PROMOTE_S` promotes it: without that, replies starved under overload.
         """
-        gap = False
+        gap_since: float | None = None
         while not synthesis.done():
             await asyncio.wait({synthesis}, timeout=SLACK_POLL_S)
             if not self.committed or not self._first_pushed or self._playout.paused:
                 continue
+            now = self._clock()
             queued_s = self._playout.queued_samples / self._playout.sample_rate
             generating = None if self.ledger.has("llm_done") else self._llm_ticket
             waiting = [t for t in (generating, self._tts_ticket) if t is not None]
             for ticket in waiting:
-                ticket.deadline = self._clock() + queued_s
-            if waiting and queued_s == 0 and not gap:
+                ticket.deadline = now + queued_s
+            if not (waiting and queued_s == 0):
+                gap_since = None
+                continue
+            if gap_since is None:
+                gap_since = now
                 self.ledger.notes["gaps"] = self.ledger.notes.get("gaps", 0) + 1
-            gap = bool(waiting) and queued_s == 0
+            elif now - gap_since >= GAP_PROMOTE_S:
+                for ticket in waiting:      # the caller has heard silence too long: as urgent as a first token
+                    if ticket.urgency == Urgency.SLACK:
+                        ticket.urgency = Urgency.COMMITTED
 
     async def _synthesize(self, queue: asyncio.Queue[str | None]) -> None:
         resampler = StreamResampler(self._tts.sample_rate, self._playout.sample_rate)

@@ -47,7 +47,9 @@ the step callback, freeing the CPU for the TTS the caller waits for, and
 resumes without a re-prefill.
 
 Sharing the cores (``yield_to_critical_path``, on for a CPU placement): a
-round with no COMMITTED member pauses between steps, up to ``MAX_YIELD_S``,
+round with no COMMITTED member pauses between steps, up to ``MAX_YIELD_S``
+and then runs at least as long as it paused (with many calls some engine is
+always doing committed work: without that duty cycle slack replies starved),
 while another engine does committed work (`models.scheduling.critical_path`:
 a final transcript, a first piece's TTS), so the caller who waits is not
 slowed by text that is only needed later.
@@ -143,6 +145,8 @@ class _Round:
         self.members = members
         self.steps = 0
         self.stopping = False
+        self.ran_since = time.monotonic()     # the end of the last pause for other engines' committed work
+        self.yielded_last = 0.0               # how long that pause was (seconds)
         self.left: set[int] = set()     # batch indices that returned True
 
 
@@ -432,12 +436,16 @@ class BatchScheduler:
         if any(m.ticket.urgency == Urgency.COMMITTED for i, m in enumerate(round_.members) if i not in round_.left):
             return
         start = time.monotonic()
+        if start - round_.ran_since < round_.yielded_last:
+            return      # duty cycle: run at least as long as the last pause, so slack work cannot starve
         while critical_path.busy and time.monotonic() - start < MAX_YIELD_S and not self._closed:
             if self._should_restart(round_):
                 round_.stopping = True
                 break
             self._cond.wait(0.005)
-        self.yielded_s += time.monotonic() - start
+        round_.ran_since = time.monotonic()
+        round_.yielded_last = round_.ran_since - start
+        self.yielded_s += round_.yielded_last
 
     def _pause_while_all_wait(self, round_: _Round) -> None:
         """Block (under the lock) while every running member waits for its consumer and nothing else is due."""
