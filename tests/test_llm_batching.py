@@ -266,3 +266,18 @@ def test_slack_rounds_are_formed_earliest_deadline_first_but_a_deadline_never_en
     assert first.done.wait(5) and late.done.wait(5) and soon.done.wait(5)
     sched.close()
     assert gen.rounds == [[10], [20], [80]], gen.rounds     # the sooner deadline first; no restarts
+
+
+def test_a_slack_round_that_yields_to_other_engines_still_progresses_duty_cycle():
+    from sub300.models.scheduling import critical_path
+
+    gen = FakeCt2Generator()
+    sched = BatchScheduler(gen, name="fake-llm", tokens_of=lambda ids: [str(i) for i in ids], end_tokens=["0"],
+                           stop_ids=frozenset({STOP}), yield_to_critical_path=True)
+    # other engines do committed work without a break (many calls): the slack reply must still finish
+    with critical_path.counting(WorkTicket(Urgency.COMMITTED)):
+        slack = Consumer(sched, [1] * 10, 20, Urgency.SLACK).submit()
+        finished = slack.done.wait(2.0)        # 20 steps at a 0.4 s pause each would take 8 s
+    sched.close()
+    assert finished and slack.tokens() == alone([1] * 10, 20)
+    assert 0.3 < sched.yielded_s < 1.5
