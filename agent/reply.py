@@ -47,9 +47,6 @@ from .words import has_words
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
-#: a gap in a reply (its audio ran out, the next is not ready) this long makes the late work COMMITTED,
-#: so that under overload no reply starves behind other calls' first tokens (seconds)
-GAP_PROMOTE_S = 1.0
 #: how often a committed reply looks at its playout slack (seconds)
 SLACK_POLL_S = 0.05
 
@@ -235,32 +232,25 @@ class Reply:
         """Until the reply is synthesized, keep the deadline of the work on what comes next: the moment
         the queued audio runs out (earliest deadline first among SLACK work, models/scheduling.py).
 
-        The work stays SLACK when the audio has just run out (the caller hears a gap, counted in the
-        ledger note ``gaps``): promoting it at once made it compete with other calls' first tokens
-        (voice-to-voice p95 at 8 calls went from 2.6 s to 5.9 s on this project's CPU).  A gap longer
-        than `GAP_PROMOTE_S` promotes it: without that, replies starved under overload.
+        The work stays SLACK even when the audio has run out (the caller hears a gap, counted in the
+        ledger note ``gaps``).  Promoting it to COMMITTED made it compete with other calls' first
+        tokens: at once, voice-to-voice p95 at 8 calls went from 2.6 s to 5.9 s; after a 1 s gap,
+        a first token waited 7.3 s at 4 calls (bench_load, this project's CPU).  What keeps slack
+        work from starving is the LLM's duty cycle (models/llm_batching.py) and admission.
         """
-        gap_since: float | None = None
+        gap = False
         while not synthesis.done():
             await asyncio.wait({synthesis}, timeout=SLACK_POLL_S)
             if not self.committed or not self._first_pushed or self._playout.paused:
                 continue
-            now = self._clock()
             queued_s = self._playout.queued_samples / self._playout.sample_rate
             generating = None if self.ledger.has("llm_done") else self._llm_ticket
             waiting = [t for t in (generating, self._tts_ticket) if t is not None]
             for ticket in waiting:
-                ticket.deadline = now + queued_s
-            if not (waiting and queued_s == 0):
-                gap_since = None
-                continue
-            if gap_since is None:
-                gap_since = now
+                ticket.deadline = self._clock() + queued_s
+            if waiting and queued_s == 0 and not gap:
                 self.ledger.notes["gaps"] = self.ledger.notes.get("gaps", 0) + 1
-            elif now - gap_since >= GAP_PROMOTE_S:
-                for ticket in waiting:      # the caller has heard silence too long: as urgent as a first token
-                    if ticket.urgency == Urgency.SLACK:
-                        ticket.urgency = Urgency.COMMITTED
+            gap = bool(waiting) and queued_s == 0
 
     async def _synthesize(self, queue: asyncio.Queue[str | None]) -> None:
         resampler = StreamResampler(self._tts.sample_rate, self._playout.sample_rate)
