@@ -27,7 +27,11 @@ steps.  The scheduler is built around both:
   forced steps or behind another call's re-prefill;
 * a round on a caller's critical path (COMMITTED) is not restarted to let
   slack or speculative work in; a more urgent request ends any less urgent
-  round at the next step (preemption);
+  round at the next step (preemption), once that round has decoded
+  ``MIN_ROUND_STEPS`` steps — without that, at 8 calls on 2 cores, slack
+  rounds re-prefilled (seconds for 6 members with long histories), were
+  preempted again before they decoded anything, and replies never finished;
+  and a round's members feed at most ``max_round_tokens`` at its start;
 * slack work is served earliest deadline first (the reply's
   `WorkTicket.deadline`: when its queued audio runs out) when a round is
   formed, but a deadline never ends a running round: a restart costs every
@@ -163,7 +167,7 @@ class BatchScheduler:
 
     def __init__(self, generator: Any, *, name: str, tokens_of: Callable[[list[int]], list[str]],
                  end_tokens: list[str], stop_ids: frozenset[int], max_batch: int = 8, ahead: int = AHEAD,
-                 yield_to_critical_path: bool = False) -> None:
+                 yield_to_critical_path: bool = False, max_round_tokens: int = 1 << 30) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch!r}")
         self._generator = generator
@@ -172,6 +176,7 @@ class BatchScheduler:
         self._end_tokens = end_tokens
         self._stop_ids = stop_ids
         self.max_batch = max_batch
+        self.max_round_tokens = max_round_tokens
         self.ahead = ahead
         self.yield_to_critical_path = yield_to_critical_path
         #: seconds rounds spent paused for other engines' committed work
@@ -312,11 +317,15 @@ class BatchScheduler:
             return []
         anchor = candidates[0]
         members = [anchor]
+        tokens = anchor.length
         for request in candidates[1:]:
             if len(members) >= self.max_batch:
                 break
+            if tokens + request.length > self.max_round_tokens:
+                continue        # its (re-)prefill would hold up the whole round
             if self._may_join(request, members):
                 members.append(request)
+                tokens += request.length
         return members
 
     def _may_join(self, request: BatchRequest, members: list[BatchRequest]) -> bool:
@@ -349,6 +358,8 @@ class BatchScheduler:
         outside = [r for r in self._requests if r.live and id(r) not in inside]
         if not outside:
             return False
+        if best != Urgency.COMMITTED and round_.steps < MIN_ROUND_STEPS:
+            return False         # a round that paid its (re-)prefill first makes some progress
         if any(r.ticket.urgency < best for r in outside):
             return True          # preemption: more urgent work waits
         if best == Urgency.COMMITTED or round_.steps < MIN_ROUND_STEPS or len(running) >= self.max_batch:

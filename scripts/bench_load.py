@@ -282,6 +282,10 @@ def _rows_from_events(events: list, calls: int, caller: int, question: str) -> l
 def _stuck_state(caller, engines) -> str:
     """What a call that got no answer was doing, for the log: its events since the question, the turn
     state, the reply, and the shared engines' queues."""
+    if os.environ.get("BENCH_LOAD_STACKS"):
+        import faulthandler
+
+        faulthandler.dump_traceback(all_threads=True)      # where every thread is (stderr)
     conv = caller.conversation
     reply = conv._responder.reply
     events = [type(e).__name__ for e in caller.events[-8:]]
