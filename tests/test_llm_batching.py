@@ -281,3 +281,22 @@ def test_a_slack_round_that_yields_to_other_engines_still_progresses_duty_cycle(
     sched.close()
     assert finished and slack.tokens() == alone([1] * 10, 20)
     assert 0.3 < sched.yielded_s < 1.5
+
+
+def test_a_stream_of_committed_arrivals_cannot_livelock_a_slack_round():
+    gen = FakeCt2Generator()
+    sched = scheduler(gen)
+    slack = Consumer(sched, [1] * 50, 20, Urgency.SLACK)
+    arrivals: list[Consumer] = []
+
+    def on_step(round_number: int, step: int) -> None:
+        # a new turn of another call right after every (re-)prefill of the slack round
+        if step == 1 and gen.rounds[-1][0] >= 50 and len(arrivals) < 10:
+            arrivals.append(Consumer(sched, [2] * 5, 1, Urgency.COMMITTED).submit())
+    gen.on_step = on_step
+    slack.submit()
+    assert slack.done.wait(5) and all(a.done.wait(5) for a in arrivals)
+    sched.close()
+    assert slack.tokens() == alone([1] * 50, 20)
+    slack_rounds = [r for r in gen.rounds if r[0] >= 50]
+    assert len(slack_rounds) <= 6, gen.rounds        # at least 4 tokens per (re-)prefill
