@@ -184,6 +184,7 @@ async def test_a_reinvite_to_a_new_address_moves_the_accepted_source_and_hold_do
         moved.close()
 
 
+@pytest.mark.slow   # 40,000 packets over loopback (1.4 s): the fast tier stays under 30 s
 async def test_floods_leave_every_buffer_bounded(caplog):
     """20,000 packets from strangers (40 ports) and 20,000 out-of-order packets from the caller."""
     caplog.set_level(logging.INFO, "sub300.media.sip.rtp")

@@ -17,6 +17,8 @@ import random
 import re
 import struct
 
+import pytest
+
 from sub300.media.sip.dtmf import DtmfReceived
 
 from .test_sip_support import echo_calls, sip_service
@@ -139,6 +141,7 @@ async def test_options_garbage_and_truncated_messages_then_a_call(config):
         assert (await observer.wait_ended())[0].ended == "caller hung up"
 
 
+@pytest.mark.slow   # RFC 3261 timers on the wall clock (2 s): the fast tier stays under 30 s
 async def test_retransmissions_reinvite_and_dtmf(config):
     async with sip_service(config, call_factory=echo_calls) as (service, observer):
         client = await Client.open(service.address)

@@ -214,6 +214,7 @@ def fixed_cases(seed: str) -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.slow   # 400 offers through aiortc (2 s): the fast tier stays under 30 s
 async def test_400_mutated_offers_never_get_5xx_and_leave_nothing_behind(config, seed):
     many = copy.deepcopy(config)
     many.webrtc.max_calls = 10_000
