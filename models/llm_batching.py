@@ -306,7 +306,7 @@ class BatchScheduler:
 
     def _next_round(self) -> list[BatchRequest]:
         """The members of the next round (under the lock); [] when nothing can run."""
-        self._requests = [r for r in self._requests if r.live or not r.finished]
+        self._requests = [r for r in self._requests if not r.finished]
         for request in self._requests:
             if request.cancelled and not request.finished:
                 request.finished = True
@@ -470,8 +470,8 @@ class BatchScheduler:
             self._cond.wait(0.5)
 
 
-def open_stream(scheduler: BatchScheduler, make_request: Callable[[Callable[[object], None]], BatchRequest],
-                name: str) -> AsyncGenerator[str, None]:
+def open_stream(scheduler: BatchScheduler,
+                make_request: Callable[[Callable[[object], None]], BatchRequest]) -> AsyncGenerator[str, None]:
     """The consumer's side of one request: an async generator of text pieces.
 
     Closing or cancelling it cancels the request (it leaves the batch at the

@@ -238,10 +238,7 @@ class CTranslate2ChatModel:
             raise ModelError(f"{self.name} cannot encode the prompt: {exc}") from exc
 
         pieces = open_stream(
-            self.scheduler,
-            lambda deliver: self._request(prompt_ids, max_tokens, temperature, ticket, deliver),
-            name=f"llm-{self.name}",
-        )
+            self.scheduler, lambda deliver: self._request(prompt_ids, max_tokens, temperature, ticket, deliver))
         try:
             async with aclosing(pieces):
                 async for piece in pieces:
