@@ -76,6 +76,7 @@ from typing import Any
 
 from .protocols import ModelError
 from .scheduling import Urgency, WorkTicket, critical_path
+from .threads import StreamEnd
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,6 @@ AUTO_SLACK_AFTER_TOKENS = 8
 #: longest pause of a round without committed members while other engines do committed work (seconds);
 #: bounded so that slack work cannot starve past the audio that covers it
 MAX_YIELD_S = 0.4
-
-
-class _End:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException | None = None) -> None:
-        self.error = error
 
 
 @dataclass(eq=False)
@@ -275,7 +269,7 @@ class BatchScheduler:
                     for request in round_.members:
                         if request.live:
                             request.finished = True
-                            request.deliver(_End(failure))
+                            request.deliver(StreamEnd(failure))
             finally:
                 with self._cond:
                     self._round = None
@@ -285,7 +279,7 @@ class BatchScheduler:
         for request in self._requests:
             if not request.finished:
                 request.finished = True
-                request.deliver(_End(error))
+                request.deliver(StreamEnd(error))
         self._requests.clear()
 
     def _settle(self, round_: _Round) -> None:
@@ -296,13 +290,13 @@ class BatchScheduler:
         for request in [r for r in self._requests if r.cancelled and not r.finished]:
             request.finished = True
             request.ticket.mark_finished()
-            request.deliver(_End())
+            request.deliver(StreamEnd())
         self._requests = [r for r in self._requests if not r.finished]
 
     def _finish(self, request: BatchRequest) -> None:
         request.finished = True
         request.ticket.mark_finished()
-        request.deliver(_End())
+        request.deliver(StreamEnd())
 
     def _next_round(self) -> list[BatchRequest]:
         """The members of the next round (under the lock); [] when nothing can run."""
@@ -311,7 +305,7 @@ class BatchScheduler:
             if request.cancelled and not request.finished:
                 request.finished = True
                 request.ticket.mark_finished()
-                request.deliver(_End())
+                request.deliver(StreamEnd())
         candidates = sorted((r for r in self._requests if r.live), key=BatchRequest.sort_key)
         if not candidates:
             return []
@@ -493,7 +487,7 @@ def open_stream(scheduler: BatchScheduler,
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, _End):
+                if isinstance(item, StreamEnd):
                     if item.error is not None:
                         raise item.error
                     return
@@ -520,7 +514,7 @@ def collect(scheduler: BatchScheduler, make_request: Callable[[Callable[[object]
     failure: list[BaseException] = []
 
     def deliver(item: object) -> None:
-        if isinstance(item, _End):
+        if isinstance(item, StreamEnd):
             if item.error is not None:
                 failure.append(item.error)
             done.set()

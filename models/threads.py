@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 _CREDIT_POLL_S = 0.05
 
 
-class _End:
+class StreamEnd:
+    """The last item a worker hands its consumer: the end of the stream, or the error that ended it."""
+
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException | None = None) -> None:
@@ -85,11 +87,11 @@ async def stream_from_thread(
             finished.set_result(None)
 
     def work() -> None:
-        end = _End()
+        end = StreamEnd()
         try:
             produce(emit, stop)
         except BaseException as error:  # handed to the consumer, raised there
-            end = _End(error)
+            end = StreamEnd(error)
         finally:
             post(end)
             try:
@@ -102,7 +104,7 @@ async def stream_from_thread(
     try:
         while True:
             item = await queue.get()
-            if isinstance(item, _End):
+            if isinstance(item, StreamEnd):
                 if item.error is not None:
                     raise item.error
                 return
