@@ -141,6 +141,38 @@ class VadConfig(Section):
     )
 
 
+class TurnConfig(Section):
+    """End of turn: the VAD's fixed hangover, or a hangover adapted to whether the turn sounds complete."""
+
+    detector: Literal["vad", "smart-turn"] = Field(
+        default="vad",
+        description="vad: every turn ends after vad.hangover_ms of silence | smart-turn: at each pause a "
+        "turn-completion model (and the early transcript) choose a short or a long hangover (agent/end_of_turn.py)",
+    )
+    model: str = Field(
+        default="bundled:smart-turn-v3.2", min_length=1,
+        description="smart-turn: the ONNX model (bundled:smart-turn-v3.2, from the pipecat-ai wheel, or a path)",
+    )
+    device: Device = Field(default="auto", description="smart-turn: auto | cpu | cuda (ONNX Runtime, as for Silero)")
+    threads: int = Field(default=1, ge=1, le=64, description="smart-turn: ONNX Runtime CPU threads")
+    threshold: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="smart-turn: P(complete) at or above which the turn sounds complete"
+    )
+    complete_hangover_ms: int = Field(
+        default=150, ge=20, le=5000,
+        description="silence (from the true end of speech) that ends a turn that sounds complete (ms)",
+    )
+    incomplete_hangover_ms: int = Field(
+        default=800, ge=20, le=10_000,
+        description="silence that ends a turn that does not sound complete, or before the model has answered (ms)",
+    )
+    transcript: bool = Field(
+        default=True,
+        description="smart-turn: an early transcript ending mid-phrase (a conjunction, an article, a comma...) "
+        "makes the turn incomplete",
+    )
+
+
 class SttConfig(Section):
     """Speech recognition: Whisper on CTranslate2 (faster-whisper)."""
 
@@ -373,6 +405,12 @@ class WebRtcConfig(Section):
     connect_timeout_s: float = Field(
         default=20.0, gt=0.0, le=600.0, description="an answered offer must connect (ICE+DTLS) within this (s)"
     )
+    # aiortc's audio jitter buffer holds 4 frames (80 ms) before releasing one (media/webrtc/jitter.py)
+    jitter_prefetch_frames: int = Field(
+        default=1, ge=0, le=8,
+        description="frames the caller's audio waits in our jitter buffer before the VAD hears it "
+                    "(20 ms each; aiortc's own value is 4)",
+    )
 
     @field_validator("stun_urls", "turn_urls")
     @classmethod
@@ -580,6 +618,7 @@ class Config(BaseSettings):
     )
     server: ServerConfig = Field(default_factory=lambda: ServerConfig())
     vad: VadConfig = Field(default_factory=lambda: VadConfig())
+    turn: TurnConfig = Field(default_factory=lambda: TurnConfig())
     stt: SttConfig = Field(default_factory=lambda: SttConfig())
     llm: LlmConfig = Field(default_factory=lambda: LlmConfig())
     tts: TtsConfig = Field(default_factory=lambda: TtsConfig())

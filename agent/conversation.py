@@ -40,12 +40,13 @@ from typing import Any
 from sub300.models.protocols import SAMPLE_RATE, ModelError
 
 from . import speech_guard
-from .audio import AudioFrame, StreamResampler
+from .audio import AudioFrame, StreamResampler, int16_to_float32
 from .audio_ring import AudioRing
 from .barge_in import BargeInRules
 from .call_limits import CallLimits, LimitReached
 from .config import Config
 from .echo import EchoGuard
+from .end_of_turn import EndOfTurn, TurnTiming
 from .endpointing import Endpointer, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, VoiceOnset
 from .engines import Engines
 from .events import (
@@ -87,8 +88,10 @@ class Conversation:
 
     def __post_init__(self) -> None:
         vad, interrupt = self.config.vad, self.config.interrupt
+        self.end_of_turn = self._adaptive_end_of_turn()
         self.endpointer = Endpointer(self.engines.vad, min_speech_ms=vad.min_speech_ms,
-                                     hangover_ms=vad.hangover_ms, onset_ms=interrupt.onset_ms,
+                                     hangover_ms=self.config.turn.incomplete_hangover_ms if self.end_of_turn
+                                     else vad.hangover_ms, onset_ms=interrupt.onset_ms,
                                      relative=vad.relative_end)
         self.history = History(self.config.llm.system_prompt, self.config.llm.history_turns)
         self.turn_state = TurnStateMachine()
@@ -120,6 +123,22 @@ class Conversation:
         self._on_endpoint: dict[type, Callable[[Any], None]] = {VoiceOnset: self._on_voice_onset, SpeechStarted: self._on_speech_started,
                              SpeechPaused: self._on_speech_paused, SpeechResumed: self._on_speech_resumed,
                              SpeechEnded: self._on_speech_ended}
+
+    def _adaptive_end_of_turn(self) -> EndOfTurn | None:
+        """The adaptive end-of-turn policy (turn.detector = "smart-turn"), or None: the VAD's fixed hangover."""
+        if self.config.turn.detector == "vad":
+            return None
+        if self.engines.turn is None:
+            log.warning("turn.detector = %r but no turn model is loaded: turns end after the VAD hangover (%d ms)",
+                        self.config.turn.detector, self.config.vad.hangover_ms)
+            return None
+        return EndOfTurn(self.engines.turn, TurnTiming.from_config(self.config), clock=self.clock,
+                         decide=self._decide_hangover)
+
+    def _decide_hangover(self, hangover_ms: int, pause: int) -> None:
+        """The end-of-turn policy chose this pause's hangover: the turn may end now."""
+        for event in self.endpointer.decide_hangover(hangover_ms, pause, self.clock()):
+            self._on_endpoint[type(event)](event)
 
     # ------------------------------------------------------------ input
     def push_frame(self, frame: AudioFrame) -> None:
@@ -261,25 +280,39 @@ class Conversation:
             stt=self.engines.stt, ring=self._ring, endpointer=self.endpointer, start_sample=turn.start_sample,
             owner=turn.tasks, clock=self.clock, early_final=stt.early_final,
             partial_interval_s=stt.partial_interval_ms / 1000, tail_samples=stt.tail_ms * SAMPLE_RATE // 1000,
-            on_early_final=lambda _t, text: self._maybe_speculate(turn, text),
+            on_early_final=lambda _t, text: self._on_early_final(turn, text),
             on_partial=lambda text: self._emit(TranscriptEvent(turn.number, text, final=False)),
             on_stale=turn.drop_speculation)
         turn.barge_in = self.interruptions.speech_started(event.time, self._responder.reply)
         self._advance(E.SPEECH_STARTED)
 
     def _on_speech_paused(self, _event: SpeechPaused) -> None:
-        if self._speaking is not None:
-            self._speaking.stt.speech_paused()
+        turn = self._speaking
+        if turn is not None:
+            if self.end_of_turn is not None:
+                self.end_of_turn.paused(self.endpointer.pauses, int16_to_float32(self._ring.slice(turn.start_sample, self._ring.end)),
+                                        notes=turn.ledger.notes, owner=turn.tasks, label=f"turn {turn.number}")
+            turn.stt.speech_paused()
 
     def _on_speech_resumed(self, _event: SpeechResumed) -> None:
         if self._speaking is not None:
+            if self.end_of_turn is not None:
+                self.end_of_turn.resumed()
             self._speaking.stt.speech_resumed()
             self._speaking.drop_speculation()
+
+    def _on_early_final(self, turn: Turn, text: str) -> None:
+        """The early final is done inside the silence: a text ending mid-phrase keeps the turn open; speculate."""
+        if self.end_of_turn is not None and turn is self._speaking:
+            self.end_of_turn.transcript(text)
+        self._maybe_speculate(turn, text)
 
     def _on_speech_ended(self, event: SpeechEnded) -> None:
         turn, self._speaking = self._speaking, None
         if turn is None:
             return
+        if self.end_of_turn is not None:
+            self.end_of_turn.resumed()     # the pause's decision is history now
         ledger = turn.ledger
         ledger.mark("speech_end", event.speech_end)
         ledger.mark("endpoint", self.clock())

@@ -13,6 +13,13 @@ detector's frame size) and reports, with sample-exact timestamps:
   *true* end of speech, where the latency clock starts, not the moment the
   hangover expired.
 
+The hangover may change inside a pause (issue 11, agent/end_of_turn.py): at
+each SpeechPaused it starts at `hangover_ms`, and `decide_hangover` sets the
+one for that pause once a turn-completion decision arrives — shorter when the
+turn sounds complete, longer when it does not.  Every hangover counts from
+the true end of speech; a decision that arrives after its hangover has
+already elapsed ends the turn at once (scoring takes some milliseconds).
+
 The true end is refined below the detector's frame: webrtcvad keeps calling
 frames voiced for ~100 ms after the voice stops (its own internal hangover),
 which would start the latency clock late and flatter every figure.  So the
@@ -129,6 +136,9 @@ class Endpointer:
         self._frame = vad.frame_samples
         self._min_speech = max(1, round(min_speech_ms * SAMPLE_RATE / 1000))
         self._hangover = round(hangover_ms * SAMPLE_RATE / 1000)
+        self._pause_hangover = self._hangover      # the hangover of the current pause (`decide_hangover`)
+        #: SpeechPaused events so far: identifies the pause a decision is for
+        self.pauses = 0
         self._onset = None if onset_ms is None else max(1, round(onset_ms * SAMPLE_RATE / 1000))
         self._onset_sent = False
         #: arrival time of the last frame the detector called voiced (any run, turn or not)
@@ -159,6 +169,33 @@ class Endpointer:
     def voiced_end_sample(self) -> int:
         """End of the last voiced audio of the current (or last) utterance."""
         return self._last_voiced_end
+
+    @property
+    def hangover_ms(self) -> float:
+        """The hangover of the current (or last) pause, ms."""
+        return self._pause_hangover * 1000 / SAMPLE_RATE
+
+    def decide_hangover(self, hangover_ms: float, pause: int, time: float) -> list[EndpointEvent]:
+        """Set the hangover of pause number ``pause`` (`pauses` when it began) to ``hangover_ms``,
+        counted from the true end of speech.  ``time``: now, on the clock of the frames' timestamps.
+
+        Returns ``[SpeechEnded]`` (its ``endpoint`` = ``time``) when that hangover has already
+        elapsed in the audio fed so far, else nothing; a decision for a pause that is over
+        (the caller spoke again, or the turn ended) is ignored.
+        """
+        if pause != self.pauses or not self.paused:
+            return []
+        self._pause_hangover = max(1, round(hangover_ms * SAMPLE_RATE / 1000))
+        events: list[EndpointEvent] = []
+        if self._pending_start - self._last_voiced_end >= self._pause_hangover:
+            self._end_turn(time, events)
+        return events
+
+    def _end_turn(self, time: float, events: list[EndpointEvent]) -> None:
+        self.in_speech = False
+        self._run_start = None
+        self._paused = False
+        events.append(SpeechEnded(self._start_sample, self._last_voiced_end, self._last_voiced_time, time))
 
     def feed(self, samples: np.ndarray, timestamp: float, *, suppressed: bool = False) -> list[EndpointEvent]:
         """`samples`: int16 16 kHz; `timestamp`: arrival time of its last sample.
@@ -260,17 +297,16 @@ class Endpointer:
             return
         if not self._paused:
             self._paused = True
+            self.pauses += 1
+            self._pause_hangover = self._hangover
             self._vad_voiced_end = self._last_voiced_end
             self._last_voiced_end, self._last_voiced_time = self._refined_end()
             self._extend_end(start)   # this first unvoiced frame's own blocks may still be voice
             events.append(SpeechPaused(self._last_voiced_end, self._last_voiced_time))
         else:
             self._extend_end(start)
-        if end - self._last_voiced_end >= self._hangover:
-            self.in_speech = False
-            self._run_start = None
-            self._paused = False
-            events.append(SpeechEnded(self._start_sample, self._last_voiced_end, self._last_voiced_time, time))
+        if end - self._last_voiced_end >= self._pause_hangover:
+            self._end_turn(time, events)
 
     def _sample_end(self, block_end: int, block_time: float, floor_db: float) -> tuple[int, float]:
         """(sample, time) just after the last sample of the 10 ms block ending at ``block_end`` whose

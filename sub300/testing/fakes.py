@@ -13,6 +13,7 @@ configured here, and a test takes milliseconds.
 * `FakeLlm` — scripted tokens, the first after ``first_token_s``, the next
   each ``per_token_s``;
 * `FakeTts` — ``ms_per_piece`` of a tone per piece, after ``delay_s``.
+* `FakeTurnModel` — a scripted P(turn complete) after ``delay_s``.
 
 `speech()` makes caller "speech" the fakes understand: noise (which the
 echo guard cannot mistake for the agent's tone).
@@ -201,7 +202,33 @@ class FakeTts:
             ticket.mark_finished()
 
 
+# ------------------------------------------------------------------ end of turn
+class FakeTurnModel:
+    """A `TurnCompletionModel` whose P(complete) is ``probability`` (a number, or a function of the
+    turn's audio), after ``delay_s`` of virtual time; ``error``: raise it instead.
+    ``calls`` records (loop time, audio seconds) of every scoring."""
+
+    name = "fake-turn"
+    device = "cpu"
+
+    def __init__(self, probability: float | Callable[[np.ndarray], float] = 0.9, *, delay_s: float = 0.03,
+                 error: Exception | None = None):
+        self._probability, self.delay_s, self.error = probability, delay_s, error
+        self.calls: list[tuple[float, float]] = []
+
+    def probability(self, audio: np.ndarray) -> float:
+        if self.error is not None:
+            raise self.error
+        return self._probability(audio) if callable(self._probability) else self._probability
+
+    async def probability_async(self, audio: np.ndarray) -> float:
+        self.calls.append((asyncio.get_running_loop().time(), len(audio) / SAMPLE_RATE))
+        await asyncio.sleep(self.delay_s)
+        return self.probability(audio)
+
+
 def fake_engines(*, vad: FakeVad | None = None, stt: FakeStt | None = None, llm: FakeLlm | None = None,
-                 tts: FakeTts | None = None) -> Engines:
-    """An `Engines` bundle of fakes (defaults for the ones not given)."""
-    return Engines(vad=vad or FakeVad(), stt=stt or FakeStt("Hello."), llm=llm or FakeLlm(), tts=tts or FakeTts())
+                 tts: FakeTts | None = None, turn: FakeTurnModel | None = None) -> Engines:
+    """An `Engines` bundle of fakes (defaults for the ones not given; no turn model unless given)."""
+    return Engines(vad=vad or FakeVad(), stt=stt or FakeStt("Hello."), llm=llm or FakeLlm(), tts=tts or FakeTts(),
+                   turn=turn)
