@@ -48,6 +48,17 @@ class TurnFinished:
 
 
 @dataclass(frozen=True)
+class TurnHeard:
+    """The caller's side reported hearing turn ``turn``'s reply (WebRTC data channel): ``ledger`` now
+    holds the transport parts, ``first_audio_heard``, and both mouth-to-ear figures (agent/ledger.py).
+    Comes after the turn's `TurnFinished` (or `TurnFailed`), once per turn."""
+
+    turn: int
+    ledger: TurnLedger
+    kind: str = "turn_heard"
+
+
+@dataclass(frozen=True)
 class TurnDiscarded:
     """Speech was detected but held no words (a cough, a click, noise)."""
 
@@ -112,7 +123,7 @@ class CallResumed:
     kind: str = "call_resumed"
 
 
-Event = CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnDiscarded | TurnFailed
+Event = CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnHeard | TurnDiscarded | TurnFailed
 EventHandler = Callable[[Event], None]
 
 

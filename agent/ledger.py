@@ -12,6 +12,19 @@ the reply handed to TTS) was called `first_sentence` before; the old name is
 still accepted wherever a name is read — `mark()`, `has()`, `between_ms()`
 and `TurnLedger.from_dict()` (ledgers saved by older versions) — and
 written as `first_piece`.
+
+To the caller's ear: voice-to-voice ends when the first agent frame is
+handed to the transport.  The transport adds its own parts on both sides
+(`transport_ms`, named in `INBOUND_PARTS` and `OUTBOUND_PARTS`): the caller's
+voice on its way in (before our ``speech_end``: the network, our jitter
+buffer, the decoder) and the agent's on its way out (after
+``first_audio_out``: the network, the peer's jitter buffer, its playout).
+``mouth_to_ear_estimate_ms`` = inbound parts + voice_to_voice + outbound
+parts, all measured or reported to the server; the mark
+``first_audio_heard`` = ``first_audio_out`` + the outbound parts.  A peer
+that measures its own mouth-to-ear (the demo page, the aiortc test caller)
+reports it: ``mouth_to_ear_reported_ms``, kept beside the estimate, never
+mixed into it.
 """
 from __future__ import annotations
 
@@ -34,6 +47,7 @@ MARKS = (
     "tts_start",         # TTS started on the first piece
     "tts_first_audio",   # TTS produced its first audio chunk
     "first_audio_out",   # the transport played/sent the first agent audio frame
+    "first_audio_heard", # estimated: first_audio_out + the outbound transport parts (the caller hears it)
     "llm_done",          # the language model finished
     "last_audio_out",    # the last agent audio frame went out
 )
@@ -47,6 +61,22 @@ STAGES = (
     ("tts_first_audio", "tts_first_audio"),
     ("send", "first_audio_out"),
 )
+
+#: the transport's parts of mouth-to-ear before ``speech_end`` (ms): the caller's voice on its way in
+INBOUND_PARTS = (
+    "network_in",         # one-way network, the caller to us: half the round-trip time
+    "jitter_buffer_in",   # our jitter buffer: packet arrival → frame released to the decoder
+    "decode_in",          # released → decoded and handed to the VAD (decoder thread, resampler)
+)
+#: the transport's parts of mouth-to-ear after ``first_audio_out`` (ms): the agent's voice on its way out
+OUTBOUND_PARTS = (
+    "quiet_lead",         # first_audio_out → the reply's first audible frame (TTS voices start softly)
+    "send_out",           # frame pulled → packet on the wire (encoder); the pacing is already in first_audio_out
+    "network_out",        # one-way network, us to the caller: half the round-trip time
+    "jitter_buffer_out",  # the peer's jitter buffer (its own report: getStats() jitterBufferDelay per frame)
+    "playout",            # the peer's decoded audio → where it measures (its audio graph), when it reports one
+)
+TRANSPORT_PARTS = INBOUND_PARTS + OUTBOUND_PARTS
 
 #: engines whose queue wait a turn records (`record_engine`)
 ENGINE_STAGES = ("stt", "llm", "tts")
@@ -69,6 +99,10 @@ class TurnLedger:
     #: (submitted → its work started) and ms of its work, from its `WorkTicket` (models/scheduling.py)
     queue_ms: dict[str, float] = field(default_factory=dict)
     work_ms: dict[str, float] = field(default_factory=dict)
+    #: the transport's parts of mouth-to-ear (ms), named in `INBOUND_PARTS` / `OUTBOUND_PARTS`
+    transport_ms: dict[str, float] = field(default_factory=dict)
+    #: the caller's own measurement of mouth-to-ear (ms), as its peer reported it; None when none came
+    mouth_to_ear_reported_ms: float | None = None
 
     def mark(self, name: str, at: float) -> None:
         """Record a mark (clock seconds); the first write wins so retries cannot move it."""
@@ -94,6 +128,37 @@ class TurnLedger:
             self.queue_ms.setdefault(stage, round(wait * 1000.0, 1))
         if work is not None:
             self.work_ms.setdefault(stage, round(work * 1000.0, 1))
+
+    def record_transport(self, part: str, ms: float) -> None:
+        """Keep one transport part (ms, finite, >= 0; first write wins).  Raises KeyError / ValueError."""
+        if part not in TRANSPORT_PARTS:
+            raise KeyError(f"unknown transport part {part!r} (one of {TRANSPORT_PARTS})")
+        if not (0.0 <= ms < 60_000.0):
+            raise ValueError(f"transport part {part} must be 0..60000 ms, not {ms!r}")
+        self.transport_ms.setdefault(part, round(float(ms), 1))
+
+    def record_heard(self) -> None:
+        """Mark ``first_audio_heard`` = ``first_audio_out`` + the outbound parts known so far (needs both)."""
+        outbound = [self.transport_ms[p] for p in OUTBOUND_PARTS if p in self.transport_ms]
+        if outbound and "first_audio_out" in self.marks:
+            self.mark("first_audio_heard", self.marks["first_audio_out"] + sum(outbound) / 1000.0)
+
+    @property
+    def inbound_ms(self) -> float:
+        return sum(self.transport_ms.get(p, 0.0) for p in INBOUND_PARTS)
+
+    @property
+    def outbound_ms(self) -> float:
+        return sum(self.transport_ms.get(p, 0.0) for p in OUTBOUND_PARTS)
+
+    @property
+    def mouth_to_ear_estimate_ms(self) -> float | None:
+        """Inbound parts + voice_to_voice + outbound parts; None without voice_to_voice or the peer's
+        side of the outbound path (``jitter_buffer_out``, which only the peer's report gives)."""
+        v2v = self.voice_to_voice_ms
+        if v2v is None or "jitter_buffer_out" not in self.transport_ms:
+            return None
+        return self.inbound_ms + v2v + self.outbound_ms
 
     def has(self, name: str) -> bool:
         return _current(name) in self.marks
@@ -154,6 +219,9 @@ class TurnLedger:
             "voice_to_voice_ms": None if v2v is None else round(v2v, 1),
             "queue_ms": dict(self.queue_ms),
             "work_ms": dict(self.work_ms),
+            "transport_ms": dict(self.transport_ms),
+            "mouth_to_ear_estimate_ms": _rounded(self.mouth_to_ear_estimate_ms),
+            "mouth_to_ear_reported_ms": _rounded(self.mouth_to_ear_reported_ms),
             "notes": dict(self.notes),
         }
 
@@ -165,7 +233,8 @@ class TurnLedger:
         """
         marks = {_current(name): ms / 1000.0 for name, ms in doc.get("marks_ms", {}).items()}
         return cls(doc["turn"], {m: marks[m] for m in MARKS if m in marks}, dict(doc.get("notes", {})),
-                   dict(doc.get("queue_ms", {})), dict(doc.get("work_ms", {})))
+                   dict(doc.get("queue_ms", {})), dict(doc.get("work_ms", {})),
+                   dict(doc.get("transport_ms", {})), doc.get("mouth_to_ear_reported_ms"))
 
     def format_table(self, budget_ms: float | None = None) -> str:
         """A short human report: one line per critical-path stage."""
@@ -185,4 +254,16 @@ class TurnLedger:
             if budget_ms is not None:
                 verdict = "  within budget" if v2v <= budget_ms else f"  over the {budget_ms:.0f} ms budget"
             lines.append(f"  {'voice_to_voice':<16} {v2v:8.1f}{verdict}")
+        if self.transport_ms:
+            parts = ", ".join(f"{p} {self.transport_ms[p]:.1f}" for p in TRANSPORT_PARTS if p in self.transport_ms)
+            lines.append(f"  (transport: {parts})")
+        estimate, reported = self.mouth_to_ear_estimate_ms, self.mouth_to_ear_reported_ms
+        if estimate is not None or reported is not None:
+            shown = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+            lines.append(f"  {'mouth_to_ear':<16} {shown(estimate):>8} estimated by the server, "
+                         f"{shown(reported)} measured by the caller")
         return "\n".join(lines)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

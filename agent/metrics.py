@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .admission import REASONS, Admission, Refusal
-from .events import Event, TurnDiscarded, TurnFailed, TurnFinished
-from .ledger import ENGINE_STAGES, STAGES
+from .events import Event, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
+from .ledger import ENGINE_STAGES, STAGES, TRANSPORT_PARTS
 
 if TYPE_CHECKING:
     from .engines import Engines
@@ -67,6 +67,18 @@ class MetricsObserver:
                                      "A turn's critical-path engine request: its work (STT: the final transcript, "
                                      "LLM: to the first token, TTS: to the first piece's audio)",
                                      ["transport", "engine"], buckets=_QUEUE_BUCKETS, registry=r)
+        self.mouth_to_ear_estimate = Histogram(
+            "sub300_mouth_to_ear_estimate_seconds",
+            "The server's estimate of the caller's mouth-to-ear: inbound transport + voice-to-voice + outbound "
+            "transport (WebRTC turns whose caller reported its side)", ["transport"], buckets=_BUCKETS, registry=r)
+        self.mouth_to_ear_reported = Histogram(
+            "sub300_mouth_to_ear_reported_seconds",
+            "Mouth-to-ear as the caller's side measured and reported it", ["transport"], buckets=_BUCKETS,
+            registry=r)
+        self.transport_part = Histogram(
+            "sub300_transport_seconds", "The transport's parts of mouth-to-ear outside voice-to-voice "
+            "(network, jitter buffers, decoding, playout)", ["transport", "part"], buckets=_QUEUE_BUCKETS,
+            registry=r)
         self.admission: Admission | None = None
         self._answered = 0
         self._within = 0
@@ -144,6 +156,15 @@ class MetricsObserver:
             self.turns.labels(transport, "failed").inc()
             if event.stage == "llm":
                 self.llm_errors.labels(transport, _label(event.failure)).inc()
+        elif isinstance(event, TurnHeard):
+            heard = event.ledger
+            for part, ms in heard.transport_ms.items():
+                if part in TRANSPORT_PARTS:
+                    self.transport_part.labels(transport, part).observe(ms / 1000.0)
+            if (estimate := heard.mouth_to_ear_estimate_ms) is not None:
+                self.mouth_to_ear_estimate.labels(transport).observe(estimate / 1000.0)
+            if (reported := heard.mouth_to_ear_reported_ms) is not None:
+                self.mouth_to_ear_reported.labels(transport).observe(reported / 1000.0)
         elif isinstance(event, TurnFinished):
             self.turns.labels(transport, "answered").inc()
             ledger = event.ledger

@@ -92,6 +92,9 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
                     "stages_ms": ledger.get("stages_ms", {}),
                     "overlaps_ms": ledger.get("overlaps_ms", {}),
                     "voice_to_voice_ms": ledger.get("voice_to_voice_ms"),
+                    "transport_ms": ledger.get("transport_ms", {}),
+                    "mouth_to_ear_estimate_ms": ledger.get("mouth_to_ear_estimate_ms"),
+                    "mouth_to_ear_reported_ms": ledger.get("mouth_to_ear_reported_ms"),
                     "notes": ledger.get("notes", {}),
                 }
                 if isinstance(event, TurnFailed):

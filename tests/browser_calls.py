@@ -35,8 +35,9 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def start_server(port: int, log_path: Path) -> subprocess.Popen:
+def start_server(port: int, log_path: Path, settings: list[str] = ()) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
+    env.update(setting.split("=", 1) for setting in settings)
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -73,7 +74,7 @@ DOM_JS = """() => ({
   status: document.querySelector('#status').innerText,
 })"""
 
-async def one_caller(pw, base: str, name: str, wav: str, out: Path, timeout: float) -> dict:
+async def one_caller(pw, base: str, name: str, wav: str, out: Path, timeout: float, query: str = "") -> dict:
     result: dict = {"name": name, "wav": wav}
     browser = await pw.chromium.launch(
         executable_path=CHROMIUM, headless=True,
@@ -83,7 +84,7 @@ async def one_caller(pw, base: str, name: str, wav: str, out: Path, timeout: flo
         page.on("console", lambda m: result.setdefault("console", []).append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: result.setdefault("page_errors", []).append(str(e)))
         t0 = time.monotonic()
-        await page.goto(base + "/?aec=0")
+        await page.goto(base + "/?aec=0" + (f"&{query}" if query else ""))
         await page.wait_for_function("() => window.sub300 && window.sub300.ready", timeout=15_000)
         await page.click("#call")
         await page.wait_for_function("() => window.sub300.connectedAt !== null || window.sub300.error",
@@ -93,6 +94,10 @@ async def one_caller(pw, base: str, name: str, wav: str, out: Path, timeout: flo
             await page.wait_for_function(
                 "() => window.sub300.error || (window.sub300.turns.length >= 1 && window.sub300.onsets.length >= 1)",
                 timeout=timeout * 1000)
+            try:   # the server's turn_heard follows the page's ear report (media/webrtc/ear_report.py)
+                await page.wait_for_function("() => window.sub300.heard.length >= 1", timeout=5_000)
+            except Exception as exc:
+                result["no_turn_heard"] = f"{type(exc).__name__}: {exc}"
         finally:
             await asyncio.sleep(1.2)   # one more stats poll, and the latency panel settles
             result["state"] = await page.evaluate(STATE_JS)
@@ -115,7 +120,7 @@ async def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{args.port}"
     results: dict = {"phases": []}
-    server = start_server(args.port, out / "server.log")
+    server = start_server(args.port, out / "server.log", args.server_env)
     try:
         t0 = time.monotonic()
         wait_healthy(base, server, 90)
@@ -124,7 +129,8 @@ async def run(args) -> dict:
             for phase in args.phase:
                 callers = [c.split("=", 1) for c in phase.split(",")]
                 t0 = time.monotonic()
-                done = await asyncio.gather(*(one_caller(pw, base, n, w, out, args.timeout) for n, w in callers))
+                done = await asyncio.gather(*(one_caller(pw, base, n, w, out, args.timeout, args.query)
+                                              for n, w in callers))
                 results["phases"].append({"callers": done, "seconds": round(time.monotonic() - t0, 1)})
         # every call should be gone once the pages hung up
         deadline = time.monotonic() + 10
@@ -153,6 +159,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--port", type=int, default=8300)
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for each caller's answer")
+    parser.add_argument("--server-env", action="append", default=[], help="SUB300_KEY=VALUE for the server")
+    parser.add_argument("--query", default="", help="more query parameters for the page, e.g. jbt=0")
     parser.add_argument("--phase", action="append", required=True,
                         help="NAME=WAV[,NAME=WAV…]: callers that call together")
     results = asyncio.run(run(parser.parse_args()))

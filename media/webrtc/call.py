@@ -31,6 +31,16 @@ here; it is what the two add up to (20 + 33 ≈ 54 s) when the reader's
 per-`recv()` timeout is re-armed by one late frame around the consent
 failure.  The watchdog does not depend on either: it measures from the
 caller's last frame, on its own timer.
+
+To the caller's ear: the caller's side sends an ``ear_report`` per answered
+turn (media/webrtc/ear_report.py: its mouth-to-ear, its jitter buffer and
+round-trip time).  The call keeps it until the turn's `TurnFinished` (a reply
+is heard long before it ends), then records it with the server's own
+measurements (the inbound jitter buffer and decoder of media/webrtc/jitter.py
+and inbound.py, the RTCP round-trip time) in the turn's ledger and emits
+`TurnHeard` to the page and the observer (the metrics).  A report that comes
+after its turn finished is applied at once.  A malformed or hostile report is
+logged and ignored; the call goes on.
 """
 from __future__ import annotations
 
@@ -50,11 +60,23 @@ from sub300.agent.calls import CallObserver
 from sub300.agent.config import Config
 from sub300.agent.conversation import Conversation
 from sub300.agent.engines import Engines
-from sub300.agent.events import Event, HangupRequested, event_to_dict
+from sub300.agent.events import (
+    Event,
+    HangupRequested,
+    TranscriptEvent,
+    TurnFailed,
+    TurnFinished,
+    TurnHeard,
+    event_to_dict,
+)
+from sub300.agent.ledger import TurnLedger
 from sub300.agent.playout import PlayoutQueue
 from sub300.agent.tasks import TaskOwner
 
-from .inbound import CallerAudioStopped, read_caller_audio
+from .ear_report import KIND as EAR_REPORT
+from .ear_report import BadReport, EarReport, apply_report, parse_message, parse_report
+from .inbound import CallerAudioStopped, InboundTimings, read_caller_audio
+from .jitter import MeasuredJitterBuffer, measure_receiver, receiver_of
 from .outbound import PlayoutTrack
 
 log = logging.getLogger(__name__)
@@ -67,6 +89,12 @@ _MAX_BACKLOG = 500
 #: the watchdog's period (s): the resolution of connect_timeout_s, no_media_timeout_s and the call limits
 WATCH_PERIOD_S = 0.25
 VANISHED = "caller vanished"
+#: turns whose report or ledger is kept for a late counterpart
+_KEEP_TURNS = 8
+#: bad reports logged per call (then every 100th)
+_BAD_REPORTS_LOGGED = 5
+#: how often (watchdog periods) the RTCP round-trip time is read
+_RTT_EVERY = 4
 
 
 class WebRtcCall:
@@ -95,7 +123,7 @@ class WebRtcCall:
         self._on_closed = on_closed
         self.playout = PlayoutQueue(PLAYOUT_RATE, clock)
         self.out_track = PlayoutTrack(self.playout, clock)
-        listener = observer.call_started(TRANSPORT, call_id)
+        self.listener = listener = observer.call_started(TRANSPORT, call_id)
         self.conversation = Conversation(engines, config, self.playout, clock, listeners=[listener, self._on_event])
         self.tasks = TaskOwner(f"webrtc-{call_id}")
         self._io = self.tasks.child("io")   # what closing cancels: the reader, the hang-up timer
@@ -110,6 +138,14 @@ class WebRtcCall:
         self.connected_at: float | None = None
         self.last_audio: float | None = None     # clock time of the caller's latest decoded frame
         self._watchdog: asyncio.Task | None = None
+        self.inbound = InboundTimings()
+        self.jitter_buffer: MeasuredJitterBuffer | None = None
+        self.rtt_ms: float | None = None          # RTCP round-trip time of our outgoing audio, when known
+        self._inbound_at_final: dict[int, tuple[float, float]] = {}   # turn → inbound waits of its last words
+        self._reports: dict[int, EarReport] = {}      # reports waiting for their turn's ledger
+        self._ledgers: dict[int, TurnLedger] = {}     # finished turns' ledgers, for a late report
+        self._heard: set[int] = set()
+        self.bad_reports = 0
 
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -128,8 +164,12 @@ class WebRtcCall:
     async def _watch(self) -> None:
         """Every `WATCH_PERIOD_S`: connect timeout, vanished caller, call limits (see the module docstring)."""
         webrtc = self.config.webrtc
+        ticks = 0
         while self.close_reason is None:
             await asyncio.sleep(WATCH_PERIOD_S)
+            ticks += 1
+            if ticks % _RTT_EVERY == 0 and self.connected_at is not None:
+                await self._read_rtt()
             now = self.clock()
             if self.connected_at is None:
                 if now - self.started >= webrtc.connect_timeout_s:
@@ -143,15 +183,32 @@ class WebRtcCall:
                 return
             self.conversation.check_limits()   # frames may have stopped: the conversation cannot check itself
 
+    async def _read_rtt(self) -> None:
+        """The RTCP round-trip time of our audio (aiortc's sender: remote-inbound-rtp roundTripTime)."""
+        try:
+            for sender in self.pc.getSenders():
+                if sender.track is not self.out_track:
+                    continue
+                for stats in (await sender.getStats()).values():
+                    rtt = getattr(stats, "roundTripTime", None)
+                    if stats.type == "remote-inbound-rtp" and rtt is not None:
+                        self.rtt_ms = rtt * 1000.0
+        except Exception:   # statistics must never end a call
+            log.warning("call %s: reading the RTCP round-trip time failed", self.call_id, exc_info=True)
+
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self.reader is not None or self.close_reason is not None:
             return  # one caller voice per call; video is ignored
+        receiver = receiver_of(self.pc, track)
+        if receiver is not None:   # before its first packet: the track event comes with the remote description
+            self.jitter_buffer = measure_receiver(receiver, self.config.webrtc.jitter_prefetch_frames, self.clock)
         self.reader = self._io.spawn(self._read(track), f"webrtc-read-{self.call_id}")
 
     async def _read(self, track: MediaStreamTrack) -> None:
         try:
             await read_caller_audio(track, self._caller_frame, clock=self.clock,
-                                    silence_timeout_s=self.config.webrtc.no_media_timeout_s)
+                                    silence_timeout_s=self.config.webrtc.no_media_timeout_s,
+                                    buffer=self.jitter_buffer, timings=self.inbound)
             self.request_close("track_ended")
         except CallerAudioStopped:
             self.request_close(VANISHED)
@@ -184,6 +241,16 @@ class WebRtcCall:
     # ------------------------------------------------------------ events to the page
     def _on_event(self, event: Event) -> None:
         self._send(event_to_dict(event))
+        if isinstance(event, TranscriptEvent) and event.final:
+            # the caller's last words were read within the last second or so (endpoint + final STT)
+            waits = self.inbound.around(self.clock(), before_s=1.5, after_s=0.0)
+            if waits is not None:
+                self._keep(self._inbound_at_final, event.turn, waits)
+        elif isinstance(event, TurnFinished | TurnFailed) and event.ledger is not None:
+            self._keep(self._ledgers, event.turn, event.ledger)
+            report = self._reports.pop(event.turn, None)
+            if report is not None:
+                self._record_heard(event.ledger, report)
         if isinstance(event, HangupRequested) and self._hangup is None and not self._io.closed:
             self._hangup = self._io.spawn(self._hang_up_after_grace(event.reason), f"webrtc-hangup-{self.call_id}")
 
@@ -193,11 +260,55 @@ class WebRtcCall:
 
     def _on_message(self, message: Any) -> None:
         try:
-            data = json.loads(message)
-        except (TypeError, ValueError):
-            return
-        if isinstance(data, dict) and data.get("type") == "hangup":
-            self.request_close("hangup")
+            data = parse_message(message)
+            if data is None:
+                return
+            if data.get("type") == "hangup":
+                self.request_close("hangup")
+            elif data.get("type") == EAR_REPORT:
+                self._on_report(parse_report(data))
+        except BadReport as bad:
+            self.bad_reports += 1
+            if self.bad_reports <= _BAD_REPORTS_LOGGED or self.bad_reports % 100 == 0:
+                log.warning("call %s: ignored a bad ear_report from the caller (%d so far): %s",
+                            self.call_id, self.bad_reports, bad)
+
+    def _on_report(self, report: EarReport) -> None:
+        if report.turn in self._heard:
+            raise BadReport(f"a second report for turn {report.turn}")
+        ledger = self._ledgers.get(report.turn)
+        if ledger is not None:
+            self._record_heard(ledger, report)
+        elif len(self._reports) >= _KEEP_TURNS:
+            raise BadReport(f"{len(self._reports)} reports already wait for turns that have not finished")
+        else:
+            self._reports[report.turn] = report
+
+    def _record_heard(self, ledger: TurnLedger, report: EarReport) -> None:
+        self._heard.add(report.turn)
+        inbound = self._inbound_at_final.pop(report.turn, None)
+        if inbound is None and "speech_end" in ledger.marks:
+            inbound = self.inbound.around(ledger.marks["speech_end"])
+        quiet_lead = None
+        if "first_audio_out" in ledger.marks:
+            sound = self.out_track.first_sound_after(ledger.marks["first_audio_out"])
+            if sound is not None:
+                quiet_lead = max(0.0, sound - ledger.marks["first_audio_out"]) * 1000.0
+        apply_report(ledger, report, inbound=inbound, rtt_ms=self.rtt_ms, quiet_lead_ms=quiet_lead)
+        if self.inbound.unmatched:
+            ledger.notes["inbound_unmatched_frames"] = self.inbound.unmatched
+        log.info("call %s turn %d: voice-to-voice %s ms, mouth-to-ear %s ms estimated, %s ms reported",
+                 self.call_id, report.turn, _ms(ledger.voice_to_voice_ms), _ms(ledger.mouth_to_ear_estimate_ms),
+                 _ms(ledger.mouth_to_ear_reported_ms))
+        heard = TurnHeard(report.turn, ledger)
+        self._send(event_to_dict(heard))
+        self.listener(heard)
+
+    @staticmethod
+    def _keep(store: dict, turn: int, value: Any) -> None:
+        store[turn] = value
+        while len(store) > _KEEP_TURNS:
+            del store[min(store)]
 
     def _send(self, payload: dict[str, Any]) -> None:
         text = json.dumps(payload, ensure_ascii=False)
@@ -250,3 +361,7 @@ class WebRtcCall:
         finally:
             self.observer.call_ended(TRANSPORT, self.call_id, reason)
             self._on_closed(self)
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"

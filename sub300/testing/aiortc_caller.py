@@ -6,7 +6,15 @@ its clips on a paced 20 ms track (the same PlayoutTrack the server uses),
 and watches the agent's track for the onset of each reply.  Mouth-to-ear is
 measured on this process's monotonic clock: from the moment the last frame
 of a clip was sent to the moment the first loud frame of the reply came out
-of aiortc's jitter buffer.
+of aiortc's jitter buffer and decoder.
+
+Like the page, it reports each onset to the server over the data channel
+(an ``ear_report``, media/webrtc/ear_report.py): its mouth-to-ear, the
+jitter-buffer wait (``jitter_buffer_ms``) and decoding (``playout_ms``) of
+the frames it read around the onset, measured by a `MeasuredJitterBuffer`
+on its receiver (``jitter_prefetch`` frames, aiortc's 4 by default, as a
+stock aiortc peer has), its RTCP round-trip time and the packets it lost.
+``report=False`` sends none.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from sub300.agent.audio import resample, rms_dbfs
 from sub300.agent.playout import PlayoutQueue
-from sub300.media.webrtc.inbound import to_mono_int16
+from sub300.media.webrtc.inbound import InboundTimings, to_mono_int16
+from sub300.media.webrtc.jitter import AIORTC_PREFETCH, MeasuredJitterBuffer, measure_receiver, receiver_of
 from sub300.media.webrtc.outbound import PlayoutTrack
 
 RATE = 48_000
@@ -62,6 +71,9 @@ class AiortcCaller:
     onsets: list[Onset] = field(default_factory=list)
     received_energy: float = 0.0       # sum of squares of the agent's audio (floats in [-1, 1])
     received_frames: int = 0
+    jitter_prefetch: int = AIORTC_PREFETCH
+    report: bool = True
+    reports: list[dict[str, Any]] = field(default_factory=list)   # what it sent to the server
 
     def __post_init__(self) -> None:
         self.playout = PlayoutQueue(RATE, self.clock)
@@ -71,6 +83,9 @@ class AiortcCaller:
         self._clips = 0
         self._speech_end: float | None = None   # the latest clip's end, not yet answered
         self._channel: RTCDataChannel | None = None
+        self._buffer: MeasuredJitterBuffer | None = None
+        self.timings = InboundTimings()
+        self._answering: int | None = None      # the turn whose final transcript came last
 
     # ------------------------------------------------------------ call set-up
     async def connect(self, timeout: float = 20.0) -> None:
@@ -82,6 +97,9 @@ class AiortcCaller:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "audio" and self._reader is None:
+                receiver = receiver_of(pc, track)
+                if receiver is not None:
+                    self._buffer = measure_receiver(receiver, self.jitter_prefetch, self.clock)
                 self._reader = asyncio.ensure_future(self._listen(track))
 
         pc.on("connectionstatechange", self._changed.set)
@@ -124,19 +142,46 @@ class AiortcCaller:
             except MediaStreamError:
                 return
             now = self.clock()
+            if self._buffer is not None and (stamps := self._buffer.taken(frame.pts)) is not None:
+                self.timings.add(now, *stamps)
             pcm = to_mono_int16(frame)
             self.received_frames += 1
             self.received_energy += float(np.sum(np.square(pcm.astype(np.float64) / 32768.0)))
             if rms_dbfs(pcm) > ONSET_DBFS:
                 if now - last_loud >= ONSET_GAP_S and self._speech_end is not None:
-                    self.onsets.append(Onset(now, self._speech_end, self._clips))
+                    onset = Onset(now, self._speech_end, self._clips)
+                    self.onsets.append(onset)
                     self._speech_end = None
                     self._changed.set()
+                    if self.report and self._answering is not None:
+                        asyncio.ensure_future(self._report(self._answering, onset))
                 last_loud = now
 
     def _on_message(self, message: Any) -> None:
-        self.events.append(json.loads(message))
+        event = json.loads(message)
+        self.events.append(event)
+        if event.get("kind") == "transcript" and event.get("final"):
+            self._answering = event.get("turn")
         self._changed.set()
+
+    async def _report(self, turn: int, onset: Onset) -> None:
+        """Send the server an ear_report for ``turn``: what this caller measured of its reply's onset."""
+        report: dict[str, Any] = {"type": "ear_report", "turn": turn, "mouth_to_ear_ms": onset.mouth_to_ear_ms}
+        waits = self.timings.around(onset.at, before_s=0.2, after_s=0.0)
+        if waits is not None:
+            report["jitter_buffer_ms"], report["playout_ms"] = waits
+        assert self.pc is not None
+        for sender in self.pc.getSenders():
+            for stats in (await sender.getStats()).values():
+                if stats.type == "remote-inbound-rtp" and getattr(stats, "roundTripTime", None) is not None:
+                    report["rtt_ms"] = stats.roundTripTime * 1000.0
+        for receiver in self.pc.getReceivers():
+            for stats in (await receiver.getStats()).values():
+                if stats.type == "inbound-rtp":
+                    report["packets_lost"] = max(0, stats.packetsLost)
+        self.reports.append(report)
+        if self._channel is not None and self._channel.readyState == "open":
+            self._channel.send(json.dumps(report))
 
     def events_of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("kind") == kind]

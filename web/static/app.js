@@ -2,21 +2,35 @@
 // panel fed by the server's ledgers (data channel) and this browser's own
 // mouth-to-ear measurement (meter-worklet.js).  `window.sub300` exposes the
 // page's state to tests and curious colleagues.
+//
+// At each reply onset the page sends the server an "ear_report" on the data
+// channel (media/webrtc/ear_report.py): its mouth-to-ear and its receiver
+// statistics from getStats() over the last poll interval (mean jitter-buffer
+// delay and target, round-trip time, packets lost, concealed samples); the
+// server records them in the turn's ledger beside its own estimate and sends
+// back "turn_heard".  The incoming audio's jitter-buffer target is set low
+// (RTCRtpReceiver.jitterBufferTarget, ?jbt=MS, default 0; ?jbt=default keeps
+// the browser's own): a voice agent's reply is a stream, not a conversation
+// both ways at once, and the server paces it evenly.
 import { Latency } from "/static/latency.js";
 
 const $ = (id) => document.getElementById(id);
 // ?aec=0: raw microphone (tests with a fake mic; Chrome's echo canceller eats synthetic speech)
 const RAW_MIC = new URLSearchParams(location.search).get("aec") === "0";
 const GATHER_TIMEOUT_MS = 3000;
+const JBT = new URLSearchParams(location.search).get("jbt") ?? "0";
 
 const state = (window.sub300 = {
   phase: "idle", callId: null, connectedAt: null, error: null,
   finals: [], partials: [], agentText: [], turns: [], onsets: [], hangup: null,
-  micPeakDb: -Infinity, stats: {},
+  micPeakDb: -Infinity, stats: {}, heard: [], reports: [], jitterBufferTarget: null,
 });
 let config = { iceServers: [], budget_ms: 300 };
 let pc = null, dc = null, ctx = null, mic = null, statsTimer = null;
 let answeringTurn = null;   // the turn whose final transcript came last: the next onset answers it
+let lastInbound = null;     // the previous getStats() inbound-rtp audio record (the footer's figures)
+let inboundPolls = [];      // [performance.now(), inbound-rtp record] of the last polls: an ear report's baseline
+const REPORT_SPAN_MS = 500; // an ear report's statistics cover at least this long before the onset
 
 const latency = new Latency({
   waterfall: $("waterfall"), legend: $("legend"),
@@ -93,6 +107,10 @@ function onEvent(ev) {
       state.turns.push(ev);
       latency.addLedger(ev.turn, ev.ledger);
       break;
+    case "turn_heard":
+      state.heard.push(ev);
+      latency.addLedger(ev.turn, ev.ledger);
+      break;
     case "turn_discarded":
       partialBubbles.get(ev.turn)?.remove();
       partialBubbles.delete(ev.turn);
@@ -121,8 +139,52 @@ function onMeter({ data }) {
     const m2e = (data.at - data.speechEnd) * 1000;
     const onset = { at: data.at, speechEnd: data.speechEnd, m2e, turn: answeringTurn };
     state.onsets.push(onset);
-    if (onset.turn != null) latency.addMouthToEar(onset.turn, m2e);
+    if (onset.turn != null) {
+      latency.addMouthToEar(onset.turn, m2e);
+      sendEarReport(onset.turn, m2e);
+    }
   }
+}
+
+/** Mean of a cumulative getStats() ratio over the interval since ``before``: Δsum / Δcount (in ms), or null. */
+function meanSince(now, before, sum, count) {
+  const dCount = now[count] - ((before && before[count]) || 0);
+  const dSum = now[sum] - ((before && before[sum]) || 0);
+  return dCount > 0 && dSum >= 0 ? (1000 * dSum) / dCount : null;
+}
+
+async function sendEarReport(turn, m2e) {
+  const channel = dc, peer = pc;
+  if (!peer || !channel || channel.readyState !== "open") return;
+  const report = { type: "ear_report", turn, mouth_to_ear_ms: m2e };
+  const now = performance.now();
+  const older = inboundPolls.filter(([at]) => now - at >= REPORT_SPAN_MS);
+  const base = older.length ? older[older.length - 1][1] : null;
+  try {
+    const stats = await peer.getStats();
+    stats.forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "audio") {
+        report.jitter_buffer_ms = meanSince(r, base, "jitterBufferDelay", "jitterBufferEmittedCount");
+        report.jitter_buffer_target_ms = meanSince(r, base, "jitterBufferTargetDelay", "jitterBufferEmittedCount");
+        report.packets_lost = Math.max(0, r.packetsLost || 0);
+        report.concealed_samples = r.concealedSamples || 0;
+      } else if (r.type === "candidate-pair" && r.nominated && r.currentRoundTripTime != null) {
+        report.rtt_ms = 1000 * r.currentRoundTripTime;
+      }
+    });
+  } catch (err) {
+    console.warn("getStats for the ear report failed", err);   // the report still carries mouth-to-ear
+  }
+  state.reports.push(report);
+  if (channel.readyState === "open") channel.send(JSON.stringify(report));
+}
+
+function setJitterBufferTarget(receiver) {
+  if (JBT === "default") return;
+  const target = Number(JBT);
+  if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = target;          // ms (Chrome 114+)
+  else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = target / 1000;  // s (older Chrome)
+  state.jitterBufferTarget = target;
 }
 
 // ------------------------------------------------------------ the call
@@ -146,6 +208,7 @@ async function call() {
     pc = new RTCPeerConnection({ iceServers: config.iceServers });
     for (const track of mic.getAudioTracks()) pc.addTrack(track, mic);
     pc.ontrack = (e) => {
+      setJitterBufferTarget(e.receiver);
       const stream = e.streams[0] || new MediaStream([e.track]);
       $("remote").srcObject = stream;        // Chrome feeds WebAudio from a remote stream only while an element plays it
       ctx.createMediaStreamSource(stream).connect(meter, 0, 1);
@@ -174,6 +237,8 @@ async function call() {
     if (!response.ok) throw new Error(body.error || `signalling failed (HTTP ${response.status})`);
     await pc.setRemoteDescription(body);
     state.callId = body.call_id;
+    lastInbound = null;
+    inboundPolls = [];
     statsTimer = setInterval(pollStats, 1000);
   } catch (err) {
     hangUp(String(err.message || err));
@@ -218,7 +283,9 @@ async function pollStats(peer = pc) {
     if (r.type === "inbound-rtp" && r.kind === "audio") {
       s.inboundEnergy = r.totalAudioEnergy;
       s.packetsReceived = r.packetsReceived;
-      if (r.jitterBufferEmittedCount) s.jitterBufferMs = (1000 * r.jitterBufferDelay) / r.jitterBufferEmittedCount;
+      s.jitterBufferMs = meanSince(r, lastInbound, "jitterBufferDelay", "jitterBufferEmittedCount");
+      lastInbound = r;
+      inboundPolls = [...inboundPolls.slice(-3), [performance.now(), r]];
     } else if (r.type === "media-source" && r.kind === "audio") {
       s.micEnergy = r.totalAudioEnergy;
     } else if (r.type === "candidate-pair" && r.nominated && r.currentRoundTripTime != null) {

@@ -3,7 +3,9 @@
 // scale, and p50/p95 over the call.  Under each bar, each engine's work on the
 // turn's critical path and how long its request queued first (the ledger's
 // work_ms / queue_ms: shared engines serve many calls, so a slow stage says
-// whether it waited or computed).
+// whether it waited or computed).  Beside the browser's own mouth-to-ear, the
+// server's estimate of it (the ledger's mouth_to_ear_estimate_ms: inbound
+// transport + voice-to-voice + outbound transport, from "turn_heard").
 export const STAGES = [
   ["endpointing", "endpointing"],
   ["stt", "speech-to-text"],
@@ -59,11 +61,12 @@ export class Latency {
     return {
       v2v: rows.map((r) => r.ledger && r.ledger.voice_to_voice_ms).filter((v) => v != null),
       m2e: rows.map((r) => r.m2e).filter((v) => v != null),
+      est: rows.map((r) => r.ledger && r.ledger.mouth_to_ear_estimate_ms).filter((v) => v != null),
     };
   }
 
   render() {
-    const { v2v, m2e } = this.values();
+    const { v2v, m2e, est } = this.values();
     const top = Math.max(this.budget * 2, ...v2v, ...m2e);
     const step = top <= 1000 ? 100 : top <= 3000 ? 500 : 1000;
     const scale = Math.ceil(top / step) * step;
@@ -84,9 +87,10 @@ export class Latency {
       }
       const tick = r.m2e == null ? "" : `<div class="m2e" title="mouth-to-ear ${Math.round(r.m2e)} ms" style="left:${pct(r.m2e)}"></div>`;
       const v = r.ledger ? r.ledger.voice_to_voice_ms : null;
+      const e = r.ledger ? r.ledger.mouth_to_ear_estimate_ms : null;
       parts.push(`<div class="row" data-turn="${turn}"><span class="name">turn ${turn}</span>
         <div class="track">${segs}<div class="budget" style="left:${pct(this.budget)}"></div>${tick}</div>
-        <span class="nums"><span class="v2v">${ms(v)}</span> · <span class="m2e-val" title="mouth-to-ear">ear ${ms(r.m2e)}</span></span>
+        <span class="nums"><span class="v2v">${ms(v)}</span> · <span class="m2e-val" title="mouth-to-ear measured by this browser">ear ${ms(r.m2e)}</span> · <span class="m2e-est" title="the server's estimate of mouth-to-ear (its ledger)">est ${ms(e)}</span></span>
         <span class="queues" title="each engine's work on this turn, and how long its request queued first (ms)">${engineLine(r.ledger)}</span></div>`);
     }
     if (parts.length) {
@@ -97,10 +101,10 @@ export class Latency {
       parts.push(`<p class="hint">No turns yet.</p>`);
     }
     this.el.innerHTML = parts.join("");
-    this.renderCards(v2v, m2e);
+    this.renderCards(v2v, m2e, est);
   }
 
-  renderCards(v2v, m2e) {
+  renderCards(v2v, m2e, est = []) {
     const c = this.cards;
     const last = (a) => (a.length ? a[a.length - 1] : null);
     const lastV = last(v2v);
@@ -109,7 +113,8 @@ export class Latency {
     c.v2vPct.textContent = `p50 ${ms(percentile(v2v, 50))} · p95 ${ms(percentile(v2v, 95))}`;
     const lastM = last(m2e);
     c.m2eLast.textContent = ms(lastM);
-    c.m2ePct.textContent = `p50 ${ms(percentile(m2e, 50))} · p95 ${ms(percentile(m2e, 95))}`;
+    c.m2ePct.textContent = `p50 ${ms(percentile(m2e, 50))} · p95 ${ms(percentile(m2e, 95))}` +
+      ` · server's estimate p50 ${ms(percentile(est, 50))}`;
     const within = v2v.filter((v) => v <= this.budget).length;
     c.goodput.textContent = v2v.length ? `${Math.round((100 * within) / v2v.length)}%` : "–";
     c.turnCount.textContent = `${within} of ${v2v.length} turns`;
