@@ -50,6 +50,11 @@ class Responder:
         self.answering = False              # working on a turn
         self.reply: Reply | None = None     # the reply being spoken (committed)
         self.finished: list[TurnFinished] = []
+        # The system prompt opens every turn's prompt: an engine that can cache a fixed prefix's state
+        # (the embedded CTranslate2 model's static prompt, models/llm_ct2.py) keeps it (a bounded set).
+        pin = getattr(llm, "pin_system_prompt", None)
+        if pin is not None and history.system_prompt:
+            pin(history.system_prompt)
 
     @property
     def waiting(self) -> bool:

@@ -1,13 +1,23 @@
 #!/usr/bin/env python3
 """Turn latency through the paced file path: p50/p95 per stage and voice-to-voice.
 
-Each question is spoken (Piper, made here), played to a fresh conversation in
-real time on the process's shared engines, exactly like `sub300 converse`,
-and its ledger is collected.  Variants given with --compare run in the same
-process on the same audio, interleaved question by question, so they share
-the machine's state.
+Two turn sets (``--set``):
+
+* ``questions`` -- short spoken questions (Piper, made here);
+* ``passages`` -- longer read speech: real recorded Asterisk prompts of 3 to 7 s
+  (Debian's asterisk-core-sounds, one speaker, fetched and decoded by
+  scripts/bench_asr.py into ~/.cache/sub300/asterisk), spread evenly over the
+  sorted prompt names.
+
+Each turn's audio (0.5 s of silence, the speech, 1 s of silence) is played to
+a fresh conversation in real time on the process's shared engines, exactly
+like `sub300 converse`, and its ledger is collected; the transcript is scored
+against the text (WER, Whisper's normaliser).  Variants given with --compare
+run in the same process on the same audio, interleaved turn by turn, so they
+share the machine's state.
 
     .venv/bin/python scripts/bench_turns.py --questions 10
+    .venv/bin/python scripts/bench_turns.py --set passages --questions 12
     .venv/bin/python scripts/bench_turns.py --compare stt.early_final=true,false
 """
 from __future__ import annotations
@@ -29,6 +39,7 @@ from sub300.agent.config import load_config, override
 from sub300.agent.engines import load_engines, warm_up
 from sub300.agent.ledger import STAGES
 from sub300.media.file_transport import converse_with_file
+from sub300.testing.wer import word_errors
 
 QUESTIONS = [
     ("What is the capital of France?", {"capital", "france"}),
@@ -55,6 +66,21 @@ def speak_questions(tts, n: int) -> list[tuple[str, set[str], np.ndarray]]:
     return out
 
 
+def read_passages(n: int) -> list[tuple[str, set[str], np.ndarray]]:
+    """``n`` Asterisk prompts of 3 to 7 s, evenly spread over the sorted names (the same ones every run)."""
+    import bench_asr
+
+    clips = [c for c in bench_asr.load_clips(bench_asr.ensure_data(bench_asr.DEFAULT_DATA_DIR), None)
+             if 3.0 <= c.seconds <= 7.0]
+    step = max(1, len(clips) // max(1, n))
+    out: list[tuple[str, set[str], np.ndarray]] = []
+    for clip in clips[::step][:n]:
+        pcm = np.clip(clip.audio * 32767, -32768, 32767).astype(np.int16)
+        lead, tail = np.zeros(8000, np.int16), np.zeros(16000, np.int16)
+        out.append((clip.reference, set(), np.concatenate([lead, pcm, tail])))
+    return out
+
+
 def variant_configs(base, compare: str | None):
     if not compare:
         return [("default", base)]
@@ -67,7 +93,7 @@ def variant_configs(base, compare: str | None):
     return variants
 
 
-def summarize(label: str, ledgers: list, heard: int, total: int) -> str:
+def summarize(label: str, ledgers: list, heard: int, total: int, errors: tuple[int, int] = (0, 0)) -> str:
     rows = []
     columns = [stage for stage, _ in STAGES]
     for stage in columns:
@@ -77,11 +103,13 @@ def summarize(label: str, ledgers: list, heard: int, total: int) -> str:
         "(stt engine time)": [ledger.notes.get("stt_inference_ms") for ledger in ledgers if ledger.notes.get("stt_inference_ms")],
         "(llm first token)": [ledger.between_ms("llm_start", "llm_first_token") for ledger in ledgers if ledger.between_ms("llm_start", "llm_first_token") is not None],
         "(tts first audio)": [ledger.between_ms("tts_start", "tts_first_audio") for ledger in ledgers if ledger.between_ms("tts_start", "tts_first_audio") is not None],
+        "(stt start after the end of speech)": [ledger.between_ms("speech_end", "stt_start") for ledger in ledgers],
         "(stt before endpoint)": [ledger.overlaps_ms().get("stt_before_endpoint", 0.0) for ledger in ledgers],
     }
     rows += list(extra.items())
     rows.append(("**voice_to_voice**", [ledger.voice_to_voice_ms for ledger in ledgers if ledger.voice_to_voice_ms is not None]))
-    lines = [f"\n### {label}: {len(ledgers)} turns answered of {total}, key words heard in {heard}\n",
+    wer = f", transcript WER {100 * errors[0] / errors[1]:.1f} % ({errors[0]}/{errors[1]} words)" if errors[1] else ""
+    lines = [f"\n### {label}: {len(ledgers)} turns answered of {total}, key words heard in {heard}{wer}\n",
              "| stage (critical path, ms) | p50 | p95 |", "|---|---:|---:|"]
     for name, vals in rows:
         vals = [v for v in vals if v is not None]
@@ -94,31 +122,38 @@ async def main_async(args) -> None:
     variants = variant_configs(base, args.compare)
     engines = load_engines(base, progress=lambda m: print(f"# {m}", file=sys.stderr))
     await warm_up(engines, base)
-    questions = speak_questions(engines.tts, args.questions)
-    results = {label: ([], 0) for label, _ in variants}
-    for i, (_text, keys, pcm) in enumerate(questions):
+    questions = (speak_questions(engines.tts, args.questions) if args.set == "questions"
+                 else read_passages(args.questions))
+    results: dict[str, tuple[list, int]] = {label: ([], 0) for label, _ in variants}
+    errors = {label: [0, 0] for label, _ in variants}
+    for i, (text, keys, pcm) in enumerate(questions):
         for label, config in variants:
             _, finished = await converse_with_file(engines, config, pcm)
             ledgers, heard = results[label]
             for turn in finished:
                 ledgers.append(turn.ledger)
                 words = set(re.findall(r"[a-z0-9']+", turn.transcript.lower()))
-                heard += keys <= words
+                heard += bool(keys) and keys <= words
+                wrong, total = word_errors(text, turn.transcript)
+                errors[label][0] += wrong
+                errors[label][1] += total
+                v2v = turn.ledger.voice_to_voice_ms
                 print(f"# [{label}] q{i + 1} {turn.transcript!r} -> {turn.reply[:60]!r} "
-                      f"v2v {turn.ledger.voice_to_voice_ms:.0f} ms", file=sys.stderr)
+                      f"v2v {v2v if v2v is None else round(v2v)} ms", file=sys.stderr)
             results[label] = (ledgers, heard)
     await engines.aclose()
     print(f"Turn latency, paced file path — {describe_machine()}")
-    print(f"engines: {engines.describe()}; hangover {base.vad.hangover_ms} ms; "
+    print(f"set {args.set}: {len(questions)} turns; engines: {engines.describe()}; hangover {base.vad.hangover_ms} ms; "
           f"stt padding {base.stt.padding}; llm max_tokens {base.llm.max_tokens}")
     for label, _ in variants:
         ledgers, heard = results[label]
-        print(summarize(label, ledgers, heard, len(questions)))
+        print(summarize(label, ledgers, heard, len(questions), (errors[label][0], errors[label][1])))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--questions", type=int, default=10, help="turns to play (of either set)")
+    parser.add_argument("--set", choices=("questions", "passages"), default="questions")
     parser.add_argument("--config")
     parser.add_argument("--compare", help="SECTION.KEY=V1,V2: run each value on the same audio in one run")
     asyncio.run(main_async(parser.parse_args()))

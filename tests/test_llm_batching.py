@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from sub300.models.llm_batching import BatchRequest, BatchScheduler, collect
+from sub300.models.llm_batching import BatchRequest, BatchScheduler, collect, shared_static_prompt
 from sub300.models.protocols import ModelError
 from sub300.models.scheduling import Urgency, WorkTicket
 
@@ -40,14 +40,18 @@ class FakeCt2Generator:
     on_step: object = None
     fail_next: bool = False
     rounds: list[list[int]] = field(default_factory=list)     # prompt lengths of each call
+    statics: list[list[int] | None] = field(default_factory=list)   # each call's static prompt
     steps: int = 0
 
-    def generate_batch(self, prompts, *, max_length, callback, end_token, **_options):
+    def generate_batch(self, prompts, *, max_length, callback, end_token, static_prompt=None, **_options):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("CUDA out of memory (fake)")
-        sequences = [[int(t) for t in p] for p in prompts]
-        self.rounds.append([len(s) for s in sequences])
+        # a static prompt is the common start of every member's sequence (its state computed once)
+        prefix = [int(t) for t in static_prompt] if static_prompt else []
+        self.statics.append(prefix or None)
+        sequences = [prefix + [int(t) for t in p] for p in prompts]
+        self.rounds.append([len(p) for p in prompts])
         shortest = min(len(s) for s in sequences)
         forced = [len(s) - shortest for s in sequences]
         produced = [0] * len(sequences)
@@ -82,14 +86,15 @@ class Consumer:
     """Collects one request's tokens (as text pieces) from the scheduler thread."""
 
     def __init__(self, sched: BatchScheduler, prompt: list[int], max_tokens: int, urgency: Urgency,
-                 read: bool = True):
+                 read: bool = True, static: tuple[int, ...] = ()):
         self.sched, self.read = sched, read
         self.pieces: list[str] = []
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.ticket = WorkTicket(urgency)
         self.request = BatchRequest(prompt_ids=list(prompt), max_tokens=max_tokens, sampling=(("sampling_topk", 1),),
-                                    ticket=self.ticket, decode=lambda t: f"{t} ", deliver=self._deliver)
+                                    ticket=self.ticket, decode=lambda t: f"{t} ", deliver=self._deliver,
+                                    static_prompt=static)
 
     def _deliver(self, item: object) -> None:
         if isinstance(item, str):
@@ -300,3 +305,36 @@ def test_a_stream_of_committed_arrivals_cannot_livelock_a_slack_round():
     assert slack.tokens() == alone([1] * 50, 20)
     slack_rounds = [r for r in gen.rounds if r[0] >= 50]
     assert len(slack_rounds) <= 6, gen.rounds        # at least 4 tokens per (re-)prefill
+
+
+def test_a_shared_cached_prefix_is_fed_once_as_the_static_prompt_and_the_tokens_do_not_change():
+    gen = FakeCt2Generator()
+    sched = scheduler(gen)
+    gate = threading.Event()
+    system = (11, 12, 13, 14)
+    first = Consumer(sched, [*system, 5, 6, 7], 12, Urgency.COMMITTED, static=system)
+    second = Consumer(sched, [*system, 8, 9, 10], 12, Urgency.COMMITTED, static=system)
+    other = Consumer(sched, [*system, 1, 2, 3], 12, Urgency.COMMITTED, static=(11, 12))   # another cached prefix
+    gen.on_step = lambda r, s: gate.wait(5) if (r, s) == (1, 1) else None
+    for consumer in (first, second, other):
+        consumer.submit()
+    gate.set()
+    assert all(c.done.wait(5) for c in (first, second, other))
+    sched.close()
+    # the two with one prefix prefill together from it; a first token never waits on another prefix's round
+    assert [3, 3] in gen.rounds and gen.statics[gen.rounds.index([3, 3])] == list(system)
+    assert [5] in gen.rounds and gen.statics[gen.rounds.index([5])] == [11, 12]
+    assert first.tokens() == alone([*system, 5, 6, 7], 12)
+    assert second.tokens() == alone([*system, 8, 9, 10], 12)
+    assert other.tokens() == alone([*system, 1, 2, 3], 12)
+    assert sched.static_rounds == len(gen.rounds)
+
+
+def test_a_round_uses_the_static_prompt_only_when_every_member_shares_it_and_goes_on_after_it():
+    def request(prompt: list[int], static: tuple[int, ...]) -> BatchRequest:
+        return BatchRequest(prompt_ids=prompt, max_tokens=4, sampling=(), ticket=WorkTicket(), decode=str,
+                            deliver=lambda _item: None, static_prompt=static)
+    system = (1, 2, 3)
+    assert shared_static_prompt([request([1, 2, 3, 4], system), request([1, 2, 3, 5, 6], system)]) == system
+    assert shared_static_prompt([request([1, 2, 3, 4], system), request([1, 2, 3, 5], ())]) == ()
+    assert shared_static_prompt([request([1, 2, 3], system)]) == ()     # nothing after it to start from

@@ -236,3 +236,29 @@ def test_long_history_is_trimmed_to_context(llm, monkeypatch):
     monkeypatch.setattr(llm, "context_length", 8)
     with pytest.raises(ModelError):
         llm._fit_prompt(history, max_tokens=16)
+
+
+@pytest.mark.slow
+def test_a_pinned_system_prompt_is_cached_and_greedy_answers_stay_token_for_token_identical(llm, monkeypatch):
+    import sub300.models.llm_ct2 as llm_ct2
+
+    monkeypatch.setattr(llm, "_pinned", {})            # the session's model: leave no pin behind
+    monkeypatch.setattr(llm, "_static_prompts", ())
+    monkeypatch.setattr(llm_ct2, "MAX_STATIC_PROMPTS", 2)
+    system = "You are a helpful assistant. Answer the question briefly in plain English."
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}]
+             for q in ("What is the capital of France?", "Name three colors.")]
+    chats.append(chats[0][:1] + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                 {"role": "user", "content": "How many days are in a week?"}])
+    before = [llm.complete(chat, max_tokens=24) for chat in chats]
+    static_before = llm.scheduler.static_rounds
+    assert llm.pin_system_prompt(system) and llm.pin_system_prompt(system)     # idempotent
+    prefix = llm.static_prompt_for(llm.encode_prompt(chats[0]))
+    assert prefix and all(llm.static_prompt_for(llm.encode_prompt(chat)) == prefix for chat in chats)
+    assert llm._tokenizer.decode(list(prefix), skip_special_tokens=False).startswith(f"<|im_start|>system\n{system}")
+    assert [llm.complete(chat, max_tokens=24) for chat in chats] == before
+    assert llm.scheduler.static_rounds >= static_before + len(chats)
+    # another system prompt is prefilled in full; the set is bounded
+    assert llm.static_prompt_for(llm.encode_prompt([{"role": "system", "content": "Be brief."}] + chats[0][1:])) == ()
+    assert llm.pin_system_prompt("Be brief.")
+    assert not llm.pin_system_prompt("Be very brief.")
