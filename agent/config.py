@@ -159,7 +159,7 @@ class TurnConfig(Section):
         default=0.5, gt=0.0, lt=1.0, description="smart-turn: P(complete) at or above which the turn sounds complete"
     )
     complete_hangover_ms: int = Field(
-        default=150, ge=20, le=5000,
+        default=200, ge=20, le=5000,
         description="silence (from the true end of speech) that ends a turn that sounds complete (ms)",
     )
     incomplete_hangover_ms: int = Field(
@@ -407,9 +407,9 @@ class WebRtcConfig(Section):
     )
     # aiortc's audio jitter buffer holds 4 frames (80 ms) before releasing one (media/webrtc/jitter.py)
     jitter_prefetch_frames: int = Field(
-        default=1, ge=0, le=8,
+        default=0, ge=0, le=8,
         description="frames the caller's audio waits in our jitter buffer before the VAD hears it "
-                    "(20 ms each; aiortc's own value is 4)",
+                    "(20 ms each; 0 = none, a packet later than its successor is dropped; aiortc's own is 4)",
     )
 
     @field_validator("stun_urls", "turn_urls")

@@ -125,6 +125,7 @@ def test_prefetch_zero_drops_a_packet_older_than_one_released():
     assert buffer.add(_packet(10, 0))[1] is not None
     assert buffer.add(_packet(12, 1920))[1] is not None   # 11 lost or late: go on
     assert buffer.add(_packet(11, 960))[1] is None         # late: the decoder needs order
+    assert buffer.dropped_late == 1
 
 
 def test_inbound_timings_take_the_median_around_a_moment():

@@ -122,6 +122,13 @@ async def test_call_answers_a_spoken_question_over_webrtc(config, engines, quest
         # the agent's voice reached the caller, and the caller could time it
         assert caller.received_energy > 0
         assert caller.onsets and caller.onsets[0].mouth_to_ear_ms > 0
+        # the caller reported its ear; the ledger has both mouth-to-ear figures (media/webrtc/ear_report.py)
+        await caller.wait_for(lambda: bool(caller.events_of("turn_heard")), 5, "turn_heard")
+        heard = caller.events_of("turn_heard")[0]["ledger"]
+        assert heard["mouth_to_ear_reported_ms"] == pytest.approx(caller.onsets[0].mouth_to_ear_ms, abs=0.1)
+        assert heard["marks_ms"]["first_audio_heard"] >= heard["marks_ms"]["first_audio_out"]
+        assert heard["mouth_to_ear_estimate_ms"] > heard["voice_to_voice_ms"]
+        assert {"jitter_buffer_in", "jitter_buffer_out", "network_out"} <= heard["transport_ms"].keys()
         await caller.hang_up()
         await wait_until(lambda: not s.signalling.calls, 10, "the call to end")
         assert s.metrics.active_calls() == 0
@@ -129,6 +136,8 @@ async def test_call_answers_a_spoken_question_over_webrtc(config, engines, quest
         assert 'sub300_turns_total{outcome="answered",transport="webrtc"} 1.0' in metrics
         assert 'sub300_calls_ended_total{reason="hangup",transport="webrtc"} 1.0' in metrics
         assert 'sub300_voice_to_voice_seconds_count{transport="webrtc"} 1.0' in metrics
+        assert 'sub300_mouth_to_ear_estimate_seconds_count{transport="webrtc"} 1.0' in metrics
+        assert 'sub300_mouth_to_ear_reported_seconds_count{transport="webrtc"} 1.0' in metrics
 
 
 async def test_caller_vanishing_mid_reply_tears_the_call_down(config, engines, long_question):

@@ -297,6 +297,8 @@ class WebRtcCall:
         apply_report(ledger, report, inbound=inbound, rtt_ms=self.rtt_ms, quiet_lead_ms=quiet_lead)
         if self.inbound.unmatched:
             ledger.notes["inbound_unmatched_frames"] = self.inbound.unmatched
+        if self.jitter_buffer is not None and self.jitter_buffer.dropped_late:
+            ledger.notes["inbound_dropped_late"] = self.jitter_buffer.dropped_late   # the call so far
         log.info("call %s turn %d: voice-to-voice %s ms, mouth-to-ear %s ms estimated, %s ms reported",
                  self.call_id, report.turn, _ms(ledger.voice_to_voice_ms), _ms(ledger.mouth_to_ear_estimate_ms),
                  _ms(ledger.mouth_to_ear_reported_ms))

@@ -60,6 +60,8 @@ class MeasuredJitterBuffer(JitterBuffer):
         self._released: OrderedDict[int, tuple[float, float]] = OrderedDict()   # mapped pts → (arrival, release)
         self._origin_ts: int | None = None
         self._last_ts: int | None = None
+        #: packets dropped because a later one was already released (prefetch 0 only)
+        self.dropped_late = 0
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         now = self.clock()
@@ -78,6 +80,7 @@ class MeasuredJitterBuffer(JitterBuffer):
         """Prefetch 0: an audio packet is a whole frame (Opus, RFC 7587 §4.2; G.711), released on arrival
         unless it is older than the last one released (then dropped: the decoder needs order)."""
         if self._origin is not None and uint16_add(packet.sequence_number, -self._origin) >= 0x8000:
+            self.dropped_late += 1
             return False, None
         self._origin = uint16_add(packet.sequence_number, 1)
         return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
