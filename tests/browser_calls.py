@@ -68,6 +68,7 @@ DOM_JS = """() => ({
   finals: [...document.querySelectorAll('.msg.caller.final')].map(e => e.innerText),
   ledgerRows: [...document.querySelectorAll('.row[data-turn]')].map(r => ({
       v2v: r.querySelector('.v2v').innerText, m2e: r.querySelector('.m2e-val').innerText,
+      est: r.querySelector('.m2e-est')?.innerText ?? '',
       segments: r.querySelectorAll('.seg').length, queues: r.querySelector('.queues')?.innerText ?? '' })),
   v2vCard: document.querySelector('#v2v-last').innerText,
   m2eCard: document.querySelector('#m2e-last').innerText,

@@ -104,6 +104,15 @@ def _check_caller(caller: dict, keys: set[str]) -> None:
     (turn, *_) = state["turns"]
     onset = state["onsets"][0]
     assert onset["turn"] == turn["turn"] and onset["m2e"] > 0, state["onsets"]
+    # the page reported its ear over the data channel; the server's ledger came back with both figures
+    (report, *_) = state["reports"]
+    assert report["turn"] == turn["turn"] and report["jitter_buffer_ms"] is not None, state["reports"]
+    (heard, *_) = state["heard"]
+    ledger = heard["ledger"]
+    assert ledger["mouth_to_ear_reported_ms"] == pytest.approx(onset["m2e"], abs=0.1), (ledger, onset)
+    assert ledger["mouth_to_ear_estimate_ms"] > ledger["voice_to_voice_ms"], ledger
+    assert "first_audio_heard" in ledger["marks_ms"], ledger
+    assert row["est"].startswith("est ") and row["est"].endswith("ms"), row
     assert caller["hung_up"], name
 
 
@@ -131,4 +140,5 @@ def test_calls_are_torn_down_and_counted(run):
     assert 'sub300_calls_active{transport="webrtc"} 0.0' in metrics
     assert 'sub300_calls_total{transport="webrtc"} 4.0' in metrics
     assert 'sub300_turns_total{outcome="answered",transport="webrtc"} 4.0' in metrics
+    assert 'sub300_mouth_to_ear_estimate_seconds_count{transport="webrtc"} 4.0' in metrics
     assert run["server_exit"] == 0
