@@ -23,7 +23,8 @@ mid-sentence and makes everyone else wait.  With ``turn.detector =
 The early transcription and the speculative reply start at the pause as
 before, so they keep running inside the long hangover.  Ledger notes of the
 pause that ended the turn: ``turn_p`` (the model's probability),
-``turn_model_ms`` (its time, on the conversation's clock, queueing included),
+``turn_model_ms`` (its inference time), ``turn_decision_ms`` (from the pause to
+the decision, on the conversation's clock: the worker thread's wait included),
 ``hangover_ms`` (the hangover chosen) and ``hangover_by`` (``model`` |
 ``transcript`` | ``vad: model failed`` | ``undecided``: the long hangover ran out
 before the model answered); ``turn_pauses`` counts the turn's pauses.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,13 +52,14 @@ Clock = Callable[[], float]
 #: Words after which an English sentence cannot end: articles, possessive determiners,
 #: coordinating and subordinating conjunctions, common prepositions, fillers.  (A question may
 #: end on a preposition, "what is it for?", so a text ending in "?" or "!" is never mid-phrase.)
-MID_PHRASE_WORDS = frozenset("""
+_MID_PHRASE_TEXT = """
 a an the my your his her its our their this these those
 and or but nor so because if that than when while although though unless until whether as since
 of to in on at for with from by about into onto over under after before between through during
 without within upon via per toward towards against among around like
 um uh er erm hmm
-""".split())
+"""
+MID_PHRASE_WORDS = frozenset(_MID_PHRASE_TEXT.split())
 #: punctuation a sentence does not end on
 MID_PHRASE_MARKS = (",", ";", ":", "-", "\u2013", "\u2014")
 _WORD = re.compile(r"[a-z']+")
@@ -91,13 +94,22 @@ class TurnTiming:
         return cls(t.threshold, t.complete_hangover_ms, t.incomplete_hangover_ms, config.vad.hangover_ms, t.transcript)
 
 
-async def completion_probability(model: TurnCompletionModel, audio: np.ndarray) -> float:
-    """P(complete) of ``audio`` without blocking the event loop: the model's own coroutine
-    ``probability_async`` when it has one, else `probability` in a worker thread."""
+async def completion_probability(model: TurnCompletionModel, audio: np.ndarray, clock: Clock) -> tuple[float, float]:
+    """(P(complete) of ``audio``, inference ms) without blocking the event loop: `probability` in a worker
+    thread, timed there (wall clock, the thread's queueing excluded); a model with its own coroutine
+    ``probability_async`` (a remote model, a test fake on virtual time) is awaited and timed on ``clock``."""
     native = getattr(model, "probability_async", None)
     if native is not None:
-        return float(await native(audio))
-    return float(await asyncio.to_thread(model.probability, audio))
+        started = clock()
+        probability = float(await native(audio))
+        return probability, (clock() - started) * 1000
+
+    def timed() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        p = float(model.probability(audio))
+        return p, (time.perf_counter() - t0) * 1000
+
+    return await asyncio.to_thread(timed)
 
 
 @dataclass
@@ -162,7 +174,7 @@ class EndOfTurn:
 
     async def _score(self, pause: _Pause, audio: np.ndarray) -> None:
         try:
-            probability = await completion_probability(self.model, audio)
+            probability, inference_ms = await completion_probability(self.model, audio, self._clock)
         except asyncio.CancelledError:
             raise
         except Exception as error:   # any failure: logged, noted, the VAD hangover for this pause
@@ -173,7 +185,8 @@ class EndOfTurn:
         else:
             pause.probability = probability
             pause.notes["turn_p"] = round(probability, 3)
-        pause.notes["turn_model_ms"] = round((self._clock() - pause.started) * 1000, 1)
+            pause.notes["turn_model_ms"] = round(inference_ms, 1)
+        pause.notes["turn_decision_ms"] = round((self._clock() - pause.started) * 1000, 1)
         if self._pause is pause:
             self._apply(pause)
 

@@ -25,7 +25,6 @@ pipecat-ai 1.14.0), written here anew:
 """
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -100,7 +99,3 @@ class SmartTurnModel:
         except Exception as exc:
             raise ModelError(f"Smart Turn v3.2 inference failed: {exc}") from exc
         return float(np.asarray(outputs[0]).reshape(-1)[0])
-
-    async def probability_async(self, audio: np.ndarray) -> float:
-        """`probability` in a worker thread (ONNX Runtime releases the GIL)."""
-        return await asyncio.to_thread(self.probability, audio)

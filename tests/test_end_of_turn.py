@@ -58,7 +58,7 @@ async def test_a_complete_turn_ends_after_the_short_hangover(adaptive):
     assert marks["speech_end"] == approx(SPEECH_END) and marks["endpoint"] == approx(SPEECH_END + 0.16)
     assert model.calls[0][0] == approx(1.52)                    # scored at the silence onset
     assert notes["turn_p"] == 0.9 and notes["hangover_ms"] == 150 and notes["hangover_by"] == "model"
-    assert notes["turn_model_ms"] == pytest.approx(MODEL_S * 1000)
+    assert notes["turn_model_ms"] == notes["turn_decision_ms"] == pytest.approx(MODEL_S * 1000)
 
 
 async def test_an_incomplete_turn_waits_the_long_hangover(adaptive):
@@ -81,7 +81,7 @@ async def test_a_late_decision_ends_the_turn_at_once(adaptive):
     (turn,) = await one_turn(FakeTurnModel(0.9, delay_s=0.2), adaptive)
     # decided at 1.52 + 0.2 = 1.72, after the 150 ms hangover had elapsed (1.66): between two frames
     assert turn.ledger.marks["endpoint"] == approx(1.72)
-    assert turn.ledger.notes["turn_model_ms"] == pytest.approx(200.0)
+    assert turn.ledger.notes["turn_decision_ms"] == pytest.approx(200.0)
 
 
 async def test_a_failing_model_falls_back_to_the_vad_hangover_visibly(adaptive, caplog):
