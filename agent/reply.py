@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 
 #: how often a committed reply looks at its playout slack (seconds)
 SLACK_POLL_S = 0.05
+#: silence kept at the end of a piece cut inside a sentence (ms): Piper ends every piece as an utterance
+#: with 150-220 ms of silence, a pause where the sentence goes on (scripts/bench_first_piece.py, seam)
+SEAM_KEEP_MS = 30
+#: a 10 ms block this far under the piece's loudest is silence (dB)
+SEAM_SILENCE_DB = 40.0
 
 
 @dataclass
@@ -265,12 +270,23 @@ class Reply:
                 Urgency.SLACK, clock=self._clock, label=f"turn{self.turn}-tts{index}")
             chunks = _tts_chunks(self._tts, spoken_form(piece), ticket)  # history keeps `piece`; TTS gets the words
             self._tts_ticket = ticket
+            # a piece cut inside a sentence: its last chunk is held until the piece ends, to trim its silence
+            held: np.ndarray | None = None
+            mid_sentence = not _PAUSE_END.search(piece)
             try:
                 async for chunk in chunks:
                     if index == 0 and not self.ledger.has("tts_first_audio"):
                         self.ledger.record_engine("tts", ticket, work_end=self._clock())
                     self.ledger.mark("tts_first_audio", self._clock())
+                    if mid_sentence:
+                        if held is not None:
+                            self._push(resampler.process(held), index)
+                        held = chunk
+                        continue
                     self._push(resampler.process(chunk), index)
+                    self._first_audio.set()
+                if held is not None:
+                    self._push(resampler.process(trim_trailing_silence(held, self._tts.sample_rate)), index)
                     self._first_audio.set()
             finally:
                 self._tts_ticket = None
@@ -329,4 +345,22 @@ def _tts_chunks(tts: SpeechSynthesizer, text: str,
 
 #: a piece that ends a sentence (closing quotes or brackets may follow the mark)
 _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s*$")
+#: a piece that ends where a speaker pauses: a sentence or a clause
+_PAUSE_END = re.compile(r"[.!?…,;:—][\"')\]]*\s*$")
+
+
+def trim_trailing_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float = SEAM_KEEP_MS) -> np.ndarray:
+    """``pcm`` (int16) up to ``keep_ms`` after its last 10 ms block within `SEAM_SILENCE_DB` of its loudest.
+
+    For a piece cut inside a sentence: TTS ends every piece as an utterance, with 150-220 ms of
+    silence (Piper, measured by scripts/bench_first_piece.py); the next piece goes on the sentence."""
+    block = max(1, sample_rate // 100)
+    blocks = len(pcm) // block
+    if blocks == 0:
+        return pcm
+    x = pcm[: blocks * block].astype(np.float64).reshape(blocks, block)
+    level = 10 * np.log10(np.mean(x * x, axis=1) + 1e-9)
+    voiced = np.flatnonzero(level >= level.max() - SEAM_SILENCE_DB)
+    end = (int(voiced[-1]) + 1) * block + int(keep_ms * sample_rate / 1000)
+    return pcm[:end]
 

@@ -1,13 +1,24 @@
 """Transcription scheduling for one utterance: early final, partials, the final.
 
-* **Early final** (`stt.early_final`): when the caller falls silent the final
-  transcription starts as soon as `tail_samples` of audio after the refined
-  end of speech have arrived (`stt.tail_ms`: a soft last sound below the
-  endpointer's floor, as a quiet caller's final "-ce", still reaches the
-  recogniser), inside the endpointing hangover; if the
-  hangover then expires it *is* the final.  If a soft last sound extended the
-  speech after it started (the endpointer moved the end of speech), it is
-  stale and is launched again.
+* **Early final** (`stt.early_final`): the final transcription starts when
+  the caller falls silent, inside the endpointing hangover; if the hangover
+  then expires it *is* the final.  It starts on the audio there is, as soon
+  as either the detector says the caller paused (`speech_paused`) or the
+  last `silence_onset_ms` of the utterance are quiet by energy (10 ms blocks
+  under the endpointer's voice floor: webrtcvad calls frames voiced for
+  ~100 ms after the voice stops, so the energy sees the silence sooner; a
+  run that turns out to be a gap inside the speech is shown as a partial).
+  Its audio is padded with digital silence to `stt.tail_ms` after the end
+  of speech (Whisper pads with zeros anyway).  The tail of real audio that
+  arrives after its launch (issue 9: a quiet caller's soft final "-ce" may
+  lie below the endpointer's floor) is checked when it has arrived: if any
+  10 ms block of it stands above the call's noise floor
+  (`endpointing.NOISE_MARGIN_DB` over it) and within `TAIL_DROP_DB` of the
+  utterance's peak, the early final is launched again with the tail, as it
+  is when a soft last sound extended the speech after it started (the
+  endpointer moved the end of speech).  Before issue 11 the early final
+  waited for the tail: it started 117 ms (p50) after the true end of speech
+  on the spoken questions of scripts/bench_turns.py.
 * **Partials** (`stt.partial_interval_ms`): while the caller speaks, a
   transcription of what was said so far every interval, shown on the page.
 * **One at a time**: on a small CPU, overlapping Whisper runs slow each other
@@ -39,12 +50,23 @@ import numpy as np
 from sub300.models.protocols import SpeechRecognizer, Transcript
 from sub300.models.scheduling import Urgency, WorkTicket
 
-from .audio import int16_to_float32
+from .audio import int16_to_float32, rms_dbfs
 from .audio_ring import AudioRing
-from .endpointing import Endpointer
+from .endpointing import BLOCK, END_DROP_DB, NOISE_MARGIN_DB, SILENCE_DBFS, Endpointer
 from .tasks import TaskOwner
 
 Clock = Callable[[], float]
+
+#: quiet audio (10 ms blocks under the endpointer's voice floor) at the end of the utterance after
+#: which the early final starts, before the detector says the caller paused (ms; 0 = wait for the detector)
+SILENCE_ONSET_MS = 40
+#: a block of the tail counts as sound (the early final is launched again with it) when it is at most
+#: this far under the utterance's loudest block (and above the call's noise floor); on the spoken
+#: questions of scripts/bench_turns.py the tail's blocks are 41-51 dB under the peak in its first
+#: 10 ms (the voice decaying) and 52-71 dB under from 40 ms on
+TAIL_DROP_DB = 50.0
+#: False: the early final waits for the tail and covers it, as before issue 11 (for benchmarks' comparisons)
+START_BEFORE_TAIL = True
 
 
 async def transcribe(stt: SpeechRecognizer, audio: np.ndarray, ticket: WorkTicket | None = None) -> Transcript:
@@ -115,7 +137,9 @@ class UtteranceTranscriber:
     def __init__(self, *, stt: SpeechRecognizer, ring: AudioRing, endpointer: Endpointer, start_sample: int,
                  owner: TaskOwner, clock: Clock, early_final: bool, partial_interval_s: float,
                  on_early_final: Callable[[Transcription, str], None],
-                 on_partial: Callable[[str], None], on_stale: Callable[[], None], tail_samples: int = 0):
+                 on_partial: Callable[[str], None], on_stale: Callable[[], None], tail_samples: int = 0,
+                 silence_onset_ms: int | None = None):
+        """``silence_onset_ms``: see `SILENCE_ONSET_MS` (None: that default)."""
         self._stt, self._ring, self._endpointer = stt, ring, endpointer
         self._start = start_sample
         self._owner, self._clock = owner, clock
@@ -127,46 +151,64 @@ class UtteranceTranscriber:
         self._relaunch_pending = False
         self._last_partial_at = clock()
         self._tail = tail_samples
-        self._early_due = False              # paused: launch the early final once the tail has arrived
+        onset_ms = SILENCE_ONSET_MS if silence_onset_ms is None else silence_onset_ms
+        self._onset = onset_ms * 16 if onset_ms else 0      # samples (16 kHz)
+        self._wait_tail = not START_BEFORE_TAIL
+        if self._wait_tail:
+            self._onset = 0
+        self._levels_end = start_sample     # the utterance's audio measured in 10 ms blocks up to here
+        self._peak_db = SILENCE_DBFS        # its loudest block
+        self._quiet_from: int | None = None  # start of the run of quiet blocks at its end (None: loud)
+        self._announced: Transcription | None = None   # the early final on_early_final was called for
+        #: early finals started by energy before the detector paused (for benchmarks)
+        self.onset_launches = 0
 
     # ------------------------------------------------------------ endpointer events
     def speech_paused(self) -> None:
-        if self._early_final_on:
-            self._early_due = True
-            self._maybe_launch_early_final()
-
-    def _covered(self) -> int:
-        """The audio a final must cover: the refined end of speech plus the tail (what has arrived of it)."""
-        return min(self._endpointer.voiced_end_sample + self._tail, self._ring.end)
-
-    def _maybe_launch_early_final(self) -> None:
-        if self._early_due and self._ring.end >= self._endpointer.voiced_end_sample + self._tail:
-            self._early_due = False
+        """The detector says the caller paused: the early final starts now on the audio there is
+        (unless one that still covers the speech runs or is done)."""
+        if not self._early_final_on:
+            return
+        early = self.early_final
+        if self._wait_tail:
+            return      # tick() launches it once the tail has arrived
+        if early is None or not self._covers(early, self._endpointer.voiced_end_sample):
             self._launch_early_final()
+        elif early.task.done():
+            self._early_final_done(early, early.text())
 
     def speech_resumed(self) -> None:
         """The caller went on: the early final is only a partial now."""
-        self._early_due = False
         if self.early_final is not None:
             self.early_final.ticket.urgency = Urgency.SPECULATIVE     # nobody waits for a partial
             self._show_as_partial(self.early_final)
             self.partial, self.early_final = self.early_final, None
 
     def tick(self) -> None:
-        """Once per caller frame: relaunch a stale early final, start a partial when due."""
+        """Once per caller frame: start the early final at a silence onset, relaunch it when the
+        tail holds sound or the end of speech moved, start a partial when due."""
         ep = self._endpointer
-        if ep.paused:
-            self._maybe_launch_early_final()
-        stale = (self.early_final is not None and not self._early_due
-                 and self.early_final.end_sample < ep.voiced_end_sample + self._tail)
-        if stale and ep.paused and self._early_final_on:
-            self._early_due = True       # a soft last sound extended the speech: again, with its tail
-            self._maybe_launch_early_final()
-        if not self._interval or not ep.in_speech:
+        self._measure()
+        if self._early_final_on and self.active:
+            early = self.early_final
+            if ep.paused:
+                tail_in = self._ring.end >= ep.voiced_end_sample + self._tail
+                if (early is None and (tail_in or not self._wait_tail)) or (
+                        tail_in and early is not None and not self._covers(early, ep.voiced_end_sample)):
+                    self._launch_early_final()
+            elif ep.in_speech:
+                if early is not None and self._quiet_from is None:
+                    self._on_stale()          # the energy came back: a gap inside the speech
+                    self.speech_resumed()
+                    self._last_partial_at = self._clock()
+                elif (early is None and self._onset and self._quiet_from is not None
+                      and self._ring.end - self._quiet_from >= self._onset and not self._busy()):
+                    self.onset_launches += 1
+                    self._launch_early_final()
+        if not self._interval or not ep.in_speech or ep.paused:
             return
         now = self._clock()
-        busy = any(t is not None and t.running for t in (self.partial, self.early_final))
-        if busy or now - self._last_partial_at < self._interval:
+        if self._busy() or now - self._last_partial_at < self._interval:
             return
         self._last_partial_at = now
         if getattr(self._stt, "waiting", 0):
@@ -174,12 +216,49 @@ class UtteranceTranscriber:
         self.partial = self._launch(Urgency.SPECULATIVE)
         self._show_as_partial(self.partial)
 
+    def _busy(self) -> bool:
+        return any(t is not None and t.running for t in (self.partial, self.early_final))
+
+    # ------------------------------------------------------------ levels
+    def _block_levels(self, start: int, end: int) -> list[float]:
+        audio = self._ring.slice(start, end)
+        return [rms_dbfs(audio[k:k + BLOCK], floor=SILENCE_DBFS) for k in range(0, len(audio) - BLOCK + 1, BLOCK)]
+
+    def _measure(self) -> None:
+        """Levels of the utterance's new whole 10 ms blocks: its peak, and the quiet run at its end."""
+        end = self._levels_end + (self._ring.end - self._levels_end) // BLOCK * BLOCK
+        if end <= self._levels_end:
+            return
+        levels = self._block_levels(self._levels_end, end)
+        self._peak_db = max([self._peak_db, *levels])
+        quiet_below = max(self._endpointer.noise_floor_db + NOISE_MARGIN_DB, self._peak_db - END_DROP_DB)
+        for k, level in enumerate(levels):
+            if level >= quiet_below:
+                self._quiet_from = None
+            elif self._quiet_from is None:
+                self._quiet_from = self._levels_end + k * BLOCK
+        self._levels_end = end
+
+    def _covers(self, t: Transcription, end_sample: int) -> bool:
+        """Whether ``t`` holds all of the speech up to ``end_sample``: its audio reaches that far, and
+        what it lacks of the tail (``end_sample`` + `stt.tail_ms`, as far as it has arrived) holds no
+        sound (a tail still arriving is judged on what has arrived so far)."""
+        if t.end_sample < end_sample:
+            return False
+        upto = min(end_sample + self._tail, self._ring.end)
+        if t.end_sample >= upto:
+            return True
+        if self._wait_tail:
+            return False
+        sound = max(self._endpointer.noise_floor_db + NOISE_MARGIN_DB, self._peak_db - TAIL_DROP_DB)
+        return all(level < sound for level in self._block_levels(t.end_sample, upto))
+
     def final(self, end_sample: int) -> tuple[Transcription, bool]:
         """The turn ended with speech up to ``end_sample``: its final transcription, and whether
         that is the early final (it covers all the speech)."""
         self.active = False
         early = self.early_final
-        if early is not None and early.end_sample >= min(end_sample + self._tail, self._ring.end):
+        if early is not None and self._covers(early, end_sample):
             early.ticket.urgency = Urgency.COMMITTED      # the caller waits for it now
             return early, True
         return self._launch(Urgency.COMMITTED), False
@@ -189,9 +268,12 @@ class UtteranceTranscriber:
         return self._launch(Urgency.COMMITTED)
 
     # ------------------------------------------------------------ work
-    def _launch(self, urgency: Urgency) -> Transcription:
+    def _launch(self, urgency: Urgency, pad_to: int = 0) -> Transcription:
+        """A transcription of the utterance so far, padded with digital silence to ``pad_to`` (a sample)."""
         end = self._ring.end
         audio = int16_to_float32(self._ring.slice(self._start, end))
+        if pad_to > end:
+            audio = np.concatenate([audio, np.zeros(pad_to - end, np.float32)])
         transcription = Transcription(end, self._clock(), ticket=WorkTicket(urgency, clock=self._clock, label="stt"))
         transcription.task = self._owner.spawn(self._run(transcription, audio), name="stt")
         return transcription
@@ -211,18 +293,24 @@ class UtteranceTranscriber:
             return
         self._on_stale()
         # SLACK, not SPECULATIVE: it is usually the final, due when the hangover ends
-        early = self.early_final = self._launch(Urgency.SLACK)
+        ep = self._endpointer
+        end = ep.voiced_end_sample if ep.paused else (self._quiet_from or self._ring.end)
+        early = self.early_final = self._launch(Urgency.SLACK, pad_to=0 if self._wait_tail else end + self._tail)
         early.then(lambda text: self._early_final_done(early, text))
 
     def _relaunch(self) -> None:
         self._relaunch_pending = False
         ep = self._endpointer
-        stale = self.early_final is None or self.early_final.end_sample < self._covered()
+        stale = self.early_final is None or not self._covers(self.early_final, ep.voiced_end_sample)
         if self.active and ep.paused and stale and not self._owner.closed:
             self._launch_early_final()
 
     def _early_final_done(self, early: Transcription, text: str | None) -> None:
-        if text is not None and self.active and self.early_final is early:
+        """Speculation may start on it: only once the detector says the caller paused (an early final
+        started by energy alone may still turn out to be a gap inside the speech)."""
+        if (text is not None and self.active and self.early_final is early and self._endpointer.paused
+                and self._announced is not early):
+            self._announced = early
             self._on_early_final(early, text)
 
     def _show_as_partial(self, transcription: Transcription) -> None:

@@ -19,11 +19,17 @@ share the machine's state.
     .venv/bin/python scripts/bench_turns.py --questions 10
     .venv/bin/python scripts/bench_turns.py --set passages --questions 12
     .venv/bin/python scripts/bench_turns.py --compare stt.early_final=true,false
+    .venv/bin/python scripts/bench_turns.py --compare sub300.agent.transcription.SILENCE_ONSET_MS=0,40
+
+A --compare key that starts with ``sub300.`` names a module constant (a default
+not in the configuration yet): each variant runs with it set to its value.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib
 import os
 import re
 import sys
@@ -82,15 +88,36 @@ def read_passages(n: int) -> list[tuple[str, set[str], np.ndarray]]:
 
 
 def variant_configs(base, compare: str | None):
+    """[(label, config, patch)]: ``patch`` is (module, constant name, value) or None."""
     if not compare:
-        return [("default", base)]
+        return [("default", base, None)]
     key, _, values = compare.partition("=")
-    section, _, name = key.partition(".")
-    variants = []
+    variants: list[tuple[str, object, tuple | None]] = []
     for value in values.split(","):
+        if key.startswith("sub300."):
+            module, _, name = key.rpartition(".")
+            variants.append((f"{key.rpartition('.')[2]}={value}", base, (importlib.import_module(module), name,
+                                                                           type(getattr(importlib.import_module(module), name))(value))))
+            continue
+        section, _, name = key.partition(".")
         config = override(base, {section: {name: value}} if name else {section: value}, origin="--compare")
-        variants.append((f"{key}={value}", config))
+        variants.append((f"{key}={value}", config, None))
     return variants
+
+
+@contextlib.contextmanager
+def patched(patch):
+    """Set a module constant for one variant's call (``patch``: (module, name, value) or None)."""
+    if patch is None:
+        yield
+        return
+    module, name, value = patch
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 def summarize(label: str, ledgers: list, heard: int, total: int, errors: tuple[int, int] = (0, 0)) -> str:
@@ -124,11 +151,12 @@ async def main_async(args) -> None:
     await warm_up(engines, base)
     questions = (speak_questions(engines.tts, args.questions) if args.set == "questions"
                  else read_passages(args.questions))
-    results: dict[str, tuple[list, int]] = {label: ([], 0) for label, _ in variants}
-    errors = {label: [0, 0] for label, _ in variants}
+    results: dict[str, tuple[list, int]] = {label: ([], 0) for label, _, _ in variants}
+    errors = {label: [0, 0] for label, _, _ in variants}
     for i, (text, keys, pcm) in enumerate(questions):
-        for label, config in variants:
-            _, finished = await converse_with_file(engines, config, pcm)
+        for label, config, patch in variants:
+            with patched(patch):
+                _, finished = await converse_with_file(engines, config, pcm)
             ledgers, heard = results[label]
             for turn in finished:
                 ledgers.append(turn.ledger)
@@ -145,7 +173,7 @@ async def main_async(args) -> None:
     print(f"Turn latency, paced file path — {describe_machine()}")
     print(f"set {args.set}: {len(questions)} turns; engines: {engines.describe()}; hangover {base.vad.hangover_ms} ms; "
           f"stt padding {base.stt.padding}; llm max_tokens {base.llm.max_tokens}")
-    for label, _ in variants:
+    for label, _, _ in variants:
         ledgers, heard = results[label]
         print(summarize(label, ledgers, heard, len(questions), (errors[label][0], errors[label][1])))
 
