@@ -56,6 +56,8 @@ _STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 #: system prompts whose prefix state is cached at most (CTranslate2 never evicts its static-prompt cache)
 MAX_STATIC_PROMPTS = 4
+#: False: every prompt is prefilled in full, pinned or not (a switch for comparisons: scripts/bench_turns.py)
+STATIC_PROMPTS = True
 #: tokens a round's members may feed at its start: on a CPU a prefill costs ~1.3 ms a token (SmolLM2-135M)
 DEFAULT_MAX_ROUND_TOKENS = {"cpu": 1536}
 
@@ -198,6 +200,8 @@ class CTranslate2ChatModel:
 
     def static_prompt_for(self, prompt_ids: list[int]) -> tuple[int, ...]:
         """The longest pinned prefix that ``prompt_ids`` begins with and goes on after; () if none."""
+        if not STATIC_PROMPTS:
+            return ()
         for prefix in self._static_prompts:
             if len(prompt_ids) > len(prefix) and tuple(prompt_ids[:len(prefix)]) == prefix:
                 return prefix

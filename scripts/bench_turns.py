@@ -21,8 +21,14 @@ share the machine's state.
     .venv/bin/python scripts/bench_turns.py --compare stt.early_final=true,false
     .venv/bin/python scripts/bench_turns.py --compare sub300.agent.transcription.SILENCE_ONSET_MS=0,40
 
-A --compare key that starts with ``sub300.`` names a module constant (a default
-not in the configuration yet): each variant runs with it set to its value.
+A key that starts with ``sub300.`` names a module constant (a default not in
+the configuration, or a switch kept for comparisons): each variant runs with
+it set to its value.  ``--variant`` sets several keys at once, e.g. the
+state before issue 11's compute-path work against now:
+
+    .venv/bin/python scripts/bench_turns.py --questions 12 \
+        --variant "before:sub300.agent.transcription.START_BEFORE_TAIL=false;sub300.models.llm_ct2.STATIC_PROMPTS=false;sub300.agent.reply.SEAM_KEEP_MS=100000;tts.first_piece_max_words=6" \
+        --variant "now:"
 """
 from __future__ import annotations
 
@@ -87,37 +93,53 @@ def read_passages(n: int) -> list[tuple[str, set[str], np.ndarray]]:
     return out
 
 
-def variant_configs(base, compare: str | None):
-    """[(label, config, patch)]: ``patch`` is (module, constant name, value) or None."""
-    if not compare:
-        return [("default", base, None)]
-    key, _, values = compare.partition("=")
-    variants: list[tuple[str, object, tuple | None]] = []
-    for value in values.split(","):
-        if key.startswith("sub300."):
-            module, _, name = key.rpartition(".")
-            variants.append((f"{key.rpartition('.')[2]}={value}", base, (importlib.import_module(module), name,
-                                                                           type(getattr(importlib.import_module(module), name))(value))))
-            continue
-        section, _, name = key.partition(".")
-        config = override(base, {section: {name: value}} if name else {section: value}, origin="--compare")
-        variants.append((f"{key}={value}", config, None))
-    return variants
+def _setting(base, key: str, value: str, patches: list):
+    """Apply one KEY=VALUE to ``base`` (a config key SECTION.KEY) or to ``patches`` (a module constant
+    sub300.MODULE.NAME, converted to the constant's type); returns the config."""
+    if key.startswith("sub300."):
+        module_name, _, name = key.rpartition(".")
+        module = importlib.import_module(module_name)
+        old = getattr(module, name)
+        converted = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
+        patches.append((module, name, converted))
+        return base
+    section, _, name = key.partition(".")
+    return override(base, {section: {name: value}} if name else {section: value}, origin="--compare")
+
+
+def variant_configs(base, compare: str | None, variants_spec: list[str] | None = None):
+    """[(label, config, patches)]: ``patches`` are (module, constant name, value) set for that variant.
+
+    ``compare``: KEY=V1,V2 (one key, several values); ``variants_spec``: LABEL:KEY=V[;KEY=V...] each."""
+    variants: list[tuple[str, object, list]] = []
+    for spec in variants_spec or []:
+        label, _, settings = spec.partition(":")
+        config = base
+        patches: list[tuple] = []
+        for setting in filter(None, settings.split(";")):
+            key, _, value = setting.partition("=")
+            config = _setting(config, key.strip(), value.strip(), patches)
+        variants.append((label, config, patches))
+    if compare:
+        key, _, values = compare.partition("=")
+        for value in values.split(","):
+            patches = []
+            config = _setting(base, key, value, patches)
+            variants.append((f"{key.rpartition('.')[2] if key.startswith('sub300.') else key}={value}", config, patches))
+    return variants or [("default", base, [])]
 
 
 @contextlib.contextmanager
-def patched(patch):
-    """Set a module constant for one variant's call (``patch``: (module, name, value) or None)."""
-    if patch is None:
-        yield
-        return
-    module, name, value = patch
-    old = getattr(module, name)
-    setattr(module, name, value)
+def patched(patches):
+    """Set module constants for one variant's call (``patches``: [(module, name, value)])."""
+    old = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(module, name, old)
+        for module, name, value in reversed(old):
+            setattr(module, name, value)
 
 
 def summarize(label: str, ledgers: list, heard: int, total: int, errors: tuple[int, int] = (0, 0)) -> str:
@@ -146,7 +168,7 @@ def summarize(label: str, ledgers: list, heard: int, total: int, errors: tuple[i
 
 async def main_async(args) -> None:
     base = load_config(args.config)
-    variants = variant_configs(base, args.compare)
+    variants = variant_configs(base, args.compare, args.variant)
     engines = load_engines(base, progress=lambda m: print(f"# {m}", file=sys.stderr))
     await warm_up(engines, base)
     questions = (speak_questions(engines.tts, args.questions) if args.set == "questions"
@@ -184,6 +206,8 @@ def main() -> None:
     parser.add_argument("--set", choices=("questions", "passages"), default="questions")
     parser.add_argument("--config")
     parser.add_argument("--compare", help="SECTION.KEY=V1,V2: run each value on the same audio in one run")
+    parser.add_argument("--variant", action="append",
+                        help="LABEL:KEY=V[;KEY=V...] (repeatable): a variant setting several keys at once")
     asyncio.run(main_async(parser.parse_args()))
 
 
