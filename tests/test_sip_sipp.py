@@ -92,6 +92,9 @@ async def test_sipp_call_is_heard_answered_and_hung_up_by_the_agent(config, engi
     assert {"capital", "france"} <= words(call.turns[0].transcript), call.turns[0].transcript
     assert call.turns[0].reply.strip()
     assert call.turns[0].ledger.voice_to_voice_ms > 0
+    # both legs' buffering in the ledger (media/sip/call.py): sipp's packets arrive in order, none held
+    ledger = call.turns[0].ledger
+    assert ledger.transport_ms["jitter_buffer_in"] < 5.0 and ledger.notes["pacing_late_ms"] >= 0, ledger.to_dict()
     summary = service.uas.ended_calls[-1]
     assert summary["rtp_received"] > 100 and summary["rtp_sent"] > 100, summary
 

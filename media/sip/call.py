@@ -19,6 +19,16 @@ The call owns one task (`run`, started by the dialog layer); `close()` closes
 the agent and the socket.  When the agent asks to hang up (`HangupRequested`),
 `run` waits a moment so the far end plays the last words, then returns
 "agent hung up" and the dialog layer sends BYE.
+
+Both legs' buffering goes into each turn's ledger (agent/ledger.py), before
+the observer sees the turn: the transport part ``jitter_buffer_in`` is the
+median time the caller's last words (the 1.5 s before the final transcript)
+waited in the reorder buffer (media/sip/jitter.py: packet arrival → handed
+to the agent; 0 unless a packet was reordered or lost), with the note
+``jitter_buffer_in_max_ms``; the note ``pacing_late_ms`` says how late after
+its 20 ms deadline the tick that sent the reply's first packet ran (that
+wait is inside voice-to-voice's ``send`` stage).  The far end's own jitter
+buffer is not known: a phone reports nothing back (no RTCP here).
 """
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from sub300.agent.audio import AudioFrame, StreamResampler
-from sub300.agent.events import Event, HangupRequested
+from sub300.agent.events import Event, HangupRequested, TranscriptEvent, TurnFailed, TurnFinished
 from sub300.agent.playout import PlayoutQueue
 from sub300.models.protocols import SAMPLE_RATE
 
@@ -47,6 +57,8 @@ TICK_S = 0.020
 SILENCE_AFTER_S = 0.060      # no caller audio for this long: feed silence
 MAX_DIGITS = 256             # keys kept per call for the call summary (a flood of events must not grow it)
 HANGUP_GRACE_S = 0.4         # after the last reply packet, before BYE: the far end's jitter buffer drains
+INBOUND_WINDOW_S = 1.5       # the caller's last words: frames that arrived this long before the final transcript
+_KEEP_TURNS = 8
 
 
 class CallAgent(Protocol):
@@ -116,10 +128,15 @@ class SipCall:
         self.playout = self.agent.playout
         if self.playout.sample_rate != RATE:
             raise ValueError(f"the agent's playout runs at {self.playout.sample_rate} Hz; a SIP call needs {RATE}")
-        self.agent.listeners.extend([self._safe_listener, self._on_event])
+        # the ledger gets the transport's parts before the observer sees the turn
+        self.agent.listeners.extend([self._on_event, self._safe_listener])
         self._upsample = StreamResampler(RATE, SAMPLE_RATE)
         self._last_fed = self.clock()
         self._hangup_at: float | None = None
+        self.inbound_waits: deque[tuple[float, float]] = deque(maxlen=500)   # (arrival, ms held), 10 s of frames
+        self._spurts: deque[tuple[float, float]] = deque(maxlen=32)   # (sent at, ms after its deadline) per talkspurt
+        self._talking = False
+        self._inbound: dict[int, tuple[float, float]] = {}   # turn → (median, max) ms held of its last words
 
     # ------------------------------------------------------------ input
     def on_audio(self, pcm: np.ndarray | None, arrival: float) -> None:
@@ -127,6 +144,7 @@ class SipCall:
         if pcm is None:   # lost packet: 20 ms of silence keeps the timeline honest
             pcm = np.zeros(SAMPLES_PER_PACKET, np.int16)
         samples = self._upsample.process(pcm)
+        self.inbound_waits.append((arrival, max(0.0, self.clock() - arrival) * 1000.0))
         if len(samples):
             self.agent.push_frame(AudioFrame(samples, arrival))
         self._last_fed = arrival
@@ -159,6 +177,23 @@ class SipCall:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, HangupRequested) and self._hangup_at is None:
             self._hangup_at = self.clock() + HANGUP_GRACE_S
+        elif isinstance(event, TranscriptEvent) and event.final:
+            since = self.clock() - INBOUND_WINDOW_S
+            held = sorted(ms for at, ms in self.inbound_waits if at >= since)
+            if held:
+                self._inbound[event.turn] = (held[len(held) // 2], held[-1])
+                while len(self._inbound) > _KEEP_TURNS:
+                    del self._inbound[min(self._inbound)]
+        elif isinstance(event, TurnFinished | TurnFailed) and event.ledger is not None:
+            ledger = event.ledger
+            inbound = self._inbound.pop(event.turn, None)
+            if inbound is not None:
+                ledger.record_transport("jitter_buffer_in", inbound[0])
+                ledger.notes["jitter_buffer_in_max_ms"] = round(inbound[1], 1)
+            out = ledger.marks.get("first_audio_out")
+            late = next((ms for at, ms in self._spurts if out is not None and abs(at - out) <= 0.002), None)
+            if late is not None:
+                ledger.notes["pacing_late_ms"] = round(late, 1)
 
     # ------------------------------------------------------------ the clock
     async def run(self) -> str:
@@ -168,7 +203,12 @@ class SipCall:
         def tick(deadline: float) -> str | None:
             endpoint = self.endpoint
             if endpoint is not None:
-                endpoint.send(self.playout.pull(SAMPLES_PER_PACKET))
+                pcm = self.playout.pull(SAMPLES_PER_PACKET)
+                if pcm is not None and not self._talking:
+                    now = self.clock()
+                    self._spurts.append((now, max(0.0, now - deadline) * 1000.0))
+                self._talking = pcm is not None
+                endpoint.send(pcm)
                 endpoint.expire()
             gap = self.clock() - self._last_fed
             if gap >= SILENCE_AFTER_S:   # the caller's RTP stopped: the missed time is silence
