@@ -22,6 +22,14 @@ whitespace) once it is at least `min_clause_chars` long, or after
 `first_piece_max_words` words when no punctuation has come by then: that is
 what the caller waits for, while later pieces are synthesized during playback,
 where whole sentences sound better and the LLM is far ahead of speech anyway.
+A cut at 3 words (`tts.first_piece_max_words`; the configured default is
+still 6, see agent/config.py) is what scripts/bench_first_piece.py chose
+(issue 11, 12 questions, this 2-core CPU):
+first audio p50 315 ms against 525 ms at 6 words, the answer heard back by
+Whisper as well (WER 8.2 % against 7.9 %, within the run's noise; 5.9 % for
+the answer synthesized whole), and a pause at the seam of 85 ms p50 / 665 ms
+p95 as the caller hears it (6 words: 80 / 485 ms) once agent/reply.py trims
+the silence Piper ends the cut piece with.
 
 Pieces come out as the model wrote them, less markdown formatting and with
 single spaces (`clean_for_speech`): that is what the history records.  Turning
