@@ -4,10 +4,11 @@
   the caller falls silent, inside the endpointing hangover; if the hangover
   then expires it *is* the final.  It starts on the audio there is, as soon
   as either the detector says the caller paused (`speech_paused`) or the
-  last `silence_onset_ms` of the utterance are quiet by energy (10 ms blocks
+  last `SILENCE_ONSET_MS` of the utterance are quiet by energy (10 ms blocks
   under the endpointer's voice floor: webrtcvad calls frames voiced for
   ~100 ms after the voice stops, so the energy sees the silence sooner; a
-  run that turns out to be a gap inside the speech is shown as a partial).
+  run that turns out to be a gap inside the speech is shown as a partial,
+  and speculation starts on an early final only once the detector paused).
   Its audio is padded with digital silence to `stt.tail_ms` after the end
   of speech (Whisper pads with zeros anyway).  The tail of real audio that
   arrives after its launch (issue 9: a quiet caller's soft final "-ce" may
@@ -160,8 +161,6 @@ class UtteranceTranscriber:
         self._peak_db = SILENCE_DBFS        # its loudest block
         self._quiet_from: int | None = None  # start of the run of quiet blocks at its end (None: loud)
         self._announced: Transcription | None = None   # the early final on_early_final was called for
-        #: early finals started by energy before the detector paused (for benchmarks)
-        self.onset_launches = 0
 
     # ------------------------------------------------------------ endpointer events
     def speech_paused(self) -> None:
@@ -203,7 +202,6 @@ class UtteranceTranscriber:
                     self._last_partial_at = self._clock()
                 elif (early is None and self._onset and self._quiet_from is not None
                       and self._ring.end - self._quiet_from >= self._onset and not self._busy()):
-                    self.onset_launches += 1
                     self._launch_early_final()
         if not self._interval or not ep.in_speech or ep.paused:
             return
