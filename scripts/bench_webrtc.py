@@ -21,7 +21,7 @@ question by question, one server process per variant (each started here):
 --browser places the calls from headless Chromium (tests/browser_calls.py, in
 a loopback-only network namespace) instead; its variants are the page's
 ``?jbt=`` (jitter-buffer target, ms, or ``default``) with the server's prefetch:
-``SERVER/JBT``.
+``SERVER/JBT``.  An empty SERVER is the server's default (webrtc.jitter_prefetch_frames).
 
     .venv/bin/python scripts/bench_webrtc.py --calls 6
     .venv/bin/python scripts/bench_webrtc.py --calls 6 --compare 4/4,1/1,0/1
@@ -145,7 +145,7 @@ def run_browser(args, variants: list[tuple[str, str]], questions) -> tuple[dict[
             command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable,
                        str(ROOT / "tests" / "browser_calls.py"), "--out", str(out), "--port", str(args.port + i),
                        "--timeout", str(args.timeout), "--query", f"jbt={jbt}", *phases]
-            if server:
+            if server:   # "" = the server's configured default
                 command += ["--server-env", f"SUB300_WEBRTC_JITTER_PREFETCH_FRAMES={server}"]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=server_env(None))
             results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
@@ -206,9 +206,9 @@ def print_tables(args, rows: dict[str, list[dict]], health: dict) -> int:
 def main(args) -> int:
     print("making questions with Piper…", file=sys.stderr)
     questions = [(t, k, compose(LEAD_S, speak(t), TAIL_S)) for t, k in (QUESTIONS * args.calls)[:args.calls]]
-    default = "/default" if args.browser else "/4"
-    variants = [tuple(v.split("/", 1)) if "/" in v else (v, default[1:])
-                for v in (args.compare or ("1" + default)).split(",")]
+    peer = "default" if args.browser else "4"     # a stock peer: the browser's own target, aiortc's prefetch
+    variants = [(v.split("/", 1)[0], v.split("/", 1)[1] if "/" in v else peer)
+                for v in (args.compare or f"/{peer}").split(",")]
     if args.browser:
         rows, health = run_browser(args, variants, questions)
     else:
