@@ -164,5 +164,9 @@ async def test_a_call_records_reports_and_logs_and_ignores_bad_ones(config, capl
     text = metrics.render().decode()
     assert 'sub300_mouth_to_ear_estimate_seconds_count{transport="webrtc"} 1.0' in text
     assert 'sub300_mouth_to_ear_reported_seconds_sum{transport="webrtc"} 0.9' in text
+    # reports for turns that never finish (discarded) cannot block later ones: the oldest waiting goes
+    for turn in range(10, 20):
+        call._on_message(json.dumps({"type": "ear_report", "turn": turn, "mouth_to_ear_ms": 700.0}))
+    assert sorted(call._reports) == list(range(12, 20)) and call.bad_reports == 3
     await call.close("test")
     assert call.closed

@@ -279,10 +279,8 @@ class WebRtcCall:
         ledger = self._ledgers.get(report.turn)
         if ledger is not None:
             self._record_heard(ledger, report)
-        elif len(self._reports) >= _KEEP_TURNS:
-            raise BadReport(f"{len(self._reports)} reports already wait for turns that have not finished")
-        else:
-            self._reports[report.turn] = report
+        else:   # the oldest waiting report goes first (its turn was discarded, or never came)
+            self._keep(self._reports, report.turn, report)
 
     def _record_heard(self, ledger: TurnLedger, report: EarReport) -> None:
         self._heard.add(report.turn)
