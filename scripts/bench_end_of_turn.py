@@ -23,9 +23,13 @@ A clip is **cut off** when its first turn ended before the clip's last word
 began: the first turn's true end of speech (ledger ``speech_end``, mapped to
 the clip's samples through the first frame's arrival time) lies more than
 50 ms before the last word's start, or the clip produced more than one turn.
-Voice-to-voice p50/p95 are over the turns that were not cut off.
+Voice-to-voice p50/p95 are over the turns that were not cut off; "sentence
+end to answer" is, for every clip, the voice-to-voice of its last turn (the
+one holding the last word): after a cut-off, the answer to the rest of the
+sentence, which comes after the agent was interrupted.
 
-    .venv/bin/python scripts/bench_end_of_turn.py               # 8 prompts x 2 sets x 2 variants
+    .venv/bin/python scripts/bench_end_of_turn.py               # 8 prompts x 2 sets x 2 variants, ~6 min
+    .venv/bin/python scripts/bench_end_of_turn.py --sweep --clips 16   # offline: hangover grid, ~1 min
     .venv/bin/python scripts/bench_end_of_turn.py --clips 4 --complete-ms 100
 """
 from __future__ import annotations
@@ -76,13 +80,14 @@ class Outcome:
     item: Item
     turns: list[TurnFinished]
     cut_off: bool
-    v2v_ms: float | None
+    v2v_ms: float | None       # the turn's voice-to-voice, when it was not cut off
+    answer_ms: float | None    # the caller's whole sentence: its end to the agent's next audio (the last turn's v2v)
     notes: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ data
-def single_sentences(clips: list[Clip], n: int) -> list[Clip]:
-    """Prompts that are one sentence of 6+ words, 1.5–6 s long, in name order."""
+def single_sentences(clips: list[Clip]) -> list[Clip]:
+    """Prompts that are one sentence of 6+ words, 1.5–6 s long, spread over the whole list (every k-th by name)."""
     out = []
     for clip in clips:
         text = clip.reference.strip()
@@ -90,8 +95,7 @@ def single_sentences(clips: list[Clip], n: int) -> list[Clip]:
         if (len(words) >= 6 and 1.5 <= clip.seconds <= 6.0 and text[-1] in ".?!"
                 and not re.search(r"[.?!]\s", text[:-1]) and "..." not in text):
             out.append(clip)
-    step = max(1, len(out) // n)      # spread over the whole list, not the first letters only
-    return out[::step][:n]
+    return out[::3] + out[1::3] + out[2::3]      # not the first letters of the alphabet only
 
 
 BLOCK = SAMPLE_RATE // 100     # 10 ms
@@ -284,11 +288,12 @@ async def play(engines, config, item: Item) -> Outcome:
         await conversation.aclose()
     turns = list(conversation.finished)
     if not turns:
-        return Outcome(item, turns, True, None)
+        return Outcome(item, turns, True, None, None)
     ledger = turns[0].ledger
     end_sample = 320 + (ledger.marks["speech_end"] - first[0]) * SAMPLE_RATE
     cut = len(turns) > 1 or end_sample < item.last_word_start - CUT_MARGIN_S * SAMPLE_RATE
-    return Outcome(item, turns, cut, None if cut else ledger.voice_to_voice_ms, dict(ledger.notes))
+    return Outcome(item, turns, cut, None if cut else ledger.voice_to_voice_ms, turns[-1].ledger.voice_to_voice_ms,
+                   dict(ledger.notes))
 
 
 def summarize(label: str, outcomes: list[Outcome]) -> list[str]:
@@ -296,19 +301,30 @@ def summarize(label: str, outcomes: list[Outcome]) -> list[str]:
     for kind in ("complete", "hesitation", "all"):
         chosen = [o for o in outcomes if kind in ("all", o.item.kind)]
         v2v = [o.v2v_ms for o in chosen if o.v2v_ms is not None]
+        answer = [o.answer_ms for o in chosen if o.answer_ms is not None]
         endpointing = [o.turns[0].ledger.between_ms("speech_end", "endpoint") for o in chosen
                        if o.turns and not o.cut_off]
+        stt = [o.turns[0].ledger.notes.get("stt_inference_ms") for o in chosen if o.turns]
         cut = sum(o.cut_off for o in chosen)
         rows.append(f"| {label} | {kind} | {len(chosen)} | {cut} ({100 * cut / max(1, len(chosen)):.0f} %) | "
-                    f"{percentile(v2v, 50):.0f} | {percentile(v2v, 95):.0f} | "
-                    f"{percentile([e for e in endpointing if e is not None], 50):.0f} |")
+                    f"{percentile(v2v, 50):.0f} / {percentile(v2v, 95):.0f} | "
+                    f"{percentile(answer, 50):.0f} / {percentile(answer, 95):.0f} | "
+                    f"{percentile([e for e in endpointing if e is not None], 50):.0f} | "
+                    f"{percentile([x for x in stt if x is not None], 50):.0f} |")
     return rows
 
 
 async def main_async(args) -> None:
-    clips = single_sentences(load_clips(ensure_data(args.data_dir), None), args.clips)
+    candidates = single_sentences(load_clips(ensure_data(args.data_dir), None))
+    clips, cuts = [], {}
+    for k in range(0, len(candidates), args.clips):      # until --clips prompts have a verified boundary
+        batch = candidates[k:k + args.clips]
+        cuts.update(hesitation_cuts(batch, args.data_dir / CUTS_CACHE))
+        clips += [c for c in batch if cuts[c.name] is not None][:args.clips - len(clips)]
+        if len(clips) >= args.clips:
+            break
     last_words = last_word_starts(clips, args.data_dir / WORDS_CACHE)
-    items = build_items(clips, last_words, hesitation_cuts(clips, args.data_dir / CUTS_CACHE), args.seed)
+    items = build_items(clips, last_words, cuts, args.seed)
     base = load_config(args.config)
     base = override(base, {"turn": {"detector": "smart-turn"}, **({"llm": {"max_tokens": args.max_tokens}}
                                                                       if args.max_tokens else {})}, origin="bench")
@@ -341,8 +357,9 @@ async def main_async(args) -> None:
     print(f"End of turn, paced file path, Asterisk prompts — {describe_machine()}")
     print(f"engines: {engines.describe()}; {len(clips)} single-sentence prompts, each complete and with one "
           f"inserted 300–700 ms hesitation; llm.max_tokens {base.llm.max_tokens}; turn.threshold {args.threshold}\n")
-    print("| variant | set | turns | cut off | voice-to-voice p50 (ms) | p95 (ms) | endpointing p50 (ms) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| variant | set | clips | cut off | voice-to-voice p50 / p95, not cut off (ms) | sentence end to answer "
+          "p50 / p95, all (ms) | endpointing p50 (ms) | STT engine p50 (ms) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, _ in variants:
         print("\n".join(summarize(label, results[label])))
     adaptive = results[variants[1][0]]
