@@ -158,6 +158,8 @@ def summarize(label: str, ledgers: list, heard: int, total: int, errors: tuple[i
     rows += list(extra.items())
     rows.append(("**voice_to_voice**", [ledger.voice_to_voice_ms for ledger in ledgers if ledger.voice_to_voice_ms is not None]))
     wer = f", transcript WER {100 * errors[0] / errors[1]:.1f} % ({errors[0]}/{errors[1]} words)" if errors[1] else ""
+    gaps = sum(1 for ledger in ledgers if ledger.notes.get("gaps"))
+    wer += f"; turns whose audio ran out mid-answer (ledger note gaps): {gaps}"
     lines = [f"\n### {label}: {len(ledgers)} turns answered of {total}, key words heard in {heard}{wer}\n",
              "| stage (critical path, ms) | p50 | p95 |", "|---|---:|---:|"]
     for name, vals in rows:
