@@ -5,7 +5,7 @@
 //
 // At each reply onset the page sends the server an "ear_report" on the data
 // channel (media/webrtc/ear_report.py): its mouth-to-ear and its receiver
-// statistics from getStats() over the last poll interval (mean jitter-buffer
+// statistics from getStats() over the reply's first 200 ms (mean jitter-buffer
 // delay and target, round-trip time, packets lost, concealed samples); the
 // server records them in the turn's ledger beside its own estimate and sends
 // back "turn_heard".  The incoming audio's jitter-buffer target is set low
@@ -29,8 +29,9 @@ let config = { iceServers: [], budget_ms: 300 };
 let pc = null, dc = null, ctx = null, mic = null, statsTimer = null;
 let answeringTurn = null;   // the turn whose final transcript came last: the next onset answers it
 let lastInbound = null;     // the previous getStats() inbound-rtp audio record (the footer's figures)
-let inboundPolls = [];      // [performance.now(), inbound-rtp record] of the last polls: an ear report's baseline
-const REPORT_SPAN_MS = 500; // an ear report's statistics cover at least this long before the onset
+// an ear report's jitter-buffer figures cover the reply's first frames: getStats() at the onset and this
+// long after it (NetEq adapts its delay; the mean since the previous poll would mostly be the silence before)
+const REPORT_SPAN_MS = 200;
 
 const latency = new Latency({
   waterfall: $("waterfall"), legend: $("legend"),
@@ -157,10 +158,11 @@ async function sendEarReport(turn, m2e) {
   const channel = dc, peer = pc;
   if (!peer || !channel || channel.readyState !== "open") return;
   const report = { type: "ear_report", turn, mouth_to_ear_ms: m2e };
-  const now = performance.now();
-  const older = inboundPolls.filter(([at]) => now - at >= REPORT_SPAN_MS);
-  const base = older.length ? older[older.length - 1][1] : null;
   try {
+    let base = null;
+    (await peer.getStats()).forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "audio") base = r; });
+    await new Promise((resolve) => setTimeout(resolve, REPORT_SPAN_MS));
+    if (pc !== peer) return;   // hung up meanwhile
     const stats = await peer.getStats();
     stats.forEach((r) => {
       if (r.type === "inbound-rtp" && r.kind === "audio") {
@@ -238,7 +240,6 @@ async function call() {
     await pc.setRemoteDescription(body);
     state.callId = body.call_id;
     lastInbound = null;
-    inboundPolls = [];
     statsTimer = setInterval(pollStats, 1000);
   } catch (err) {
     hangUp(String(err.message || err));
@@ -285,7 +286,6 @@ async function pollStats(peer = pc) {
       s.packetsReceived = r.packetsReceived;
       s.jitterBufferMs = meanSince(r, lastInbound, "jitterBufferDelay", "jitterBufferEmittedCount");
       lastInbound = r;
-      inboundPolls = [...inboundPolls.slice(-3), [performance.now(), r]];
     } else if (r.type === "media-source" && r.kind === "audio") {
       s.micEnergy = r.totalAudioEnergy;
     } else if (r.type === "candidate-pair" && r.nominated && r.currentRoundTripTime != null) {
