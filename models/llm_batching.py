@@ -68,7 +68,7 @@ with the same one; a prefill-phase request joins only requests with its own
 prefix (its first token is what the cache is for), while decoding members
 with different prefixes may share a round, which then feeds whole prompts.
 Measured on the bundled SmolLM2-135M, 2 CPU cores, the 22-token prefix of
-the default system prompt: time to first token p50 115 → 52 ms, greedy
+the default system prompt: time to first token p50 158 → 99 ms through the engine, greedy
 tokens identical (scripts/bench_llm_prefix.py).  The model decides which
 prefixes are cached (models/llm_ct2.py: a bounded set, never a caller's
 arbitrary system prompt).

@@ -17,7 +17,7 @@ Cached system prompts (`pin_system_prompt`): the tokens of a chat up to the
 first user message's text (the system message and the user header) are the
 same on every turn of every call with that system prompt, so CTranslate2
 keeps the decoder state after them (``static_prompt``, llm_batching.py) and
-prefills only the rest: time to first token p50 115 → 52 ms on this CPU
+prefills only the rest: time to first token p50 158 → 99 ms on this CPU
 (scripts/bench_llm_prefix.py).  CTranslate2 never evicts that cache (the
 last issue measured 2.4 GB for 60 distinct prefixes), so only prompts the
 application pins are cached, at most `MAX_STATIC_PROMPTS` of them; a
