@@ -18,8 +18,10 @@
   utterance's peak, the early final is launched again with the tail, as it
   is when a soft last sound extended the speech after it started (the
   endpointer moved the end of speech).  Before issue 11 the early final
-  waited for the tail: it started 117 ms (p50) after the true end of speech
-  on the spoken questions of scripts/bench_turns.py.
+  waited for the detector and the tail; it now starts 48 ms (p50) after the
+  true end of speech instead of 112 (scripts/bench_turns.py, spoken
+  questions; 50 instead of 104 on read passages), and Whisper hears the
+  same words (scripts/bench_quiet.py's cut, 120 clips at x1 and x0.05).
 * **Partials** (`stt.partial_interval_ms`): while the caller speaks, a
   transcription of what was said so far every interval, shown on the page.
 * **One at a time**: on a small CPU, overlapping Whisper runs slow each other
