@@ -349,9 +349,8 @@ class TtsConfig(Section):
     )
     first_piece_max_words: int = Field(
         # scripts/bench_first_piece.py (issue 11): 3 words start the voice ~210 ms sooner than 6 at
-        # p50, with the same words heard back and an 85 ms pause at the seam (p50); 6 stays the default
-        # until tests/test_llm_failures.py and test_conversation_fast.py pin the 6 their replies assume
-        default=6,
+        # p50, with the same words heard back and an 85 ms pause at the seam (p50)
+        default=3,
         ge=0,
         le=100,
         description="first piece: cut after this many words if no punctuation came (words; 0 = off)",

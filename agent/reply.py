@@ -54,6 +54,9 @@ SLACK_POLL_S = 0.05
 SEAM_KEEP_MS = 30
 #: a 10 ms block this far under the piece's loudest is silence (dB)
 SEAM_SILENCE_DB = 40.0
+#: silence kept before the first sound of a piece (ms): Piper starts every piece with 20-40 ms under
+#: -55 dBFS, which the caller waits through (the ledger's transport part `quiet_lead`, issue 11)
+LEAD_KEEP_MS = 5
 
 
 @dataclass
@@ -273,8 +276,11 @@ class Reply:
             # a piece cut inside a sentence: its last chunk is held until the piece ends, to trim its silence
             held: np.ndarray | None = None
             mid_sentence = not _PAUSE_END.search(piece)
+            leading = True      # the piece's first chunk: its leading silence goes
             try:
                 async for chunk in chunks:
+                    if leading:
+                        chunk, leading = trim_leading_silence(chunk, self._tts.sample_rate), False
                     if index == 0 and not self.ledger.has("tts_first_audio"):
                         self.ledger.record_engine("tts", ticket, work_end=self._clock())
                     self.ledger.mark("tts_first_audio", self._clock())
@@ -349,17 +355,39 @@ _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s*$")
 _PAUSE_END = re.compile(r"[.!?…,;:—][\"')\]]*\s*$")
 
 
-def trim_trailing_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float = SEAM_KEEP_MS) -> np.ndarray:
+def _block_levels_db(pcm: np.ndarray, sample_rate: int) -> tuple[int, np.ndarray]:
+    """(block length, dB of each whole 10 ms block of ``pcm``) (int16; an empty array when shorter)."""
+    block = max(1, sample_rate // 100)
+    blocks = len(pcm) // block
+    x = pcm[: blocks * block].astype(np.float64).reshape(blocks, block)
+    return block, 10 * np.log10(np.mean(x * x, axis=1) + 1e-9)
+
+
+def trim_leading_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float | None = None) -> np.ndarray:
+    """``pcm`` (int16) from ``keep_ms`` before its first 10 ms block within `SEAM_SILENCE_DB` of its loudest.
+
+    A piece's first chunk: TTS starts every piece with 20-40 ms of near-silence (Piper, measured as
+    the ledger's `quiet_lead`), which delays the first sound the caller hears by as much.  A chunk
+    with no block at all is returned whole.  ``keep_ms`` None: `LEAD_KEEP_MS` as it is at the call
+    (a benchmark variant may change it)."""
+    keep_ms = LEAD_KEEP_MS if keep_ms is None else keep_ms
+    block, level = _block_levels_db(pcm, sample_rate)
+    if len(level) == 0:
+        return pcm
+    voiced = np.flatnonzero(level >= level.max() - SEAM_SILENCE_DB)
+    start = max(0, int(voiced[0]) * block - int(keep_ms * sample_rate / 1000))
+    return pcm[start:]
+
+
+def trim_trailing_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float | None = None) -> np.ndarray:
     """``pcm`` (int16) up to ``keep_ms`` after its last 10 ms block within `SEAM_SILENCE_DB` of its loudest.
 
     For a piece cut inside a sentence: TTS ends every piece as an utterance, with 150-220 ms of
     silence (Piper, measured by scripts/bench_first_piece.py); the next piece goes on the sentence."""
-    block = max(1, sample_rate // 100)
-    blocks = len(pcm) // block
-    if blocks == 0:
+    keep_ms = SEAM_KEEP_MS if keep_ms is None else keep_ms
+    block, level = _block_levels_db(pcm, sample_rate)
+    if len(level) == 0:
         return pcm
-    x = pcm[: blocks * block].astype(np.float64).reshape(blocks, block)
-    level = 10 * np.log10(np.mean(x * x, axis=1) + 1e-9)
     voiced = np.flatnonzero(level >= level.max() - SEAM_SILENCE_DB)
     end = (int(voiced[-1]) + 1) * block + int(keep_ms * sample_rate / 1000)
     return pcm[:end]

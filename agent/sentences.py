@@ -22,8 +22,8 @@ whitespace) once it is at least `min_clause_chars` long, or after
 `first_piece_max_words` words when no punctuation has come by then: that is
 what the caller waits for, while later pieces are synthesized during playback,
 where whole sentences sound better and the LLM is far ahead of speech anyway.
-A cut at 3 words (`tts.first_piece_max_words`; the configured default is
-still 6, see agent/config.py) is what scripts/bench_first_piece.py chose
+A cut at 3 words (`tts.first_piece_max_words`, the default) is what
+scripts/bench_first_piece.py chose
 (issue 11, 12 questions, this 2-core CPU):
 first audio p50 315 ms against 525 ms at 6 words, the answer heard back by
 Whisper as well (WER 8.2 % against 7.9 %, within the run's noise; 5.9 % for

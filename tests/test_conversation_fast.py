@@ -138,7 +138,8 @@ async def test_speculation_miss_answers_only_the_whole_sentence(configured):
 async def test_barge_in_commits_after_min_speech_and_keeps_what_was_heard(configured):
     tokens = ["One", " two", " three", " four", ".", " Five", " six", " seven", " eight", "."]
     eng = engines(tokens=tokens, tts_ms=1000.0)
-    caller = caller_on(eng, configured())
+    # pieces "One two three four." and "Five six seven eight.": the arithmetic below counts their words
+    caller = caller_on(eng, configured(tts__first_piece_max_words=6))
     try:
         await caller.silence(0.5)
         await caller.say(speech(1.0))

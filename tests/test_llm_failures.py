@@ -244,9 +244,9 @@ async def test_failure_mid_answer_speaks_the_part_then_the_fallback(configured, 
     assert failed.reply == f"Let me think about that. {FALLBACK}"
     assert failed.ledger is not None and failed.ledger.notes["failed"] == f"llm: {kind}: {error}"
     assert failed.ledger.has("first_audio_out")    # the caller heard something
-    # the complete sentence, then the fallback: nothing of " The answer"
-    assert tts.pieces[:2] == ["Let me think about that.", FALLBACK]
-    assert [e.text for e in of(caller, AgentSpeech) if e.turn == 1] == ["Let me think about that.", FALLBACK]
+    # the complete sentence (its first 3 words are the first piece), then the fallback: nothing of " The answer"
+    assert tts.pieces[:3] == ["Let me think", "about that.", FALLBACK]
+    assert [e.text for e in of(caller, AgentSpeech) if e.turn == 1] == ["Let me think", "about that.", FALLBACK]
     # the next turn is answered, with the history of what was said
     (finished,) = of(caller, TurnFinished)
     assert finished.turn == 2 and finished.reply == "Let me think about that. The answer"

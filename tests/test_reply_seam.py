@@ -1,9 +1,10 @@
-"""The seam after a piece cut inside a sentence (agent/reply.py): its trailing silence is trimmed."""
+"""The seam after a piece cut inside a sentence (agent/reply.py): its trailing silence is trimmed; every
+piece's leading silence is trimmed too."""
 from __future__ import annotations
 
 import numpy as np
 
-from sub300.agent.reply import _PAUSE_END, SEAM_KEEP_MS, trim_trailing_silence
+from sub300.agent.reply import _PAUSE_END, LEAD_KEEP_MS, SEAM_KEEP_MS, trim_leading_silence, trim_trailing_silence
 from sub300.testing.fakes import tone
 
 RATE = 22050
@@ -24,3 +25,15 @@ def test_only_a_piece_that_stops_where_nobody_pauses_is_trimmed():
     assert not _PAUSE_END.search("The capital of")
     for piece in ("The capital of France is Paris.", "A day is 24 hours,", 'He said "yes."', "Well;", "Really?"):
         assert _PAUSE_END.search(piece), piece
+
+
+def test_the_silence_before_the_first_sound_is_cut_to_the_kept_lead():
+    lead = RATE * 40 // 1000                                            # Piper's ~40 ms under -55 dBFS
+    hiss = (tone(40, RATE) * 10 ** (-60 / 20)).astype(np.int16)        # 60 dB under the voice: silence
+    voice = tone(300, RATE)
+    pcm = np.concatenate([hiss[:lead], voice, np.zeros(RATE // 10, np.int16)])
+    out = trim_leading_silence(pcm, RATE)
+    assert np.array_equal(out, pcm[len(pcm) - len(out):])              # only the front goes
+    assert lead - RATE * (LEAD_KEEP_MS + 10) // 1000 <= len(pcm) - len(out) <= lead   # the voice is intact
+    assert len(trim_leading_silence(np.zeros(0, np.int16), RATE)) == 0
+    assert np.array_equal(trim_leading_silence(voice, RATE), voice)      # sound from the start: untouched
