@@ -15,11 +15,17 @@ Modes, in one run (clip by clip, interleaved, so load falls on both alike):
 * ``new``: the defaults (end floor relative to the call's noise floor and the
   utterance's level; `stt.tail_ms` of audio after the refined end).
 
+With ``--early-start`` the two modes are instead the defaults with the early
+final waiting for the tail (``old``: `transcription.START_BEFORE_TAIL` off, as
+before issue 11) and the defaults (``new``: it starts at the silence onset on
+the audio there is, relaunched when the tail holds sound).
+
 The honest-end check (`speech_end` not later than the end of the voice) is
 tests/test_quiet_caller.py, on synthetic speech with a known end.
 
     python scripts/bench_quiet.py                       # x1, x0.1, x0.05, x0.02, all clips
     python scripts/bench_quiet.py --levels 1,0.05 --limit 100
+    python scripts/bench_quiet.py --levels 1,0.05 --limit 120 --early-start
 
 Data and WER as in scripts/bench_asr.py (its loader is reused).
 """
@@ -128,9 +134,17 @@ async def _call_turns(pcm: np.ndarray, vad: VoiceActivityDetector, config: Confi
     return turns
 
 
-def call_turns(pcm: np.ndarray, vad: VoiceActivityDetector, config: Config) -> list[CallTurn]:
-    """The turns a call would make of ``pcm`` (int16 16 kHz, from the call's start), with each final's audio."""
-    return asyncio.run(_call_turns(pcm, vad, config))
+def call_turns(pcm: np.ndarray, vad: VoiceActivityDetector, config: Config,
+               start_before_tail: bool = True) -> list[CallTurn]:
+    """The turns a call would make of ``pcm`` (int16 16 kHz, from the call's start), with each final's audio.
+    ``start_before_tail`` False: the early final waits for the tail (before issue 11)."""
+    from sub300.agent import transcription
+
+    saved, transcription.START_BEFORE_TAIL = transcription.START_BEFORE_TAIL, start_before_tail
+    try:
+        return asyncio.run(_call_turns(pcm, vad, config))
+    finally:
+        transcription.START_BEFORE_TAIL = saved
 
 
 def configs(base: Config) -> dict[str, Config]:
@@ -167,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,0.1,0.05,0.02", help="gains applied to every clip")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--early-start", action="store_true",
+                        help="old = the defaults with the early final waiting for the tail, new = the defaults")
     args = parser.parse_args(argv)
     levels = [float(x) for x in args.levels.split(",")]
     base = load_config(environ={})
@@ -174,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     stt = CachedStt(whisper)
     clips = load_clips(ensure_data(args.data_dir), args.limit)
     modes = configs(base)
+    if args.early_start:
+        modes = {"old": copy.deepcopy(base), "new": copy.deepcopy(base)}
     errors = {(lv, m): [0, 0, 0, 0.0] for lv in levels for m in modes}   # errors, words, no-turn clips, late end
     lead, gap = np.zeros(int(0.5 * SAMPLE_RATE), np.int16), np.zeros(SAMPLE_RATE, np.int16)
     for n, clip in enumerate(clips):
         for level in levels:
             pcm = np.concatenate([lead, np.clip(clip.audio * level * 32767, -32768, 32767).astype(np.int16), gap])
             for mode, config in modes.items():
-                turns = call_turns(pcm, vad, config)
+                turns = call_turns(pcm, vad, config, start_before_tail=not (args.early_start and mode == "old"))
                 hyp = " ".join(stt(t.audio).text for t in turns)
                 e, w = word_errors(clip.reference, hyp)
                 row = errors[(level, mode)]
@@ -193,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"Quiet callers: Asterisk core sounds ({len(clips)} clips) played into the call's endpointing + STT cut, "
           f"webrtcvad (aggressiveness {base.vad.aggressiveness}), `{base.stt.model}` — {now}, {machine()}\n")
-    print("| level | median clip peak | WER old (fixed -55 dBFS floor, no tail) | WER new (relative floor, "
-          f"tail {base.stt.tail_ms} ms) | clips with no turn old / new |")
+    old_name, new_name = (("early final after the tail", "early final at the silence onset") if args.early_start
+                          else ("fixed -55 dBFS floor, no tail", f"relative floor, tail {base.stt.tail_ms} ms"))
+    print(f"| level | median clip peak | WER old ({old_name}) | WER new ({new_name}) | clips with no turn old / new |")
     print("|---:|---:|---:|---:|---:|")
     for level in levels:
         o, nw = errors[(level, "old")], errors[(level, "new")]
