@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with an NVIDIA GPU, all within 8 minutes:
+# One prepared check for a machine with an NVIDIA GPU, all within 9 minutes:
 #   1. prints the GPU (nvidia-smi) and what each engine will run on;
 #   2. installs sub300 from $WHEELS when $PYTHON cannot import it (an offline, bare machine);
 #      then what the GPU needs into the venv: onnxruntime-gpu (ONNX Runtime's
 #      CUDA provider for Piper and Silero, models/onnx.py) when a GPU is present and
 #      the installed onnxruntime has no CUDA provider; CTranslate2's PyPI wheel
 #      already carries CUDA (Whisper and the LLM);
-#   3. runs the single-call turn benchmark (scripts/bench_turns.py, a few questions) with the
-#      adaptive end-of-turn detector (turn.detector = smart-turn: Smart Turn v3.2 on ONNX Runtime,
-#      on the GPU when the CUDA provider is there), so endpointing is part of the figure;
+#   3. runs the single-call turn benchmark (scripts/bench_turns.py, a few questions), the fixed
+#      VAD hangover and the adaptive end-of-turn detector (turn.detector = smart-turn: Smart Turn
+#      v3.2 on ONNX Runtime, on the GPU when the CUDA provider is there) in one run, so
+#      endpointing is part of the figure; then WebRTC calls from aiortc callers against
+#      `sub300 serve` (scripts/bench_webrtc.py): mouth-to-ear as the caller measures it, beside
+#      the server's estimate (issue 11's goal on a GPU: mouth-to-ear p50 <= 300 ms);
 #   4. runs the load benchmark (scripts/bench_load.py) at 1, 16, 64 and 128
 #      in-process calls, short durations, SLOs 300, 500 and 1000 ms.
-# Results go to $OUT (default ./gpu-check-out), at most 8 files, no sub-folders:
+# Results go to $OUT (default ./gpu-check-out), at most 9 files, no sub-folders:
 #   gpu_check.log, summary.json (each step: rc, seconds; the GPU; ONNX providers),
-#   turns.md, load.md, load.json, load.png, capacity.json.
-# Every step runs under `timeout` with its own budget inside the 8 minutes; a
+#   turns.md, webrtc.md, load.md, load.json, load.png, capacity.json.
+# Every step runs under `timeout` with its own budget inside the 9 minutes; a
 # step that fails or runs out of time is recorded and the next one still runs.
 #
 #   bash scripts/gpu_check.sh              # on the GPU machine
@@ -41,7 +44,7 @@ LOG=$OUT/gpu_check.log
 : > "$LOG"
 STEPS=$OUT/.steps.tsv
 : > "$STEPS"
-TOTAL_S=480                       # the whole check: 8 minutes
+TOTAL_S=540                       # the whole check: 9 minutes
 export PYTHONUNBUFFERED=1
 
 if [[ -n ${PYTHON:-} ]]; then :
@@ -57,7 +60,7 @@ run_step() {
   local left=$(( TOTAL_S - SECONDS - 5 ))
   (( budget > left )) && budget=$left
   if (( budget < 5 )); then
-    say "$name: skipped, the 8 minutes are spent"
+    say "$name: skipped, the 9 minutes are spent"
     printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$STEPS"
     return 1
   fi
@@ -143,13 +146,16 @@ say "ONNX Runtime providers: $ORT_PROVIDERS; CTranslate2 CUDA devices: $CT2_CUDA
 # ---------------------------------------------------------------- 4. one call: the turn benchmark
 if (( DRY_RUN )); then
   QUESTIONS=1; CALLS=1,2; LOAD_S=${GPU_CHECK_LOAD_S:-6}; STAGGER_S=1; TURN_TIMEOUT_S=15; SLOS=1000
-  TURNS_BUDGET=45; LOAD_BUDGET=90
+  WEBRTC_CALLS=1; TURNS_BUDGET=60; WEBRTC_BUDGET=90; LOAD_BUDGET=90
 else
   QUESTIONS=4; CALLS=1,16,64,128; LOAD_S=${GPU_CHECK_LOAD_S:-40}; STAGGER_S=5; TURN_TIMEOUT_S=20; SLOS=300,500,1000
-  TURNS_BUDGET=75; LOAD_BUDGET=330
+  WEBRTC_CALLS=4; TURNS_BUDGET=90; WEBRTC_BUDGET=90; LOAD_BUDGET=330
 fi
 run_step bench_turns "$TURNS_BUDGET" bash -c \
-  "set -o pipefail; SUB300_TURN_DETECTOR=smart-turn '$PYTHON' scripts/bench_turns.py --questions $QUESTIONS | tee '$OUT/turns.md'"
+  "set -o pipefail; SUB300_TURN_DETECTOR=smart-turn '$PYTHON' scripts/bench_turns.py --questions $QUESTIONS \
+   --variant 'vad 250 ms:turn.detector=vad' --variant 'smart-turn:turn.detector=smart-turn' | tee '$OUT/turns.md'"
+run_step bench_webrtc "$WEBRTC_BUDGET" bash -c \
+  "set -o pipefail; '$PYTHON' scripts/bench_webrtc.py --calls $WEBRTC_CALLS --compare 0/1 | tee '$OUT/webrtc.md'"
 
 # ---------------------------------------------------------------- 5. many calls: the load benchmark
 run_step bench_load "$LOAD_BUDGET" "$PYTHON" scripts/bench_load.py --transport inproc --calls "$CALLS" \
