@@ -382,6 +382,10 @@ async def test_conversation_with_the_real_client_on_a_failing_endpoint(config, c
 
     c = copy.deepcopy(config)
     c.llm.fallback_text, c.stt.partial_interval_ms = FALLBACK, 0
+    # "Let me think about that." is one piece: with the default 3-word cut the reply stops reading the
+    # stream while "Let me think" is synthesized, and aiohttp drops what it had buffered of the rest
+    # when the connection then breaks (its reader raises before returning buffered data)
+    c.tts.first_piece_max_words = 6
     async with serve(fake_endpoint()) as url:
         llm = OpenAIChatModel(f"{url}/{scenario}", "test-model", first_token_timeout_s=2.0, idle_timeout_s=2.0)
         tts = FakeTts(delay_s=0.03, ms_per_piece=100.0)
