@@ -54,7 +54,7 @@ SLACK_POLL_S = 0.05
 SEAM_KEEP_MS = 30
 #: a 10 ms block this far under the piece's loudest is silence (dB)
 SEAM_SILENCE_DB = 40.0
-#: silence kept before the first sound of a piece (ms): Piper starts every piece with 20-40 ms under
+#: silence kept before the first sound of a reply (ms): Piper starts every piece with 20-40 ms under
 #: -55 dBFS, which the caller waits through (the ledger's transport part `quiet_lead`, issue 11)
 LEAD_KEEP_MS = 5
 
@@ -276,7 +276,10 @@ class Reply:
             # a piece cut inside a sentence: its last chunk is held until the piece ends, to trim its silence
             held: np.ndarray | None = None
             mid_sentence = not _PAUSE_END.search(piece)
-            leading = True      # the piece's first chunk: its leading silence goes
+            # the reply's first chunk: its leading silence goes (the caller waits through it).  Not later
+            # pieces': trimming those made the echo guard (agent/echo.py) miss the echo of a piece's start
+            # on a phone line (tests/test_sip_echo.py after another call had run); not understood yet
+            leading = index == 0
             try:
                 async for chunk in chunks:
                     if leading:
