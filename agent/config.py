@@ -89,6 +89,15 @@ class ServerConfig(Section):
 
     host: str = Field(default="127.0.0.1", min_length=1, description="listen address")
     port: Port = Field(default=8080, description="listen TCP port (1..65535)")
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0.0, le=3600.0,
+        description="SIGTERM: calls in progress may finish their turn and hear the goodbye within this (s); "
+                    "then, or at a second SIGTERM, the rest are ended",
+    )
+    drain_goodbye: str = Field(
+        default="I'm sorry, I have to end the call now. Goodbye!", max_length=500,
+        description="said to each call in progress when the server drains ('' = hang up silently)",
+    )
 
 
 class VadConfig(Section):
@@ -396,6 +405,14 @@ class WebRtcConfig(Section):
     turn_credential_env: str = Field(
         default="SUB300_TURN_CREDENTIAL", description="environment variable that holds the TURN secret"
     )
+    turn_secret_env: str = Field(
+        default="SUB300_TURN_SECRET",
+        description="environment variable with the TURN REST API shared secret (coturn static-auth-secret); "
+                    "when set, the page gets short-lived TURN credentials minted from it instead of turn_username",
+    )
+    turn_credential_ttl_s: int = Field(
+        default=3600, ge=60, le=86_400, description="lifetime of minted TURN credentials (s)"
+    )
     max_calls: int = Field(
         default=8, ge=1, le=10_000,
         description="WebRTC calls at once, a cap for this transport within admission.max_calls (then 503)",
@@ -592,6 +609,91 @@ class AdmissionConfig(Section):
         return self
 
 
+class AuthConfig(Section):
+    """Who may call: API keys with scopes, short-lived call tokens, limits per key and per source (agent/auth)."""
+
+    required: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="auto: required unless server.host is a loopback address | on | off (said at start-up)",
+    )
+    token_secret_env: str = Field(
+        default="SUB300_TOKEN_SECRET",
+        description="environment variable with the secret that signs call tokens (empty: a random one per "
+                    "process, so tokens do not survive a restart or cross nodes; logged)",
+    )
+    call_token_ttl_s: int = Field(default=300, ge=10, le=86_400, description="lifetime of a call token (s)")
+    key_calls_per_minute: int = Field(
+        default=60, ge=0, le=1_000_000, description="new calls per API key per minute (0 = no limit; then 429)"
+    )
+    key_max_concurrent_calls: int = Field(
+        default=0, ge=0, le=100_000, description="calls at once per API key (0 = only the admission's limit)"
+    )
+    key_model_requests_per_minute: int = Field(
+        default=600, ge=0, le=1_000_000, description="/v1/* model requests per API key per minute (0 = no limit)"
+    )
+    source_calls_per_minute: int = Field(
+        default=30, ge=0, le=1_000_000, description="new calls per source address per minute (0 = no limit)"
+    )
+    source_max_concurrent_calls: int = Field(
+        default=0, ge=0, le=100_000, description="calls at once per source address (0 = no limit)"
+    )
+    source_model_requests_per_minute: int = Field(
+        default=600, ge=0, le=1_000_000, description="model requests per source address per minute (0 = no limit)"
+    )
+    sip_invites_per_minute: int = Field(
+        default=60, ge=0, le=1_000_000, description="SIP: new INVITEs per source address per minute (0 = no limit)"
+    )
+
+
+REDACTIONS = ("card", "phone", "email")  # agent/records/redaction.py
+
+
+class RecordsConfig(Section):
+    """What each call leaves behind: durable call/turn/usage records (agent/records), retention, redaction."""
+
+    enabled: bool = Field(default=True, description="write call, turn and usage records")
+    url: str = Field(
+        default="",
+        description="SQLAlchemy URL: sqlite:///PATH (WAL) or postgresql+psycopg://… "
+                    "('' = sqlite:///<$XDG_STATE_HOME or ~/.local/state>/sub300/records.db)",
+    )
+    retention_days: float = Field(
+        default=30.0, ge=0.0, le=36_500.0,
+        description="transcripts, replies and recordings older than this are deleted (days; 0 = keep forever); "
+                    "usage quantities are kept",
+    )
+    record_audio: bool = Field(
+        default=False, description="record every call's audio (a key can also ask for it); off: nothing recorded"
+    )
+    recordings_dir: str = Field(
+        default="", description="where recordings go ('' = beside the SQLite file, or <state dir>/recordings)"
+    )
+    redact: CommaList = Field(
+        default_factory=lambda: ["card", "phone", "email"],
+        description="what is masked in stored transcripts and in logs: card | phone | email (empty = nothing)",
+    )
+
+    @field_validator("redact")
+    @classmethod
+    def _redact(cls, kinds: list[str]) -> list[str]:
+        for kind in kinds:
+            if kind not in REDACTIONS:
+                raise ValueError(f"{kind!r} is not one of {', '.join(REDACTIONS)}")
+        return kinds
+
+
+class TelemetryConfig(Section):
+    """Traces and logs: OpenTelemetry over OTLP/HTTP, plain or JSON log lines."""
+
+    otlp_endpoint: str = Field(
+        default="", description="OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces ('' = no traces)"
+    )
+    service_name: str = Field(default="sub300", min_length=1, description="OpenTelemetry service.name")
+    log_format: Literal["plain", "json"] = Field(
+        default="plain", description="plain: one line for a terminal | json: one object per line with call_id, turn, key_id"
+    )
+
+
 class ModelsConfig(Section):
     """Where models are converted to and whether the hub may be used."""
 
@@ -629,6 +731,9 @@ class Config(BaseSettings):
     sip: SipConfig = Field(default_factory=lambda: SipConfig())
     call: CallConfig = Field(default_factory=lambda: CallConfig())
     admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
+    auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
+    records: RecordsConfig = Field(default_factory=lambda: RecordsConfig())
+    telemetry: TelemetryConfig = Field(default_factory=lambda: TelemetryConfig())
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
 
     @classmethod

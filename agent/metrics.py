@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .admission import REASONS, Admission, Refusal
+from .calls import CallContext
 from .events import Event, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
 from .ledger import ENGINE_STAGES, STAGES, TRANSPORT_PARTS
 
@@ -137,7 +138,8 @@ class MetricsObserver:
         self.calls_refused.labels(transport, refusal.reason).inc()
 
     # ------------------------------------------------------------ CallObserver
-    def call_started(self, transport: str, call_id: str) -> Callable[[Event], None]:
+    def call_started(self, transport: str, call_id: str,
+                     context: CallContext | None = None) -> Callable[[Event], None]:
         log.info("%s call %s started", transport, call_id)
         self.calls.labels(transport).inc()
         self.calls_active.labels(transport).inc()

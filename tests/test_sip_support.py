@@ -44,7 +44,7 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.calls: dict[str, CallRecord] = {}
 
-    def call_started(self, transport: str, call_id: str):
+    def call_started(self, transport: str, call_id: str, context=None):
         assert transport == "sip"
         record = self.calls.setdefault(call_id, CallRecord())
         return record.events.append
