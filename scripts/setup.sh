@@ -20,8 +20,11 @@ say() { echo "[setup] $*" >&2; }
 
 # Debian packages used by the tests: espeak-ng (second TTS engine, test speech), sox,
 # chromium (the real browser, driven by Playwright), iproute2 (loopback-only netns),
-# sip-tester (sipp), baresip-core, kamailio and rtpengine-daemon (real SIP peers).
-DEBIAN_TEST_PACKAGES=(espeak-ng sox chromium iproute2 sip-tester baresip-core kamailio rtpengine-daemon)
+# sip-tester (sipp), baresip-core, kamailio and rtpengine-daemon (real SIP peers), postgresql
+# (the records store on a real server), prometheus (promtool checks the rules; the dashboard
+# renderer scrapes with it) and coturn (minted TURN credentials checked by a real TURN server).
+DEBIAN_TEST_PACKAGES=(espeak-ng sox chromium iproute2 sip-tester baresip-core kamailio rtpengine-daemon
+                      postgresql prometheus coturn)
 if [[ $TEST_DEPS == 1 ]]; then
   missing=()
   for pkg in "${DEBIAN_TEST_PACKAGES[@]}"; do
