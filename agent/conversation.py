@@ -28,13 +28,20 @@ counts the waste).  Each caller turn owns its work in one `TaskOwner`
 (transcriptions, word checks, the speculation, the reply), cancelled as one
 when the turn has been answered; the conversation's owner holds them all,
 and `aclose()` ends everything.
+
+Usage: the call's `CallMeter` (metering.py) is charged as work is done
+(caller frames fed, transcriptions, the replies' tokens and TTS text, the
+agent audio the transport pulled); a turn's report carries its share in
+``ledger.usage`` (filled in `_emit` just before its `TurnFinished`,
+`TurnFailed` or `TurnDiscarded` reaches the listeners), and `aclose()`
+emits the rest as `CallUsage`.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sub300.models.protocols import SAMPLE_RATE, ModelError
@@ -53,16 +60,20 @@ from .events import (
     AgentSpeech,
     CallHeld,
     CallResumed,
+    CallUsage,
     Event,
     HangupRequested,
     StateChanged,
     TranscriptEvent,
+    TurnDiscarded,
+    TurnFailed,
     TurnFinished,
 )
 from .history import History
 from .interruptions import Interruptions
 from .keypad import Keypad, as_text
 from .ledger import TurnLedger
+from .metering import CallMeter
 from .playout import PlayoutQueue
 from .reply import ReplySettings
 from .reply import _tts_chunks as tts_chunks
@@ -72,6 +83,7 @@ from .transcription import Transcription, UtteranceTranscriber
 from .turn import Turn
 from .turn_state import TurnEvent as E
 from .turn_state import TurnState, TurnStateMachine
+from .usage import STT_AUDIO_S, TTS_CHARS, add_usage
 from .words import has_words
 
 log = logging.getLogger(__name__)
@@ -101,12 +113,15 @@ class Conversation:
         self._tasks = TaskOwner("conversation", expected=(ModelError,))
         self._turn_count = 0
         self._speaking: Turn | None = None        # the turn the caller is speaking
+        self.meter = CallMeter(lambda: self.playout.played_total, self.playout.sample_rate, SAMPLE_RATE)
+        self._ledgers: dict[int, TurnLedger] = {}   # turns not reported yet (a TurnDiscarded gets its ledger)
         llm, tts = self.config.llm, self.config.tts
         self._responder = Responder(
             owner=self._tasks, llm=self.engines.llm, tts=self.engines.tts, playout=self.playout, history=self.history,
             settings=ReplySettings(llm.max_tokens, llm.temperature, tts.min_clause_chars, tts.first_piece_max_words,
                                   fallback_text=llm.fallback_text),
-            emit=self._emit, advance=self._advance, clock=self.clock, hangup_phrases=self.config.hangup_phrases)
+            emit=self._emit, advance=self._advance, clock=self.clock, hangup_phrases=self.config.hangup_phrases,
+            charge=self.meter.charge)
         self.interruptions = Interruptions(
             BargeInRules(interrupt.min_speech_ms, interrupt.require_words, interrupt.resume_after_ms),
             enabled=interrupt.mode == "barge_in", playout=self.playout, clock=self.clock, emit=self._emit,
@@ -143,6 +158,8 @@ class Conversation:
     # ------------------------------------------------------------ input
     def push_frame(self, frame: AudioFrame) -> None:
         """Feed one frame of caller audio (call from the event loop)."""
+        if not self._closed:
+            self.meter.caller_audio(len(frame.samples))   # received, speech or not (usage: caller audio)
         if self._closed or self.ended_by is not None:
             return
         suppressed = False
@@ -207,6 +224,7 @@ class Conversation:
         try:
             if reached.goodbye.strip():
                 self._emit(AgentSpeech(turn, reached.goodbye))
+                self.meter.charge(None, {TTS_CHARS: len(reached.goodbye)})
                 resampler = StreamResampler(self.engines.tts.sample_rate, self.playout.sample_rate)
                 chunks = tts_chunks(self.engines.tts, reached.goodbye)
                 try:
@@ -266,7 +284,8 @@ class Conversation:
     def _new_turn(self, **notes) -> Turn:
         self._turn_count += 1
         n = self._turn_count
-        return Turn(n, TurnLedger(n, notes={"engines": self.engines.describe(), **notes}), self._tasks.child(f"turn{n}"))
+        ledger = self._ledgers[n] = TurnLedger(n, notes={"engines": self.engines.describe(), **notes})
+        return Turn(n, ledger, self._tasks.child(f"turn{n}"))
 
     def _on_voice_onset(self, event: VoiceOnset) -> None:
         self.interruptions.voice_onset(event.time, self._responder.reply)
@@ -282,7 +301,8 @@ class Conversation:
             partial_interval_s=stt.partial_interval_ms / 1000, tail_samples=stt.tail_ms * SAMPLE_RATE // 1000,
             on_early_final=lambda _t, text: self._on_early_final(turn, text),
             on_partial=lambda text: self._emit(TranscriptEvent(turn.number, text, final=False)),
-            on_stale=turn.drop_speculation)
+            on_stale=turn.drop_speculation,
+            on_usage=lambda seconds: self.meter.charge(turn.number, {STT_AUDIO_S: seconds}))
         turn.barge_in = self.interruptions.speech_started(event.time, self._responder.reply)
         self._advance(E.SPEECH_STARTED)
 
@@ -355,11 +375,24 @@ class Conversation:
             self._emit(StateChanged(self.turn_state.state))
 
     def _emit(self, event: Event) -> None:
+        if isinstance(event, TurnFinished | TurnFailed | TurnDiscarded):
+            event = self._with_usage(event)
         for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception:
                 log.exception("event listener failed on %s", type(event).__name__)
+
+    def _with_usage(self, event: TurnFinished | TurnFailed | TurnDiscarded) -> TurnFinished | TurnFailed | TurnDiscarded:
+        """The turn's report: its ledger's ``usage`` filled from the meter (a TurnDiscarded gets the ledger)."""
+        ledger = self._ledgers.pop(event.turn, None) or event.ledger
+        usage = self.meter.report_turn(event.turn)
+        if ledger is None:
+            ledger = TurnLedger(event.turn)
+        add_usage(ledger.usage, usage)
+        if isinstance(event, TurnDiscarded) and event.ledger is None:
+            event = replace(event, ledger=ledger)
+        return event
 
     @property
     def finished(self) -> list[TurnFinished]:
@@ -397,8 +430,11 @@ class Conversation:
         return self.endpointer.in_speech or responder.answering or responder.waiting or not self.playout.idle
 
     async def aclose(self) -> None:
-        """End the call: cancel every task this conversation owns and wait for them."""
+        """End the call: cancel every task this conversation owns and wait for them, then emit what
+        the call consumed since its last turn report (`CallUsage`, once)."""
         self._closed = self.interruptions.closed = True
         self.playout.flush()
         await self._farewell.aclose()
         await self._tasks.aclose()
+        if not self.meter.closed:
+            self._emit(CallUsage(self.meter.close()))

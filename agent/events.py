@@ -60,10 +60,13 @@ class TurnHeard:
 
 @dataclass(frozen=True)
 class TurnDiscarded:
-    """Speech was detected but held no words (a cough, a click, noise)."""
+    """Speech was detected but held no words (a cough, a click, noise).  ``ledger``: the turn's (its
+    usage: the transcriptions it ran), set by the conversation before listeners see it; None from
+    code that emits it without one."""
 
     turn: int
     reason: str
+    ledger: TurnLedger | None = None
     kind: str = "turn_discarded"
 
 
@@ -123,7 +126,31 @@ class CallResumed:
     kind: str = "call_resumed"
 
 
-Event = CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnHeard | TurnDiscarded | TurnFailed
+@dataclass(frozen=True)
+class CallUsage:
+    """What the call consumed since its last turn report (quantities of agent/usage.py), emitted once
+    by `Conversation.aclose()`, before the transport reports the call ended: the turns' ``usage``
+    and this add up to the call's totals (agent/metering.py)."""
+
+    usage: dict[str, float]
+    kind: str = "call_usage"
+
+
+@dataclass(frozen=True)
+class TransportStats:
+    """A transport's packet counts of the call, reported once before it ends (the metrics count them).
+
+    ``direction``: "from_caller" (the caller's packets as we received them: SIP RTP, lost = declared
+    lost by the reorder buffer) or "to_caller" (ours as the caller's side received them).
+    ``packets_received`` is None when the transport does not know it."""
+
+    packets_received: int | None
+    packets_lost: int
+    direction: str = "from_caller"
+    kind: str = "transport_stats"
+
+
+Event = TransportStats | CallUsage | CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnHeard | TurnDiscarded | TurnFailed
 EventHandler = Callable[[Event], None]
 
 

@@ -25,6 +25,11 @@ parts, all measured or reported to the server; the mark
 that measures its own mouth-to-ear (the demo page, the aiortc test caller)
 reports it: ``mouth_to_ear_reported_ms``, kept beside the estimate, never
 mixed into it.
+
+Usage: ``usage`` holds what the call consumed that this turn's report
+carries (quantities of agent/usage.py: seconds, tokens, characters), filled
+by the conversation just before the turn's `TurnFinished`, `TurnFailed` or
+`TurnDiscarded` (agent/metering.py says what goes into which report).
 """
 from __future__ import annotations
 
@@ -103,6 +108,8 @@ class TurnLedger:
     transport_ms: dict[str, float] = field(default_factory=dict)
     #: the caller's own measurement of mouth-to-ear (ms), as its peer reported it; None when none came
     mouth_to_ear_reported_ms: float | None = None
+    #: usage this turn's report carries: quantity (agent/usage.py) → amount; {} until reported
+    usage: dict[str, float] = field(default_factory=dict)
 
     def mark(self, name: str, at: float) -> None:
         """Record a mark (clock seconds); the first write wins so retries cannot move it."""
@@ -222,6 +229,7 @@ class TurnLedger:
             "transport_ms": dict(self.transport_ms),
             "mouth_to_ear_estimate_ms": _rounded(self.mouth_to_ear_estimate_ms),
             "mouth_to_ear_reported_ms": _rounded(self.mouth_to_ear_reported_ms),
+            "usage": dict(self.usage),
             "notes": dict(self.notes),
         }
 
@@ -234,7 +242,8 @@ class TurnLedger:
         marks = {_current(name): ms / 1000.0 for name, ms in doc.get("marks_ms", {}).items()}
         return cls(doc["turn"], {m: marks[m] for m in MARKS if m in marks}, dict(doc.get("notes", {})),
                    dict(doc.get("queue_ms", {})), dict(doc.get("work_ms", {})),
-                   dict(doc.get("transport_ms", {})), doc.get("mouth_to_ear_reported_ms"))
+                   dict(doc.get("transport_ms", {})), doc.get("mouth_to_ear_reported_ms"),
+                   {name: float(amount) for name, amount in doc.get("usage", {}).items()})
 
     def format_table(self, budget_ms: float | None = None) -> str:
         """A short human report: one line per critical-path stage."""

@@ -7,7 +7,11 @@ can say when a turn's first sample went out (the ledger's `first_audio_out`)
 and how much of each piece of a reply was actually played (for barge-in
 truncation).  It can pause at once (the caller may be interrupting) and
 resume from the start of the interrupted segment (it was only a cough).
-Single-threaded: used only from the event loop.
+It counts the agent audio handed to the transport (`played_total`: samples
+of the replies pulled, not the zero padding of a last frame nor anything
+flushed or never pulled; a segment played again after a false interruption
+counts twice, it was heard twice), which the call's usage meter reports
+(agent/metering.py).  Single-threaded: used only from the event loop.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ class PlayoutQueue:
     silenced_at: float | None = None
     #: called with (pcm, time) for every pulled frame of agent audio (the echo guard listens)
     on_played: Callable[[np.ndarray, float], None] | None = None
+    #: samples of agent audio pulled by the transport since the queue was made (usage: agent audio)
+    played_total: int = 0
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -81,6 +87,7 @@ class PlayoutQueue:
             seg.offset += take
             filled += take
             self._pieces[(seg.turn, seg.piece)][0] += take
+            self.played_total += take
             if seg.offset >= len(seg.pcm):
                 self._segments.popleft()
         if not self._segments:

@@ -20,18 +20,34 @@ sentence and dead air; the responder reports the turn as failed.  A TTS
 failure still raises (there is no voice left to say the fallback with), as
 the original typed error: the two stages run in an `asyncio.TaskGroup` whose
 single-exception group is unwrapped (`_unwrap`).
+
+Usage (agent/usage.py), given to ``charge`` as the work is done: the LLM's
+prompt and completion tokens once its stream has ended or was closed (the
+engine's `LlmUsage`; a reply cancelled mid-answer, a wasted speculation
+included, is billed for the tokens it did generate: work done is billed), and
+the characters of every piece's spoken form as it is sent to TTS (the
+fallback line included).  An engine that cannot count (no ``usage`` keyword,
+or an endpoint that sends none) is logged once and adds no tokens.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from sub300.models.protocols import ChatMessage, EmptyReply, LanguageModel, ModelError, SpeechSynthesizer
+from sub300.models.protocols import (
+    ChatMessage,
+    EmptyReply,
+    LanguageModel,
+    LlmUsage,
+    ModelError,
+    SpeechSynthesizer,
+    accepts_usage,
+)
 from sub300.models.scheduling import Urgency, WorkTicket
 from sub300.models.threads import iterate_in_thread
 
@@ -42,6 +58,7 @@ from .playout import PlayoutQueue
 from .sentences import SentenceSplitter
 from .spoken_form import spoken_form
 from .tasks import TaskOwner
+from .usage import LLM_COMPLETION_TOKENS, LLM_PROMPT_TOKENS, TTS_CHARS
 from .words import has_words
 
 Clock = Callable[[], float]
@@ -82,7 +99,10 @@ class Reply:
         emit: EventHandler,
         settings: ReplySettings,
         on_first_audio_out: Callable[[float], None] | None = None,
+        charge: Callable[[Mapping[str, float]], None] | None = None,
     ):
+        """``charge(usage)``: where the reply's usage goes as it is done (the call's meter, for this
+        turn: agent/metering.py); None: not counted."""
         self.turn = turn
         self.messages = list(messages)
         self.pieces: list[str] = []
@@ -97,6 +117,9 @@ class Reply:
         self._llm, self._tts, self._playout = llm, tts, playout
         self._clock, self._emit, self._settings = clock, emit, settings
         self._on_first_audio_out = on_first_audio_out
+        self._charge = charge
+        #: the LLM request's token counts (None: the engine takes no ``usage`` keyword)
+        self.llm_usage: LlmUsage | None = None
         self._held: list[tuple[np.ndarray, int]] = []   # audio made before commit: (pcm, piece)
         self._first_pushed = False
         self._first_audio = asyncio.Event()   # TTS made the first audio (or gave up)
@@ -185,9 +208,11 @@ class Reply:
         self.ledger.mark("llm_start", self._clock())
         queued: list[str] = []
         stream: AsyncGenerator[str, None] | None = None
+        self.llm_usage = _usage_for(self._llm)
+        counted = {} if self.llm_usage is None else {"usage": self.llm_usage}
         try:
             stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
-                                           temperature=settings.temperature, ticket=self._llm_ticket)
+                                           temperature=settings.temperature, ticket=self._llm_ticket, **counted)
             async for text in stream:
                 if text and not self.ledger.has("llm_first_token"):
                     now = self._clock()
@@ -208,8 +233,11 @@ class Reply:
             self.error = ModelError(f"LLM {_endpoint_of(self._llm)}: unexpected {type(error).__name__}: {error}")
             self.error.kind = "internal"
         finally:
-            if stream is not None:
-                await stream.aclose()
+            try:
+                if stream is not None:
+                    await stream.aclose()
+            finally:
+                self._charge_llm()
         rest = splitter.flush()
         if self.error is not None and rest and not _SENTENCE_END.search(rest[-1]):
             # cut off mid-sentence: say the fallback rather than half a sentence
@@ -229,6 +257,15 @@ class Reply:
                 self.ledger.mark("first_piece", self._clock())
                 queue.put_nowait(settings.fallback_text.strip())
         queue.put_nowait(None)
+
+    def _charge_llm(self) -> None:
+        """The request's tokens (once: the stream is closed), whether it finished, failed or was cancelled."""
+        usage = self.llm_usage
+        if self._charge is None or usage is None:
+            return
+        if not usage.known:
+            return      # the engine said so when it found out (models/llm_openai.py logs it once)
+        self._charge({LLM_PROMPT_TOKENS: usage.prompt_tokens or 0, LLM_COMPLETION_TOKENS: usage.completion_tokens or 0})
 
     def _first_piece_made(self) -> None:
         """A piece is complete: the rest of the LLM's answer has the playout's slack from now on."""
@@ -271,7 +308,10 @@ class Reply:
             self.ledger.mark("tts_start", self._clock())
             ticket = self._first_tts_ticket if index == 0 else WorkTicket(
                 Urgency.SLACK, clock=self._clock, label=f"turn{self.turn}-tts{index}")
-            chunks = _tts_chunks(self._tts, spoken_form(piece), ticket)  # history keeps `piece`; TTS gets the words
+            words = spoken_form(piece)          # history keeps `piece`; TTS gets the words
+            if self._charge is not None:
+                self._charge({TTS_CHARS: len(words)})
+            chunks = _tts_chunks(self._tts, words, ticket)
             self._tts_ticket = ticket
             # a piece cut inside a sentence: its last chunk is held until the piece ends, to trim its silence
             held: np.ndarray | None = None
@@ -303,6 +343,22 @@ class Reply:
                 await chunks.aclose()
         if index >= 0:
             self._push(resampler.flush(), index)
+
+
+#: engines already said to count no tokens (one warning each)
+_UNCOUNTED: set[str] = set()
+
+
+def _usage_for(llm: LanguageModel) -> LlmUsage | None:
+    """A fresh `LlmUsage` for ``llm``'s next request, or None (logged once per engine) when its
+    ``stream_chat`` takes no ``usage`` keyword."""
+    if accepts_usage(llm):
+        return LlmUsage()
+    if llm.name not in _UNCOUNTED:
+        _UNCOUNTED.add(llm.name)
+        log.warning("LLM %s counts no tokens (its stream_chat takes no usage=): its tokens are not in the usage",
+                    llm.name)
+    return None
 
 
 def _unwrap(group: BaseExceptionGroup) -> BaseException:

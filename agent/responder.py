@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from sub300.models.protocols import LanguageModel, ModelError, SpeechSynthesizer
 
@@ -41,10 +41,12 @@ class Responder:
 
     def __init__(self, *, owner: TaskOwner, llm: LanguageModel, tts: SpeechSynthesizer, playout: PlayoutQueue,
                  history: History, settings: ReplySettings, emit: EventHandler, advance: Callable[..., None],
-                 clock: Callable[[], float], hangup_phrases: Sequence[str]):
+                 clock: Callable[[], float], hangup_phrases: Sequence[str],
+                 charge: Callable[[int, Mapping[str, float]], None] | None = None):
         self._owner, self._llm, self._tts, self._settings = owner, llm, tts, settings
         self._playout, self._history = playout, history
         self._emit, self._advance, self._clock, self._hangup_phrases = emit, advance, clock, hangup_phrases
+        self._charge = charge       # (turn, usage): the call's usage meter (agent/metering.py)
         self._queue: asyncio.Queue[Turn] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.answering = False              # working on a turn
@@ -63,9 +65,11 @@ class Responder:
 
     def new_reply(self, turn: int, text: str) -> Reply:
         """A reply to ``text`` after the history so far, not started yet."""
+        charge = self._charge
         return Reply(turn=turn, messages=self._history.messages_for(text), llm=self._llm, tts=self._tts,
                      playout=self._playout, clock=self._clock, emit=self._emit, settings=self._settings,
-                     on_first_audio_out=lambda _at: self._advance(E.AGENT_AUDIBLE))
+                     on_first_audio_out=lambda _at: self._advance(E.AGENT_AUDIBLE),
+                     charge=None if charge is None else lambda usage: charge(turn, usage))
 
     def submit(self, turn: Turn) -> None:
         self._queue.put_nowait(turn)

@@ -39,7 +39,11 @@
   launched after the turn ended and a barge-in's word check are COMMITTED.
 
 Every transcription is a task of the utterance's `TaskOwner`, so the turn's
-work is cancelled as one.  Engines are called through `transcribe()`, the one
+work is cancelled as one.  Usage: each transcription that returns reports
+its `Transcript.audio_seconds` to ``on_usage`` (partials, early finals, the
+final, a barge-in's word check: work done, so re-transcription counts); one
+that fails or is cancelled before it returns has no transcript and is not
+counted.  Engines are called through `transcribe()`, the one
 seam between the conversation and a blocking recogniser.
 """
 from __future__ import annotations
@@ -141,8 +145,10 @@ class UtteranceTranscriber:
                  owner: TaskOwner, clock: Clock, early_final: bool, partial_interval_s: float,
                  on_early_final: Callable[[Transcription, str], None],
                  on_partial: Callable[[str], None], on_stale: Callable[[], None], tail_samples: int = 0,
-                 silence_onset_ms: int | None = None):
-        """``silence_onset_ms``: see `SILENCE_ONSET_MS` (None: that default)."""
+                 silence_onset_ms: int | None = None, on_usage: Callable[[float], None] | None = None):
+        """``silence_onset_ms``: see `SILENCE_ONSET_MS` (None: that default); ``on_usage(seconds)``:
+        the audio seconds of every transcription that returned (the STT usage)."""
+        self._on_usage = on_usage
         self._stt, self._ring, self._endpointer = stt, ring, endpointer
         self._start = start_sample
         self._owner, self._clock = owner, clock
@@ -280,9 +286,12 @@ class UtteranceTranscriber:
 
     async def _run(self, transcription: Transcription, audio: np.ndarray) -> Transcript:
         try:
-            return await transcribe(self._stt, audio, transcription.ticket)
+            transcript = await transcribe(self._stt, audio, transcription.ticket)
         finally:
             transcription.finished = self._clock()
+        if self._on_usage is not None:
+            self._on_usage(transcript.audio_seconds)
+        return transcript
 
     def _launch_early_final(self) -> None:
         running = [t for t in (self.early_final, self.partial) if t is not None and t.running]

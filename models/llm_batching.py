@@ -135,6 +135,14 @@ class BatchRequest:
     auto_slack: bool = False
     #: a prefix of ``prompt_ids`` whose decoder state CTranslate2 caches (``static_prompt``); () = none
     static_prompt: tuple[int, ...] = ()
+    #: the model sampled one of the stop ids (not in ``generated``: it has no text, yet it was computed)
+    sampled_stop: bool = False
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens this request generated so far: ``generated`` plus a sampled stop token (the usage
+        of models/protocols.py `LlmUsage`; readable from any thread, the list only grows)."""
+        return len(self.generated) + self.sampled_stop
 
     @property
     def length(self) -> int:
@@ -432,6 +440,7 @@ class BatchScheduler:
                 return True
             token = step.token_id
             if token in self._stop_ids:
+                request.sampled_stop = True
                 round_.left.add(index)
                 self._finish(request)
                 return True

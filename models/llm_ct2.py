@@ -45,7 +45,7 @@ from .chat_template import render_chat
 from .device import Placement, select_placement
 from .gguf_to_ct2 import METADATA_FILE, TOKENIZER_FILE
 from .llm_batching import BatchRequest, BatchScheduler, collect, open_stream, sampling_options
-from .protocols import ChatMessage, ModelError, ModelUnavailable
+from .protocols import ChatMessage, LlmUsage, ModelError, ModelUnavailable
 from .scheduling import Urgency, WorkTicket
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,12 @@ class CTranslate2ChatModel:
         max_tokens: int,
         temperature: float = 0.0,
         ticket: WorkTicket | None = None,
+        usage: LlmUsage | None = None,
     ) -> AsyncGenerator[str, None]:
+        """``usage`` (models/protocols.py): the tokenizer's counts, ``reported_by="tokenizer"``: the
+        prompt ids as fed (after `_fit_prompt` dropped old turns; a cached static prompt counts, the
+        request used it) and the ids generated, a sampled stop token included; a re-prefill when a
+        round restarts (llm_batching.py) is the engine's cost, not the request's, and is not counted."""
         if max_tokens < 1:
             return
         try:
@@ -295,13 +300,25 @@ class CTranslate2ChatModel:
         except Exception as exc:  # a tokenizer failure is this engine's failure too (a failed turn, not a crash)
             raise ModelError(f"{self.name} cannot encode the prompt: {exc}") from exc
 
-        pieces = open_stream(
-            self.scheduler, lambda deliver: self._request(prompt_ids, max_tokens, temperature, ticket, deliver))
+        made: list[BatchRequest] = []
+
+        def make(deliver: Callable[[object], None]) -> BatchRequest:
+            made.append(self._request(prompt_ids, max_tokens, temperature, ticket, deliver))
+            return made[0]
+
+        pieces = open_stream(self.scheduler, make)
+        if usage is not None:
+            usage.prompt_tokens, usage.completion_tokens, usage.reported_by = len(prompt_ids), 0, "tokenizer"
         try:
             async with aclosing(pieces):
                 async for piece in pieces:
+                    if usage is not None:
+                        usage.completion_tokens = made[0].completion_tokens
                     yield piece
         except ModelError:
             raise
         except Exception as exc:
             raise ModelError(f"{self.name} generation failed: {exc}") from exc
+        finally:
+            if usage is not None:   # closed: the scheduler thread has stopped this request (cancel, under its lock)
+                usage.completion_tokens = made[0].completion_tokens

@@ -32,6 +32,16 @@ that, requests wait for a free connection in a `PriorityLimiter`, committed
 work first; the wait is the ticket's queue wait, it counts against the first
 token's limit, and it is logged.  Idle connections are kept for
 `KEEPALIVE_TIMEOUT_S`, less than the servers' own keep-alive.
+
+Usage: every request asks for ``stream_options: {"include_usage": true}``
+(OpenAI's stream option, which vLLM, SGLang and llama.cpp's server follow):
+the server then sends a last chunk with ``"choices": []`` and a ``usage``
+object, whose ``prompt_tokens`` and ``completion_tokens`` fill the request's
+`LlmUsage` (``reported_by="endpoint"``; a server that sends usage on every
+chunk is read the same way, the last one wins).  An endpoint that sends no
+usage leaves the counts None: nothing is guessed, and the engine logs it once
+(``extra_body={"stream_options": None}`` drops the option for a server that
+refuses it).  A stream closed before its end has no usage chunk: unknown.
 """
 from __future__ import annotations
 
@@ -54,6 +64,7 @@ from .protocols import (
     EndpointStreamError,
     EndpointTimeout,
     EndpointUnreachable,
+    LlmUsage,
 )
 from .scheduling import PriorityLimiter, WorkTicket
 
@@ -110,6 +121,7 @@ class OpenAIChatModel:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._connections = PriorityLimiter(max_connections, name="llm connections")
         self._pool_full_warned_at: float | None = None
+        self._no_usage_logged = False
         log.info("LLM endpoint %s: up to %d streams at once (max_connections, one connection each; "
                  "more wait, committed first); idle connections kept %g s",
                  self.url, max_connections, KEEPALIVE_TIMEOUT_S)
@@ -155,8 +167,11 @@ class OpenAIChatModel:
             "max_tokens": int(max_tokens),
             "temperature": float(temperature),
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         body.update(self.extra_body)
+        if body.get("stream_options") is None:
+            body.pop("stream_options", None)
         return body
 
     def _error(self, what: str, cls: type[EndpointError] = EndpointProtocolError) -> EndpointError:
@@ -170,6 +185,7 @@ class OpenAIChatModel:
         max_tokens: int,
         temperature: float = 0.0,
         ticket: WorkTicket | None = None,
+        usage: LlmUsage | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yield the content pieces of the streamed answer, in order.
 
@@ -179,7 +195,8 @@ class OpenAIChatModel:
         stream ends.  A remote server's own queue (vLLM and SGLang schedule
         and batch continuously) is part of the work as seen from here.
         Raises EndpointTimeout if no connection frees before the first
-        token's limit.
+        token's limit.  ``usage``: the server's own counts, once its usage
+        chunk came (see the module docstring).
         """
         payload = self._payload(messages, max_tokens, temperature)
         session = self._get_session()
@@ -197,10 +214,25 @@ class OpenAIChatModel:
                     f"no free connection within {self.first_token_timeout_s:g} s: all {connections.slots} "
                     f"(max_connections) in use, {connections.waiting} requests waiting", EndpointTimeout,
                 ) from None
-            inner = self._stream(session, payload, max_tokens, first_deadline)
-            async with contextlib.aclosing(inner):
-                async for piece in inner:
-                    yield piece
+            seen = LlmUsage()
+            inner = self._stream(session, payload, max_tokens, first_deadline, seen)
+            try:
+                async with contextlib.aclosing(inner):
+                    async for piece in inner:
+                        yield piece
+                if not seen.known:
+                    self._log_no_usage()
+            finally:
+                if usage is not None and seen.known:
+                    usage.prompt_tokens, usage.completion_tokens = seen.prompt_tokens, seen.completion_tokens
+                    usage.reported_by = "endpoint"
+
+    def _log_no_usage(self) -> None:
+        """Say once per engine that the endpoint's answers carry no usage (their tokens are not billed)."""
+        if not self._no_usage_logged:
+            self._no_usage_logged = True
+            log.warning("LLM endpoint %s sent no usage (stream_options.include_usage): its requests' tokens "
+                        "are unknown and not counted (logged once)", self.url)
 
     def _warn_pool_full(self, now: float, connections: PriorityLimiter) -> None:
         """Say (at most every `_POOL_FULL_WARNING_INTERVAL_S`) that requests wait for a connection."""
@@ -213,8 +245,9 @@ class OpenAIChatModel:
                     self.url, connections.slots, connections.waiting + 1)
 
     async def _stream(self, session: aiohttp.ClientSession, payload: dict[str, Any], max_tokens: int,
-                      first_deadline: float) -> AsyncGenerator[str, None]:
-        """One request on one connection: the content pieces of the SSE stream."""
+                      first_deadline: float, usage: LlmUsage) -> AsyncGenerator[str, None]:
+        """One request on one connection: the content pieces of the SSE stream; ``usage`` gets the
+        server's counts when it sends them."""
         loop = asyncio.get_running_loop()
         got_token = False
         pieces = 0
@@ -262,7 +295,7 @@ class OpenAIChatModel:
                         raw = await resp.read()
                 except TimeoutError:
                     raise timeout_error() from None
-                text = self._content_of_completion(raw)
+                text = self._content_of_completion(raw, usage)
                 if text:
                     yield text
                 finished_cleanly = True
@@ -303,7 +336,7 @@ class OpenAIChatModel:
                     if data.strip() == "[DONE]":
                         finished_cleanly = True
                         return
-                    piece, reason = self._parse_chunk(data, after)
+                    piece, reason = self._parse_chunk(data, after, usage)
                     if reason:
                         finish_reason = reason
                     if piece:
@@ -352,8 +385,10 @@ class OpenAIChatModel:
             text = text[:_BODY_EXCERPT_CHARS] + "…"
         return f": {text}" if text else ""
 
-    def _parse_chunk(self, data: str, after: Callable[[], str] = lambda: "") -> tuple[str, str | None]:
-        """One ``chat.completion.chunk`` → (content piece, finish_reason).
+    def _parse_chunk(self, data: str, after: Callable[[], str] = lambda: "",
+                     usage: LlmUsage | None = None) -> tuple[str, str | None]:
+        """One ``chat.completion.chunk`` → (content piece, finish_reason); its ``usage`` object, if
+        any, goes into ``usage``.
 
         ``after()`` says how far the stream got, for the message of an error event.
         """
@@ -369,6 +404,8 @@ class OpenAIChatModel:
             where = after()
             raise self._error(f"error event in the stream{' ' + where if where else ''}: "
                               f"{str(msg)[:_BODY_EXCERPT_CHARS]}", EndpointStreamError)
+        if usage is not None:
+            self._read_usage(obj, usage)
         choices = obj.get("choices")
         if not isinstance(choices, list):
             raise self._error(f"chunk without choices: {data[:80]!r}")
@@ -383,11 +420,26 @@ class OpenAIChatModel:
             raise self._error(f"non-text delta content: {data[:80]!r}")
         return content or "", choice.get("finish_reason")
 
-    def _content_of_completion(self, raw: bytes) -> str:
+    def _read_usage(self, obj: dict[str, Any], usage: LlmUsage) -> None:
+        """OpenAI's ``usage`` object of a chunk or completion into ``usage``; a malformed one is logged
+        and ignored (the text is still good)."""
+        found = obj.get("usage")
+        if found is None:
+            return
+        prompt = found.get("prompt_tokens") if isinstance(found, dict) else None
+        completion = found.get("completion_tokens") if isinstance(found, dict) else None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (prompt, completion)):
+            log.warning("LLM endpoint %s: malformed usage %.80r ignored", self.url, found)
+            return
+        usage.prompt_tokens, usage.completion_tokens, usage.reported_by = prompt, completion, "endpoint"
+
+    def _content_of_completion(self, raw: bytes, usage: LlmUsage | None = None) -> str:
         try:
             obj = json.loads(raw)
             if obj.get("error"):
                 raise self._error(f"error: {str(obj['error'])[:_BODY_EXCERPT_CHARS]}", EndpointStreamError)
+            if usage is not None and isinstance(obj, dict):
+                self._read_usage(obj, usage)
             content = obj["choices"][0]["message"]["content"]
         except EndpointError:
             raise

@@ -7,9 +7,10 @@ cancellable and must stop their work when cancelled.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -136,6 +137,42 @@ class SpeechRecognizer(Protocol):
 ChatMessage = Mapping[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 
 
+@dataclass
+class LlmUsage:
+    """What one LLM request consumed, filled by the engine as it goes (``usage=`` of `stream_chat`).
+
+    ``prompt_tokens``: tokens of the prompt the model read (a prefix whose
+    state is cached still counts: the request used it); ``completion_tokens``:
+    tokens it generated so far (an end-of-sequence token it sampled counts,
+    as vLLM and OpenAI count it); None while unknown, and for good when the
+    engine cannot tell (an OpenAI-compatible endpoint that sends no usage).
+    ``reported_by``: where the counts come from: ``"tokenizer"`` (the embedded
+    engine's own ids), ``"endpoint"`` (the server's ``usage`` object),
+    ``"fake"`` (a test engine's rule), ``"estimate"`` (never billed as exact);
+    "" while nothing is known.  A consumer reads it once the stream has
+    ended or was closed (the counts then cover all the work done, a closed
+    request's generated tokens included).
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    reported_by: str = ""
+
+    @property
+    def known(self) -> bool:
+        return self.prompt_tokens is not None or self.completion_tokens is not None
+
+
+def accepts_usage(model: Any) -> bool:
+    """Whether ``model.stream_chat`` takes the ``usage`` keyword (engines written before it do not:
+    they are called without it, and their requests' usage is unknown)."""
+    try:
+        params = inspect.signature(model.stream_chat).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "usage" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 @runtime_checkable
 class LanguageModel(Protocol):
     name: str
@@ -147,6 +184,7 @@ class LanguageModel(Protocol):
         max_tokens: int,
         temperature: float = 0.0,
         ticket: WorkTicket | None = None,
+        usage: LlmUsage | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yield text pieces as they are generated (an async generator: `aclose()` stops it).
 
@@ -155,6 +193,9 @@ class LanguageModel(Protocol):
         ``ticket`` (models/scheduling.py) carries the request's deadline class,
         which may change while it runs; the engine marks it started when its
         work begins (a scheduled engine: when the request enters a batch).
+        ``usage``: an `LlmUsage` the engine fills with the request's token
+        counts as it goes (optional: callers check `accepts_usage` first, so an
+        engine without the keyword keeps working, its usage unknown).
         """
         ...
 

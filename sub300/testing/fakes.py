@@ -11,7 +11,7 @@ configured here, and a test takes milliseconds.
   per-frame script says);
 * `FakeStt` — a scripted transcript after ``delay_s``;
 * `FakeLlm` — scripted tokens, the first after ``first_token_s``, the next
-  each ``per_token_s``;
+  each ``per_token_s``; its usage counts words as tokens (the fake's rule);
 * `FakeTts` — ``ms_per_piece`` of a tone per piece, after ``delay_s``.
 * `FakeTurnModel` — a scripted P(turn complete) after ``delay_s``.
 
@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, I
 import numpy as np
 
 from sub300.agent.engines import Engines
-from sub300.models.protocols import SAMPLE_RATE, ChatMessage, ModelError, Transcript
+from sub300.models.protocols import SAMPLE_RATE, ChatMessage, LlmUsage, ModelError, Transcript
 from sub300.models.scheduling import WorkTicket
 
 FRAME = 320   # 20 ms at 16 kHz
@@ -140,6 +140,12 @@ class FakeLlm:
     ``error_after`` tokens and then raise this `ModelError` (a stream that
     fails mid-answer; ``error_after=0``: before the first token).
     ``requests`` records the messages of every call.
+
+    Usage (``usage=``, `LlmUsage`): the fake's rule is one token per
+    whitespace-separated word: ``prompt_tokens`` = the words of every
+    message's content, ``completion_tokens`` = the words of the tokens
+    streamed so far (a token is counted when it is yielded), ``reported_by``
+    = "fake".
     """
 
     name = "fake-llm"
@@ -154,8 +160,12 @@ class FakeLlm:
         self.tickets: list[WorkTicket | None] = []
 
     async def stream_chat(self, messages: Sequence[ChatMessage], *, max_tokens: int,
-                          temperature: float = 0.0, ticket: WorkTicket | None = None) -> AsyncGenerator[str, None]:
+                          temperature: float = 0.0, ticket: WorkTicket | None = None,
+                          usage: LlmUsage | None = None) -> AsyncGenerator[str, None]:
         self.requests.append(list(messages))
+        if usage is not None:
+            usage.prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+            usage.completion_tokens, usage.reported_by = 0, "fake"
         self.tickets.append(ticket)
         if ticket is not None:
             ticket.mark_started()          # a fake has no queue
@@ -166,6 +176,8 @@ class FakeLlm:
             error, tokens = self._error, tokens[:self._error_after]
         for i, token in enumerate(tokens[:max_tokens]):
             await asyncio.sleep(self.first_token_s if i == 0 else self.per_token_s)
+            if usage is not None and usage.completion_tokens is not None:
+                usage.completion_tokens += len(token.split())
             yield token
         if error is not None:
             await asyncio.sleep(self.per_token_s)
