@@ -44,11 +44,14 @@ from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateErr
 from aiortc.sdp import SessionDescription
 
 from sub300.agent.admission import Admission, Refusal, Ticket
-from sub300.agent.calls import CallObserver
+from sub300.agent.auth.limits import CallSlot
+from sub300.agent.calls import CallContext, CallObserver
 from sub300.agent.config import Config
 from sub300.agent.engines import Engines
 from sub300.media.webrtc.call import WebRtcCall
-from sub300.media.webrtc.ice import allow_loopback_when_alone, ice_servers, rtc_configuration
+from sub300.media.webrtc.ice import allow_loopback_when_alone
+
+from .auth import CALL_SLOT, PRINCIPAL, page_auth, page_ice_servers, server_rtc_configuration
 
 log = logging.getLogger(__name__)
 #: a browser's audio+data offer is 3–6 kB; this leaves room for many candidates
@@ -280,6 +283,7 @@ class Signalling:
         self.admission = admission or Admission.per_transport("webrtc", config.webrtc.max_calls)
         self.calls: dict[str, WebRtcCall] = {}
         self._tickets: dict[str, Ticket] = {}   # call id → its admission slot, released when the call is forgotten
+        self._slots: dict[str, CallSlot] = {}      # call id → its calls-at-once slot (web/auth.py), released with it
         allow_loopback_when_alone()
 
     def add_routes(self, app: web.Application) -> None:
@@ -289,9 +293,10 @@ class Signalling:
 
     async def page_config(self, request: web.Request) -> web.Response:
         return web.json_response({
-            "iceServers": ice_servers(self.config.webrtc),
+            "iceServers": page_ice_servers(request, self.config.webrtc),
             "budget_ms": self.config.budget_ms,
             "engines": self.engines.describe(),
+            "auth": page_auth(request),
         })
 
     async def offer(self, request: web.Request) -> web.Response:
@@ -306,18 +311,30 @@ class Signalling:
         if isinstance(ticket, Refusal):
             return web.json_response({"error": ticket.message, "reason": ticket.reason}, status=503,
                                      headers={"Retry-After": str(ticket.retry_after_s)})
+        principal = request.get(PRINCIPAL)   # web/auth.py; absent on an app without authentication
+        context = CallContext(
+            key_id=principal.key_id if principal is not None else None,
+            source=principal.source if principal is not None else request.remote,
+            record_audio=(principal is not None and principal.record_audio) or self.config.records.record_audio)
+        slot = request.pop(CALL_SLOT, None)   # now ours: released with the call, or below
         try:
-            return await self._answer(offer, ticket)
+            return await self._answer(offer, ticket, context, slot)
         finally:
             if not any(t is ticket for t in self._tickets.values()):
                 ticket.release()   # never answered: the slot goes back now (an answered call's goes with it)
+            if slot is not None and not any(s is slot for s in self._slots.values()):
+                slot.release()
 
-    async def _answer(self, offer: RTCSessionDescription, ticket: Ticket) -> web.Response:
+    async def _answer(self, offer: RTCSessionDescription, ticket: Ticket, context: CallContext | None = None,
+                      slot: CallSlot | None = None) -> web.Response:
         call_id = uuid.uuid4().hex[:12]
-        pc = RTCPeerConnection(rtc_configuration(self.config.webrtc))
-        call = WebRtcCall(call_id, pc, self.engines, self.config, self.observer, on_closed=self._forget)
+        pc = RTCPeerConnection(server_rtc_configuration(self.config.webrtc))
+        call = WebRtcCall(call_id, pc, self.engines, self.config, self.observer, on_closed=self._forget,
+                          context=context)
         self.calls[call_id] = call
         self._tickets[call_id] = ticket
+        if slot is not None:
+            self._slots[call_id] = slot
         try:
             answer = await call.accept(offer)
         except asyncio.CancelledError:  # the client went away while we answered
@@ -341,6 +358,9 @@ class Signalling:
         ticket = self._tickets.pop(call.call_id, None)
         if ticket is not None:
             ticket.release()
+        slot = self._slots.pop(call.call_id, None)
+        if slot is not None:
+            slot.release()
 
     async def close_all(self, reason: str = "shutdown") -> None:
         calls = list(self.calls.values())

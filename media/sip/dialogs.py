@@ -35,12 +35,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sipmessage import URI, Address, Response
 
 from sub300.agent.admission import Admission, Refusal, Ticket
-from sub300.agent.calls import CallObserver
+from sub300.agent.calls import CallContext, CallObserver
+from sub300.agent.events import TransportStats
 from sub300.agent.tasks import TaskOwner
 
 from . import message as sip
@@ -117,13 +118,22 @@ class UserAgentServer:
     is the SIP port written into Contact and Via.  ``observer`` hears of
     every answered call (`call_started` after the 200 OK, `call_ended` once).
     ``admission``: the process's (shared with WebRTC); without one, ``sip.max_calls`` alone.
+    ``invite_limit(source_ip)``: None to go on, or a refusal with ``retry_after_s`` and ``message``
+    (agent/auth/limits.py `Limits.sip_invite`: ``auth.sip_invites_per_minute``); it is asked once per
+    new INVITE transaction outside a dialog — never for a retransmission or a re-INVITE.  A refused
+    INVITE gets 503 with Retry-After: SIP has no 429, and RFC 3261 §21.5.4 lets a 503 carry Retry-After
+    (a proxy then tries another server or waits).  With digest authentication, the challenged INVITE and
+    its retry with credentials are two INVITEs.  ``record_audio``: what the calls' `CallContext` says.
     """
 
     def __init__(self, sip_config: SipConfig, call_factory: CallFactory, observer: CallObserver,
                  send_udp: Callable[[bytes, tuple[str, int]], None], *, local_port: int,
                  auth: DigestAuth | None = None, answer_delay_s: float = 0.0, clock=time.monotonic,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None,
+                 invite_limit: Callable[[str], Any] | None = None, record_audio: bool = False):
         self.sip = sip_config
+        self.invite_limit = invite_limit
+        self.record_audio = record_audio
         self.admission = admission or Admission.per_transport("sip", sip_config.max_calls)
         self.call_factory = call_factory
         self.observer = observer
@@ -220,6 +230,11 @@ class UserAgentServer:
         if not self.sources.allows(flow.source[0]):
             log.warning("INVITE from %s refused: not in sip.allowed_sources", flow.source[0])
             return reject(tx, 403)
+        refused = self.invite_limit(flow.source[0]) if self.invite_limit is not None else None
+        if refused is not None:   # 503, not 429: SIP has no 429 (see the class docstring)
+            log.warning("INVITE from %s refused: %s", flow.source[0], refused.message)
+            return reject(tx, 503, [("Retry-After", str(refused.retry_after_s)),
+                                    ("Warning", f'399 sub300 "{refused.message}"')])
         if self.auth is not None:
             verdict = self.auth.check(request.header("Authorization"), "INVITE")
             if verdict in ("missing", "stale"):
@@ -319,7 +334,8 @@ class UserAgentServer:
         ok = sip.response(dialog.invite, flow.source, 200, to_tag=dialog.local_tag, record_route=True, body=body,
                           headers=[("Contact", self._contact(public, flow)), *self._capabilities()])
         self._accept(dialog, dialog.tx, ok)
-        call.listener = self.observer.call_started("sip", dialog.call_id)
+        call.listener = self.observer.call_started(
+            "sip", dialog.call_id, CallContext(source=flow.source[0], record_audio=self.record_audio))
         dialog.observed = True
         call.set_held(params.held)   # an offer may start on hold (c=0.0.0.0 until the address is known)
         log.info("SIP call %s answered: %s %s:%d, RTP port %d", dialog.call_id, params.codec,
@@ -476,6 +492,9 @@ class UserAgentServer:
                            rtp_strangers=stats.strangers, rtp_other_ssrc=stats.other_ssrc, latched=stats.latched,
                            digits="".join(dialog.call.digits))
         self.ended_calls.append(summary)
+        if dialog.observed and dialog.call is not None and dialog.call.endpoint is not None:
+            endpoint = dialog.call.endpoint
+            dialog.call._safe_listener(TransportStats(endpoint.stats.received, endpoint.packets_lost))
         if dialog.observed:
             self.observer.call_ended("sip", dialog.call_id, reason)
         log.info("SIP call %s ended: %s %s", dialog.call_id, reason, summary)

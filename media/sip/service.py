@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from sub300.agent.admission import Admission
+from sub300.agent.auth.limits import Limits
 from sub300.agent.calls import CallObserver, LoggingObserver
 from sub300.agent.playout import PlayoutQueue
 
@@ -67,14 +68,15 @@ class SipService:
 async def start_sip_service(config: Config, engines: Engines | None, observer: CallObserver | None = None, *,
                             answer_delay_s: float = 0.0, tcp: bool = True,
                             call_factory: CallFactory | None = None,
-                            admission: Admission | None = None) -> SipService:
+                            admission: Admission | None = None, auth_limits: Limits | None = None) -> SipService:
     """Listen for SIP on config.sip.host:port (UDP, and TCP on the same port unless ``tcp`` is false).
 
     Each answered call talks to ``call_factory``'s agent, by default a
     `Conversation` over ``engines`` (`conversation_calls`); with a factory
     given, ``engines`` may be None.  ``admission``: the process's, shared
     with WebRTC (`sub300 serve`); without one, ``sip.max_calls`` alone limits
-    the calls.  ``answer_delay_s`` keeps a call ringing
+    the calls.  ``auth_limits``: the INVITE rate per source (``auth.sip_invites_per_minute``; default a
+    `Limits` of its own from ``config.auth``).  ``answer_delay_s`` keeps a call ringing
     that long before the 200 OK (tests use it to CANCEL).  Raises
     `ValueError` when digest auth is configured without its password, and
     `OSError` when the port cannot be bound.
@@ -102,7 +104,8 @@ async def start_sip_service(config: Config, engines: Engines | None, observer: C
     await transport.start(sip.host, sip.port, tcp=tcp)
     uas = UserAgentServer(sip, call_factory, observer or LoggingObserver(), transport.send_udp,
                           local_port=transport.address[1], auth=auth, answer_delay_s=answer_delay_s,
-                          admission=admission)
+                          admission=admission, invite_limit=(auth_limits or Limits(config.auth)).sip_invite,
+                          record_audio=config.records.record_audio)
     holder["uas"] = uas
     log.info("SIP listening on %s:%d (UDP%s)", *transport.address, "+TCP" if transport._tcp else "")
     return SipService(transport, uas)

@@ -56,9 +56,9 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from sub300.agent.audio import AudioFrame
 from sub300.agent.call_limits import INACTIVITY, MAX_DURATION
-from sub300.agent.calls import CallObserver
+from sub300.agent.calls import CallContext, CallObserver
 from sub300.agent.config import Config
-from sub300.agent.conversation import Conversation
+from sub300.agent.conversation import DRAIN, Conversation
 from sub300.agent.engines import Engines
 from sub300.agent.events import (
     Event,
@@ -103,6 +103,7 @@ class WebRtcCall:
     `accept(offer)` returns the answer; the call then runs on aiortc's
     callbacks until something ends it (see the module docstring).
     ``on_closed(call)`` runs once, after the observer's `call_ended`.
+    ``context``: who the call belongs to (its API key, the caller's address), for the observers.
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class WebRtcCall:
         observer: CallObserver,
         on_closed: Callable[[WebRtcCall], None] = lambda call: None,
         clock: Callable[[], float] = time.monotonic,
+        context: CallContext | None = None,
     ) -> None:
         self.call_id = call_id
+        self.context = context or CallContext()
         self.pc = pc
         self.config = config
         self.observer = observer
@@ -123,7 +126,7 @@ class WebRtcCall:
         self._on_closed = on_closed
         self.playout = PlayoutQueue(PLAYOUT_RATE, clock)
         self.out_track = PlayoutTrack(self.playout, clock)
-        self.listener = listener = observer.call_started(TRANSPORT, call_id)
+        self.listener = listener = observer.call_started(TRANSPORT, call_id, self.context)
         self.conversation = Conversation(engines, config, self.playout, clock, listeners=[listener, self._on_event])
         self.tasks = TaskOwner(f"webrtc-{call_id}")
         self._io = self.tasks.child("io")   # what closing cancels: the reader, the hang-up timer
@@ -256,7 +259,7 @@ class WebRtcCall:
 
     async def _hang_up_after_grace(self, reason: str) -> None:
         await asyncio.sleep(_HANGUP_GRACE_S)
-        self.request_close(f"agent_hangup: {reason}" if reason in (INACTIVITY, MAX_DURATION) else "agent_hangup")
+        self.request_close(f"agent_hangup: {reason}" if reason in (INACTIVITY, MAX_DURATION, DRAIN) else "agent_hangup")
 
     def _on_message(self, message: Any) -> None:
         try:
@@ -328,6 +331,17 @@ class WebRtcCall:
             channel.send(text)
 
     # ------------------------------------------------------------ teardown
+    def end_politely(self, goodbye: str) -> None:
+        """The server drains (sub300/drain.py): the current turn ends, the agent says ``goodbye`` and the
+        call closes after it has played (reason "agent_hangup: drain"); a call not connected yet closes now."""
+        if self.close_reason is not None or self._closing is not None:
+            return
+        if self.connected_at is None:
+            self.request_close(DRAIN)
+        elif not self.conversation.end_politely(DRAIN, goodbye):
+            log.info("call %s: already ending (%s); the drain waits for it", self.call_id,
+                     self.conversation.ended_by.reason if self.conversation.ended_by else "closed")
+
     def request_close(self, reason: str) -> None:
         """From any callback: start closing (once); `close()` awaits the same work."""
         if self._closing is None:
