@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(run=cmd_serve)
+    __import__("sub300.cli_records", fromlist=["register"]).register(sub)   # usage, export, forget, records, db
     return parser
 
 

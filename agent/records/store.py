@@ -88,6 +88,9 @@ def make_engine(url: str) -> Engine:
 
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Runs the Alembic migrations up to ``revision``; returns the database's revision after."""
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:   # its INFO lines (plugins, "Context impl") say nothing to an operator
+        alembic_log.setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config as AlembicConfig
     from alembic.runtime.migration import MigrationContext
