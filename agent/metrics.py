@@ -15,11 +15,20 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from .admission import REASONS, Admission, Refusal
 from .calls import CallContext
-from .events import Event, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
+from .events import BargeInEvent, Event, TransportStats, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
 from .ledger import ENGINE_STAGES, STAGES, TRANSPORT_PARTS
 
 if TYPE_CHECKING:
@@ -31,6 +40,10 @@ log = logging.getLogger(__name__)
 _BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 #: seconds; an engine queue wait is often 0 or a few ms when the engine is free
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, *_BUCKETS)
+#: real-time factor (compute seconds per audio second): < 1 keeps up with real time
+_RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+#: engines whose real-time factor a turn's ledger notes give: engine → (compute ms note, audio s note)
+RTF_NOTES = {"stt": ("stt_inference_ms", "stt_audio_s"), "tts": ("tts_synthesis_ms", "tts_audio_s")}
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -80,6 +93,39 @@ class MetricsObserver:
             "sub300_transport_seconds", "The transport's parts of mouth-to-ear outside voice-to-voice "
             "(network, jitter buffers, decoding, playout)", ["transport", "part"], buckets=_QUEUE_BUCKETS,
             registry=r)
+        # what was only in memory before: packets, barge-ins, wasted speculation, failures, engine speed
+        self.rtp_packets_received = Counter(
+            "sub300_rtp_packets_received", "RTP packets of the caller's audio received (SIP, counted at the "
+            "call's end)", ["transport", "direction"], registry=r)
+        self.rtp_packets_lost = Counter(
+            "sub300_rtp_packets_lost", "RTP packets lost: from_caller (SIP: given up by the reorder buffer, at "
+            "the call's end), to_caller (WebRTC: the caller's side's packetsLost, from its ear reports)",
+            ["transport", "direction"], registry=r)
+        self.barge_ins = Counter("sub300_barge_ins", "Caller voice while the agent spoke, by outcome (paused at "
+                                 "once, then interrupted or resumed)", ["transport", "outcome"], registry=r)
+        self.barge_in_reaction = Histogram(
+            "sub300_barge_in_reaction_seconds", "Caller's voice onset to the agent silent, by outcome",
+            ["transport", "outcome"], buckets=_QUEUE_BUCKETS, registry=r)
+        self.speculations_wasted = Counter(
+            "sub300_speculations_wasted", "Speculative replies started on an early final and thrown away (the "
+            "caller went on)", ["transport"], registry=r)
+        self.turn_failures = Counter(
+            "sub300_turn_failures", "Turns failed, by the stage that failed (stt, llm, tts, internal) and the "
+            "failure's kind", ["transport", "stage", "kind"], registry=r)
+        self.engine_compute = Counter(
+            "sub300_engine_compute_seconds", "Engine compute time of the audio it handled (STT: inference of "
+            "the final transcriptions; TTS: synthesis of the replies)", ["transport", "engine"], registry=r)
+        self.engine_audio = Counter(
+            "sub300_engine_audio_seconds", "Audio the engine handled in that time (STT: heard, TTS: made)",
+            ["transport", "engine"], registry=r)
+        self.real_time_factor = Histogram(
+            "sub300_real_time_factor_ratio", "Per turn: engine compute seconds / audio seconds (STT: the final "
+            "transcription; TTS: the reply's synthesis)", ["transport", "engine"], buckets=_RTF_BUCKETS, registry=r)
+        self.rtp_packets_received.labels("sip", "from_caller")
+        self.rtp_packets_lost.labels("sip", "from_caller")
+        self.rtp_packets_lost.labels("webrtc", "to_caller")
+        ProcessCollector(registry=r)     # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=r)    # python_info
         self.admission: Admission | None = None
         self._answered = 0
         self._within = 0
@@ -92,6 +138,17 @@ class MetricsObserver:
             for engine in ENGINE_STAGES:
                 self.queue_wait.labels(transport, engine)
                 self.engine_work.labels(transport, engine)
+            self.calls.labels(transport)
+            for outcome in ("answered", "discarded", "failed"):
+                self.turns.labels(transport, outcome)
+            self.turns_within_budget.labels(transport)
+            self.voice_to_voice.labels(transport)
+            self.speculations_wasted.labels(transport)
+            for outcome in ("paused", "interrupted", "resumed"):
+                self.barge_ins.labels(transport, outcome)
+            for engine in RTF_NOTES:
+                self.engine_compute.labels(transport, engine)
+                self.engine_audio.labels(transport, engine)
         if admission is not None:
             self.watch(admission)
 
@@ -143,7 +200,18 @@ class MetricsObserver:
         log.info("%s call %s started", transport, call_id)
         self.calls.labels(transport).inc()
         self.calls_active.labels(transport).inc()
-        return lambda event: self._on_event(transport, event)
+        lost_to_caller = [0]   # the caller's side reports its packetsLost as a running total: count the growth
+
+        def listen(event: Event) -> None:
+            if isinstance(event, TurnHeard):
+                peer = event.ledger.notes.get("peer")
+                lost = peer.get("packets_lost") if isinstance(peer, dict) else None
+                if isinstance(lost, (int, float)) and lost > lost_to_caller[0]:
+                    self.rtp_packets_lost.labels(transport, "to_caller").inc(lost - lost_to_caller[0])
+                    lost_to_caller[0] = int(lost)
+            self._on_event(transport, event)
+
+        return listen
 
     def call_ended(self, transport: str, call_id: str, reason: str) -> None:
         log.info("%s call %s ended: %s", transport, call_id, reason)
@@ -152,10 +220,24 @@ class MetricsObserver:
 
     # ------------------------------------------------------------ turns
     def _on_event(self, transport: str, event: Event) -> None:
-        if isinstance(event, TurnDiscarded):
+        ledger_of = getattr(event, "ledger", None)
+        if isinstance(event, (TurnDiscarded, TurnFailed, TurnFinished)) and ledger_of is not None:
+            self._notes(transport, ledger_of.notes)
+        if isinstance(event, BargeInEvent):
+            outcome = _label(event.outcome)
+            self.barge_ins.labels(transport, outcome).inc()
+            if event.reaction_ms is not None:
+                self.barge_in_reaction.labels(transport, outcome).observe(event.reaction_ms / 1000.0)
+        elif isinstance(event, TransportStats):
+            direction = _label(event.direction)
+            if event.packets_received is not None:
+                self.rtp_packets_received.labels(transport, direction).inc(max(0, event.packets_received))
+            self.rtp_packets_lost.labels(transport, direction).inc(max(0, event.packets_lost))
+        elif isinstance(event, TurnDiscarded):
             self.turns.labels(transport, "discarded").inc()
         elif isinstance(event, TurnFailed):
             self.turns.labels(transport, "failed").inc()
+            self.turn_failures.labels(transport, _label(event.stage), _label(event.failure)).inc()
             if event.stage == "llm":
                 self.llm_errors.labels(transport, _label(event.failure)).inc()
         elif isinstance(event, TurnHeard):
@@ -187,6 +269,18 @@ class MetricsObserver:
                 self._within += 1
                 self.turns_within_budget.labels(transport).inc()
             self.goodput.set(self._within / self._answered)
+
+    def _notes(self, transport: str, notes: dict) -> None:
+        """A finished, failed or discarded turn's ledger notes: wasted speculation, engine real-time factors."""
+        wasted = notes.get("speculation_wasted")
+        if isinstance(wasted, (int, float)) and wasted > 0:
+            self.speculations_wasted.labels(transport).inc(wasted)
+        for engine, (compute_note, audio_note) in RTF_NOTES.items():
+            compute_ms, audio_s = notes.get(compute_note), notes.get(audio_note)
+            if isinstance(compute_ms, (int, float)) and isinstance(audio_s, (int, float)) and audio_s > 0:
+                self.engine_compute.labels(transport, engine).inc(max(0.0, compute_ms / 1000.0))
+                self.engine_audio.labels(transport, engine).inc(audio_s)
+                self.real_time_factor.labels(transport, engine).observe(max(0.0, compute_ms / 1000.0) / audio_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,11 +21,11 @@ from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech
 from sub300.testing.scripted_caller import ScriptedCaller
 
 pytest.importorskip("looptime", reason="virtual time needs the test extra (looptime)")
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from sub300.testing.clock import loop_clock, run_virtual  # noqa: E402
+from sub300.testing.clock import loop_clock, run_virtual
 
 STAGE_NAMES = [stage for stage, _ in STAGES]
 

@@ -131,6 +131,11 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self._ssrc = random.randrange(1, 1 << 32)
         self._talking = False
 
+    @property
+    def packets_lost(self) -> int:
+        """The caller's packets the reorder buffer gave up waiting for (media/sip/jitter.py), so far."""
+        return self._jitter.lost
+
     async def open(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
