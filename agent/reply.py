@@ -320,8 +320,10 @@ class Reply:
             # pieces': trimming those made the echo guard (agent/echo.py) miss the echo of a piece's start
             # on a phone line (tests/test_sip_echo.py after another call had run); not understood yet
             leading = index == 0
+            made = 0   # samples synthesized for this piece (the TTS real-time factor's audio)
             try:
                 async for chunk in chunks:
+                    made += len(chunk)
                     if leading:
                         chunk, leading = trim_leading_silence(chunk, self._tts.sample_rate), False
                     if index == 0 and not self.ledger.has("tts_first_audio"):
@@ -337,6 +339,10 @@ class Reply:
                 if held is not None:
                     self._push(resampler.process(trim_trailing_silence(held, self._tts.sample_rate)), index)
                     self._first_audio.set()
+                if ticket.work_s is not None and made:   # the reply's synthesis: the TTS real-time factor
+                    notes = self.ledger.notes
+                    notes["tts_synthesis_ms"] = round(notes.get("tts_synthesis_ms", 0.0) + ticket.work_s * 1000.0, 1)
+                    notes["tts_audio_s"] = round(notes.get("tts_audio_s", 0.0) + made / self._tts.sample_rate, 3)
             finally:
                 self._tts_ticket = None
                 self._first_audio.set()
