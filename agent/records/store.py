@@ -213,8 +213,9 @@ class RecordStore:
     def add_usage(self, event_id: str, kind: str, at: float, usage: Mapping[str, float],
                   key_id: str | None = None, call_id: str | None = None) -> bool:
         """One usage event; False when ``event_id`` was already recorded (nothing is counted twice)."""
-        with self.engine.begin() as c:
-            return c.execute(self._usage_insert(event_id, kind, key_id, call_id, at, usage)).rowcount == 1
+        with self.engine.begin() as c:   # RETURNING, not rowcount: psycopg's rowcount of an upsert is not 1
+            insert = self._usage_insert(event_id, kind, key_id, call_id, at, usage)
+            return c.execute(insert.returning(usage_events.c.event_id)).first() is not None
 
     def _usage_insert(self, event_id: str, kind: str, key_id: str | None, call_id: str | None, at: float,
                       usage: Mapping[str, float]):
