@@ -13,7 +13,19 @@ Differences from OpenAI's API, on purpose:
   with 400; ``stop`` (up to 4 strings) is applied here, on the text.
 * ``finish_reason`` is ``"length"`` when the model yielded ``max_tokens``
   pieces (engines yield about one piece per token), otherwise ``"stop"``.
-* No ``usage``: the LanguageModel interface does not count tokens.
+
+Usage: a ``chat.completion`` carries OpenAI's ``usage`` object
+(``prompt_tokens``, ``completion_tokens``, ``total_tokens``), the model's own
+counts (models/protocols.py `LlmUsage`: the embedded model's tokenizer, a
+remote endpoint's ``usage``); a stream carries it when the request asks
+``stream_options: {"include_usage": true}``, as OpenAI does: every chunk has
+``"usage": null`` and a last chunk before ``[DONE]`` has ``"choices": []``
+and the ``usage`` object (none after an error event).  A model that cannot
+count answers ``"usage": null`` (never a guess).  Tokens the model generated
+past a ``stop`` string, or before the client left, are counted: they were
+computed.  After every request the `ModelUsageSink` stored under
+`MODEL_USAGE_KEY` in the app (if any) is told the API key (``request["principal"]``,
+web/auth.py), the route, the usage and the status answered.
 
 Limits, checked before the model runs (400, ``invalid_request_error``):
 
@@ -47,13 +59,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
 from aiohttp import web
 
-from sub300.models.protocols import EndpointError, LanguageModel, ModelError
+from sub300.agent.usage import LLM_COMPLETION_TOKENS, LLM_PROMPT_TOKENS, ModelUsageSink
+from sub300.models.protocols import EndpointError, LanguageModel, LlmUsage, ModelError, accepts_usage
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,8 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 _MAX_STOPS = 4
 #: more messages than any chat history sub300 keeps (llm.history_turns ≤ 1000 exchanges)
 MAX_MESSAGES = 4096
+#: where the app keeps the sink told of every model request's usage (records, metrics); optional
+MODEL_USAGE_KEY = web.AppKey("model_usage", ModelUsageSink)
 
 
 class BadRequest(ValueError):
@@ -134,6 +149,16 @@ def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int |
         stream = False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean")
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not stream:
+            raise BadRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        if not isinstance(stream_options, dict):
+            raise BadRequest("'stream_options' must be an object", param="stream_options")
+        include_usage = stream_options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise BadRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
 
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
@@ -176,6 +201,7 @@ def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int |
     return {
         "messages": clean,
         "stream": stream,
+        "include_usage": include_usage,
         "max_tokens": int(max_tokens),
         "temperature": float(temperature),
         "stops": stops,
@@ -260,6 +286,29 @@ def add_openai_routes(
         })
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
+        usage = LlmUsage() if accepts_usage(model) else None
+        response: web.StreamResponse | None = None
+        try:
+            response = await answer(request, usage)
+            return response
+        finally:
+            report_usage(request, usage, 500 if response is None else response.status)
+
+    def report_usage(request: web.Request, usage: LlmUsage | None, status: int) -> None:
+        """Tell the app's `ModelUsageSink` (if any) what this request consumed; a failing sink is logged."""
+        sink = request.app.get(MODEL_USAGE_KEY)
+        if sink is None:
+            return
+        principal = request.get("principal")
+        counted = {} if usage is None or not usage.known else {
+            LLM_PROMPT_TOKENS: usage.prompt_tokens or 0, LLM_COMPLETION_TOKENS: usage.completion_tokens or 0}
+        try:
+            sink.model_request(getattr(principal, "key_id", None), getattr(principal, "source", None) or request.remote,
+                               request.path, counted, status)
+        except Exception:
+            log.exception("the model usage sink failed on %s", request.path)
+
+    async def answer(request: web.Request, usage: LlmUsage | None) -> web.StreamResponse:
         if not authorized(request):
             return _error_response(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
         try:
@@ -280,25 +329,36 @@ def add_openai_routes(
             return _error_response(400, str(exc), "invalid_request_error", code=exc.code, param=exc.param)
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        pieces = model.stream_chat(req["messages"], max_tokens=req["max_tokens"], temperature=req["temperature"])
-        try:
-            if req["stream"]:
-                return await _stream(request, pieces, req, completion_id)
-            return await _complete(request, pieces, req, completion_id)
-        finally:
+        counted = {} if usage is None else {"usage": usage}
+        pieces = model.stream_chat(req["messages"], max_tokens=req["max_tokens"], temperature=req["temperature"],
+                                   **counted)
+
+        async def close_model() -> None:
+            """Stop the model (idempotent); its usage is final after this."""
             aclose = getattr(pieces, "aclose", None)
             if aclose is not None:
                 with suppress(Exception):
                     await aclose()
 
-    def chunk(completion_id: str, delta: dict[str, Any], finish_reason: str | None) -> bytes:
-        obj = {
+        try:
+            if req["stream"]:
+                return await _stream(request, pieces, req, completion_id, usage, close_model)
+            return await _complete(request, pieces, req, completion_id, usage, close_model)
+        finally:
+            await close_model()
+
+    def chunk(completion_id: str, delta: dict[str, Any] | None, finish_reason: str | None, *,
+              with_usage: bool = False, usage: dict[str, int] | None = None) -> bytes:
+        """One ``chat.completion.chunk``; ``delta`` None: the usage chunk (no choices)."""
+        obj: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model_name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
+        if with_usage:
+            obj["usage"] = usage
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
     def model_failure(exc: ModelError) -> tuple[int, str, str]:
@@ -315,7 +375,8 @@ def add_openai_routes(
         return transport is None or transport.is_closing()
 
     async def _complete(
-        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str
+        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str,
+        usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]],
     ) -> web.StreamResponse:
         stop = _StopFilter(req["stops"])
         out: list[str] = []
@@ -331,6 +392,7 @@ def add_openai_routes(
             return _error_response(status, message, err_type)
         out.append(stop.flush())
         finish = "length" if count >= req["max_tokens"] and not stop.stopped else "stop"
+        await close_model()
         return web.json_response({
             "id": completion_id,
             "object": "chat.completion",
@@ -341,10 +403,12 @@ def add_openai_routes(
                 "message": {"role": "assistant", "content": "".join(out)},
                 "finish_reason": finish,
             }],
+            "usage": openai_usage(usage),
         })
 
     async def _stream(
-        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str
+        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str,
+        usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]],
     ) -> web.StreamResponse:
         stop = _StopFilter(req["stops"])
         it = pieces.__aiter__()
@@ -364,15 +428,16 @@ def add_openai_routes(
             "X-Accel-Buffering": "no",
         })
         count = 0
+        with_usage = req["include_usage"]
         try:
             await resp.prepare(request)
-            await resp.write(chunk(completion_id, {"role": "assistant", "content": ""}, None))
+            await resp.write(chunk(completion_id, {"role": "assistant", "content": ""}, None, with_usage=with_usage))
             piece = first
             while piece is not None:
                 count += 1
                 text = stop.feed(piece)
                 if text:
-                    await resp.write(chunk(completion_id, {"content": text}, None))
+                    await resp.write(chunk(completion_id, {"content": text}, None, with_usage=with_usage))
                 if stop.stopped or client_gone(request):
                     break
                 try:
@@ -383,9 +448,12 @@ def add_openai_routes(
                 return resp
             tail = stop.flush()
             if tail:
-                await resp.write(chunk(completion_id, {"content": tail}, None))
+                await resp.write(chunk(completion_id, {"content": tail}, None, with_usage=with_usage))
             finish = "length" if count >= req["max_tokens"] and not stop.stopped else "stop"
-            await resp.write(chunk(completion_id, {}, finish))
+            await resp.write(chunk(completion_id, {}, finish, with_usage=with_usage))
+            if with_usage:
+                await close_model()
+                await resp.write(chunk(completion_id, None, None, with_usage=True, usage=openai_usage(usage)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ModelError as exc:
@@ -400,8 +468,15 @@ def add_openai_routes(
             log.debug("client left %s mid-stream", completion_id)
         return resp
 
+    def openai_usage(usage: LlmUsage | None) -> dict[str, int] | None:
+        """OpenAI's ``usage`` object; None when the model cannot count (never a guess)."""
+        if usage is None or not usage.known:
+            return None
+        prompt, completion = usage.prompt_tokens or 0, usage.completion_tokens or 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
 
 
-__all__ = ["add_openai_routes", "parse_chat_request", "BadRequest"]
+__all__ = ["add_openai_routes", "parse_chat_request", "BadRequest", "MODEL_USAGE_KEY"]

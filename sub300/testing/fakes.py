@@ -143,9 +143,9 @@ class FakeLlm:
 
     Usage (``usage=``, `LlmUsage`): the fake's rule is one token per
     whitespace-separated word: ``prompt_tokens`` = the words of every
-    message's content, ``completion_tokens`` = the words of the tokens
-    streamed so far (a token is counted when it is yielded), ``reported_by``
-    = "fake".
+    message's content, ``completion_tokens`` = the words of the text
+    streamed so far (``"Sure", ".", " Paris"`` is 2; updated as each token
+    is yielded), ``reported_by`` = "fake".
     """
 
     name = "fake-llm"
@@ -174,10 +174,12 @@ class FakeLlm:
         if self._error is not None and self._fail_times > 0:
             self._fail_times -= 1
             error, tokens = self._error, tokens[:self._error_after]
+        streamed = ""
         for i, token in enumerate(tokens[:max_tokens]):
             await asyncio.sleep(self.first_token_s if i == 0 else self.per_token_s)
-            if usage is not None and usage.completion_tokens is not None:
-                usage.completion_tokens += len(token.split())
+            streamed += token
+            if usage is not None:
+                usage.completion_tokens = len(streamed.split())
             yield token
         if error is not None:
             await asyncio.sleep(self.per_token_s)
