@@ -73,6 +73,7 @@ from .history import History
 from .interruptions import Interruptions
 from .keypad import Keypad, as_text
 from .ledger import TurnLedger
+from .log_format import bind_turn
 from .metering import CallMeter
 from .playout import PlayoutQueue
 from .reply import ReplySettings
@@ -284,6 +285,7 @@ class Conversation:
     def _new_turn(self, **notes) -> Turn:
         self._turn_count += 1
         n = self._turn_count
+        bind_turn(n)   # this context's log lines (and the tasks it starts for the turn) carry the turn
         ledger = self._ledgers[n] = TurnLedger(n, notes={"engines": self.engines.describe(), **notes})
         return Turn(n, ledger, self._tasks.child(f"turn{n}"))
 

@@ -21,6 +21,7 @@ from sub300.models.protocols import LanguageModel, ModelError, SpeechSynthesizer
 
 from .events import EventHandler, HangupRequested, TranscriptEvent, TurnDiscarded, TurnFailed, TurnFinished
 from .history import History
+from .log_format import bind_turn
 from .playout import PlayoutQueue
 from .reply import Reply, ReplySettings, failure_note
 from .speech_guard import is_annotation
@@ -102,6 +103,7 @@ class Responder:
                               E.AGENT_AUDIBLE if self._playout.audible else None)
 
     async def _answer(self, turn: Turn) -> None:
+        bind_turn(turn.number)   # the responder's own task: its log lines carry the turn it answers
         ledger, transcription = turn.ledger, turn.transcription
         assert transcription is not None, "a turn is queued once it has its final transcription"
         try:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from sub300.agent.config import Config, ConfigError, load_config, override, to_toml
+from sub300.agent.log_format import configure_logging
 from sub300.models.protocols import ModelError, ModelUnavailable
 
 log = logging.getLogger("sub300")
@@ -216,13 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sub300: configuration error: --log-level / SUB300_LOG_LEVEL = {args.log_level!r} is not allowed: "
               "expected one of debug, info, warning, error, critical", file=sys.stderr)
         return EXIT_BAD_INPUT
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, "plain")   # until the configuration says which format
     try:
         config = load_config(args.config)
+        configure_logging(args.log_level, config.telemetry.log_format, config.records.redact)
         return args.run(args, config)
     except ConfigError as error:
         print(f"sub300: configuration error: {error}", file=sys.stderr)

@@ -42,6 +42,7 @@ from sipmessage import URI, Address, Response
 from sub300.agent.admission import Admission, Refusal, Ticket
 from sub300.agent.calls import CallContext, CallObserver
 from sub300.agent.events import TransportStats
+from sub300.agent.log_format import bind_call
 from sub300.agent.tasks import TaskOwner
 
 from . import message as sip
@@ -297,6 +298,7 @@ class UserAgentServer:
 
     async def _answer(self, dialog: Dialog, offer, index: int, sock: socket.socket, public: str, flow: Flow) -> None:
         """Ring for ``answer_delay_s``, make the call (factory + RTP endpoint), send the 200 OK and start the media."""
+        bind_call(dialog.call_id)   # the call's own task: its logs, the RTP socket's and the media task's carry it
         if self.answer_delay_s:
             await asyncio.sleep(self.answer_delay_s)
         params = dialog.params or AudioParams("0.0.0.0", 0, self.sip.codecs[0],

@@ -70,6 +70,7 @@ from sub300.agent.events import (
     event_to_dict,
 )
 from sub300.agent.ledger import TurnLedger
+from sub300.agent.log_format import call_context
 from sub300.agent.playout import PlayoutQueue
 from sub300.agent.tasks import TaskOwner
 
@@ -156,12 +157,16 @@ class WebRtcCall:
 
     # ------------------------------------------------------------ set-up
     async def accept(self, offer: RTCSessionDescription) -> RTCSessionDescription:
-        """Apply the caller's offer and return our answer (host candidates included)."""
-        await self.pc.setRemoteDescription(offer)
-        self.pc.addTrack(self.out_track)
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
-        if self._watchdog is None and not self._io.closed:
-            self._watchdog = self._io.spawn(self._watch(), f"webrtc-watch-{self.call_id}")
+        """Apply the caller's offer and return our answer (host candidates included).
+
+        The call's tasks start in here (the reader on the track event, the watchdog, aiortc's
+        transports), inside the call's log context: their log lines carry its call id and key id."""
+        with call_context(self.call_id, self.context.key_id):
+            await self.pc.setRemoteDescription(offer)
+            self.pc.addTrack(self.out_track)
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+            if self._watchdog is None and not self._io.closed:
+                self._watchdog = self._io.spawn(self._watch(), f"webrtc-watch-{self.call_id}")
         return self.pc.localDescription
 
     async def _watch(self) -> None:
