@@ -42,11 +42,13 @@ import asyncio
 import ipaddress
 import logging
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_exceptions import NotAppKeyWarning
 from aiortc import RTCConfiguration, RTCIceServer
 
 from sub300.agent.auth.authenticator import Authenticator, AuthFailed, Principal
@@ -62,6 +64,9 @@ __all__ = ["AUTH_KEY", "CALL_SLOT", "PRINCIPAL", "SCOPE_TABLE", "AuthState", "Pr
            "server_rtc_configuration"]
 
 log = logging.getLogger(__name__)
+#: ``request["principal"]`` is the shared contract (records, admin routes read it by that name); aiohttp
+#: would rather have a `web.RequestKey` and warns for a string — only for this module's two keys
+warnings.filterwarnings("ignore", category=NotAppKeyWarning, module=__name__)
 PRINCIPAL = "principal"
 CALL_SLOT = "call_slot"
 REALM = "sub300"
