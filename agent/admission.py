@@ -11,6 +11,9 @@ it (`release` is idempotent).
 
 Refusals, in the order they are checked:
 
+* ``draining`` — the process is shutting down (`drain()`, on SIGTERM:
+  sub300/drain.py): calls in progress end politely, no new one starts,
+  whatever the room;
 * ``full`` — ``capacity.calls`` calls hold slots;
 * ``transport_full`` — a transport's own cap (``webrtc.max_calls``,
   ``sip.max_calls``) is reached;
@@ -52,8 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-Reason = Literal["full", "transport_full", "saturated"]
-REASONS: tuple[Reason, ...] = ("full", "transport_full", "saturated")
+Reason = Literal["draining", "full", "transport_full", "saturated"]
+REASONS: tuple[Reason, ...] = ("draining", "full", "transport_full", "saturated")
 #: calls per device when nothing is measured or configured. CPU: one call per core, from issue 10's measurement on
 #: a 2-core CPU (2 calls at once held voice-to-voice p95 958 ms, 4 calls 3311 ms), capped at 8 because a guess
 #: should err low (the engines' threads do not scale linearly with cores). CUDA: a guess, not measured.
@@ -136,6 +139,7 @@ class Admission:
         self._active: dict[str, int] = {}
         self._waits: deque[tuple[float, float]] = deque(maxlen=window_turns)   # (clock s, queue wait ms)
         self._saturated = False
+        self.draining = False
         #: called with (transport, refusal) for every refused call: metrics, logs
         self.on_refusal: list[Callable[[str, Refusal], None]] = []
 
@@ -171,7 +175,17 @@ class Admission:
         self._active[transport] = self._active.get(transport, 0) + 1
         return Ticket(self, transport)
 
+    def drain(self) -> None:
+        """Refuse every new call from now on (reason ``draining``); calls in progress keep their slots.
+        Irreversible: a process drains once, on its way out.  Idempotent."""
+        if not self.draining:
+            self.draining = True
+            log.info("admission: draining: new calls are refused (%d in progress)", self.active_calls())
+
     def _refusal(self, transport: str) -> Refusal | None:
+        if self.draining:
+            return Refusal("draining", "draining: this server is shutting down, try again (another server)",
+                           self.retry_after_s)
         total = self.active_calls()
         if total >= self.capacity.calls:
             return Refusal("full", f"busy: {total} calls in progress (capacity {self.capacity.calls}), "
@@ -201,8 +215,8 @@ class Admission:
         return sum(self._active.values())
 
     def remaining_calls(self) -> int:
-        """New calls that would be admitted now (0 while the queue-wait guard refuses)."""
-        if self.saturation_p95_ms() is not None:
+        """New calls that would be admitted now (0 while draining or while the queue-wait guard refuses)."""
+        if self.draining or self.saturation_p95_ms() is not None:
             return 0
         return max(0, self.capacity.calls - self.active_calls())
 
@@ -242,13 +256,16 @@ class Admission:
 
     # ------------------------------------------------------------ readiness
     def describe(self) -> dict[str, Any]:
-        """For /readyz and /healthz: ``ready`` (a new call would be admitted), ``reason`` when not, the
+        """For /readyz and /healthz: ``ready`` (a new call would be admitted), ``reason`` when not ("draining",
+        "full: …", "saturated: …"), the
         capacity and its source, calls in progress (per transport), remaining, the guard's p95."""
         p95 = self.queue_wait_p95_ms()
         saturated = self.saturation_p95_ms()
         active = self.active_calls()
         reason = None
-        if active >= self.capacity.calls:
+        if self.draining:
+            reason = "draining"
+        elif active >= self.capacity.calls:
             reason = f"full: {active} of {self.capacity.calls} calls in progress"
         elif saturated is not None:
             reason = f"saturated: engine queues at {saturated:.0f} ms (limit {self.max_queue_wait_ms:g} ms)"

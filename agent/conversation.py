@@ -38,6 +38,7 @@ emits the rest as `CallUsage`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -89,6 +90,10 @@ from .words import has_words
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
+#: `end_politely`'s reason when the server drains (sub300/drain.py); a `HangupRequested` carries it
+DRAIN = "drain"
+#: how often (s) `end_politely` looks whether the current turn is done (the 20 ms of a playout frame)
+_TURN_DONE_POLL_S = 0.02
 
 
 @dataclass
@@ -239,6 +244,32 @@ class Conversation:
             log.warning("goodbye line not spoken: %s", error)
         finally:
             self._emit(HangupRequested(turn, reached.reason))
+
+    def end_politely(self, reason: str, goodbye: str) -> bool:
+        """End the call after the current turn (the server drains: ``reason`` `DRAIN`).
+
+        The call-limit path of `check_limits`, except that the work in flight
+        is not cancelled: from now on no caller audio or key makes a new turn
+        (words the caller is still speaking are dropped with their turn's
+        work); the turns already ended are answered and their reply plays
+        out; then ``goodbye`` is said ('' = none) and `HangupRequested`
+        (``reason``) emitted, as after a call limit.  Returns False (and does
+        nothing) when the call is already ending (a limit, or closed)."""
+        if self._closed or self.ended_by is not None:
+            return False
+        self.ended_by = LimitReached(reason, self.clock(), goodbye)
+        speaking, self._speaking = self._speaking, None
+        if speaking is not None:   # the caller's unfinished words: no turn (nor its speculative reply)
+            speaking.tasks.cancel()
+        log.info("ending the call politely (%s) after the current turn", reason)
+        self._farewell.spawn(self._goodbye_after_turn(self.ended_by), name="goodbye")
+        return True
+
+    async def _goodbye_after_turn(self, reached: LimitReached) -> None:
+        responder = self._responder
+        while responder.answering or responder.waiting or not self.playout.idle:
+            await asyncio.sleep(_TURN_DONE_POLL_S)
+        await self._say_goodbye(reached)
 
     def hold(self) -> None:
         """The far end put the call on hold (SIP: RFC 3264 §8.4): the agent's audio stops where it is

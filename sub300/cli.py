@@ -146,45 +146,74 @@ async def start_sip(config: Config, engines, observer, admission=None):
 
 
 def serve(config: Config, progress: Callable[[str], None] = print) -> int:
-    """Run the server until SIGINT/SIGTERM: the web app (page, signalling, metrics,
-    OpenAI API) and, when enabled, the SIP service, sharing one set of engines
-    and one admission (a call counts against one capacity, whatever its transport)."""
+    """Run the server until SIGTERM/SIGINT, then drain (sub300/drain.py) and return the exit status.
+
+    The web app (page, signalling, metrics, OpenAI API) and, when enabled, the
+    SIP service share one set of engines and one admission (a call counts
+    against one capacity, whatever its transport).  Start-up: load and warm
+    the engines, bind HTTP (/livez answers; /readyz says "starting" while SIP
+    is not bound), bind SIP, then ready.  Stop: the first signal drains —
+    /readyz 503 "draining", new calls 503, each call finishes its turn, hears
+    ``server.drain_goodbye`` and is hung up, within ``server.drain_timeout_s``;
+    a second signal or the timeout ends the rest at once — then the closers
+    run in order (SIP, the web app and the engines) and the status is 0 (1 when
+    a closer failed).
+
+    The shutdown is ordinary code on a live event loop.  It used to run inside
+    `asyncio.run`'s cancellation of every task (aiohttp's ``handle_signals``
+    raises `GracefulExit` out of the loop): aiortc's own tasks were cancelled
+    together with the calls' closing, its DTLS transport went "closed" and its
+    peer connection started a `close()` of its own that was cancelled
+    half-way, so `WebRtcCall`'s `pc.close()` waited forever on that close's
+    future and the process never exited (py-spy and a task dump, 2026-11-30).
+    """
     from aiohttp import web
 
     from sub300.agent.admission import Admission
     from sub300.agent.engines import load_engines, warm_up
     from sub300.agent.metrics import MetricsObserver
-    from sub300.web.server import build_app
+    from sub300.drain import Drain, SipCalls, WebRtcCalls
+    from sub300.web.server import SIGNALLING_KEY, Readiness, build_app
 
     engines = load_engines(config, progress=progress)
 
-    async def main() -> None:
-        await warm_up(engines, config)
+    async def main() -> int:
         admission = Admission.from_config(config, device=engines.stt.device.split("/")[0])
-        observer = MetricsObserver(config.budget_ms, admission=admission)
-        app = build_app(config, engines, observer, admission)
-        runner = web.AppRunner(app, handle_signals=True)
-        await runner.setup()
-        sip = None
+        drain = Drain(admission, timeout_s=config.server.drain_timeout_s, goodbye=config.server.drain_goodbye)
+        drain.install(asyncio.get_running_loop())
+        drain.closers.append(("the engines", engines.aclose))   # replaced by the web app's cleanup below
         try:
+            await warm_up(engines, config)
+            if drain.stopping:
+                return await drain.close()
+            observer = MetricsObserver(config.budget_ms, admission=admission)
+            readiness = Readiness(("sip",) if config.sip.enabled else ())
+            app = build_app(config, engines, observer, admission, readiness)
+            runner = web.AppRunner(app, handle_signals=False)
+            await runner.setup()
+            # the web app's cleanup closes every WebRTC call left and the engines (web/server.py)
+            drain.closers[:] = [("the web app", runner.cleanup)]
+            drain.calls.append(WebRtcCalls(app[SIGNALLING_KEY]))
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
             sip = await start_sip(config, engines, observer, admission)
-            progress(f"serving on http://{config.server.host}:{config.server.port} "
-                     f"(/ demo page, /offer, /metrics, /healthz, /readyz, /v1/chat/completions"
-                     f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
-                     f"engines: {engines.describe()}")
-            await asyncio.Event().wait()
-        finally:
             if sip is not None:
-                await sip.close()
-            await runner.cleanup()   # on_shutdown closes every WebRTC call
+                drain.calls.append(SipCalls(sip))
+                drain.closers.insert(0, ("SIP", sip.close))
+                readiness.bound("sip")
+        except BaseException:
+            await drain.close()
+            raise
+        progress(f"serving on http://{config.server.host}:{config.server.port} "
+                 f"(/ demo page, /offer, /metrics, /livez, /readyz, /v1/chat/completions"
+                 f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
+                 f"engines: {engines.describe()}; SIGTERM drains (up to {config.server.drain_timeout_s:g} s)")
+        return await drain.run()
 
     try:
-        asyncio.run(main())
-    except (KeyboardInterrupt, web.GracefulExit):  # Ctrl-C or SIGTERM: a normal stop
-        pass
-    return 0
+        return asyncio.run(main())
+    except KeyboardInterrupt:  # Ctrl-C before the drain took the signal (loading the engines)
+        return 130
 
 
 # ------------------------------------------------------------------ entry point
@@ -208,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.set_defaults(run=cmd_serve)
     __import__("sub300.cli_records", fromlist=["register"]).register(sub)   # usage, export, forget, records, db
+    __import__("sub300.cli_keys", fromlist=["register"]).register(sub)   # keys create | list | revoke
     return parser
 
 

@@ -1,9 +1,13 @@
 """`sub300 serve`: the aiohttp server that shares one set of engines between callers.
 
 Routes: the latency demo page (`/`, `/static/…`), WebRTC signalling
-(`POST /offer`, `GET /webrtc/config`), `/healthz` (liveness: the process
-answers), `/readyz` (readiness: 200 while a new call would be admitted, 503
-with the reason when the admission is full or saturated), `/metrics`
+(`POST /offer`, `GET /webrtc/config`), `/livez` (liveness: the process
+answers; nothing else is looked at, so a busy or draining server is not
+restarted), `/healthz` (liveness too, with a description of the engines,
+calls and admission), `/readyz` (readiness: 200 only when every configured
+listener is bound — `Readiness`; the engines are warmed before the HTTP
+listener binds — and a new call would be admitted; 503 with the reason
+otherwise: "starting: …", "draining", "full: …", "saturated: …"), `/metrics`
 (Prometheus) and the OpenAI-compatible API over the embedded LLM.  Browser
 (WebRTC) and, when enabled, phone (SIP) callers use the same engines, report
 to the same metrics observer and count against the same `Admission`.
@@ -33,6 +37,27 @@ SIGNALLING_KEY = web.AppKey("signalling", Signalling)
 ADMISSION_KEY = web.AppKey("admission", Admission)
 
 
+class Readiness:
+    """The listeners a process still waits for before it takes calls (``waiting``: names such as "sip").
+
+    `sub300 serve` creates it with the listeners it will start after HTTP and calls `bound(name)` as
+    each one is up; an app built without one (tests) is ready at once."""
+
+    def __init__(self, waiting: tuple[str, ...] | list[str] = ()) -> None:
+        self.waiting = set(waiting)
+
+    def bound(self, name: str) -> None:
+        self.waiting.discard(name)
+
+
+READINESS_KEY = web.AppKey("readiness", Readiness)
+
+
+async def livez(request: web.Request) -> web.Response:
+    """200 while the process answers: what a liveness probe (and Docker's HEALTHCHECK) asks."""
+    return web.json_response({"status": "ok"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     engines = request.app[ENGINES_KEY]
     return web.json_response({
@@ -45,9 +70,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 ``{"ready": true, ...}`` while a new call would be admitted; 503 ``{"ready": false, "reason": ...}``
-    when the admission is full or its queue-wait guard refuses (agent/admission.py `Admission.describe`)."""
+    """200 ``{"ready": true, ...}`` while every listener is bound and a new call would be admitted; 503
+    ``{"ready": false, "reason": ...}`` while a listener is not bound yet ("starting: waiting for sip"), when
+    the server drains ("draining") or the admission is full or its queue-wait guard refuses
+    (agent/admission.py `Admission.describe`)."""
     state = request.app[ADMISSION_KEY].describe()
+    waiting = request.app[READINESS_KEY].waiting
+    if waiting and state.get("reason") != "draining":
+        state.update(ready=False, reason=f"starting: waiting for {', '.join(sorted(waiting))}")
     return web.json_response(state, status=200 if state["ready"] else 503)
 
 
@@ -63,9 +93,10 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 def build_app(config: Config, engines: Engines, observer: MetricsObserver | None = None,
-              admission: Admission | None = None) -> web.Application:
+              admission: Admission | None = None, readiness: Readiness | None = None) -> web.Application:
     """The web app. ``admission``: the process's, shared with SIP (`sub300 serve`); without one, the app makes
-    its own from ``config`` (device: where ``engines``' STT runs). ``observer`` is made to watch it."""
+    its own from ``config`` (device: where ``engines``' STT runs). ``observer`` is made to watch it.
+    ``readiness``: the listeners still to bind (`sub300 serve`); without one, /readyz follows the admission."""
     app = web.Application(client_max_size=256 * 1024)
     if admission is None:
         admission = Admission.from_config(config, device=engines.stt.device.split("/")[0])
@@ -81,8 +112,10 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
     app[METRICS_KEY] = observer
     app[SIGNALLING_KEY] = signalling
     app[ADMISSION_KEY] = admission
+    app[READINESS_KEY] = readiness or Readiness()
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -8,6 +8,7 @@ trivial agent and no model loaded.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -58,6 +59,38 @@ class SipService:
     @property
     def active_calls(self) -> int:
         return self.uas.active_calls
+
+    def end_calls_politely(self, goodbye: str) -> None:
+        """The server drains (sub300/drain.py): each answered call's agent finishes its turn, says
+        ``goodbye`` and hangs up (BYE, after the goodbye has played: `Conversation.end_politely`); a call
+        still ringing is answered 503 with Retry-After; an agent that cannot end politely (a protocol
+        test's) gets BYE now.  Returns at once; `active_calls` falls to 0 as the calls end."""
+        from sub300.agent.conversation import DRAIN
+
+        uas = self.uas
+        for dialog in list(uas.dialogs.values()):
+            if dialog.ended:
+                continue
+            if dialog.call is None:   # ringing: no agent yet
+                if dialog.tx.final is None:
+                    uas.transactions.reject(dialog.tx, 503, [("Retry-After", str(uas.admission.retry_after_s))],
+                                            to_tag=dialog.local_tag)
+                uas._end(dialog, DRAIN, send_bye=False)
+                continue
+            end = getattr(dialog.call.agent, "end_politely", None)
+            if end is None:
+                log.info("SIP call %s: its agent cannot end politely; BYE now", dialog.call_id)
+                uas._end(dialog, DRAIN, send_bye=dialog.pending_ack is None)
+            else:
+                end(DRAIN, goodbye)
+
+    async def end_calls(self, reason: str) -> None:
+        """End every call at once (BYE for answered, ACKed ones) and wait for their teardown; keep listening."""
+        uas = self.uas
+        for dialog in list(uas.dialogs.values()):
+            uas._end(dialog, reason, send_bye=dialog.call is not None and dialog.pending_ack is None)
+        await asyncio.sleep(0)
+        await asyncio.gather(*uas._ending.all_tasks(), return_exceptions=True)
 
     async def close(self) -> None:
         """Hang up every call (BYE), stop listening, and wait for every task."""
