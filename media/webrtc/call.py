@@ -12,7 +12,9 @@ connection closed, observer told exactly once.  It ends on the page's
 hang-up message, the agent's own hang-up (a goodbye, or a call limit of
 agent/call_limits.py: inactivity or maximum length, reason
 "agent_hangup: inactivity" …), ICE/DTLS failure or closure, the end of the
-caller's track, or server shutdown; and by the watchdog:
+caller's track, or server shutdown (at once, or politely when the server
+drains: `end_politely`, the current turn then the drain goodbye, reason
+"agent_hangup: drain"); and by the watchdog:
 
 * ``connect_timeout`` — not connected ``webrtc.connect_timeout_s`` after the
   answer (an offer whose candidates lead nowhere must not hold a slot);
