@@ -329,7 +329,7 @@ def add_openai_routes(
             return _error_response(400, str(exc), "invalid_request_error", code=exc.code, param=exc.param)
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        counted = {} if usage is None else {"usage": usage}
+        counted: dict[str, Any] = {} if usage is None else {"usage": usage}   # a model without the keyword: none
         pieces = model.stream_chat(req["messages"], max_tokens=req["max_tokens"], temperature=req["temperature"],
                                    **counted)
 
