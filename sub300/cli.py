@@ -189,14 +189,21 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             observer = MetricsObserver(config.budget_ms, admission=admission)
             readiness = Readiness(("sip",) if config.sip.enabled else ())
             app = build_app(config, engines, observer, admission, readiness)
+            # --- records (RECORDS, sub300/cli_records.py): store + RecordsObserver beside the metrics ---
+            from sub300.cli_records import start_records
+            records = await start_records(config, app, observer)   # before runner.setup(): it adds routes
+            call_observer = records.call_observer if records is not None else observer
+            # --- end records ---
             runner = web.AppRunner(app, handle_signals=False)
             await runner.setup()
             # the web app's cleanup closes every WebRTC call left and the engines (web/server.py)
             drain.closers[:] = [("the web app", runner.cleanup)]
             drain.calls.append(WebRtcCalls(app[SIGNALLING_KEY]))
+            if records is not None:   # records: last, once every call ended: writes what is queued
+                drain.closers.append(("the records", records.aclose))
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
-            sip = await start_sip(config, engines, observer, admission)
+            sip = await start_sip(config, engines, call_observer, admission)
             if sip is not None:
                 drain.calls.append(SipCalls(sip))
                 drain.closers.insert(0, ("SIP", sip.close))

@@ -137,3 +137,46 @@ def register(subparsers) -> None:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="migrate the records database to the current schema (Alembic)").set_defaults(
         run=cmd_db_upgrade)
+
+
+class ServeRecords:
+    """What `sub300 serve` holds of the records: the store, the observer, and the call observer to hand to
+    transports (metrics + records together)."""
+
+    def __init__(self, store, observer, call_observer) -> None:
+        self.store = store
+        self.observer = observer
+        self.call_observer = call_observer
+
+    async def aclose(self) -> None:
+        """Writes every queued record, stops the writer, closes the database (after the transports closed)."""
+        import asyncio
+
+        await self.observer.aclose()
+        await asyncio.to_thread(self.store.close)
+
+
+async def start_records(config: Config, app, metrics_observer) -> ServeRecords | None:
+    """For `serve()`: opens (and migrates) the store off the loop, makes the `RecordsObserver`, and wires
+    it into ``app`` (built by web.server.build_app, not yet started): WebRTC calls report to metrics and
+    records, the admin routes (/v1/usage, /v1/calls/{id}) and the OpenAI API's usage sink. Returns None
+    when ``records.enabled`` is false. Pass ``.call_observer`` to SIP; ``await .aclose()`` at the end."""
+    if not config.records.enabled:
+        return None
+    import asyncio
+
+    from sub300.agent.calls import ObserverGroup
+    from sub300.agent.records import RecordsObserver, open_store
+    from sub300.web import openai_api
+    from sub300.web.admin import add_admin_routes
+    from sub300.web.server import SIGNALLING_KEY
+
+    store = await asyncio.to_thread(open_store, config)
+    observer = RecordsObserver(store, config)
+    call_observer = ObserverGroup([metrics_observer, observer])
+    app[SIGNALLING_KEY].observer = call_observer
+    add_admin_routes(app, store)
+    usage_key = getattr(openai_api, "MODEL_USAGE_KEY", None)   # USAGE's sink key (web/openai_api.py)
+    if usage_key is not None:
+        app[usage_key] = observer
+    return ServeRecords(store, observer, call_observer)
