@@ -12,6 +12,13 @@
 // (RTCRtpReceiver.jitterBufferTarget, ?jbt=MS, default 0; ?jbt=default keeps
 // the browser's own): a voice agent's reply is a stream, not a conversation
 // both ways at once, and the server paces it evenly.
+//
+// Authentication (web/auth.py): when /webrtc/config says it is required, the
+// page needs a call token in its URL, /?token=…: a backend holding an API key
+// with the "calls" scope mints one (POST /v1/call-tokens) and opens or
+// redirects its user's browser to /?token=<token>.  The page sends it as
+// "Authorization: Bearer" on /webrtc/config (short-lived TURN credentials for
+// that key) and on /offer.  Without one the page says so and offers no call.
 import { Latency } from "/static/latency.js";
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +26,8 @@ const $ = (id) => document.getElementById(id);
 const RAW_MIC = new URLSearchParams(location.search).get("aec") === "0";
 const GATHER_TIMEOUT_MS = 3000;
 const JBT = new URLSearchParams(location.search).get("jbt") ?? "0";
+const TOKEN = new URLSearchParams(location.search).get("token");   // a call token (see above), or null
+const AUTH_HEADERS = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
 
 const state = (window.sub300 = {
   phase: "idle", callId: null, connectedAt: null, error: null,
@@ -232,10 +241,13 @@ async function call() {
     await gathered(pc);
     const response = await fetch("/offer", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...AUTH_HEADERS },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
     });
     const body = await response.json().catch(() => ({}));
+    if (response.status === 401 || response.status === 403) {
+      throw new Error(`not allowed to call: ${body.error || response.status} (ask for a fresh link with a call token)`);
+    }
     if (!response.ok) throw new Error(body.error || `signalling failed (HTTP ${response.status})`);
     await pc.setRemoteDescription(body);
     state.callId = body.call_id;
@@ -303,13 +315,30 @@ async function pollStats(peer = pc) {
 // ------------------------------------------------------------ start-up
 async function init() {
   try {
-    config = await (await fetch("/webrtc/config")).json();
+    config = await (await fetch("/webrtc/config", { headers: AUTH_HEADERS })).json();
   } catch (_) { /* defaults: host candidates only */ }
+  state.auth = config.auth || { required: false, authenticated: false };
   latency.setBudget(config.budget_ms);
   document.querySelectorAll(".budget-ms").forEach((el) => (el.textContent = config.budget_ms));
   $("engines").textContent = Object.entries(config.engines || {}).map(([k, v]) => `${k}: ${v}`).join(" · ");
   const button = $("call");
   button.onclick = () => (state.phase === "idle" || state.phase === "error" ? call() : hangUp(null));
+  if (state.auth.required && !state.auth.authenticated) {
+    // no usable token: say so, and offer no call that could only fail
+    const box = $("transcript");
+    box.innerHTML = "";
+    const p = document.createElement("p");
+    p.className = "hint auth-needed";
+    p.id = "auth-needed";
+    p.textContent = TOKEN
+      ? "This link's call token was not accepted (expired or revoked). Ask the site that sent you here for a new link."
+      : "This server requires a call token. Open this page through your application, which mints one " +
+        "(POST /v1/call-tokens with its API key) and sends you to /?token=…";
+    box.append(p);
+    setPhase("error", "token needed");
+    state.ready = true;
+    return;
+  }
   button.disabled = false;
   window.addEventListener("pagehide", () => pc && hangUp(null));
   state.ready = true;
