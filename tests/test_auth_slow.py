@@ -123,3 +123,58 @@ async def test_a_real_call_with_a_call_token(config, engines):
     finally:
         await signalling.close_all()
         await server.close()
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not __import__("os").path.exists("/usr/bin/chromium"),
+                    reason="Debian chromium is not installed")
+async def test_the_demo_page_with_and_without_a_call_token(config):
+    """Headless Chromium on the page (fake engines, authentication on): no token → a clear message and no
+    Call button; a bad token → 'not accepted'; a minted token → the page's /offer carries it (the call is
+    the key's)."""
+    from playwright.async_api import async_playwright
+
+    from sub300.testing.fakes import fake_engines
+
+    from .browser_calls import CHROMIUM, CHROMIUM_FLAGS
+
+    store = MemoryKeyStore()
+    key, secret = new_key("backend", "calls")
+    store.add_key(key)
+    app = build_app(config, fake_engines())
+    recorder = ContextRecorder()
+    signalling = app[SIGNALLING_KEY]
+    signalling.observer = ObserverGroup([signalling.observer, recorder])
+    add_auth_routes(app, config, store, enabled=True, tokens=CallTokens(b"t" * 32, 300), environ={})
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    ready = "() => window.sub300 && window.sub300.ready"
+    try:
+        async with aiohttp.ClientSession() as backend:
+            async with backend.post(base + "/v1/call-tokens", headers={"Authorization": f"Bearer {secret}"}) as r:
+                token = (await r.json())["token"]
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            try:
+                page = await browser.new_page()
+                await page.goto(base + "/")
+                await page.wait_for_function(ready, timeout=15_000)
+                assert "requires a call token" in await page.inner_text("#auth-needed")
+                assert await page.is_disabled("#call") and await page.inner_text("#status") == "token needed"
+                await page.goto(base + "/?token=eyJhbGciOiJIUzI1NiJ9.e30.bad")
+                await page.wait_for_function(ready, timeout=15_000)
+                assert "not accepted" in await page.inner_text("#auth-needed")
+                await page.goto(base + f"/?aec=0&token={token}")
+                await page.wait_for_function(ready, timeout=15_000)
+                assert await page.evaluate("() => window.sub300.auth") == {"required": True, "authenticated": True}
+                assert not await page.is_disabled("#call") and await page.query_selector("#auth-needed") is None
+                await page.click("#call")
+                await page.wait_for_function("() => window.sub300.callId || window.sub300.error", timeout=20_000)
+                call_id = await page.evaluate("() => window.sub300.callId")
+                assert call_id, await page.evaluate("() => window.sub300.error")
+                assert recorder.contexts[call_id].key_id == key.id
+            finally:
+                await browser.close()
+    finally:
+        await signalling.close_all()
+        await server.close()
