@@ -173,6 +173,15 @@ async def start_records(config: Config, app, metrics_observer) -> ServeRecords |
 
     store = await asyncio.to_thread(open_store, config)
     observer = RecordsObserver(store, config)
+    registry = getattr(metrics_observer, "registry", None)
+    if registry is not None:   # the writer's health on /metrics
+        from prometheus_client import Counter, Gauge
+
+        lost = Counter("sub300_records_lost", "Records (calls, turns, usage events) the database did not take: "
+                       "logged, the call went on", registry=registry)
+        observer.on_lost.append(lost.inc)
+        Gauge("sub300_records_queued", "Records waiting for the writer thread", registry=registry).set_function(
+            lambda: observer.queued)
     call_observer = ObserverGroup([metrics_observer, observer])
     app[SIGNALLING_KEY].observer = call_observer
     add_admin_routes(app, store)

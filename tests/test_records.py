@@ -347,3 +347,25 @@ async def test_admin_routes(store):
         assert (await client.get("/v1/calls/nope")).status == 404
         assert (await client.delete("/v1/calls/nope")).status == 404
     assert store.audit("c1")[0]["actor"] == "admin-api"
+
+
+async def test_serve_wiring_adds_records_beside_the_metrics(tmp_path):
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from sub300.agent.calls import ObserverGroup
+    from sub300.agent.metrics import MetricsObserver
+    from sub300.cli_records import start_records
+    from sub300.web.server import SIGNALLING_KEY
+
+    app = web.Application()
+    app[SIGNALLING_KEY] = SimpleNamespace(observer=None)   # type: ignore[assignment]
+    metrics = MetricsObserver(300.0)
+    records = await start_records(records_config(tmp_path), app, metrics)
+    assert records is not None and isinstance(app[SIGNALLING_KEY].observer, ObserverGroup)
+    assert {r.resource.canonical for r in app.router.routes()} >= {"/v1/usage", "/v1/calls/{call_id}"}
+    records.observer.on_lost[0](1)
+    assert b"sub300_records_lost_total 1.0" in metrics.render() and b"sub300_records_queued 0.0" in metrics.render()
+    await records.aclose()
+    assert await start_records(records_config(tmp_path, enabled="false"), web.Application(), metrics) is None

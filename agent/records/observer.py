@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: seconds between retention runs (the first runs when the writer starts)
 PURGE_INTERVAL_S = 3600.0
+#: records the queue holds at most while the database is slow or down; more are counted lost (bounded memory)
+MAX_QUEUED = 10_000
 _STOP = object()
 
 
@@ -71,7 +73,7 @@ class RecordsObserver:
         self.written = 0
         self.on_lost: list[Callable[[int], None]] = []
         self._calls: dict[str, _Call] = {}
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue(MAX_QUEUED)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
         self._thread.start()
@@ -129,7 +131,10 @@ class RecordsObserver:
         if self._closed:
             self._lose(what, RuntimeError("the records observer is closed"))
             return
-        self._queue.put((what, write, args))
+        try:
+            self._queue.put_nowait((what, write, args))
+        except queue.Full:
+            self._lose(what, RuntimeError(f"{MAX_QUEUED} records already wait for the database"))
 
     def _run(self) -> None:
         next_purge = time.monotonic() if self.purge_interval_s is not None else None
@@ -171,6 +176,11 @@ class RecordsObserver:
                 hook(1)
             except Exception:
                 log.exception("records: an on_lost hook failed")
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for the writer (a database that is slow or down makes this grow)."""
+        return self._queue.qsize()
 
     def flush(self) -> None:
         """Blocks until every queued record is written (or counted lost)."""
