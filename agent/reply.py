@@ -210,6 +210,7 @@ class Reply:
         stream: AsyncGenerator[str, None] | None = None
         self.llm_usage = _usage_for(self._llm)
         counted = {} if self.llm_usage is None else {"usage": self.llm_usage}
+        ended = False       # the stream ran to its end (an engine that counts has given its usage then)
         try:
             stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
                                            temperature=settings.temperature, ticket=self._llm_ticket, **counted)
@@ -226,6 +227,7 @@ class Reply:
                     # The caller is waiting for the first piece's audio: leave the CPU
                     # to TTS (an engine with flow control pauses meanwhile).
                     await self._first_audio.wait()
+            ended = True
         except ModelError as error:
             self.error = error
         except Exception as error:   # a bug in the engine: logged with its traceback, yet the caller hears the fallback
@@ -237,7 +239,7 @@ class Reply:
                 if stream is not None:
                     await stream.aclose()
             finally:
-                self._charge_llm()
+                self._charge_llm(ended)
         rest = splitter.flush()
         if self.error is not None and rest and not _SENTENCE_END.search(rest[-1]):
             # cut off mid-sentence: say the fallback rather than half a sentence
@@ -258,13 +260,16 @@ class Reply:
                 queue.put_nowait(settings.fallback_text.strip())
         queue.put_nowait(None)
 
-    def _charge_llm(self) -> None:
+    def _charge_llm(self, ended: bool) -> None:
         """The request's tokens (once: the stream is closed), whether it finished, failed or was cancelled."""
         usage = self.llm_usage
         if self._charge is None or usage is None:
             return
         if not usage.known:
-            return      # the engine said so when it found out (models/llm_openai.py logs it once)
+            if not ended:   # an endpoint's usage comes at the end of its stream: a cut one has none
+                log.info("turn %d: the LLM request stopped before %s reported its usage: its tokens are not "
+                         "counted", self.turn, self._llm.name)
+            return      # ended: the engine said so when it found out (models/llm_openai.py logs it once)
         self._charge({LLM_PROMPT_TOKENS: usage.prompt_tokens or 0, LLM_COMPLETION_TOKENS: usage.completion_tokens or 0})
 
     def _first_piece_made(self) -> None:

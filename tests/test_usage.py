@@ -180,3 +180,27 @@ def test_the_ledger_keeps_its_usage_through_a_dict():
     ledger = TurnLedger(3, usage={STT_AUDIO_S: 1.25, LLM_PROMPT_TOKENS: 40.0})
     assert TurnLedger.from_dict(ledger.to_dict()).usage == ledger.usage
     assert TurnLedger.from_dict({"turn": 1}).usage == {}
+
+
+def test_the_meter_puts_late_work_in_the_next_report_and_what_was_never_reported_in_the_call_end():
+    from sub300.agent.metering import CallMeter
+
+    played = [0]
+    meter = CallMeter(lambda: played[0], agent_rate=48_000, caller_rate=16_000)
+    meter.charge(1, {STT_AUDIO_S: 1.0})
+    meter.caller_audio(16_000)
+    played[0] = 48_000
+    first = meter.report_turn(1)
+    meter.charge(1, {STT_AUDIO_S: 0.5})       # a partial of turn 1 that returned after its report
+    meter.charge(2, {TTS_CHARS: 10})
+    meter.charge(3, {TTS_CHARS: 5})           # turn 3 is never reported (the call ends while it is spoken)
+    meter.charge(None, {TTS_CHARS: 0})        # nothing: not in any report
+    played[0] = 72_000                        # agent audio still playing after turn 1's report
+    second = meter.report_turn(2)
+    end = meter.close()
+    assert first == {STT_AUDIO_S: 1.0, CALLER_AUDIO_S: 1.0, AGENT_AUDIO_S: 1.0}
+    assert second == {STT_AUDIO_S: 0.5, TTS_CHARS: 10.0, AGENT_AUDIO_S: 0.5}
+    assert end == {TTS_CHARS: 5.0}
+    assert summed([first, second, end]) == meter.total
+    with pytest.raises(KeyError):
+        meter.charge(1, {"minutes": 1.0})
