@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sub300.agent.auth.keys import verify_secret
 from sub300.agent.config import load_config
 from sub300.cli import main
 
 
+@pytest.mark.slow   # each command opens the store and checks its Alembic revision: ~0.5 s in all
 def test_keys_create_list_revoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SUB300_RECORDS_URL", f"sqlite:///{tmp_path / 'records.db'}")
     assert main(["keys", "create", "--name", "backend", "--scopes", "calls,model", "--record-audio", "--json"]) == 0

@@ -150,9 +150,9 @@ async def test_the_demo_page_with_and_without_a_call_token(config):
     base = str(server.make_url("")).rstrip("/")
     ready = "() => window.sub300 && window.sub300.ready"
     try:
-        async with aiohttp.ClientSession() as backend:
-            async with backend.post(base + "/v1/call-tokens", headers={"Authorization": f"Bearer {secret}"}) as r:
-                token = (await r.json())["token"]
+        async with aiohttp.ClientSession() as backend, \
+                backend.post(base + "/v1/call-tokens", headers={"Authorization": f"Bearer {secret}"}) as r:
+            token = (await r.json())["token"]
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
             try:

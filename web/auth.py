@@ -139,6 +139,10 @@ class AuthState:
     limits: Limits
     environ: Mapping[str, str] | None = None
 
+    def describe(self) -> str:
+        """The start-up line: on or off and why (for `sub300 serve`'s progress output)."""
+        return f"authentication {'on' if self.enabled else 'off'}: {self.why}"
+
 
 AUTH_KEY = web.AppKey("auth", AuthState)
 
@@ -347,7 +351,8 @@ def add_auth_routes(app: web.Application, config: Config, store: KeyStore, *, to
     ``store``: where keys are (`sub300.agent.records.open_store(config)` under ``sub300 serve``; a
     `MemoryKeyStore` in tests).  ``enabled``: default `auth_mode(config)`.  ``tokens``: default from
     ``$auth.token_secret_env`` (`CallTokens.from_config`; `ValueError` when it is too short).  ``clock``:
-    the key cache's (monotonic).  Returns the state (its ``limits`` are the process's per-key/source limits).
+    the key cache's (monotonic).  Returns the state (its ``limits`` are the process's per-key/source limits;
+    ``describe()`` is the start-up line).  Reads the store once (blocking) to warn when no key is active.
     """
     on, why = auth_mode(config)
     if enabled is not None and enabled != on:
@@ -356,6 +361,15 @@ def add_auth_routes(app: web.Application, config: Config, store: KeyStore, *, to
     state = AuthState(config, on, why, store, tokens, Authenticator(store, tokens, clock=clock),
                       limits or Limits(config.auth), environ)
     app[AUTH_KEY] = state
+    if on:
+        active = [k for k in store.list_keys() if k.active]
+        if not active:
+            log.warning("authentication is on (%s) and there is no active API key: every call and /v1 request "
+                        "gets 401; create one with `sub300 keys create --name NAME --scopes calls,model`", why)
+        else:
+            log.info("authentication on (%s): %d active API key(s)", why, len(active))
+    else:
+        log.warning("authentication off (%s); per-source limits still apply", why)
     if auth_middleware not in app.middlewares:
         app.middlewares.append(auth_middleware)
     app.router.add_post("/v1/call-tokens", _call_tokens)

@@ -91,7 +91,7 @@ class Limits:
         for name, subject, ident, per_minute in checks:
             if ident is None or per_minute <= 0:
                 continue
-            item = RateLimitItemPerMinute(per_minute, namespace=name)
+            item: RateLimitItem = RateLimitItemPerMinute(per_minute, namespace=name)
             if not self._limiter.test(item, subject, ident):
                 stats = self._limiter.get_window_stats(item, subject, ident)
                 retry = max(1, math.ceil(stats.reset_time - time.time()))
