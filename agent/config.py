@@ -643,6 +643,21 @@ class AuthConfig(Section):
     sip_invites_per_minute: int = Field(
         default=60, ge=0, le=1_000_000, description="SIP: new INVITEs per source address per minute (0 = no limit)"
     )
+    trusted_proxies: CommaList = Field(
+        default_factory=list,
+        description="CIDRs of reverse proxies / load balancers whose X-Forwarded-For names the caller "
+                    "(the source of the per-source limits and records); empty = the TCP peer is the source",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, cidrs: list[str]) -> list[str]:
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+        return cidrs
 
 
 REDACTIONS = ("card", "phone", "email")  # agent/records/redaction.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 
 import aiohttp
 import jwt
@@ -22,7 +23,7 @@ from sub300.agent.auth.tokens import CallTokens, TokenError
 from sub300.agent.auth.turn import turn_credentials
 from sub300.agent.calls import ObserverGroup
 from sub300.testing.fakes import fake_engines
-from sub300.web.auth import add_auth_routes, auth_mode, required_scope
+from sub300.web.auth import add_auth_routes, auth_mode, client_address, required_scope
 from sub300.web.server import SIGNALLING_KEY, build_app
 
 from .test_webrtc_offers import body, seed_offer
@@ -122,6 +123,31 @@ def test_scope_table_and_loopback_default(config):
     assert auth_mode(c)[0] is True
     c.server.host, c.auth.required = "0.0.0.0", "off"
     assert auth_mode(c)[0] is False
+
+
+def test_the_source_behind_trusted_proxies():
+    import ipaddress
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+    from multidict import CIMultiDict
+
+    def source(peer: str, forwarded: list[str], trusted: list[str]) -> str:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda name, default=None: (peer, 1234) if name == "peername" else default
+        headers = [("X-Forwarded-For", f) for f in forwarded]
+        request = make_mocked_request("GET", "/", headers=CIMultiDict(headers),
+                                      transport=transport)
+        return client_address(request, [ipaddress.ip_network(t) for t in trusted])
+
+    lb = ["10.0.0.0/8"]
+    assert source("203.0.113.9", ["198.51.100.1"], lb) == "203.0.113.9"     # not via a trusted proxy: forged
+    assert source("10.0.0.2", ["198.51.100.1"], lb) == "198.51.100.1"
+    assert source("10.0.0.2", ["6.6.6.6, 198.51.100.1, 10.0.0.7"], lb) == "198.51.100.1"   # the client's own
+    assert source("10.0.0.2", ["6.6.6.6", "198.51.100.1"], lb) == "198.51.100.1"           # entry is ignored
+    assert source("10.0.0.2", ["not-an-ip"], lb) == "10.0.0.2"
+    assert source("10.0.0.2", [], lb) == "10.0.0.2"
+    assert source("10.0.0.2", ["198.51.100.1"], []) == "10.0.0.2"
 
 
 def test_keys_are_stored_hashed_and_checked():
@@ -326,7 +352,7 @@ async def test_page_turn_credentials(config):
         status, doc, _ = await app.request("GET", f"/webrtc/config?token={minted['token']}")
         turn = doc["iceServers"][1]
         expiry, user = turn["username"].split(":")
-        assert user == app.keys["caller"][0].id and 590 <= int(expiry) - __import__("time").time() <= 600
+        assert user == app.keys["caller"][0].id and 590 <= int(expiry) - time.time() <= 600
         assert turn["credential"] == turn_credentials("turn-shared-secret", user, 0, int(expiry))[1]
         assert "long-lived" not in json.dumps(doc) and doc["auth"]["authenticated"] is True
     async with AuthApp(config, enabled=False, webrtc=webrtc, environ=environ) as app:

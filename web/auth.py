@@ -18,7 +18,8 @@ browser history).  Answers, JSON like the rest of the API (OpenAI-shaped
 * 429 with ``Retry-After`` (seconds) and the limit's name
   (agent/auth/limits.py) when a limit per key or per source refuses.
 
-An admitted request carries ``request["principal"]``, a `Principal`.  With
+An admitted request carries ``request["principal"]``, a `Principal`; its ``source`` is the caller's IP
+(`client_address`: the TCP peer, or the X-Forwarded-For hop behind ``auth.trusted_proxies``).  With
 authentication off (`auth_mode`) every request is ``Principal(None, all
 scopes, source, "open")`` — and the per-source limits still apply.
 
@@ -43,7 +44,7 @@ import ipaddress
 import logging
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,37 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _within(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_address(request: web.BaseRequest, trusted: Sequence[Network]) -> str:
+    """The caller's IP: the TCP peer, or — when the peer is a trusted proxy (``auth.trusted_proxies``) — the
+    rightmost X-Forwarded-For address that is not one (the usual walk from the right: every hop to its
+    right is a proxy we trust to have appended what it saw; anything to its left the client could forge)."""
+    peer = request.remote or "unknown"
+    if not trusted or not _within(peer, trusted):
+        return peer
+    hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", ())
+            for hop in header.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            log.info("X-Forwarded-For from proxy %s has a malformed hop %r: the proxy is the source", peer, hop[:60])
+            return peer
+        if not _within(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
 def auth_mode(config: Config) -> tuple[bool, str]:
     """(authentication on?, why) from ``auth.required`` and ``server.host``: for the start-up line."""
     mode, host = config.auth.required, config.server.host
@@ -138,6 +170,7 @@ class AuthState:
     authenticator: Authenticator
     limits: Limits
     environ: Mapping[str, str] | None = None
+    trusted: tuple[Network, ...] = ()
 
     def describe(self) -> str:
         """The start-up line: on or off and why (for `sub300 serve`'s progress output)."""
@@ -167,7 +200,9 @@ def _unauthorized(request: web.Request, message: str, invalid: bool) -> web.Resp
 
 
 def _too_many(request: web.Request, refused: LimitExceeded) -> web.Response:
-    log.info("%s %s from %s refused: %s", request.method, request.path, request.remote, refused.message)
+    principal = request.get(PRINCIPAL)
+    source = principal.source if principal is not None else request.remote
+    log.info("%s %s from %s refused: %s", request.method, request.path, source, refused.message)
     return _error(request, 429, refused.message, "rate_limit_error", "rate_limit_exceeded",
                   {"Retry-After": str(refused.retry_after_s)}, limit=refused.limit, allowed=refused.allowed,
                   retry_after_s=refused.retry_after_s)
@@ -191,7 +226,7 @@ async def auth_middleware(request: web.Request,
     state = request.app.get(AUTH_KEY)
     if state is None or request.match_info.http_exception is not None:   # not wired, or a 404/405 anyway
         return await handler(request)
-    source = request.remote or "unknown"
+    source = client_address(request, state.trusted)
     scope = required_scope(request.path)
     credential, from_url = _credential(request)
     if scope == OPEN:
@@ -359,7 +394,8 @@ def add_auth_routes(app: web.Application, config: Config, store: KeyStore, *, to
         on, why = enabled, f"set by the caller ({'on' if enabled else 'off'})"
     tokens = tokens or CallTokens.from_config(config.auth.token_secret_env, config.auth.call_token_ttl_s, environ)
     state = AuthState(config, on, why, store, tokens, Authenticator(store, tokens, clock=clock),
-                      limits or Limits(config.auth), environ)
+                      limits or Limits(config.auth), environ,
+                      tuple(ipaddress.ip_network(c, strict=False) for c in config.auth.trusted_proxies))
     app[AUTH_KEY] = state
     if on:
         active = [k for k in store.list_keys() if k.active]
