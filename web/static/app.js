@@ -28,6 +28,11 @@ const GATHER_TIMEOUT_MS = 3000;
 const JBT = new URLSearchParams(location.search).get("jbt") ?? "0";
 const TOKEN = new URLSearchParams(location.search).get("token");   // a call token (see above), or null
 const AUTH_HEADERS = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+if (TOKEN) {   // out of the address bar, history and bookmarks (it still works for this page's life)
+  const url = new URL(location.href);
+  url.searchParams.delete("token");
+  history.replaceState(null, "", url.pathname + url.search + url.hash);
+}
 
 const state = (window.sub300 = {
   phase: "idle", callId: null, connectedAt: null, error: null,
