@@ -169,6 +169,11 @@ async def test_the_demo_page_with_and_without_a_call_token(config):
                 assert await page.evaluate("() => window.sub300.auth") == {"required": True, "authenticated": True}
                 assert not await page.is_disabled("#call") and await page.query_selector("#auth-needed") is None
                 assert "token=" not in page.url and "aec=0" in page.url   # out of the address bar and history
+                await page.goto(base + f"/?x=1#token={token}")          # the fragment form: never sent to the server
+                await page.wait_for_function(ready, timeout=15_000)
+                assert await page.evaluate("() => window.sub300.auth.authenticated") and "token" not in page.url
+                await page.goto(base + f"/?aec=0&token={token}")
+                await page.wait_for_function(ready, timeout=15_000)
                 await page.click("#call")
                 await page.wait_for_function("() => window.sub300.callId || window.sub300.error", timeout=20_000)
                 call_id = await page.evaluate("() => window.sub300.callId")

@@ -14,9 +14,9 @@
 // both ways at once, and the server paces it evenly.
 //
 // Authentication (web/auth.py): when /webrtc/config says it is required, the
-// page needs a call token in its URL, /?token=…: a backend holding an API key
-// with the "calls" scope mints one (POST /v1/call-tokens) and opens or
-// redirects its user's browser to /?token=<token>.  The page sends it as
+// page needs a call token in its URL, /?token=… or /#token=…: a backend holding
+// an API key with the "calls" scope mints one (POST /v1/call-tokens) and opens
+// or redirects its user's browser to /#token=<token> (or /?token=<token>).  The page sends it as
 // "Authorization: Bearer" on /webrtc/config (short-lived TURN credentials for
 // that key) and on /offer.  Without one the page says so and offers no call.
 import { Latency } from "/static/latency.js";
@@ -26,12 +26,16 @@ const $ = (id) => document.getElementById(id);
 const RAW_MIC = new URLSearchParams(location.search).get("aec") === "0";
 const GATHER_TIMEOUT_MS = 3000;
 const JBT = new URLSearchParams(location.search).get("jbt") ?? "0";
-const TOKEN = new URLSearchParams(location.search).get("token");   // a call token (see above), or null
+// a call token (see above) from ?token= or #token= (a fragment never reaches the server's access log), or null
+const TOKEN = new URLSearchParams(location.search).get("token")
+  ?? new URLSearchParams(location.hash.slice(1)).get("token");
 const AUTH_HEADERS = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
 if (TOKEN) {   // out of the address bar, history and bookmarks (it still works for this page's life)
   const url = new URL(location.href);
   url.searchParams.delete("token");
-  history.replaceState(null, "", url.pathname + url.search + url.hash);
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  fragment.delete("token");
+  history.replaceState(null, "", url.pathname + url.search + (fragment.toString() ? `#${fragment}` : ""));
 }
 
 const state = (window.sub300 = {
