@@ -58,6 +58,7 @@ from sub300.agent.auth.limits import LimitExceeded, Limits
 from sub300.agent.auth.tokens import CallTokens, looks_like_jwt
 from sub300.agent.auth.turn import minted_ice_servers, turn_secret
 from sub300.agent.config import Config, WebRtcConfig
+from sub300.agent.log_format import KEY_ID
 from sub300.media.webrtc.ice import ice_servers, rtc_configuration
 
 __all__ = ["AUTH_KEY", "CALL_SLOT", "PRINCIPAL", "SCOPE_TABLE", "AuthState", "Principal", "add_auth_routes",
@@ -262,6 +263,16 @@ async def auth_middleware(request: web.Request,
                           {"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope", '
                                                f'scope="{scope}"'})
     request[PRINCIPAL] = principal
+    key_token = KEY_ID.set(principal.key_id)   # this request's log lines carry its key (agent/log_format.py)
+    try:
+        return await _limited(request, handler, state, principal, source)
+    finally:
+        KEY_ID.reset(key_token)
+
+
+async def _limited(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                   state: AuthState, principal: Principal, source: str) -> web.StreamResponse:
+    """The handler behind the limits of `auth_middleware`: new calls and model requests."""
     new_call = (request.method == "POST" and request.path in _NEW_CALL_PATHS) or request.path.startswith("/ws")
     if new_call:
         slot = state.limits.new_call(principal.key_id, source)
