@@ -8,6 +8,7 @@ import copy
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sub300.agent.calls import ObserverGroup
 from sub300.agent.events import BargeInEvent, TransportStats, TurnFailed, TurnFinished, TurnHeard
 from sub300.agent.ledger import TurnLedger
 from sub300.agent.metrics import MetricsObserver
@@ -99,3 +100,40 @@ def test_a_fake_call_notes_both_engines_real_time_factors(config):
     assert value(observer, "sub300_real_time_factor_ratio_sum", transport="webrtc", engine="tts") == \
         pytest.approx(0.1, abs=0.002)
     assert value(observer, "sub300_real_time_factor_ratio_count", transport="webrtc", engine="stt") == 1
+
+
+async def test_a_sip_call_reports_its_rtp_packets_at_its_end(config):
+    """The SIP service emits `TransportStats` before `call_ended`: packets received, and those the reorder
+    buffer gave up waiting for (one missing sequence number here)."""
+    import asyncio
+    import re
+    import socket
+    import struct
+
+    from .test_sip_protocol import Client, call, hang_up
+    from .test_sip_support import echo_calls, sip_service
+
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtp.bind(("127.0.0.1", 0))
+    try:
+        async with sip_service(config, call_factory=echo_calls) as (service, observer):
+            metrics = MetricsObserver(300)
+            service.uas.observer = ObserverGroup([observer, metrics])
+            client = await Client.open(service.address)
+            ok = await call(client, rtp_port=rtp.getsockname()[1])
+            port = int(re.search(r"m=audio (\d+)", ok).group(1))   # type: ignore[union-attr]
+            for seq in (*range(1, 4), *range(5, 12)):              # 4 never comes
+                rtp.sendto(struct.pack("!BBHII", 0x80, 0, seq, seq * 160, 0x1234) + bytes([0xFF]) * 160,
+                           ("127.0.0.1", port))
+                await asyncio.sleep(0.002)
+            await asyncio.sleep(0.05)
+            await hang_up(client, ok)
+            client.close()
+            (ended,) = await observer.wait_ended()
+    finally:
+        rtp.close()
+    (stats,) = [e for e in ended.events if isinstance(e, TransportStats)]
+    assert (stats.packets_received, stats.packets_lost, stats.direction) == (10, 1, "from_caller")
+    assert value(metrics, "sub300_rtp_packets_received_total", transport="sip", direction="from_caller") == 10
+    assert value(metrics, "sub300_rtp_packets_lost_total", transport="sip", direction="from_caller") == 1
+
