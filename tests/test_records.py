@@ -369,3 +369,13 @@ async def test_serve_wiring_adds_records_beside_the_metrics(tmp_path):
     assert b"sub300_records_lost_total 1.0" in metrics.render() and b"sub300_records_queued 0.0" in metrics.render()
     await records.aclose()
     assert await start_records(records_config(tmp_path, enabled="false"), web.Application(), metrics) is None
+
+
+@pytest.mark.slow
+def test_cli_on_postgresql(postgres_url, monkeypatch, capsys):  # noqa: F811
+    from sub300.cli import main
+
+    monkeypatch.setenv("SUB300_RECORDS_URL", postgres_url)
+    assert main(["db", "upgrade"]) == 0 and "schema at revision 0001" in capsys.readouterr().out
+    assert main(["usage", "--period", "month", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["period"] == "month"
