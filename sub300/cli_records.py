@@ -156,11 +156,12 @@ class ServeRecords:
         await asyncio.to_thread(self.store.close)
 
 
-async def start_records(config: Config, app, metrics_observer) -> ServeRecords | None:
+async def start_records(config: Config, app, metrics_observer, store=None) -> ServeRecords | None:
     """For `serve()`: opens (and migrates) the store off the loop, makes the `RecordsObserver`, and wires
     it into ``app`` (built by web.server.build_app, not yet started): WebRTC calls report to metrics and
     records, the admin routes (/v1/usage, /v1/calls/{id}) and the OpenAI API's usage sink. Returns None
-    when ``records.enabled`` is false. Pass ``.call_observer`` to SIP; ``await .aclose()`` at the end."""
+    when ``records.enabled`` is false. Pass ``.call_observer`` to SIP; ``await .aclose()`` at the end.
+    ``store``: one already opened (e.g. for the API keys of web/auth.py), shared; closed by ``aclose``."""
     if not config.records.enabled:
         return None
     import asyncio
@@ -171,7 +172,8 @@ async def start_records(config: Config, app, metrics_observer) -> ServeRecords |
     from sub300.web.admin import add_admin_routes
     from sub300.web.server import SIGNALLING_KEY
 
-    store = await asyncio.to_thread(open_store, config)
+    if store is None:
+        store = await asyncio.to_thread(open_store, config)
     observer = RecordsObserver(store, config)
     registry = getattr(metrics_observer, "registry", None)
     if registry is not None:   # the writer's health on /metrics
