@@ -203,7 +203,9 @@ async def test_observer_commits_each_turn_as_it_comes(tmp_path):
     reader = create_engine(f"sqlite:///{tmp_path / 'r.db'}")   # another connection sees the committed turn
     with reader.connect() as c:
         assert c.execute(text("SELECT transcript FROM turns")).scalar() == "my card is [card]"
-    listen(TurnFailed(2, "LLM endpoint: dropped", "llm", "dropped", "hello", "sorry", ledger(2, stt_audio_s=1.0)))
+    failed = ledger(2, stt_audio_s=1.0)
+    failed.notes["unspoken"] = "mail me at ann@example.com"
+    listen(TurnFailed(2, "LLM endpoint: dropped", "llm", "dropped", "hello", "sorry", failed))
     listen(TurnDiscarded(3, "no words in the transcript"))
     listen(TurnHeard(1, ledger(1)))
     listen(type("CallUsage", (), {"kind": "call_usage", "usage": {"caller_audio_s": 0.5}})())
@@ -212,6 +214,7 @@ async def test_observer_commits_each_turn_as_it_comes(tmp_path):
     doc = store.export_call("c1")
     assert [(t["turn"], t["outcome"]) for t in doc["turns"]] == [(1, "answered"), (2, "failed"), (3, "discarded")]
     assert doc["turns"][1]["stage"] == "llm" and doc["call"]["hangup_cause"] == "caller hung up"
+    assert doc["turns"][1]["ledger"]["notes"]["unspoken"] == "mail me at [email]"
     assert doc["call"]["key_id"] == "k1" and doc["call"]["ended_at"] is not None
     assert sorted(u["event_id"] for u in doc["usage"]) == ["c1/end", "c1/turn/1", "c1/turn/2"]
     [row] = store.usage()

@@ -104,7 +104,7 @@ class RecordsObserver:
             self._turn(call_id, key_id, event.turn, at, "discarded", None, None, None, error=event.reason)
         elif isinstance(event, TurnHeard):
             self._submit(f"call {call_id} turn {event.turn} heard", self.store.update_ledger, call_id, event.turn,
-                         event.ledger.to_dict())
+                         self._ledger(event.ledger))
         elif getattr(event, "kind", None) == "call_usage":   # agent.events.CallUsage: the call's remainder
             usage = dict(getattr(event, "usage", {}) or {})
             if any(usage.values()):
@@ -115,8 +115,22 @@ class RecordsObserver:
               reply: str | None, ledger, error: str | None = None, stage: str | None = None) -> None:
         usage = dict(getattr(ledger, "usage", None) or {})
         self._submit(f"call {call_id} turn {turn}", self.store.add_turn, call_id, turn, at, outcome,
-                     self.redact(transcript), self.redact(reply), ledger.to_dict() if ledger is not None else None,
+                     self.redact(transcript), self.redact(reply), self._ledger(ledger),
                      self.redact(error), stage, usage, key_id)
+
+    def _ledger(self, ledger) -> dict[str, Any] | None:
+        """The ledger's dict with every string redacted (notes carry text: a backchannel's words, the
+        unspoken rest of a reply, why a turn was discarded)."""
+        return None if ledger is None else self._redacted(ledger.to_dict())
+
+    def _redacted(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {k: self._redacted(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._redacted(v) for v in value]
+        return value
 
     # ------------------------------------------------------------ ModelUsageSink
     def model_request(self, key_id: str | None, source: str | None, route: str,
