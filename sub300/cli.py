@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -170,9 +171,12 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
     from aiohttp import web
 
     from sub300.agent.admission import Admission
+    from sub300.agent.calls import ObserverGroup
     from sub300.agent.engines import load_engines, warm_up
     from sub300.agent.metrics import MetricsObserver
+    from sub300.agent.tracing import TracingObserver, setup_tracing
     from sub300.drain import Drain, SipCalls, WebRtcCalls
+    from sub300.sd_notify import notify
     from sub300.web.server import SIGNALLING_KEY, Readiness, build_app
 
     engines = load_engines(config, progress=progress)
@@ -181,6 +185,7 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
         admission = Admission.from_config(config, device=engines.stt.device.split("/")[0])
         drain = Drain(admission, timeout_s=config.server.drain_timeout_s, goodbye=config.server.drain_goodbye)
         drain.install(asyncio.get_running_loop())
+        drain.on_drain.append(lambda: notify("STOPPING=1\nSTATUS=draining"))
         drain.closers.append(("the engines", engines.aclose))   # replaced by the web app's cleanup below
         try:
             await warm_up(engines, config)
@@ -194,6 +199,10 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             records = await start_records(config, app, observer)   # before runner.setup(): it adds routes
             call_observer = records.call_observer if records is not None else observer
             # --- end records ---
+            tracer = setup_tracing(config)   # [telemetry].otlp_endpoint: a trace per call (agent/tracing.py)
+            if tracer is not None:
+                call_observer = ObserverGroup([call_observer, TracingObserver(tracer)])
+                app[SIGNALLING_KEY].observer = call_observer
             runner = web.AppRunner(app, handle_signals=False)
             await runner.setup()
             # the web app's cleanup closes every WebRTC call left and the engines (web/server.py)
@@ -201,6 +210,8 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             drain.calls.append(WebRtcCalls(app[SIGNALLING_KEY]))
             if records is not None:   # records: last, once every call ended: writes what is queued
                 drain.closers.append(("the records", records.aclose))
+            if tracer is not None:    # then the spans still queued go out (bounded by the exporter's timeout)
+                drain.closers.append(("the traces", functools.partial(asyncio.to_thread, tracer.shutdown)))
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
             sip = await start_sip(config, engines, call_observer, admission)
@@ -215,6 +226,7 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
                  f"(/ demo page, /offer, /metrics, /livez, /readyz, /v1/chat/completions"
                  f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
                  f"engines: {engines.describe()}; SIGTERM drains (up to {config.server.drain_timeout_s:g} s)")
+        notify(f"READY=1\nSTATUS=serving on {config.server.host}:{config.server.port}")   # Type=notify units
         return await drain.run()
 
     try:

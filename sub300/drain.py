@@ -80,6 +80,8 @@ class Drain:
         self.poll_s = poll_s
         self.calls: list[CallSet] = []
         self.closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        #: called when the drain starts (readiness is already false): e.g. sd_notify STOPPING=1
+        self.on_drain: list[Callable[[], object]] = []
         self.signals = 0
         self.outcome: Outcome | None = None
         self._stop = asyncio.Event()
@@ -125,6 +127,11 @@ class Drain:
     async def drain(self) -> Outcome:
         """Refuse new calls, end the calls politely, wait (bounded), end the rest at once."""
         self.admission.drain()
+        for hook in self.on_drain:
+            try:
+                hook()
+            except Exception:
+                log.exception("drain: a start hook failed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         active = self.active_calls()

@@ -213,3 +213,19 @@ async def test_a_failing_or_stuck_closer_is_logged_the_next_ones_still_run_and_t
 
 async def _raise() -> None:
     raise RuntimeError("a closer that fails")
+
+
+# ------------------------------------------------------------ systemd's notify socket
+def test_sd_notify_sends_one_datagram_to_the_socket_systemd_names(tmp_path):
+    import socket
+
+    from sub300.sd_notify import notify
+
+    assert notify("READY=1", environ={}) is False   # not under systemd: nothing to do
+    for address, bound in ((str(tmp_path / "notify"), str(tmp_path / "notify")),
+                           (f"@sub300-test-{id(tmp_path)}", f"\0sub300-test-{id(tmp_path)}")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+            manager.bind(bound)
+            assert notify("READY=1\nSTATUS=serving", environ={"NOTIFY_SOCKET": address}) is True
+            assert manager.recv(256) == b"READY=1\nSTATUS=serving"
+    assert notify("STOPPING=1", environ={"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False   # logged, not raised
