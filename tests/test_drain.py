@@ -20,7 +20,10 @@ from sub300.drain import Drain
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech
 from sub300.testing.scripted_caller import ScriptedCaller
 from sub300.web.server import Readiness, build_app
-from tests.test_admission import body, seed_offer
+
+from .test_sip_protocol import Client, call, header, invite
+from .test_sip_support import echo_calls, sip_service
+from .test_webrtc_offers import body, seed_offer
 
 pytest.importorskip("looptime", reason="virtual time needs the test extra (looptime)")
 
@@ -68,8 +71,33 @@ async def test_readyz_waits_for_the_listeners_then_says_draining_and_livez_stays
             async with session.post(server.make_url("/offer"), data=body(await seed_offer())) as r:
                 assert r.status == 503 and r.headers["Retry-After"] == "5"
                 assert (await r.json())["reason"] == "draining"
+            async with session.get(server.make_url("/metrics")) as r:   # counted like every refusal
+                assert 'sub300_calls_refused_total{reason="draining",transport="webrtc"} 1.0' in await r.text()
     finally:
         await server.close()
+
+
+# ------------------------------------------------------------ SIP: the drain's view of the calls
+async def test_sip_drain_answers_a_ringing_call_503_and_byes_an_agent_that_cannot_end_politely(config):
+    admission = Admission(Capacity(4, "test"), retry_after_s=9)
+    async with sip_service(config, call_factory=echo_calls, admission=admission) as (service, observer):
+        client = await Client.open(service.address)
+        await call(client)                      # an echo agent: no end_politely
+        while any(d.pending_ack is not None for d in service.uas.dialogs.values()):
+            await asyncio.sleep(0.01)           # our ACK is in (no BYE before it: RFC 3261 §15)
+        service.end_calls_politely("bye")
+        bye = await client.expect(0, method="BYE")
+        assert header(bye, "Call-ID") == "c1" and service.active_calls == 0
+        client.close()
+    async with sip_service(config, call_factory=echo_calls, admission=admission, answer_delay_s=30) as (service, _):
+        client = await Client.open(service.address)
+        client.send(invite(client, call_id="ringing"))
+        await client.expect(100)
+        await client.expect(180)
+        service.end_calls_politely("bye")
+        refused = await client.expect(503)
+        assert header(refused, "Retry-After") == "9" and service.active_calls == 0
+        client.close()
 
 
 # ------------------------------------------------------------ a conversation ends politely
