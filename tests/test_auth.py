@@ -358,6 +358,13 @@ async def test_page_turn_credentials(config):
     async with AuthApp(config, enabled=False, webrtc=webrtc, environ=environ) as app:
         status, doc, _ = await app.request("GET", "/webrtc/config")
         assert doc["iceServers"][1]["username"].endswith(":anon")
+    static = {"SUB300_TURN_CREDENTIAL": "long-lived"}   # no shared secret: the static password, to callers only
+    async with AuthApp(config, webrtc=webrtc, environ=static) as app:
+        assert (await app.request("GET", "/webrtc/config"))[1]["iceServers"] == [{"urls": ["stun:127.0.0.1:3478"]}]
+        status, minted, _ = await app.request("POST", "/v1/call-tokens", app.secret("caller"))
+        status, doc, _ = await app.request("GET", "/webrtc/config", minted["token"])
+        assert doc["iceServers"][1] == {"urls": ["turn:127.0.0.1:3478"], "username": "static",
+                                        "credential": "long-lived"}
 
 
 @pytest.fixture(scope="module")

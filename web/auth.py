@@ -304,18 +304,18 @@ def page_auth(request: web.Request) -> dict[str, Any]:
 
 def page_ice_servers(request: web.Request, config: WebRtcConfig,
                      environ: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """The page's iceServers: with ``$webrtc.turn_secret_env`` set, TURN credentials minted for this request's
-    key (or ``anon`` when authentication is off); an unauthenticated page under authentication gets STUN only
-    (TURN relays cost bandwidth: not for anyone who can load the page).  Without the secret: the static list."""
+    """The page's iceServers: under authentication, a page without a valid token gets STUN only (a TURN relay
+    costs bandwidth: not for anyone who can load the page).  Otherwise, with ``$webrtc.turn_secret_env`` set,
+    TURN credentials minted for this request's key (``anon`` when authentication is off); without it, the
+    static ``turn_username`` and its long-lived credential (a lab setting)."""
     state = request.app.get(AUTH_KEY)
     environ = state.environ if environ is None and state is not None else environ
+    principal = request.get(PRINCIPAL)
+    if state is not None and state.enabled and (principal is None or principal.key_id is None):
+        return [{"urls": list(config.stun_urls)}] if config.stun_urls else []
     secret = turn_secret(config, environ)
     if not secret:
         return ice_servers(config, environ)
-    principal = request.get(PRINCIPAL)
-    enabled = state is not None and state.enabled
-    if enabled and (principal is None or principal.key_id is None):
-        return [{"urls": list(config.stun_urls)}] if config.stun_urls else []
     return minted_ice_servers(config, principal.key_id if principal is not None else None, secret)
 
 
