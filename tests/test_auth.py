@@ -337,6 +337,9 @@ async def test_429_with_retry_after_per_key_and_per_source(config, seed_sdp):
         assert status == 429 and doc["limit"] == "source_calls_per_minute"
         status, doc, _ = await app.request("POST", "/v1/call-tokens")
         assert status == 400 and "off" in doc["error"]["message"]
+        status, doc, _ = await app.request("POST", "/v1/call-tokens", app.secret("caller"))   # the backend's
+        assert status == 200 and doc["key_id"] == app.keys["caller"][0].id                  # code still works
+        assert (await app.request("POST", "/v1/call-tokens", app.secret("model")))[0] == 403
         status, doc, _ = await app.request("GET", "/webrtc/config")
         assert doc["auth"] == {"required": False, "authenticated": False}
 
