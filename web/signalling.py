@@ -17,10 +17,10 @@ is wrong, in terms of the request, never our internals:
   one of an unknown hash; a bad ``a=setup`` (RFC 4145 §4); no audio codec
   we can decode (Opus, PCMU, PCMA, G722).
 
-A caller the process's `Admission` refuses (capacity full, `webrtc.max_calls`
-reached, or engine queues saturated: agent/admission.py) gets 503 with
-Retry-After and ``{"error": ..., "reason": "full" | "transport_full" |
-"saturated"}`` before any peer connection exists; an admitted offer holds its
+A caller the process's `Admission` refuses (the server draining, capacity full,
+`webrtc.max_calls` reached, or engine queues saturated: agent/admission.py) gets
+503 with Retry-After and ``{"error": ..., "reason": "draining" | "full" |
+"transport_full" | "saturated"}`` before any peer connection exists; an admitted offer holds its
 slot while it is answered, and the call until it closes.  An offer that
 aiortc still refuses while answering is a 400 too, and its call is closed at
 once (peer connection included) before the response goes out.  An answered
