@@ -68,6 +68,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -380,11 +381,20 @@ def _has_admission() -> bool:
     return "admission" in Config.model_fields
 
 
+def _has_auth() -> bool:
+    from sub300.agent.config import Config
+
+    return "auth" in Config.model_fields
+
+
 def lift_admission(config, max_calls: int) -> None:
-    """Let every benchmark call in: the point is to measure past capacity (``--keep-admission`` keeps the limits)."""
+    """Let every benchmark call in: the point is to measure past capacity (``--keep-admission`` keeps the limits).
+    The per-source rate limits go too: every benchmark caller comes from 127.0.0.1."""
     if _has_admission():
         config.admission.max_calls = max_calls
         config.admission.max_queue_wait_ms = 0.0
+    if _has_auth():
+        config.auth.sip_invites_per_minute = config.auth.source_calls_per_minute = 0
     config.sip.max_calls = config.webrtc.max_calls = max(max_calls, 1)
 
 
@@ -395,6 +405,10 @@ def start_server(port: int, max_calls: int, keep_admission: bool) -> subprocess.
         env["SUB300_WEBRTC_MAX_CALLS"] = str(max_calls)
         if _has_admission():
             env.update(SUB300_ADMISSION_MAX_CALLS=str(max_calls), SUB300_ADMISSION_MAX_QUEUE_WAIT_MS="0")
+    if _has_auth():   # every benchmark caller comes from 127.0.0.1: no per-source rate limit
+        env.update(SUB300_AUTH_SOURCE_CALLS_PER_MINUTE="0", SUB300_AUTH_SIP_INVITES_PER_MINUTE="0")
+        # records stay on (they are part of the server's cost) but go to a database of the run's own
+        env["SUB300_RECORDS_URL"] = f"sqlite:///{tempfile.mkdtemp(prefix='bench-load-')}/records.db"
     return subprocess.Popen([sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
