@@ -137,13 +137,14 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     return serve(config, progress=_progress)
 
 
-async def start_sip(config: Config, engines, observer, admission=None):
-    """The SIP service (media/sip), sharing engines, metrics and the admission; None when disabled."""
+async def start_sip(config: Config, engines, observer, admission=None, auth_limits=None):
+    """The SIP service (media/sip), sharing engines, metrics, the admission and the per-source limits
+    (``auth_limits``: web/auth.py's, so one INVITE rate per source); None when disabled."""
     if not config.sip.enabled:
         return None
     from sub300.media.sip.service import start_sip_service
 
-    return await start_sip_service(config, engines, observer, admission=admission)
+    return await start_sip_service(config, engines, observer, admission=admission, auth_limits=auth_limits)
 
 
 def serve(config: Config, progress: Callable[[str], None] = print) -> int:
@@ -174,9 +175,12 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
     from sub300.agent.calls import ObserverGroup
     from sub300.agent.engines import load_engines, warm_up
     from sub300.agent.metrics import MetricsObserver
+    from sub300.agent.records import open_store
     from sub300.agent.tracing import TracingObserver, setup_tracing
+    from sub300.cli_records import start_records
     from sub300.drain import Drain, SipCalls, WebRtcCalls
     from sub300.sd_notify import notify
+    from sub300.web.auth import add_auth_routes
     from sub300.web.server import SIGNALLING_KEY, Readiness, build_app
 
     engines = load_engines(config, progress=progress)
@@ -194,11 +198,13 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             observer = MetricsObserver(config.budget_ms, admission=admission)
             readiness = Readiness(("sip",) if config.sip.enabled else ())
             app = build_app(config, engines, observer, admission, readiness)
-            # --- records (RECORDS, sub300/cli_records.py): store + RecordsObserver beside the metrics ---
-            from sub300.cli_records import start_records
-            records = await start_records(config, app, observer)   # before runner.setup(): it adds routes
+            # one database for the API keys (web/auth.py) and the records (agent/records); opened (and
+            # migrated) off the loop.  Both add middleware or routes, so before runner.setup().
+            store = await asyncio.to_thread(open_store, config)
+            auth = add_auth_routes(app, config, store)
+            progress(auth.describe())
+            records = await start_records(config, app, observer, store=store)
             call_observer = records.call_observer if records is not None else observer
-            # --- end records ---
             tracer = setup_tracing(config)   # [telemetry].otlp_endpoint: a trace per call (agent/tracing.py)
             if tracer is not None:
                 call_observer = ObserverGroup([call_observer, TracingObserver(tracer)])
@@ -210,11 +216,13 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             drain.calls.append(WebRtcCalls(app[SIGNALLING_KEY]))
             if records is not None:   # records: last, once every call ended: writes what is queued
                 drain.closers.append(("the records", records.aclose))
+            else:                     # the key store alone
+                drain.closers.append(("the key store", functools.partial(asyncio.to_thread, store.close)))
             if tracer is not None:    # then the spans still queued go out (bounded by the exporter's timeout)
                 drain.closers.append(("the traces", functools.partial(asyncio.to_thread, tracer.shutdown)))
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
-            sip = await start_sip(config, engines, call_observer, admission)
+            sip = await start_sip(config, engines, call_observer, admission, auth_limits=auth.limits)
             if sip is not None:
                 drain.calls.append(SipCalls(sip))
                 drain.closers.insert(0, ("SIP", sip.close))

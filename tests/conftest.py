@@ -1,9 +1,18 @@
 """Shared fixtures: the real engines with the bundled models, loaded once per test session."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 from sub300.agent.config import Config, load_config
+
+
+def pytest_configure(config) -> None:
+    """Records and keys of every server the tests start (`records.url` = '' → $XDG_STATE_HOME/sub300/records.db)
+    go to a folder of this run's own, not the developer's ~/.local/state; removed with the OS's tmp."""
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="sub300-tests-state-")
 
 
 @pytest.fixture(scope="session")

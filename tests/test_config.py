@@ -229,6 +229,8 @@ def _cli(*args: str, **environ: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+# the CLI tests start the real `sub300` process (0.5-1 s each): slow tier, to keep the fast tier in seconds
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["config"], ["serve"], ["converse", "missing.wav"], ["prepare-models"]])
 def test_cli_bad_value_is_one_line_and_exit_2(command):
     result = _cli(*command, SUB300_VAD_THRESHOLD="1.0")
@@ -238,6 +240,7 @@ def test_cli_bad_value_is_one_line_and_exit_2(command):
     assert "vad.threshold = '1.0'" in result.stderr and "0 < x < 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_port_and_log_level_exit_2():
     result = _cli("serve", "--port", "70000")
     assert (result.returncode, result.stderr.count("\n")) == (2, 1) and "server.port = 70000" in result.stderr
@@ -245,6 +248,7 @@ def test_cli_bad_port_and_log_level_exit_2():
     assert (result.returncode, result.stderr.count("\n")) == (2, 1) and "'loud'" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_config_prints_loadable_toml_with_units(tmp_path):
     result = _cli("config", SUB300_VAD_HANGOVER_MS="300")
     assert result.returncode == 0, result.stderr

@@ -122,6 +122,7 @@ def test_silence_only_gives_no_turn(tmp_path):
     assert "no turn was answered" in result.stderr
 
 
+@pytest.mark.slow   # the real `sub300` process, ~0.6 s each
 @pytest.mark.parametrize("name, content, message", [
     ("missing.wav", None, "no such file"),
     ("empty.wav", b"", "empty file"),
