@@ -10,16 +10,17 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from sub300.agent.auth.authenticator import Principal
 from sub300.agent.usage import LLM_COMPLETION_TOKENS, LLM_PROMPT_TOKENS
 from sub300.models.llm_openai import OpenAIChatModel
 from sub300.models.protocols import LlmUsage
 from sub300.testing.fakes import FakeLlm
+from sub300.web.auth import PRINCIPAL
 from sub300.web.openai_api import MODEL_USAGE_KEY, add_openai_routes
 
 pytestmark = [pytest.mark.timeout(30),
@@ -55,7 +56,7 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
 def sub300_app(sink: Sink | None = None) -> web.Application:
     @web.middleware
     async def principal(request: web.Request, handler):   # what web/auth.py's middleware leaves on a request
-        request["principal"] = SimpleNamespace(key_id="key1", scopes=frozenset({"model"}), source="10.1.2.3")
+        request[PRINCIPAL] = Principal(key_id="key1", scopes=frozenset({"model"}), source="10.1.2.3")
         return await handler(request)
 
     app = web.Application(middlewares=[principal])

@@ -4,7 +4,7 @@
   ``sub300 usage --json`` (``since``/``until``: -7d, ISO 8601, epoch seconds);
 * ``GET /v1/calls/{id}`` → everything kept about the call (`RecordStore.export_call`);
 * ``DELETE /v1/calls/{id}`` → erases it (`RecordStore.forget_call`; the audit log names the
-  actor: the API key of ``request["principal"]``, or "admin-api" when authentication is off).
+  actor: the API key of ``request[PRINCIPAL]``, or "admin-api" when authentication is off).
 
 Scopes (usage; admin) are enforced by web/auth.py's middleware, not here.  Store
 calls block, so they run in a worker thread.
@@ -19,6 +19,8 @@ from sub300.agent.config import ConfigError
 from sub300.agent.records import RecordStore, UnknownCall
 from sub300.agent.records.store import PERIODS
 from sub300.agent.records.times import parse_time
+
+from .auth import PRINCIPAL
 
 RECORDS_KEY = web.AppKey("records", RecordStore)
 
@@ -48,7 +50,7 @@ async def export_call(request: web.Request) -> web.Response:
 
 
 async def forget_call(request: web.Request) -> web.Response:
-    principal = request.get("principal")
+    principal = request.get(PRINCIPAL)
     actor = getattr(principal, "key_id", None) or "admin-api"
     try:
         result = await asyncio.to_thread(request.app[RECORDS_KEY].forget_call, request.match_info["call_id"],

@@ -18,7 +18,7 @@ browser history).  Answers, JSON like the rest of the API (OpenAI-shaped
 * 429 with ``Retry-After`` (seconds) and the limit's name
   (agent/auth/limits.py) when a limit per key or per source refuses.
 
-An admitted request carries ``request["principal"]``, a `Principal`; its ``source`` is the caller's IP
+An admitted request carries ``request[PRINCIPAL]``, a `Principal`; its ``source`` is the caller's IP
 (`client_address`: the TCP peer, or the X-Forwarded-For hop behind ``auth.trusted_proxies``).  With
 authentication off (`auth_mode`) every request is ``Principal(None, all
 scopes, source, "open")`` — and the per-source limits still apply.
@@ -44,18 +44,16 @@ import asyncio
 import ipaddress
 import logging
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_exceptions import NotAppKeyWarning
 from aiortc import RTCConfiguration, RTCIceServer
 
 from sub300.agent.auth.authenticator import Authenticator, AuthFailed, Principal
 from sub300.agent.auth.keys import SCOPES, ApiKey, BadScopes, KeyStore, new_key
-from sub300.agent.auth.limits import LimitExceeded, Limits
+from sub300.agent.auth.limits import CallSlot, LimitExceeded, Limits
 from sub300.agent.auth.tokens import CallTokens, looks_like_jwt
 from sub300.agent.auth.turn import minted_ice_servers, turn_secret
 from sub300.agent.config import Config, WebRtcConfig
@@ -67,11 +65,10 @@ __all__ = ["AUTH_KEY", "CALL_SLOT", "PRINCIPAL", "SCOPE_TABLE", "AuthState", "Pr
            "server_rtc_configuration"]
 
 log = logging.getLogger(__name__)
-#: ``request["principal"]`` is the shared contract (records, admin routes read it by that name); aiohttp
-#: would rather have a `web.RequestKey` and warns for a string — only for this module's two keys
-warnings.filterwarnings("ignore", category=NotAppKeyWarning, module=__name__)
-PRINCIPAL = "principal"
-CALL_SLOT = "call_slot"
+#: who made an admitted request (records, the admin routes and the OpenAI API read it: ``request.get(PRINCIPAL)``)
+PRINCIPAL = web.RequestKey("principal", Principal)
+#: a new call's slot under the limits, until signalling takes it with the call
+CALL_SLOT = web.RequestKey("call_slot", CallSlot)
 REALM = "sub300"
 OPEN = ""   # the scope of a route anyone may use
 

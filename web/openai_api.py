@@ -24,7 +24,7 @@ and the ``usage`` object (none after an error event).  A model that cannot
 count answers ``"usage": null`` (never a guess).  Tokens the model generated
 past a ``stop`` string, or before the client left, are counted: they were
 computed.  After every request the `ModelUsageSink` stored under
-`MODEL_USAGE_KEY` in the app (if any) is told the API key (``request["principal"]``,
+`MODEL_USAGE_KEY` in the app (if any) is told the API key (``request[PRINCIPAL]`` of web/auth.py,
 web/auth.py), the route, the usage and the status answered.
 
 Limits, checked before the model runs (400, ``invalid_request_error``):
@@ -67,6 +67,8 @@ from aiohttp import web
 
 from sub300.agent.usage import LLM_COMPLETION_TOKENS, LLM_PROMPT_TOKENS, ModelUsageSink
 from sub300.models.protocols import EndpointError, LanguageModel, LlmUsage, ModelError, accepts_usage
+
+from .auth import PRINCIPAL
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +301,7 @@ def add_openai_routes(
         sink = request.app.get(MODEL_USAGE_KEY)
         if sink is None:
             return
-        principal = request.get("principal")
+        principal = request.get(PRINCIPAL)
         counted = {} if usage is None or not usage.known else {
             LLM_PROMPT_TOKENS: usage.prompt_tokens or 0, LLM_COMPLETION_TOKENS: usage.completion_tokens or 0}
         try:
