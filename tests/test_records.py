@@ -298,6 +298,15 @@ def test_redacting_filter_masks_log_lines(caplog):
     assert caplog.records[0].getMessage() == "caller said 'ring [phone] or mail [email]'"
 
 
+def test_the_access_log_keeps_its_status_and_size_but_not_an_email():
+    f = RedactingFilter(["card", "phone", "email"])
+    line = '127.0.0.1 [30/Nov/2026:03:49:18 +0000] "POST /offer?mail=a@b.io HTTP/1.1" 200 2521 "-" "curl/8.5.0"'
+    access = logging.LogRecord("aiohttp.access", logging.INFO, __file__, 1, line, (), None)
+    assert f.filter(access) and access.getMessage() == line.replace("a@b.io", "[email]")
+    other = logging.LogRecord("sub300.web", logging.INFO, __file__, 1, "status 200 2521", (), None)
+    assert f.filter(other) and other.getMessage() == "status [phone]"    # elsewhere the same digits are masked
+
+
 # ---------------------------------------------------------------- CLI and admin routes
 def test_parse_time():
     assert parse_time("-7d", now=T0) == T0 - 7 * DAY and parse_time("-12h", now=T0) == T0 - 43_200

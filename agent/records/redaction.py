@@ -100,21 +100,29 @@ def redact(text: str | None, kinds: Iterable[str] = KINDS) -> str | None:
     return Redactor(kinds)(text)
 
 
+#: loggers whose lines carry no caller speech but many numbers: aiohttp's access log ("POST /offer HTTP/1.1"
+#: 200 2521 — the status and the size read as a 7-digit phone number).  Only card and e-mail are masked there.
+DIGIT_LOGGERS = ("aiohttp.access",)
+
+
 class RedactingFilter(logging.Filter):
     """A logging filter that masks ``kinds`` in each record's formatted message (the record's ``msg``
-    becomes the masked text, its ``args`` empty); exception text is not touched. Attach it to handlers."""
+    becomes the masked text, its ``args`` empty); exception text is not touched. Attach it to handlers.
+    Lines of `DIGIT_LOGGERS` keep their phone-like digit runs (status codes, sizes, ports)."""
 
     def __init__(self, kinds: Iterable[str] = KINDS) -> None:
         super().__init__()
         self.redactor = Redactor(kinds)
+        self.digit_redactor = Redactor(set(kinds) - {"phone"})
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.redactor:
+        redactor = self.digit_redactor if record.name in DIGIT_LOGGERS else self.redactor
+        if redactor:
             try:
                 message = record.getMessage()
             except Exception:   # a malformed record: logging reports it itself when it formats
                 return True
-            masked = self.redactor(message)
+            masked = redactor(message)
             if masked != message:
                 record.msg, record.args = masked, ()
         return True
