@@ -29,8 +29,15 @@ EXIT_BAD_INPUT = 2
 EXIT_MODEL = 3
 
 
+#: telemetry.log_format = "json": progress lines go through logging too, so stderr is one JSON object a line
+_progress_as_log = False
+
+
 def _progress(message: str) -> None:
-    print(f"[sub300] {message}", file=sys.stderr, flush=True)
+    if _progress_as_log:
+        log.info("%s", message)
+    else:
+        print(f"[sub300] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ commands
@@ -201,6 +208,7 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             # one database for the API keys (web/auth.py) and the records (agent/records); opened (and
             # migrated) off the loop.  Both add middleware or routes, so before runner.setup().
             store = await asyncio.to_thread(open_store, config)
+            progress(f"records and API keys: {store.url}")
             auth = add_auth_routes(app, config, store)
             progress(auth.describe())
             records = await start_records(config, app, observer, store=store)
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         configure_logging(args.log_level, config.telemetry.log_format, config.records.redact)
+        global _progress_as_log
+        _progress_as_log = config.telemetry.log_format == "json"
         return args.run(args, config)
     except ConfigError as error:
         print(f"sub300: configuration error: {error}", file=sys.stderr)

@@ -83,10 +83,17 @@ def cmd_forget(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_purge(args: argparse.Namespace, config: Config) -> int:
-    days = config.records.retention_days if args.older_than_days is None else args.older_than_days
-    if days <= 0:
-        print("records.retention_days is 0 (keep forever): nothing purged", file=sys.stderr)
-        return 0
+    if args.older_than_days is None:
+        days = config.records.retention_days
+        if days <= 0:
+            print("records.retention_days is 0 (keep forever): nothing purged", file=sys.stderr)
+            return 0
+    elif args.older_than_days < 0:
+        print(f"sub300 records purge: --older-than-days {args.older_than_days:g} is not allowed: expected 0 "
+              "(everything up to now) or more", file=sys.stderr)
+        return 2
+    else:
+        days = args.older_than_days
     store = _store(config)
     try:
         counts = store.purge(time.time() - days * 86_400.0)

@@ -344,6 +344,21 @@ async def test_429_with_retry_after_per_key_and_per_source(config, seed_sdp):
         assert doc["auth"] == {"required": False, "authenticated": False}
 
 
+async def test_with_authentication_off_a_valid_credential_still_names_its_key(config, seed_sdp):
+    """A backend on a loopback development server: its calls and model requests are attributed as in production;
+    a bad credential is ignored (logged), not refused."""
+    async with AuthApp(config, enabled=False) as app:
+        caller = app.keys["caller"][0]
+        status, minted, _ = await app.request("POST", "/v1/call-tokens", app.secret("caller"))
+        status, answer, _ = await app.request("POST", f"/offer?token={minted['token']}", data=body(seed_sdp))
+        assert status == 200, answer
+        assert app.recorder.contexts[answer["call_id"]].key_id == caller.id
+        status, answer, _ = await app.request("POST", "/offer", app.secret("caller"), data=body(seed_sdp))
+        assert status == 200 and app.recorder.contexts[answer["call_id"]].key_id == caller.id
+        status, answer, _ = await app.request("POST", "/offer", "s300_not_a_key", data=body(seed_sdp))
+        assert status == 200 and app.recorder.contexts[answer["call_id"]].key_id is None
+
+
 async def test_page_turn_credentials(config):
     webrtc = {"turn_urls": ["turn:127.0.0.1:3478"], "stun_urls": ["stun:127.0.0.1:3478"], "turn_username": "static",
               "turn_credential_ttl_s": 600}

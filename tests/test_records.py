@@ -361,6 +361,36 @@ async def test_admin_routes(store):
     assert store.audit("c1")[0]["actor"] == "admin-api"
 
 
+async def test_a_usage_key_reads_its_own_usage_and_an_admin_key_every_key(store):
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sub300.agent.auth.authenticator import Principal
+    from sub300.web.admin import add_admin_routes
+    from sub300.web.auth import PRINCIPAL
+
+    for call, key in (("c1", "k1"), ("c2", "k2")):
+        store.call_started(call, "webrtc", T0, key)
+        store.add_turn(call, 1, T0, "answered", "hi", "hello", {}, usage={"tts_chars": 5}, key_id=key)
+    who: dict[str, Principal] = {}
+
+    @web.middleware
+    async def as_principal(request, handler):   # what web/auth.py's middleware leaves on the request
+        request[PRINCIPAL] = who["now"]
+        return await handler(request)
+
+    app = web.Application(middlewares=[as_principal])
+    add_admin_routes(app, store)
+    async with TestClient(TestServer(app)) as client:
+        who["now"] = Principal("k2", frozenset({"usage"}), "10.0.0.1")
+        doc = await (await client.get("/v1/usage")).json()
+        assert doc["key_id"] == "k2" and [r["key_id"] for r in doc["usage"]] == ["k2"]
+        who["now"] = Principal("k9", frozenset({"usage", "admin"}), "10.0.0.1")
+        assert [r["key_id"] for r in (await (await client.get("/v1/usage")).json())["usage"]] == ["k1", "k2"]
+        who["now"] = Principal(None, frozenset({"usage", "admin", "calls", "model"}), "127.0.0.1", "open")
+        assert len((await (await client.get("/v1/usage")).json())["usage"]) == 2    # authentication off
+
+
 async def test_serve_wiring_adds_records_beside_the_metrics(tmp_path):
     from types import SimpleNamespace
 

@@ -37,8 +37,15 @@ async def usage(request: web.Request) -> web.Response:
         since, until = parse_time(request.query.get("since")), parse_time(request.query.get("until"))
     except ConfigError as error:
         return _bad(str(error))
-    rows = await asyncio.to_thread(request.app[RECORDS_KEY].usage, since, until, period)
-    return web.json_response({"since": since, "until": until, "period": period, "usage": rows})
+    # a "usage" key reads its own usage (a tenant's key sees no other tenant); one that also has "admin",
+    # or any caller while authentication is off, reads every key's
+    principal = request.get(PRINCIPAL)
+    key_id = None   # every key's
+    if principal is not None and principal.via != "open" and "admin" not in principal.scopes:
+        key_id = principal.key_id
+    rows = await asyncio.to_thread(request.app[RECORDS_KEY].usage, since, until, period, key_id)
+    return web.json_response({"since": since, "until": until, "period": period,
+                              "key_id": key_id, "usage": rows})
 
 
 async def export_call(request: web.Request) -> web.Response:

@@ -231,7 +231,7 @@ async def auth_middleware(request: web.Request,
     if scope == OPEN:
         principal = Principal(None, frozenset(), source, "anonymous")
         if not state.enabled:
-            principal = Principal(None, frozenset(SCOPES), source, "open")
+            principal = await _open_principal(state, credential, from_url, source)
         elif credential is not None and (not from_url or looks_like_jwt(credential)):
             try:   # an open route with a credential: known callers get more (TURN credentials of their own)
                 principal = await state.authenticator.authenticate(credential, source)
@@ -240,7 +240,7 @@ async def auth_middleware(request: web.Request,
         request[PRINCIPAL] = principal
         return await handler(request)
     if not state.enabled:
-        principal = Principal(None, frozenset(SCOPES), source, "open")
+        principal = await _open_principal(state, credential, from_url, source)
     else:
         if credential is None:
             return _unauthorized(request, "authentication required: Authorization: Bearer <API key or call token>",
@@ -266,6 +266,21 @@ async def auth_middleware(request: web.Request,
         return await _limited(request, handler, state, principal, source)
     finally:
         KEY_ID.reset(key_token)
+
+
+async def _open_principal(state: AuthState, credential: str | None, from_url: bool, source: str) -> Principal:
+    """Authentication off: every scope for anyone, but a valid key or call token still names its key, so a
+    backend's calls and model requests on a development server are attributed (records, usage, limits) as
+    they will be in production.  A credential that does not check out is logged and ignored."""
+    anyone = Principal(None, frozenset(SCOPES), source, "open")
+    if credential is None or (from_url and not looks_like_jwt(credential)):
+        return anyone
+    try:
+        known = await state.authenticator.authenticate(credential, source)
+    except AuthFailed as error:
+        log.info("authentication off: a credential from %s was ignored (%s)", source, error)
+        return anyone
+    return Principal(known.key_id, frozenset(SCOPES), source, "open", known.record_audio)
 
 
 async def _limited(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -337,7 +352,7 @@ def _key_dict(key: ApiKey) -> dict[str, Any]:
 async def _call_tokens(request: web.Request) -> web.Response:
     state = request.app[AUTH_KEY]
     principal: Principal = request[PRINCIPAL]
-    if not state.enabled:   # a backend written for production still gets its token (/offer then ignores it)
+    if not state.enabled:   # a backend written for production still gets its token (/offer attributes the call)
         credential, from_url = _credential(request)
         try:
             if credential is None or from_url:

@@ -229,10 +229,11 @@ class RecordStore:
 
     # ------------------------------------------------------------ reports
     def usage(self, since: float | None = None, until: float | None = None,
-              period: str | None = None) -> list[dict[str, Any]]:
+              period: str | None = None, key_id: str | None = None) -> list[dict[str, Any]]:
         """Totals per API key (and per UTC day or month): every quantity, ``calls`` (distinct calls),
         ``requests`` (model requests of /v1/*) and ``events``; JSON-able, sorted by period then key.
-        ``since`` inclusive, ``until`` exclusive (epoch seconds; None = unbounded)."""
+        ``since`` inclusive, ``until`` exclusive (epoch seconds; None = unbounded); ``key_id``: that key's
+        rows only (None = every key)."""
         period_col = _period(self.dialect, period, usage_events.c.at)
         group = [usage_events.c.key_id] + ([period_col] if period_col is not None else [])
         columns = [usage_events.c.key_id,
@@ -246,6 +247,8 @@ class RecordStore:
             query = query.where(usage_events.c.at >= since)
         if until is not None:
             query = query.where(usage_events.c.at < until)
+        if key_id is not None:
+            query = query.where(usage_events.c.key_id == key_id)
         with self.engine.connect() as c:
             rows = list(c.execute(query))
         out = [{"key_id": row.key_id, "period": row.period, "calls": int(row.calls),
@@ -355,5 +358,5 @@ def open_store(config: Any, *, migrate: bool = True) -> RecordStore:
     engine = make_engine(url)
     if migrate:
         revision = upgrade(engine)
-        log.info("records: %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision)
+        log.debug("records: %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision)
     return RecordStore(engine, resolve_recordings_dir(records.recordings_dir, url))
