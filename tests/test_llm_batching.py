@@ -316,8 +316,9 @@ def test_a_shared_cached_prefix_is_fed_once_as_the_static_prompt_and_the_tokens_
     second = Consumer(sched, [*system, 8, 9, 10], 12, Urgency.COMMITTED, static=system)
     other = Consumer(sched, [*system, 1, 2, 3], 12, Urgency.COMMITTED, static=(11, 12))   # another cached prefix
     gen.on_step = lambda r, s: gate.wait(5) if (r, s) == (1, 1) else None
-    for consumer in (first, second, other):
-        consumer.submit()
+    with sched._cond:   # (reentrant) the scheduler thread forms its first round only once all three wait:
+        for consumer in (first, second, other):   # otherwise a loaded machine lets `first` start alone
+            consumer.submit()
     gate.set()
     assert all(c.done.wait(5) for c in (first, second, other))
     sched.close()
