@@ -42,11 +42,12 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
     since, until = parse_time(args.since), parse_time(args.until)
     store = _store(config)
     try:
-        rows = store.usage(since, until, args.period)
+        rows = store.usage(since, until, args.period, args.key)
     finally:
         store.close()
-    if args.json:
-        print(json.dumps({"since": since, "until": until, "period": args.period, "usage": rows}, indent=2))
+    if args.json:   # the document of GET /v1/usage
+        print(json.dumps({"since": since, "until": until, "period": args.period, "key_id": args.key,
+                          "usage": rows}, indent=2))
     else:
         print(format_table(rows))
     return 0
@@ -122,6 +123,7 @@ def register(subparsers) -> None:
                                        "or epoch seconds (default: all)")
     usage.add_argument("--until", help="same forms; exclusive (default: now and later)")
     usage.add_argument("--period", choices=("day", "month"), help="one row per key and UTC day or month")
+    usage.add_argument("--key", help="one API key's usage only (its id)")
     usage.add_argument("--json", action="store_true", help="JSON (the same document as GET /v1/usage)")
     usage.set_defaults(run=cmd_usage)
     # `--since -7d`: argparse takes a word that starts with "-" for an option unless it looks like a negative

@@ -328,6 +328,9 @@ def test_cli_usage_export_forget(tmp_path, monkeypatch, capsys):
     assert main(["usage", "--since", "-7d", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["usage"][0]["calls"] == 1 and doc["usage"][0]["caller_audio_s"] == 1.5
+    assert main(["usage", "--key", "nobody", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"since": None, "until": None, "period": None, "key_id": "nobody",
+                                                   "usage": []}
     assert main(["usage", "--period", "day"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["period", "key_id", "calls"] and table[1].split()[1:3] == ["k1", "1"]
