@@ -141,15 +141,20 @@ async def test_sigterm_mid_reply_plays_the_reply_then_the_goodbye_and_exits_0(tm
     assert "closing (agent_hangup: drain)" in log and "shutdown complete (drained)" in log
 
 
-async def test_a_second_sigterm_ends_the_call_at_once_and_exits_0(tmp_path, question):
-    server = Server(tmp_path, SUB300_SERVER_DRAIN_TIMEOUT_S="60")
+@pytest.mark.parametrize("timeout_s, signals, said", [
+    ("60", 2, ("drain forced", "shutdown complete (forced)")),      # a second SIGTERM ends the rest at once
+    ("0", 1, ("drain timeout", "shutdown complete (timeout)")),     # a drain timeout of 0: at once too
+], ids=["second_sigterm", "timeout_0"])
+async def test_a_forced_drain_ends_the_call_at_once_and_exits_0(tmp_path, question, timeout_s, signals, said):
+    server = Server(tmp_path, SUB300_SERVER_DRAIN_TIMEOUT_S=timeout_s)
     try:
         async with aiohttp.ClientSession() as session:
             caller = await call_in_reply(server, session, question)
             try:
-                server.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.5)
-                server.proc.send_signal(signal.SIGTERM)
+                for n in range(signals):
+                    if n:
+                        await asyncio.sleep(0.5)
+                    server.proc.send_signal(signal.SIGTERM)
                 status, waited = await server.exited(15)
             finally:
                 await caller.vanish()
@@ -157,25 +162,7 @@ async def test_a_second_sigterm_ends_the_call_at_once_and_exits_0(tmp_path, ques
         server.stop()
     log = server.log()
     assert status == 0 and waited < 15, log[-3000:]
-    assert "drain forced" in log and "shutdown complete (forced)" in log
-    assert GOODBYE not in agent_texts(caller)
-
-
-async def test_a_drain_timeout_of_0_ends_the_call_at_once_and_exits_0(tmp_path, question):
-    server = Server(tmp_path, SUB300_SERVER_DRAIN_TIMEOUT_S="0")
-    try:
-        async with aiohttp.ClientSession() as session:
-            caller = await call_in_reply(server, session, question)
-            try:
-                server.proc.send_signal(signal.SIGTERM)
-                status, waited = await server.exited(15)
-            finally:
-                await caller.vanish()
-    finally:
-        server.stop()
-    log = server.log()
-    assert status == 0 and waited < 15, log[-3000:]
-    assert "drain timeout" in log and "shutdown complete (timeout)" in log
+    assert all(line in log for line in said), log[-3000:]
     assert GOODBYE not in agent_texts(caller)
 
 
