@@ -1,6 +1,7 @@
 """Shared fixtures: the real engines with the bundled models, loaded once per test session."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -13,6 +14,19 @@ def pytest_configure(config) -> None:
     """Records and keys of every server the tests start (`records.url` = '' → $XDG_STATE_HOME/sub300/records.db)
     go to a folder of this run's own, not the developer's ~/.local/state; removed with the OS's tmp."""
     os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="sub300-tests-state-")
+
+
+@pytest.fixture
+def root_logging():
+    """For tests that call `configure_logging` (through `sub300.cli.main` too): the root logger is given back as
+    it was, so no handler bound to this test's captured stderr outlives it ("I/O operation on closed file")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from sub300.cli import main
 
 
 @pytest.mark.slow   # each command opens the store and checks its Alembic revision: ~0.5 s in all
-def test_keys_create_list_revoke(tmp_path, monkeypatch, capsys):
+def test_keys_create_list_revoke(tmp_path, monkeypatch, capsys, root_logging):
     monkeypatch.setenv("SUB300_RECORDS_URL", f"sqlite:///{tmp_path / 'records.db'}")
     assert main(["keys", "create", "--name", "backend", "--scopes", "calls,model", "--record-audio", "--json"]) == 0
     created = json.loads(capsys.readouterr().out)

@@ -14,18 +14,6 @@ from sub300.agent.log_format import PLAIN_FORMAT, call_context, configure_loggin
 from sub300.models.protocols import ModelError
 
 
-@pytest.fixture
-def root_logging():
-    """configure_logging changes the root logger: give it back as it was."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def lines(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 

@@ -316,7 +316,7 @@ def test_parse_time():
         parse_time("last week")
 
 
-def test_cli_usage_export_forget(tmp_path, monkeypatch, capsys):
+def test_cli_usage_export_forget(tmp_path, monkeypatch, capsys, root_logging):
     from sub300.cli import main
 
     monkeypatch.setenv("SUB300_RECORDS_URL", f"sqlite:///{tmp_path / 'r.db'}")
@@ -417,7 +417,7 @@ async def test_serve_wiring_adds_records_beside_the_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_on_postgresql(postgres_url, monkeypatch, capsys):  # noqa: F811
+def test_cli_on_postgresql(postgres_url, monkeypatch, capsys, root_logging):  # noqa: F811
     from sub300.cli import main
 
     monkeypatch.setenv("SUB300_RECORDS_URL", postgres_url)

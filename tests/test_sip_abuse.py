@@ -398,3 +398,29 @@ async def test_an_invite_flood_from_a_refused_source_is_not_amplified(config, mo
         assert 40 <= len(refusals) <= 40 + 10 * 2                             # each answered; only 10 resent
         assert len({header(m, "Call-ID") for m in refusals}) == 40
         client.close()
+
+
+async def test_any_port_whose_tcp_twin_is_taken_is_given_back_and_another_tried(monkeypatch):
+    """``port`` 0: UDP gets a free port, but its TCP twin may belong to another socket (a clean-clone CI run
+    hit one): that UDP port goes back and another is tried, so the service has both on one number."""
+    import socket
+
+    from sub300.media.sip import transport as sip_transport
+
+    start_server, tried = asyncio.start_server, []
+
+    async def taken_once(*args, **kwargs):
+        tried.append(args[2])
+        if len(tried) == 1:
+            raise OSError(98, "address already in use")
+        return await start_server(*args, **kwargs)
+
+    monkeypatch.setattr(sip_transport.asyncio, "start_server", taken_once)
+    transport = sip_transport.SipTransport(lambda data, flow: None)
+    await transport.start("127.0.0.1", 0)
+    try:
+        assert len(tried) == 2 and transport.address[1] == tried[1] and transport._tcp is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:   # the first UDP port was given back
+            s.bind(("127.0.0.1", tried[0]))
+    finally:
+        await transport.close()

@@ -51,6 +51,8 @@ from . import message as sip
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 64 * 1024
 _LOGGED_MAX = 1024   # (reason, host) pairs remembered for "log once"
+#: ``port`` 0: UDP ports tried until TCP can bind the same number too
+_ANY_PORT_TRIES = 8
 WRITE_BUFFER_MESSAGES = 4   # a peer that leaves this many max-size messages of ours unread is dropped
 
 
@@ -162,15 +164,26 @@ class SipTransport:
         self._logged: set[tuple[str, str]] = set()
 
     async def start(self, host: str, port: int, tcp: bool = True) -> None:
-        """Bind UDP (OSError when it cannot) and, when asked, TCP on the port UDP got (a warning when it cannot)."""
+        """Bind UDP (OSError when it cannot) and, when asked, TCP on the port UDP got (a warning when it cannot).
+
+        With ``port`` 0 (any free port) a UDP port whose TCP twin is taken (another socket's port, e.g. a
+        client connection's) is given back and another one tried, up to `_ANY_PORT_TRIES` times."""
         loop = asyncio.get_running_loop()
-        transport, self._udp = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
-        self.address = transport.get_extra_info("sockname")[:2]
-        if tcp:
+        tries = _ANY_PORT_TRIES if port == 0 and tcp else 1
+        for attempt in range(1, tries + 1):
+            transport, self._udp = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
+            self.address = transport.get_extra_info("sockname")[:2]
+            if not tcp:
+                return
             try:
                 self._tcp = await asyncio.start_server(self._serve_tcp, host, self.address[1],
                                                        limit=self.limits.max_message_bytes)
-            except OSError as error:   # UDP is what gateways use; TCP is a bonus
+                return
+            except OSError as error:
+                if attempt < tries:
+                    transport.close()
+                    continue
+                # UDP is what gateways use; TCP is a bonus
                 log.warning("SIP over TCP not available on %s:%d: %s", host, self.address[1], error)
 
     def send_udp(self, data: bytes, destination: tuple[str, int]) -> None:
