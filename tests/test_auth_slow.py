@@ -92,7 +92,8 @@ async def test_coturn_accepts_minted_credentials_and_refuses_wrong_or_expired(tm
         coturn.stop()
 
 
-async def test_a_real_call_with_a_call_token(config, engines):
+def app_with_a_calls_key(config, engines):
+    """The web app under authentication with one "calls" key: (app, key, secret, the calls' contexts)."""
     store = MemoryKeyStore()
     key, secret = new_key("backend", "calls")
     store.add_key(key)
@@ -101,6 +102,11 @@ async def test_a_real_call_with_a_call_token(config, engines):
     signalling = app[SIGNALLING_KEY]
     signalling.observer = ObserverGroup([signalling.observer, recorder])
     add_auth_routes(app, config, store, enabled=True, tokens=CallTokens(b"t" * 32, 300), environ={})
+    return app, key, secret, recorder
+
+
+async def test_a_real_call_with_a_call_token(config, engines):
+    app, key, secret, recorder = app_with_a_calls_key(config, engines)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     base = str(server.make_url("")).rstrip("/")
@@ -121,7 +127,7 @@ async def test_a_real_call_with_a_call_token(config, engines):
             assert (context.key_id, context.source) == (key.id, "127.0.0.1")
             await caller.hang_up()
     finally:
-        await signalling.close_all()
+        await app[SIGNALLING_KEY].close_all()
         await server.close()
 
 
@@ -137,14 +143,7 @@ async def test_the_demo_page_with_and_without_a_call_token(config):
 
     from .browser_calls import CHROMIUM, CHROMIUM_FLAGS
 
-    store = MemoryKeyStore()
-    key, secret = new_key("backend", "calls")
-    store.add_key(key)
-    app = build_app(config, fake_engines())
-    recorder = ContextRecorder()
-    signalling = app[SIGNALLING_KEY]
-    signalling.observer = ObserverGroup([signalling.observer, recorder])
-    add_auth_routes(app, config, store, enabled=True, tokens=CallTokens(b"t" * 32, 300), environ={})
+    app, key, secret, recorder = app_with_a_calls_key(config, fake_engines())
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     base = str(server.make_url("")).rstrip("/")
@@ -182,5 +181,5 @@ async def test_the_demo_page_with_and_without_a_call_token(config):
             finally:
                 await browser.close()
     finally:
-        await signalling.close_all()
+        await app[SIGNALLING_KEY].close_all()
         await server.close()

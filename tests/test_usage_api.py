@@ -6,10 +6,8 @@ small aiohttp app here (a fake of a remote endpoint that ignores ``stream_option
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -22,6 +20,8 @@ from sub300.models.protocols import LlmUsage
 from sub300.testing.fakes import FakeLlm
 from sub300.web.auth import PRINCIPAL
 from sub300.web.openai_api import MODEL_USAGE_KEY, add_openai_routes
+
+from .test_openai_llm import serve
 
 pytestmark = [pytest.mark.timeout(30),
               # web/auth.py keeps the principal under a plain string key, as this test does
@@ -38,19 +38,6 @@ class Sink:
 
     def model_request(self, key_id, source, route, usage, status) -> None:
         self.requests.append((key_id, source, route, dict(usage), status))
-
-
-@contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def sub300_app(sink: Sink | None = None) -> web.Application:
