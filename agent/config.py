@@ -45,6 +45,13 @@ ENV_PREFIX = "SUB300_"
 NOT_SETTINGS = frozenset({"SUB300_CONFIG", "SUB300_LOG_LEVEL"})
 
 
+def http_url(url: str) -> str:
+    """A remote endpoint's base URL: http:// or https://, a host, no spaces (raises ValueError)."""
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0 or " " in url:
+        raise ValueError("must be an http:// or https:// URL")
+    return url
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the one-line message names the key."""
 
@@ -89,6 +96,12 @@ class ServerConfig(Section):
 
     host: str = Field(default="127.0.0.1", min_length=1, description="listen address")
     port: Port = Field(default=8080, description="listen TCP port (1..65535)")
+    role: Literal["all", "media", "model"] = Field(
+        default="all",
+        description="all: calls and models in one process | media: calls only, engines remote (stt/llm/tts "
+        "engine = openai) | model: serves its engines on /v1/audio/transcriptions, /v1/audio/speech and "
+        "/v1/chat/completions, no calls",
+    )
     drain_timeout_s: float = Field(
         default=30.0, ge=0.0, le=3600.0,
         description="SIGTERM: calls in progress may finish their turn and hear the goodbye within this (s); "
@@ -183,9 +196,13 @@ class TurnConfig(Section):
 
 
 class SttConfig(Section):
-    """Speech recognition: Whisper on CTranslate2 (faster-whisper)."""
+    """Speech recognition: Whisper on CTranslate2 (faster-whisper), or an OpenAI-compatible endpoint."""
 
-    engine: Literal["faster-whisper"] = Field(default="faster-whisper", description="faster-whisper")
+    engine: Literal["faster-whisper", "openai"] = Field(
+        default="faster-whisper",
+        description="faster-whisper (in process) | openai (POST {base_url}/audio/transcriptions: vLLM, "
+        "another sub300 with server.role = model, ...)",
+    )
     model: str = Field(
         default="bundled:whisper-tiny.en",
         min_length=1,
@@ -238,6 +255,30 @@ class SttConfig(Section):
         description="final transcriptions that wait together go into one batched Whisper call, at most this "
         "many (requests; 1 = no batching; 0 = auto: 1 on CPU, 8 on CUDA; scripts/bench_stt_batch.py)",
     )
+
+    base_url: str = Field(
+        default="http://127.0.0.1:8081/v1", description="openai: endpoint base URL (http:// or https://, up to /v1)"
+    )
+    remote_model: str = Field(default="whisper-1", min_length=1, description="openai: the model name to request")
+    api_key_env: str = Field(
+        default="SUB300_STT_API_KEY", description="openai: environment variable that holds the API key"
+    )
+    connect_timeout_s: float = Field(
+        default=defaults.OPENAI_CONNECT_TIMEOUT_S, gt=0.0, le=600.0, description="openai: connection set-up limit (s)"
+    )
+    response_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600.0, description="openai: limit on the wait for the whole answer (s)"
+    )
+    retries: int = Field(
+        default=1, ge=0, le=10,
+        description="openai: retries of a request that failed before the endpoint began to answer "
+        "(refused connection, 502/503/504)",
+    )
+    max_connections: int = Field(
+        default=64, ge=1, le=100_000, description="openai: requests open at once (more wait, by deadline class)"
+    )
+
+    _http_url = field_validator("base_url")(classmethod(lambda cls, url: http_url(url)))
 
     @field_validator("language")
     @classmethod
@@ -315,18 +356,17 @@ class LlmConfig(Section):
         description="spoken when the LLM fails or says nothing (after what was already spoken); empty = silence",
     )
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0 or " " in url:
-            raise ValueError("must be an http:// or https:// URL")
-        return url
+    _http_url = field_validator("base_url")(classmethod(lambda cls, url: http_url(url)))
 
 
 class TtsConfig(Section):
-    """Speech synthesis: Piper (GPL-3.0) or espeak-ng."""
+    """Speech synthesis: Piper (GPL-3.0), espeak-ng, or an OpenAI-compatible endpoint."""
 
-    engine: Literal["piper", "espeak"] = Field(default="piper", description="piper (GPL-3.0) | espeak")
+    engine: Literal["piper", "espeak", "openai"] = Field(
+        default="piper",
+        description="piper (GPL-3.0) | espeak | openai (POST {base_url}/audio/speech, streamed PCM: another "
+        "sub300 with server.role = model, ...)",
+    )
     voice: str = Field(default=defaults.PIPER_VOICE, min_length=1, description="piper: bundled:NAME | .onnx path")
     threads: int = Field(
         default=defaults.PIPER_THREADS,
@@ -353,6 +393,37 @@ class TtsConfig(Section):
         le=defaults.ESPEAK_SPEED_WPM_MAX,
         description="espeak: speaking rate (words per minute)",
     )
+    base_url: str = Field(
+        default="http://127.0.0.1:8081/v1", description="openai: endpoint base URL (http:// or https://, up to /v1)"
+    )
+    remote_model: str = Field(default="tts-1", min_length=1, description="openai: the model name to request")
+    remote_voice: str = Field(default="alloy", min_length=1, description="openai: the voice to request")
+    remote_sample_rate: int = Field(
+        default=24_000, ge=8_000, le=48_000,
+        description="openai: rate of the raw 16-bit PCM the endpoint streams (Hz; OpenAI's pcm format is 24000)",
+    )
+    api_key_env: str = Field(
+        default="SUB300_TTS_API_KEY", description="openai: environment variable that holds the API key"
+    )
+    connect_timeout_s: float = Field(
+        default=defaults.OPENAI_CONNECT_TIMEOUT_S, gt=0.0, le=600.0, description="openai: connection set-up limit (s)"
+    )
+    first_byte_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600.0, description="openai: limit on the wait for the first audio (s)"
+    )
+    idle_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600.0, description="openai: limit on a silent gap in the audio stream (s)"
+    )
+    retries: int = Field(
+        default=1, ge=0, le=10,
+        description="openai: retries of a request that failed before any audio came (refused connection, "
+        "502/503/504); never once audio has been played",
+    )
+    max_connections: int = Field(
+        default=64, ge=1, le=100_000, description="openai: syntheses open at once (more wait, by deadline class)"
+    )
+    _http_url = field_validator("base_url")(classmethod(lambda cls, url: http_url(url)))
+
     min_clause_chars: int = Field(
         default=12, ge=0, le=1000, description="a clause shorter than this waits for more text before TTS (characters)"
     )

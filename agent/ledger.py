@@ -104,6 +104,9 @@ class TurnLedger:
     #: (submitted → its work started) and ms of its work, from its `WorkTicket` (models/scheduling.py)
     queue_ms: dict[str, float] = field(default_factory=dict)
     work_ms: dict[str, float] = field(default_factory=dict)
+    #: per engine stage, a remote engine's time on the network (ms; its `WorkTicket.network_s`): apart
+    #: from queue_ms and work_ms, which then hold the endpoint's own queue and work
+    network_ms: dict[str, float] = field(default_factory=dict)
     #: the transport's parts of mouth-to-ear (ms), named in `INBOUND_PARTS` / `OUTBOUND_PARTS`
     transport_ms: dict[str, float] = field(default_factory=dict)
     #: the caller's own measurement of mouth-to-ear (ms), as its peer reported it; None when none came
@@ -131,10 +134,15 @@ class TurnLedger:
         wait, work = ticket.queue_wait_s, ticket.work_s
         if work_end is not None and ticket.started is not None:
             work = max(0.0, work_end - ticket.started)
+        # a remote engine: its endpoint's queue wait counts as queue, the wire time as network, not work
+        remote_queue, network = ticket.remote_queue_s or 0.0, ticket.network_s
         if wait is not None:
-            self.queue_ms.setdefault(stage, round(wait * 1000.0, 1))
+            self.queue_ms.setdefault(stage, round((wait + remote_queue) * 1000.0, 1))
         if work is not None:
+            work = max(0.0, work - remote_queue - (network or 0.0))
             self.work_ms.setdefault(stage, round(work * 1000.0, 1))
+        if network is not None:
+            self.network_ms.setdefault(stage, round(network * 1000.0, 1))
 
     def record_transport(self, part: str, ms: float) -> None:
         """Keep one transport part (ms, finite, >= 0; first write wins).  Raises KeyError / ValueError."""
@@ -226,6 +234,7 @@ class TurnLedger:
             "voice_to_voice_ms": None if v2v is None else round(v2v, 1),
             "queue_ms": dict(self.queue_ms),
             "work_ms": dict(self.work_ms),
+            "network_ms": dict(self.network_ms),
             "transport_ms": dict(self.transport_ms),
             "mouth_to_ear_estimate_ms": _rounded(self.mouth_to_ear_estimate_ms),
             "mouth_to_ear_reported_ms": _rounded(self.mouth_to_ear_reported_ms),
@@ -241,7 +250,7 @@ class TurnLedger:
         """
         marks = {_current(name): ms / 1000.0 for name, ms in doc.get("marks_ms", {}).items()}
         return cls(doc["turn"], {m: marks[m] for m in MARKS if m in marks}, dict(doc.get("notes", {})),
-                   dict(doc.get("queue_ms", {})), dict(doc.get("work_ms", {})),
+                   dict(doc.get("queue_ms", {})), dict(doc.get("work_ms", {})), dict(doc.get("network_ms", {})),
                    dict(doc.get("transport_ms", {})), doc.get("mouth_to_ear_reported_ms"),
                    {name: float(amount) for name, amount in doc.get("usage", {}).items()})
 
@@ -254,6 +263,8 @@ class TurnLedger:
             if stage in self.queue_ms:
                 work = self.work_ms.get(stage)
                 worked = f", worked {work:.1f}" if work is not None else ""
+                if stage in self.network_ms:
+                    worked += f", network {self.network_ms[stage]:.1f}"
                 lines.append(f"  ({stage} engine: queued {self.queue_ms[stage]:.1f}{worked})")
         for name, ms in self.overlaps_ms().items():
             lines.append(f"  ({name:<14} {ms:8.1f}  overlapped, not on the critical path)")

@@ -145,6 +145,8 @@ class Reply:
             ledger.queue_ms.setdefault(stage, ms)
         for stage, ms in self.ledger.work_ms.items():
             ledger.work_ms.setdefault(stage, ms)
+        for stage, ms in self.ledger.network_ms.items():
+            ledger.network_ms.setdefault(stage, ms)
         self.ledger = ledger
         self.committed = True
         self._llm_ticket.urgency = Urgency.SLACK if ledger.has("first_piece") else Urgency.COMMITTED

@@ -55,7 +55,8 @@ class WorkTicket:
     ``queue_wait_s`` and ``work_s`` are None until known.
     """
 
-    __slots__ = ("_urgency", "clock", "submitted", "started", "finished", "_listeners", "_lock", "label", "deadline")
+    __slots__ = ("_urgency", "clock", "submitted", "started", "finished", "_listeners", "_lock", "label", "deadline",
+                 "network_s", "remote_queue_s")
 
     def __init__(self, urgency: Urgency = Urgency.COMMITTED, *, clock: Clock = time.monotonic, label: str = ""):
         self._urgency = Urgency(urgency)
@@ -67,6 +68,11 @@ class WorkTicket:
         self.submitted: float | None = None
         self.started: float | None = None
         self.finished: float | None = None
+        #: a remote engine (models/remote.py): of the time from ``started`` (request sent) to its first byte,
+        #: what the endpoint said it spent waiting in its own queue (its ``Server-Timing: queue;dur=``) and
+        #: the rest that was neither its queue nor its work: the network (s; None = local engine or unknown)
+        self.remote_queue_s: float | None = None
+        self.network_s: float | None = None
         self._listeners: list[Callable[[WorkTicket], None]] = []
         self._lock = threading.Lock()
 
