@@ -24,7 +24,7 @@ say() { echo "[setup] $*" >&2; }
 # (the records store on a real server), prometheus (promtool checks the rules; the dashboard
 # renderer scrapes with it) and coturn (minted TURN credentials checked by a real TURN server).
 DEBIAN_TEST_PACKAGES=(espeak-ng sox chromium iproute2 sip-tester baresip-core kamailio rtpengine-daemon
-                      postgresql prometheus coturn)
+                      postgresql prometheus coturn nginx-light)
 if [[ $TEST_DEPS == 1 ]]; then
   missing=()
   for pkg in "${DEBIAN_TEST_PACKAGES[@]}"; do
