@@ -47,7 +47,8 @@ class PlayoutQueue:
     held: bool = False
     #: when the transport first found the queue paused (the agent fell silent)
     silenced_at: float | None = None
-    #: called with (pcm, time) for every pulled frame of agent audio (the echo guard listens)
+    #: called with (pcm, time) for every pulled frame: agent audio, or the silence a None stands for
+    #: (the echo guard listens)
     on_played: Callable[[np.ndarray, float], None] | None = None
     #: samples of agent audio pulled by the transport since the queue was made (usage: agent audio)
     played_total: int = 0
@@ -64,16 +65,22 @@ class PlayoutQueue:
         self._idle.clear()
 
     def pull(self, n: int) -> np.ndarray | None:
-        """The next `n` samples (zero-padded at the end of the queue), or None when idle, paused or held."""
+        """The next `n` samples (zero-padded at the end of the queue), or None when idle, paused or held.
+
+        Every transport sends `n` samples of silence for a None, so ``on_played`` hears them as
+        played silence: the echo guard's history must hold the gaps between the pieces of a
+        reply exactly as they come back on the line (without them, the echo of a piece that
+        followed a gap did not match the history and passed for the caller's voice).
+        """
         if not self._segments:
             self._idle.set()
-            return None
+            return self._played_silence(n)
         if self.held:
-            return None
+            return self._played_silence(n)
         if self.paused:
             if self.silenced_at is None:
                 self.silenced_at = self.clock()  # the first frame that goes out silent
-            return None
+            return self._played_silence(n)
         out = np.zeros(n, np.int16)
         filled = 0
         now = self.clock()
@@ -95,6 +102,11 @@ class PlayoutQueue:
         if self.on_played is not None:
             self.on_played(out, now)
         return out
+
+    def _played_silence(self, n: int) -> None:
+        if self.on_played is not None:
+            self.on_played(np.zeros(n, np.int16), self.clock())
+        return None
 
     def pause(self) -> None:
         """Stop playing at once, keeping what is queued."""
