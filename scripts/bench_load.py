@@ -104,6 +104,8 @@ class TurnRow:
     transcript: str = ""
     mouth_to_ear_ms: float | None = None   # webrtc only: measured by the caller
     detail: str = ""
+    #: per engine stage, a remote engine's time on the network (the ledger's ``network_ms``; empty in process)
+    network_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def latency_ms(self) -> float:
@@ -272,7 +274,8 @@ def _rows_from_events(events: list, calls: int, caller: int, question: str) -> l
             ledger = event.ledger
             rows.append(TurnRow(calls, caller, question, "answered", ledger.voice_to_voice_ms,
                                 dict(ledger.queue_ms), dict(ledger.work_ms),
-                                {k: round(v, 1) for k, v in ledger.stages_ms().items()}, event.transcript))
+                                {k: round(v, 1) for k, v in ledger.stages_ms().items()}, event.transcript,
+                                network_ms=dict(ledger.network_ms)))
         elif isinstance(event, TurnFailed):
             rows.append(TurnRow(calls, caller, question, "failed", detail=event.error))
         elif isinstance(event, TurnDiscarded):
@@ -398,8 +401,10 @@ def lift_admission(config, max_calls: int) -> None:
     config.sip.max_calls = config.webrtc.max_calls = max(max_calls, 1)
 
 
-def start_server(port: int, max_calls: int, keep_admission: bool) -> subprocess.Popen:
-    """`sub300 serve` as its own process with the default configuration (the user's SUB300_* dropped)."""
+def start_server(port: int, max_calls: int, keep_admission: bool, extra_env: dict[str, str] | None = None,
+                 log: Path | None = None) -> subprocess.Popen:
+    """`sub300 serve` as its own process with the default configuration (the user's SUB300_* dropped), plus
+    ``extra_env`` (e.g. SUB300_SERVER_ROLE; scripts/bench_cluster.py); its stderr to the file ``log`` if given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
     if not keep_admission:
         env["SUB300_WEBRTC_MAX_CALLS"] = str(max_calls)
@@ -409,8 +414,12 @@ def start_server(port: int, max_calls: int, keep_admission: bool) -> subprocess.
         env.update(SUB300_AUTH_SOURCE_CALLS_PER_MINUTE="0", SUB300_AUTH_SIP_INVITES_PER_MINUTE="0")
         # records stay on (they are part of the server's cost) but go to a database of the run's own
         env["SUB300_RECORDS_URL"] = f"sqlite:///{tempfile.mkdtemp(prefix='bench-load-')}/records.db"
-    return subprocess.Popen([sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env.update(extra_env or {})
+    command = [sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if log is None:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with log.open("ab") as stderr:   # the child keeps its own descriptor
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 async def webrtc_caller(session, url: str, plan: Plan, index: int, questions: list) -> list[TurnRow]:
@@ -441,7 +450,8 @@ async def webrtc_caller(session, url: str, plan: Plan, index: int, questions: li
                 rows.append(TurnRow(plan.calls, index, text, "failed" if failed else "answered",
                                     ledger.get("voice_to_voice_ms"), dict(ledger.get("queue_ms", {})),
                                     dict(ledger.get("work_ms", {})), dict(ledger.get("stages_ms", {})),
-                                    turns[k - 1].get("transcript", ""), caller.onsets[onsets].mouth_to_ear_ms))
+                                    turns[k - 1].get("transcript", ""), caller.onsets[onsets].mouth_to_ear_ms,
+                                    network_ms=dict(ledger.get("network_ms", {}))))
             except TimeoutError as exc:
                 rows.append(TurnRow(plan.calls, index, text, "timeout", detail=str(exc)))
                 break   # the call's state is unknown now: hang up
