@@ -603,10 +603,16 @@ async def run_sip(args, config, ns: list[int], report: Report) -> None:
 
 # ------------------------------------------------------------------ statistics and reports
 def _pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile, rounded; an infinite value (a turn not answered) counts as later than any other.
+    numpy interpolates between a finite value and inf as nan (0 * inf) even at an exact rank, so inf is a
+    huge finite number here, and a result past the largest finite value is inf again."""
     if not values:
         return None
-    value = percentile(values, q)
-    return None if math.isnan(value) else (math.inf if math.isinf(value) else round(value, 1))
+    finite = [v for v in values if not math.isinf(v)]
+    value = percentile([1e300 if math.isinf(v) and v > 0 else v for v in values], q)
+    if not finite or value > max(finite):    # at or past the first turn not answered
+        return math.inf
+    return None if math.isnan(value) else round(value, 1)
 
 
 def summarize(calls: int, rows: list[TurnRow], resources: dict, slos: list[float]) -> dict:
