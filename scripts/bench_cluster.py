@@ -108,9 +108,11 @@ def topology_nodes(base_port: int) -> list[NodeSpec]:
 
 def node_env(node: NodeSpec, model_url: str, state: Path) -> dict[str, str]:
     """The node's configuration as SUB300_* variables (agent/config.py: ``SUB300_<SECTION>_<KEY>``), on top of
-    bench_load's (admission lifted, per-source limits off, records in a database of the run's own)."""
+    bench_load's (admission lifted, per-source call limits off, records in a database of the run's own)."""
     env = {"XDG_STATE_HOME": str(state / node.name), "SUB300_SERVER_ROLE": node.role,
-           "SUB300_SIP_ENABLED": "false", "SUB300_AUTH_REQUIRED": "off"}
+           "SUB300_SIP_ENABLED": "false", "SUB300_AUTH_REQUIRED": "off",
+           # every media node's requests come from 127.0.0.1 and no key: no per-source or per-key model limit
+           "SUB300_AUTH_SOURCE_MODEL_REQUESTS_PER_MINUTE": "0", "SUB300_AUTH_KEY_MODEL_REQUESTS_PER_MINUTE": "0"}
     if node.role == "media":
         for stage in ENGINE_STAGES:
             env[f"SUB300_{stage.upper()}_ENGINE"] = "openai"
