@@ -105,6 +105,38 @@ def _openai_llm(c: Config) -> LanguageModel:
     )
 
 
+def _openai_stt(c: Config) -> SpeechRecognizer:
+    from sub300.models.stt_openai import OpenAIRecognizer
+
+    return OpenAIRecognizer(
+        c.stt.base_url,
+        c.stt.remote_model,
+        api_key=os.environ.get(c.stt.api_key_env) or None,
+        language=c.stt.language or None,
+        connect_timeout_s=c.stt.connect_timeout_s,
+        response_timeout_s=c.stt.response_timeout_s,
+        retries=c.stt.retries,
+        max_connections=c.stt.max_connections,
+    )
+
+
+def _openai_tts(c: Config) -> SpeechSynthesizer:
+    from sub300.models.tts_openai import OpenAISynthesizer
+
+    return OpenAISynthesizer(
+        c.tts.base_url,
+        c.tts.remote_model,
+        c.tts.remote_voice,
+        sample_rate=c.tts.remote_sample_rate,
+        api_key=os.environ.get(c.tts.api_key_env) or None,
+        connect_timeout_s=c.tts.connect_timeout_s,
+        first_byte_timeout_s=c.tts.first_byte_timeout_s,
+        idle_timeout_s=c.tts.idle_timeout_s,
+        retries=c.tts.retries,
+        max_connections=c.tts.max_connections,
+    )
+
+
 def _piper(c: Config) -> SpeechSynthesizer:
     from sub300.models.tts_piper import PiperSynthesizer
 
@@ -124,9 +156,12 @@ def _smart_turn(c: Config) -> TurnCompletionModel:
 
 
 VAD_ENGINES: dict[str, Callable[[Config], VoiceActivityDetector]] = {"webrtc": _webrtc_vad, "silero": _silero_vad}
-STT_ENGINES: dict[str, Callable[[Config], SpeechRecognizer]] = {"faster-whisper": _whisper}
+STT_ENGINES: dict[str, Callable[[Config], SpeechRecognizer]] = {"faster-whisper": _whisper, "openai": _openai_stt}
 LLM_ENGINES: dict[str, Callable[[Config], LanguageModel]] = {"embedded": _embedded_llm, "openai": _openai_llm}
-TTS_ENGINES: dict[str, Callable[[Config], SpeechSynthesizer]] = {"piper": _piper, "espeak": _espeak}
+TTS_ENGINES: dict[str, Callable[[Config], SpeechSynthesizer]] = {"piper": _piper, "espeak": _espeak,
+                                                                  "openai": _openai_tts}
+#: engines that call an endpoint: not warmed up, no local worker pool (their limiter is max_connections)
+REMOTE_ENGINES = "openai"
 #: turn.detector -> its turn-completion model (None: the VAD's fixed hangover alone)
 TURN_MODELS: dict[str, Callable[[Config], TurnCompletionModel | None]] = {"vad": lambda c: None, "smart-turn": _smart_turn}
 
@@ -159,10 +194,18 @@ class Engines:
         close = getattr(self.llm, "aclose", None)
         if close is not None:
             await close()
+        tts_close = getattr(self.tts, "aclose", None)     # a remote TTS's HTTP session
+        if tts_close is not None:
+            await tts_close()
 
 
 def scheduled_tts(engine: SpeechSynthesizer, c: Config) -> SpeechSynthesizer:
-    """The TTS engine as a shared service: a priority pool, first pieces first (models/tts_service.py)."""
+    """The TTS engine as a shared service: a priority pool, first pieces first (models/tts_service.py).
+
+    A remote engine (tts.engine = "openai") is returned as it is: its own limiter (tts.max_connections)
+    orders its requests by deadline class, and a 1-worker local pool would serialize the endpoint."""
+    if c.tts.engine == REMOTE_ENGINES:
+        return engine
     from sub300.models.tts_service import ScheduledSynthesizer
 
     return ScheduledSynthesizer(engine, workers=c.tts.workers or 1)
@@ -190,11 +233,20 @@ async def warm_up(engines: Engines, config: Config) -> None:
     """Run each local engine once so the first caller does not pay one-time costs.
 
     A remote LLM is not warmed (that would cost the user tokens); its first
-    turn includes connection set-up, and the ledger shows it.
+    turn includes connection set-up, and the ledger shows it.  The same for a
+    remote STT or TTS (the endpoint warms its own engines).
     """
     silence = np.zeros(16_000, np.float32)
-    await asyncio.to_thread(engines.stt.transcribe, silence)
-    await asyncio.to_thread(lambda: list(engines.tts.synthesize("Hello.")))
+    remote = [stage for stage, engine in (("stt", config.stt.engine), ("tts", config.tts.engine))
+              if engine == REMOTE_ENGINES]
+    if remote:
+        log.info("warm-up skips the remote %s (%s): the first turn pays the connection set-up, and its "
+                 "ledger shows it", " and ".join(remote), ", ".join(
+                     getattr(engines, stage).url for stage in remote if hasattr(getattr(engines, stage), "url")))
+    if "stt" not in remote:
+        await asyncio.to_thread(engines.stt.transcribe, silence)
+    if "tts" not in remote:
+        await asyncio.to_thread(lambda: list(engines.tts.synthesize("Hello.")))
     if engines.turn is not None:
         await asyncio.to_thread(engines.turn.probability, silence)
     if config.llm.engine == "embedded":

@@ -25,6 +25,8 @@ connection busy still fails the turn).  Cancelling the
 consumer (or ``aclose()`` on the iterator) closes the HTTP connection at once,
 which is how a server such as vLLM learns to stop generating.
 
+The HTTP client, its failures, headers (Bearer key, ``X-Sub300-Urgency``)
+and Server-Timing are models/remote.py's, shared with the remote STT and TTS.
 Many calls share one client.  HTTP/1.1 carries one stream per connection,
 so ``max_connections`` streams run at once (aiohttp's own default pool of
 100 would queue the 101st silently, inside its connect timeout).  Beyond
@@ -59,29 +61,18 @@ from .protocols import (
     ChatMessage,
     EndpointDropped,
     EndpointError,
-    EndpointHTTPError,
     EndpointProtocolError,
     EndpointStreamError,
     EndpointTimeout,
-    EndpointUnreachable,
     LlmUsage,
 )
-from .scheduling import PriorityLimiter, WorkTicket
+from .remote import BODY_EXCERPT_CHARS, KEEPALIVE_TIMEOUT_S, RemoteEndpoint, body_excerpt
+from .scheduling import WorkTicket
 
 log = logging.getLogger(__name__)
 
-#: how much of an error body goes into the exception message
-_BODY_EXCERPT_CHARS = 300
 #: default of ``max_connections`` (llm.max_connections): concurrent streams, one connection each
 MAX_CONNECTIONS = 256
-#: seconds an idle pooled connection is kept.  Below the 5 s after which uvicorn, and so vLLM
-#: (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, default 5) and SGLang (``timeout_keep_alive=5``), close an
-#: idle connection: a request is never sent on a connection the server is closing at that moment
-#: (aiohttp does not retry a POST; its own default is 15 s).
-KEEPALIVE_TIMEOUT_S = 4.0
-#: seconds between two warnings that every connection is busy
-_POOL_FULL_WARNING_INTERVAL_S = 10.0
-
 
 class OpenAIChatModel:
     """Streams chat completions from an OpenAI-compatible HTTP endpoint."""
@@ -97,30 +88,29 @@ class OpenAIChatModel:
         idle_timeout_s: float = 10.0,
         max_connections: int = MAX_CONNECTIONS,
         extra_body: dict | None = None,
+        retries: int = 0,
     ) -> None:
         """``max_connections``: streams open at once (one HTTP/1.1 connection each); more wait.
 
+        ``retries``: resends of a request refused before the endpoint began to answer (models/remote.py;
+        0 = none, the default: an LLM request is the turn's critical path and its first-token limit short).
         Raises EndpointError for a base_url that is not http(s), ValueError
         for ``max_connections`` < 1.
         """
-        if not base_url.startswith(("http://", "https://")):
-            raise EndpointError(f"LLM base_url must start with http:// or https://, got {base_url!r}")
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
         self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
+        self.endpoint = RemoteEndpoint(
+            "LLM", f"{self.base_url}/chat/completions", api_key=api_key, connect_timeout_s=connect_timeout_s,
+            max_connections=max_connections, headers={"Accept": "text/event-stream"},
+        )
+        self.url = self.endpoint.url
         self.model = model
         self.name = f"openai:{model}"
-        self._api_key = api_key
         self.connect_timeout_s = connect_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
+        self.retries = retries
         self.extra_body = dict(extra_body or {})
-        self._session: aiohttp.ClientSession | None = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
-        self._connections = PriorityLimiter(max_connections, name="llm connections")
-        self._pool_full_warned_at: float | None = None
         self._no_usage_logged = False
         log.info("LLM endpoint %s: up to %d streams at once (max_connections, one connection each; "
                  "more wait, committed first); idle connections kept %g s",
@@ -129,35 +119,8 @@ class OpenAIChatModel:
     def __repr__(self) -> str:
         return f"OpenAIChatModel({self.url!r}, model={self.model!r})"
 
-    # ------------------------------------------------------------ session
-    def _get_session(self) -> aiohttp.ClientSession:
-        """The shared HTTP session, created lazily in the running loop (with a new connection limiter)."""
-        loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._session_loop is not loop:
-            if self._session_loop is not loop:
-                self._connections = PriorityLimiter(self.max_connections, name="llm connections")
-            headers = {"Accept": "text/event-stream"}
-            if self._api_key:
-                headers["Authorization"] = f"Bearer {self._api_key}"
-            self._session = aiohttp.ClientSession(
-                headers=headers,
-                # connect covers DNS and the TCP/TLS handshake; reads are
-                # bounded per read in stream_chat (first token, then idle).
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self.connect_timeout_s, sock_connect=self.connect_timeout_s
-                ),
-                # as many as the limiter lets through, so aiohttp never queues a request
-                # itself (its wait would count as connecting, unseen and unordered)
-                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
-                                               keepalive_timeout=KEEPALIVE_TIMEOUT_S),
-            )
-            self._session_loop = loop
-        return self._session
-
     async def aclose(self) -> None:
-        session, self._session, self._session_loop = self._session, None, None
-        if session is not None and not session.closed:
-            await session.close()
+        await self.endpoint.aclose()
 
     # ------------------------------------------------------------ request
     def _payload(self, messages: Sequence[ChatMessage], max_tokens: int, temperature: float) -> dict[str, Any]:
@@ -176,7 +139,7 @@ class OpenAIChatModel:
 
     def _error(self, what: str, cls: type[EndpointError] = EndpointProtocolError) -> EndpointError:
         """An error of kind ``cls`` whose message names this endpoint's URL."""
-        return cls(f"LLM endpoint {self.url}: {what}")
+        return self.endpoint.error(what, cls)
 
     async def stream_chat(
         self,
@@ -192,30 +155,23 @@ class OpenAIChatModel:
         The ``ticket`` is marked started when a connection is free and the
         request is sent (its queue wait is the wait for a connection, 0 while
         fewer than ``max_connections`` streams are open), finished when the
-        stream ends.  A remote server's own queue (vLLM and SGLang schedule
-        and batch continuously) is part of the work as seen from here.
+        stream ends.  At the first byte, the endpoint's Server-Timing (when it
+        sends one: a sub300 model node does) fills the ticket's
+        ``remote_queue_s`` and ``network_s`` (models/remote.py); without it
+        the server's own queue (vLLM and SGLang schedule and batch
+        continuously) is part of the work as seen from here.
         Raises EndpointTimeout if no connection frees before the first
         token's limit.  ``usage``: the server's own counts, once its usage
         chunk came (see the module docstring).
         """
         payload = self._payload(messages, max_tokens, temperature)
-        session = self._get_session()
-        connections = self._connections
         loop = asyncio.get_running_loop()
         first_deadline = loop.time() + self.first_token_timeout_s
-        if connections.busy >= connections.slots:
-            self._warn_pool_full(loop.time(), connections)
+        ticket = ticket or WorkTicket(label="llm")
         async with contextlib.AsyncExitStack() as stack:
-            try:
-                async with asyncio.timeout_at(first_deadline):
-                    await stack.enter_async_context(connections.slot(ticket or WorkTicket(label="llm")))
-            except TimeoutError:
-                raise self._error(
-                    f"no free connection within {self.first_token_timeout_s:g} s: all {connections.slots} "
-                    f"(max_connections) in use, {connections.waiting} requests waiting", EndpointTimeout,
-                ) from None
+            await self.endpoint.slot(ticket, first_deadline, stack, self.first_token_timeout_s)
             seen = LlmUsage()
-            inner = self._stream(session, payload, max_tokens, first_deadline, seen)
+            inner = self._stream(payload, max_tokens, first_deadline, seen, ticket)
             try:
                 async with contextlib.aclosing(inner):
                     async for piece in inner:
@@ -234,18 +190,8 @@ class OpenAIChatModel:
             log.warning("LLM endpoint %s sent no usage (stream_options.include_usage): its requests' tokens "
                         "are unknown and not counted (logged once)", self.url)
 
-    def _warn_pool_full(self, now: float, connections: PriorityLimiter) -> None:
-        """Say (at most every `_POOL_FULL_WARNING_INTERVAL_S`) that requests wait for a connection."""
-        last = self._pool_full_warned_at
-        if last is not None and now - last < _POOL_FULL_WARNING_INTERVAL_S:
-            return
-        self._pool_full_warned_at = now
-        log.warning("LLM endpoint %s: all %d connections (max_connections) are streaming; new requests wait "
-                    "for one (%d waiting); raise llm.max_connections if the server can take more",
-                    self.url, connections.slots, connections.waiting + 1)
-
-    async def _stream(self, session: aiohttp.ClientSession, payload: dict[str, Any], max_tokens: int,
-                      first_deadline: float, usage: LlmUsage) -> AsyncGenerator[str, None]:
+    async def _stream(self, payload: dict[str, Any], max_tokens: int, first_deadline: float, usage: LlmUsage,
+                      ticket: WorkTicket) -> AsyncGenerator[str, None]:
         """One request on one connection: the content pieces of the SSE stream; ``usage`` gets the
         server's counts when it sends them."""
         loop = asyncio.get_running_loop()
@@ -265,28 +211,10 @@ class OpenAIChatModel:
                                    EndpointTimeout)
             return self._error(f"no first token within {self.first_token_timeout_s:g} s", EndpointTimeout)
 
-        try:
-            async with asyncio.timeout_at(first_deadline):
-                resp = await session.post(self.url, json=payload)
-        except TimeoutError:
-            # aiohttp's own connect timeout also lands here (it is a TimeoutError)
-            raise self._error(
-                f"timed out connecting or waiting for the response "
-                f"(connect {self.connect_timeout_s:g} s, first token {self.first_token_timeout_s:g} s)",
-                EndpointTimeout,
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise self._error(f"cannot connect ({exc.os_error or exc})", EndpointUnreachable) from exc
-        except aiohttp.ClientError as exc:
-            # e.g. ServerDisconnectedError: it accepted the request, then closed
-            raise self._error(f"connection dropped before the response ({type(exc).__name__}: {exc})",
-                              EndpointDropped) from exc
-
+        resp = await self.endpoint.post(deadline=first_deadline, limit=f"first token {self.first_token_timeout_s:g} s",
+                                        ticket=ticket, retries=self.retries, json=payload)
         finished_cleanly = False
         try:
-            if resp.status >= 400:
-                what = f"HTTP {resp.status} {resp.reason or ''}".rstrip() + await self._body_excerpt(resp)
-                raise EndpointHTTPError(f"LLM endpoint {self.url}: {what}", resp.status)
             ctype = resp.content_type
             if ctype == "application/json":
                 # A server that ignored stream=true and answered in one piece.
@@ -301,7 +229,8 @@ class OpenAIChatModel:
                 finished_cleanly = True
                 return
             if ctype != "text/event-stream":
-                raise self._error(f"unexpected content type {ctype!r}" + await self._body_excerpt(resp))
+                excerpt = await body_excerpt(resp, min(2.0, self.idle_timeout_s))
+                raise self._error(f"unexpected content type {ctype!r}{excerpt}")
 
             data_lines: list[str] = []
             finish_reason: str | None = None
@@ -365,26 +294,6 @@ class OpenAIChatModel:
                 resp.close()
 
     # ------------------------------------------------------------ parsing
-    async def _body_excerpt(self, resp: aiohttp.ClientResponse) -> str:
-        try:
-            async with asyncio.timeout(min(2.0, self.idle_timeout_s)):
-                raw = await resp.content.read(4096)
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            return ""
-        text = raw.decode("utf-8", errors="replace").strip()
-        try:  # OpenAI-style {"error": {"message": ...}}
-            err = json.loads(text).get("error")
-            if isinstance(err, dict) and err.get("message"):
-                text = str(err["message"])
-            elif isinstance(err, str):
-                text = err
-        except (ValueError, AttributeError):
-            pass
-        text = " ".join(text.split())
-        if len(text) > _BODY_EXCERPT_CHARS:
-            text = text[:_BODY_EXCERPT_CHARS] + "…"
-        return f": {text}" if text else ""
-
     def _parse_chunk(self, data: str, after: Callable[[], str] = lambda: "",
                      usage: LlmUsage | None = None) -> tuple[str, str | None]:
         """One ``chat.completion.chunk`` → (content piece, finish_reason); its ``usage`` object, if
@@ -403,7 +312,7 @@ class OpenAIChatModel:
             msg = err.get("message") if isinstance(err, dict) else err
             where = after()
             raise self._error(f"error event in the stream{' ' + where if where else ''}: "
-                              f"{str(msg)[:_BODY_EXCERPT_CHARS]}", EndpointStreamError)
+                              f"{str(msg)[:BODY_EXCERPT_CHARS]}", EndpointStreamError)
         if usage is not None:
             self._read_usage(obj, usage)
         choices = obj.get("choices")
@@ -437,7 +346,7 @@ class OpenAIChatModel:
         try:
             obj = json.loads(raw)
             if obj.get("error"):
-                raise self._error(f"error: {str(obj['error'])[:_BODY_EXCERPT_CHARS]}", EndpointStreamError)
+                raise self._error(f"error: {str(obj['error'])[:BODY_EXCERPT_CHARS]}", EndpointStreamError)
             if usage is not None and isinstance(obj, dict):
                 self._read_usage(obj, usage)
             content = obj["choices"][0]["message"]["content"]
