@@ -6,7 +6,9 @@ Ringing → 200 OK with the SDP answer (§13.3).  The admission
 (agent/admission.py) is the process's, shared with WebRTC: a call holds its
 slot from the INVITE until its dialog ends, ringing included.  In the dialog: ACK, BYE (either side, §15), re-INVITE (new
 address, codec or hold, §14), INFO (DTMF), OPTIONS (§11).  CANCEL while
-ringing → 200 for the CANCEL and 487 for the INVITE (§9.2).  The
+ringing → 200 for the CANCEL and 487 for the INVITE (§9.2).  OPTIONS
+outside a dialog answers 200, or 503 with Retry-After while no new call
+would be admitted (draining, busy): a proxy's health probe.  The
 transactions under all this — retransmissions, their timers, matching by
 branch — are `transactions.py`.
 
@@ -205,13 +207,30 @@ class UserAgentServer:
         elif method == "ACK":
             self.transactions.ack_error(request.branch)   # ACK of our error response
         elif method == "OPTIONS":
-            self._reply(request, flow, 200, headers=self._capabilities())
+            self._on_options(request, flow)
         elif method in ("BYE", "INFO"):
             self._reply(request, flow, 481)
         elif method in _NOT_ALLOWED:
             self._reply(request, flow, 405, headers=[("Allow", sip.ALLOW)])
         else:
             self._reply(request, flow, 501, headers=[("Allow", sip.ALLOW)])
+
+    def _on_options(self, request: sip.Request, flow: Flow) -> None:
+        """OPTIONS outside a dialog (§11.2): 200 with our capabilities while a new call would be admitted; else
+        503 with Retry-After (§21.5.4) and a Warning that says why: the server drains, it is busy (capacity full
+        or engine queues saturated: `Admission.remaining_calls` is 0), or ``sip.max_calls`` calls are up.  A
+        proxy that probes its destinations with OPTIONS (Kamailio's dispatcher: only 2xx keeps a destination
+        active) then sends new calls elsewhere before any INVITE is refused (scripts/kamailio/)."""
+        admission = self.admission
+        cap = admission.transport_caps.get("sip")
+        why = ("draining" if admission.draining else
+               "busy" if admission.remaining_calls() == 0 else
+               "sip.max_calls reached" if cap is not None and admission.active_calls("sip") >= cap else None)
+        if why is None:
+            self._reply(request, flow, 200, headers=self._capabilities())
+            return
+        self._reply(request, flow, 503, headers=[("Retry-After", str(admission.retry_after_s)),
+                                                 ("Warning", f'399 sub300 "{why}"'), *self._capabilities()])
 
     @staticmethod
     def _capabilities() -> list[tuple[str, str]]:
