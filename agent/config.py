@@ -111,6 +111,18 @@ class ServerConfig(Section):
         default="I'm sorry, I have to end the call now. Goodbye!", max_length=500,
         description="said to each call in progress when the server drains ('' = hang up silently)",
     )
+    audio_max_upload_bytes: int = Field(
+        default=25 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="POST /v1/audio/transcriptions: largest upload (bytes; OpenAI's limit is 25 MB); more is a 413",
+    )
+    audio_max_seconds: float = Field(
+        default=600.0, gt=0.0, le=7200.0,
+        description="POST /v1/audio/transcriptions: longest decoded audio (s); longer is a 400",
+    )
+    speech_max_chars: int = Field(
+        default=4096, ge=1, le=1_000_000,
+        description="POST /v1/audio/speech: longest 'input' (characters; OpenAI's limit is 4096); longer is a 400",
+    )
 
 
 class VadConfig(Section):

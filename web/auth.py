@@ -27,7 +27,7 @@ The counted requests: ``POST /offer`` and a ``/ws…`` request are new calls
 (a calls-at-once slot rides in ``request["call_slot"]``: signalling takes it
 for an answered call and releases it when the call ends; otherwise it is
 released when the handler returns, which for a WebSocket is when it closes);
-``POST /v1/chat/completions`` is a model request.
+``POST /v1/chat/completions``, ``/v1/audio/transcriptions`` and ``/v1/audio/speech`` are model requests.
 
 Routes added by `add_auth_routes`:
 
@@ -80,6 +80,7 @@ SCOPE_TABLE: tuple[tuple[str, str], ...] = (
     ("/v1/call-tokens", "calls"),
     ("/ws", "calls"),
     ("/v1/chat/completions", "model"),
+    ("/v1/audio", "model"),
     ("/v1/models", "model"),
     ("/v1/usage", "usage"),
     ("/v1/calls", "admin"),
@@ -92,7 +93,7 @@ SCOPE_TABLE: tuple[tuple[str, str], ...] = (
     ("/webrtc/config", OPEN),
 )
 _NEW_CALL_PATHS = ("/offer",)   # POST; and every /ws… request
-_MODEL_REQUEST_PATHS = ("/v1/chat/completions",)   # POST
+_MODEL_REQUEST_PATHS = ("/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")   # POST
 
 
 def required_scope(path: str) -> str:

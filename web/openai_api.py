@@ -51,6 +51,16 @@ model layer writes for users; never a repr or a traceback), logged once.
 A failure after the stream has started arrives as one ``data: {"error": …}``
 event, and the stream ends without ``[DONE]``.  When the client goes away,
 the model's iterator is closed at the next piece, which stops its generation.
+
+Scheduling and timing (the model-node contract, web/server_timing.py): the
+request's `WorkTicket` takes its class from ``X-Sub300-Urgency`` (absent:
+committed; another value is a 400); a committed request turns slack after
+its first ``AUTO_SLACK_AFTER_TOKENS`` pieces, as the embedded engine treats
+a request without a caller's ticket (models/llm_batching.py), since no
+caller here says when its first clause is complete.  The answer carries
+``Server-Timing: queue;dur=…, work;dur=…`` (queue: submitted → the engine
+started it; work: → the headers, i.e. the whole completion, or for a stream
+the first piece, which the headers go out with).
 """
 from __future__ import annotations
 
@@ -66,9 +76,12 @@ from typing import Any
 from aiohttp import web
 
 from sub300.agent.usage import LLM_COMPLETION_TOKENS, LLM_PROMPT_TOKENS, ModelUsageSink
+from sub300.models.llm_batching import AUTO_SLACK_AFTER_TOKENS
 from sub300.models.protocols import EndpointError, LanguageModel, LlmUsage, ModelError, accepts_usage
+from sub300.models.scheduling import Urgency, WorkTicket
 
 from .auth import PRINCIPAL
+from .server_timing import BadUrgency, request_urgency, server_timing
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +335,10 @@ def add_openai_routes(
         except (ValueError, UnicodeDecodeError, RecursionError):
             return _error_response(400, "request body is not valid JSON", "invalid_request_error")
         try:
+            ticket = WorkTicket(request_urgency(request), label="llm api")
+        except BadUrgency as exc:
+            return _error_response(400, str(exc), "invalid_request_error", code="invalid_urgency")
+        try:
             req = parse_chat_request(body, default_max_tokens, max_tokens_cap)
             overflow = await asyncio.to_thread(context_overflow, model, req["messages"], req["max_tokens"])
             if overflow is not None:
@@ -332,8 +349,9 @@ def add_openai_routes(
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         counted: dict[str, Any] = {} if usage is None else {"usage": usage}   # a model without the keyword: none
+        ticket.mark_submitted()
         pieces = model.stream_chat(req["messages"], max_tokens=req["max_tokens"], temperature=req["temperature"],
-                                   **counted)
+                                   ticket=ticket, **counted)
 
         async def close_model() -> None:
             """Stop the model (idempotent); its usage is final after this."""
@@ -344,8 +362,8 @@ def add_openai_routes(
 
         try:
             if req["stream"]:
-                return await _stream(request, pieces, req, completion_id, usage, close_model)
-            return await _complete(request, pieces, req, completion_id, usage, close_model)
+                return await _stream(request, pieces, req, completion_id, usage, close_model, ticket)
+            return await _complete(request, pieces, req, completion_id, usage, close_model, ticket)
         finally:
             await close_model()
 
@@ -376,9 +394,14 @@ def add_openai_routes(
         transport = request.transport
         return transport is None or transport.is_closing()
 
+    def counted_piece(ticket: WorkTicket, count: int) -> None:
+        """After ``count`` pieces: a committed request turns slack at `AUTO_SLACK_AFTER_TOKENS`."""
+        if count == AUTO_SLACK_AFTER_TOKENS and ticket.urgency == Urgency.COMMITTED:
+            ticket.urgency = Urgency.SLACK
+
     async def _complete(
         request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str,
-        usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]],
+        usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]], ticket: WorkTicket,
     ) -> web.StreamResponse:
         stop = _StopFilter(req["stops"])
         out: list[str] = []
@@ -386,6 +409,7 @@ def add_openai_routes(
         try:
             async for piece in pieces:
                 count += 1
+                counted_piece(ticket, count)
                 out.append(stop.feed(piece))
                 if stop.stopped or client_gone(request):
                     break
@@ -406,11 +430,11 @@ def add_openai_routes(
                 "finish_reason": finish,
             }],
             "usage": openai_usage(usage),
-        })
+        }, headers={"Server-Timing": server_timing(ticket)})
 
     async def _stream(
         request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str,
-        usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]],
+        usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]], ticket: WorkTicket,
     ) -> web.StreamResponse:
         stop = _StopFilter(req["stops"])
         it = pieces.__aiter__()
@@ -428,6 +452,7 @@ def add_openai_routes(
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            "Server-Timing": server_timing(ticket),
         })
         count = 0
         with_usage = req["include_usage"]
@@ -437,6 +462,7 @@ def add_openai_routes(
             piece = first
             while piece is not None:
                 count += 1
+                counted_piece(ticket, count)
                 text = stop.feed(piece)
                 if text:
                     await resp.write(chunk(completion_id, {"content": text}, None, with_usage=with_usage))

@@ -11,11 +11,21 @@ otherwise: "starting: …", "draining", "full: …", "saturated: …"), `/metric
 (Prometheus) and the OpenAI-compatible API over the embedded LLM.  Browser
 (WebRTC) and, when enabled, phone (SIP) callers use the same engines, report
 to the same metrics observer and count against the same `Admission`.
+
+Roles (``server.role``, issue 13): ``all`` serves everything above and the
+audio routes (web/audio_api.py); ``model`` serves the engines to media nodes
+— ``/v1/chat/completions``, ``/v1/models``, ``/v1/audio/transcriptions``,
+``/v1/audio/speech`` — with /metrics, /livez, /healthz, /readyz, and no
+page, no ``/offer``, no ``/webrtc/config`` (404); ``media`` takes calls (the
+page, signalling; SIP in `sub300 serve`) and serves no /v1 model route.
+Model requests in flight are counted (`ModelRequests`, for the drain); while
+the server drains a new one is answered 503 with ``Retry-After``.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -25,6 +35,7 @@ from sub300.agent.config import Config
 from sub300.agent.engines import Engines
 from sub300.agent.metrics import CONTENT_TYPE, MetricsObserver
 
+from .audio_api import add_audio_routes
 from .openai_api import add_openai_routes
 from .signalling import Signalling, describe_calls
 
@@ -51,6 +62,53 @@ class Readiness:
 
 
 READINESS_KEY = web.AppKey("readiness", Readiness)
+#: the POST routes that run a model (counted, and refused while draining)
+MODEL_ROUTES = ("/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
+#: seconds a draining server asks a model client to wait (it should try another node: a balancer's job)
+DRAIN_RETRY_AFTER_S = 1
+
+
+class ModelRequests:
+    """The model requests in flight (`MODEL_ROUTES`), as the drain (sub300/drain.py) sees them: a `CallSet`
+    whose "calls" each finish their answer; the drain waits for them up to ``server.drain_timeout_s``."""
+
+    name = "model API"
+
+    def __init__(self) -> None:
+        self.active = 0
+
+    def active_calls(self) -> int:
+        return self.active
+
+    def end_politely(self, goodbye: str) -> None:
+        """Nothing to say: each request finishes its answer (new ones are refused)."""
+
+    async def end_now(self, reason: str) -> None:
+        """Nothing to do here: the web app's cleanup closes the connections left."""
+
+
+MODEL_REQUESTS_KEY = web.AppKey("model_requests", ModelRequests)
+
+
+@web.middleware
+async def model_requests_middleware(request: web.Request,
+                                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                                    ) -> web.StreamResponse:
+    """Count model requests in flight; refuse new ones with 503 + ``Retry-After`` while draining."""
+    if request.method != "POST" or request.path not in MODEL_ROUTES:
+        return await handler(request)
+    if request.app[ADMISSION_KEY].draining:
+        log.info("%s refused: draining", request.path)
+        return web.json_response(
+            {"error": {"message": "draining: this server is shutting down, try again (another server)",
+                       "type": "server_error", "param": None, "code": "draining"}},
+            status=503, headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})
+    counter = request.app[MODEL_REQUESTS_KEY]
+    counter.active += 1
+    try:
+        return await handler(request)
+    finally:
+        counter.active -= 1
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -94,10 +152,12 @@ async def index(request: web.Request) -> web.FileResponse:
 
 def build_app(config: Config, engines: Engines, observer: MetricsObserver | None = None,
               admission: Admission | None = None, readiness: Readiness | None = None) -> web.Application:
-    """The web app. ``admission``: the process's, shared with SIP (`sub300 serve`); without one, the app makes
-    its own from ``config`` (device: where ``engines``' STT runs). ``observer`` is made to watch it.
-    ``readiness``: the listeners still to bind (`sub300 serve`); without one, /readyz follows the admission."""
-    app = web.Application(client_max_size=256 * 1024)
+    """The web app for ``config.server.role`` (see the module docstring). ``admission``: the process's, shared
+    with SIP (`sub300 serve`); without one, the app makes its own from ``config`` (device: where ``engines``'
+    STT runs). ``observer`` is made to watch it. ``readiness``: the listeners still to bind (`sub300 serve`);
+    without one, /readyz follows the admission."""
+    role = config.server.role
+    app = web.Application(client_max_size=256 * 1024, middlewares=[model_requests_middleware])
     if admission is None:
         admission = Admission.from_config(config, device=engines.stt.device.split("/")[0])
     observer = observer or MetricsObserver(config.budget_ms)
@@ -113,15 +173,23 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
     app[SIGNALLING_KEY] = signalling
     app[ADMISSION_KEY] = admission
     app[READINESS_KEY] = readiness or Readiness()
-    app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC_DIR)
+    app[MODEL_REQUESTS_KEY] = ModelRequests()
+    if role != "model":
+        app.router.add_get("/", index)
+        app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get("/livez", livez)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    signalling.add_routes(app)
-    add_openai_routes(app, engines.llm, model_name=engines.llm.name, default_max_tokens=config.llm.max_tokens,
-                      max_tokens_cap=config.llm.api_max_tokens)
+    if role != "model":
+        signalling.add_routes(app)
+    if role != "media":
+        add_openai_routes(app, engines.llm, model_name=engines.llm.name, default_max_tokens=config.llm.max_tokens,
+                          max_tokens_cap=config.llm.api_max_tokens)
+        add_audio_routes(app, engines.stt, engines.tts, language=config.stt.language or None,
+                         max_upload_bytes=config.server.audio_max_upload_bytes,
+                         max_audio_s=config.server.audio_max_seconds,
+                         max_speech_chars=config.server.speech_max_chars)
 
     async def close_engines(app: web.Application) -> None:
         await engines.aclose()

@@ -1,0 +1,306 @@
+"""The model node's routes on named fakes: /v1/audio/transcriptions, /v1/audio/speech (web/audio_api.py),
+Server-Timing and X-Sub300-Urgency on them and on /v1/chat/completions, roles, auth scope, drain, usage.
+
+The app is `build_app` on fake engines (sub300/testing/fakes.py), served by aiohttp's TestServer on
+127.0.0.1; the engines' delays are a few ms of real time.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import re
+import struct
+import wave
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+
+from sub300.agent.auth.keys import new_key
+from sub300.agent.auth.memory_store import MemoryKeyStore
+from sub300.agent.usage import STT_AUDIO_S, TTS_CHARS
+from sub300.models.protocols import EndpointUnreachable, ModelError
+from sub300.models.scheduling import Urgency
+from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, tone
+from sub300.web.audio_api import SPEECH_SAMPLE_RATE, decode_audio, wav_stream_header
+from sub300.web.auth import add_auth_routes
+from sub300.web.openai_api import MODEL_USAGE_KEY
+from sub300.web.server import ADMISSION_KEY, MODEL_REQUESTS_KEY, build_app
+
+TIMING = re.compile(r"^queue;dur=(\d+\.\d), work;dur=(\d+\.\d)$")
+
+
+def wav_bytes(seconds: float, rate: int = 8000, hz: float = 300.0) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (8000 * np.sin(2 * np.pi * hz * t)).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return out.getvalue()
+
+
+def timing(headers) -> tuple[float, float]:
+    match = TIMING.match(headers.get("Server-Timing", ""))
+    assert match, headers.get("Server-Timing")
+    return float(match[1]), float(match[2])
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.requests: list[tuple] = []
+
+    def model_request(self, key_id, source, route, usage, status) -> None:
+        self.requests.append((route, dict(usage), status))
+
+
+class Node:
+    """`build_app` for ``role`` on ``engines`` (fakes by default), served; ``post_*`` helpers."""
+
+    def __init__(self, config, *, role: str = "model", engines=None, auth: bool = False, **server) -> None:
+        config = copy.deepcopy(config)
+        config.server.role = role
+        for key, value in server.items():
+            setattr(config.server, key, value)
+        self.engines = engines or fake_engines(stt=FakeStt("hello there", delay_s=0.005),
+                                               tts=FakeTts(delay_s=0.005, ms_per_piece=500))
+        self.app = build_app(config, self.engines)
+        self.sink = Sink()
+        self.app[MODEL_USAGE_KEY] = self.sink
+        self.keys = {}
+        if auth:
+            store = MemoryKeyStore()
+            for scopes in ("calls", "model"):
+                key, secret = new_key(scopes, scopes)
+                store.add_key(key)
+                self.keys[scopes] = secret
+            add_auth_routes(self.app, config, store, enabled=True)
+        self.server = TestServer(self.app, host="127.0.0.1")
+
+    async def __aenter__(self) -> Node:
+        await self.server.start_server()
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+        await self.server.close()
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def transcribe(self, data: bytes | None = None, headers=None, **fields) -> tuple[int, dict, bytes]:
+        form = aiohttp.FormData()
+        if data is not None:
+            form.add_field("file", data, filename="clip.wav", content_type="audio/wav")
+        for name, value in {"model": "whisper-1", **fields}.items():
+            form.add_field(name, str(value))
+        async with self.session.post(self.url("/v1/audio/transcriptions"), data=form, headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+    async def speak(self, body, headers=None) -> tuple[int, dict, bytes]:
+        async with self.session.post(self.url("/v1/audio/speech"), json=body, headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+# ------------------------------------------------------------------ transcriptions
+async def test_a_transcription_in_each_format_with_server_timing_and_the_urgency_on_its_ticket(config):
+    async with Node(config) as node:
+        status, headers, body = await node.transcribe(wav_bytes(0.5), headers={"X-Sub300-Urgency": "speculative"})
+        assert status == 200 and json.loads(body) == {"text": "hello there"}
+        queue, work = timing(headers)
+        assert queue >= 0 and work >= 4.0   # the fake's 5 ms is work
+        assert node.engines.stt.tickets[-1].urgency == Urgency.SPECULATIVE
+        assert node.engines.stt.calls[-1][1] == pytest.approx(0.5, abs=0.01)   # 8 kHz resampled: 0.5 s at 16 kHz
+
+        status, headers, body = await node.transcribe(wav_bytes(0.5), response_format="text")
+        assert status == 200 and body == b"hello there" and headers["Content-Type"].startswith("text/plain")
+        assert node.engines.stt.tickets[-1].urgency == Urgency.COMMITTED   # no header: committed
+
+        status, _, body = await node.transcribe(wav_bytes(0.5), response_format="verbose_json", language="en")
+        doc = json.loads(body)
+        assert status == 200 and doc["text"] == "hello there" and doc["duration"] == pytest.approx(0.5, abs=0.01)
+        assert doc["segments"][0]["end"] == doc["duration"] and "no_speech_prob" in doc["segments"][0]
+        assert node.sink.requests[0] == ("/v1/audio/transcriptions", {STT_AUDIO_S: pytest.approx(0.5, abs=0.01)}, 200)
+
+
+def test_decode_audio_gives_float32_16k_and_refuses_what_is_not_audio():
+    audio = decode_audio(wav_bytes(0.25, rate=44100), max_seconds=10)
+    assert audio.dtype == np.float32 and len(audio) == pytest.approx(4000, abs=40) and np.abs(audio).max() < 1.0
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        decode_audio(b"this is not audio at all" * 10, max_seconds=10)
+    with pytest.raises(ValueError, match="longer than"):
+        decode_audio(wav_bytes(2.0), max_seconds=1)
+
+
+@pytest.mark.parametrize(("data", "fields", "headers", "status", "message"), [
+    (None, {}, None, 400, "'file' is required"),
+    (b"", {}, None, 400, "empty"),
+    (b"RIFF nonsense" * 20, {}, None, 400, "cannot be decoded"),
+    (wav_bytes(0.0), {}, None, 400, "no audio"),
+    ("ok", {"response_format": "srt"}, None, 400, "supported: json, text, verbose_json"),
+    ("ok", {"language": "fr"}, None, 400, "transcribes 'en' only"),
+    ("ok", {"temperature": "3"}, None, 400, "temperature"),
+    ("ok", {}, {"X-Sub300-Urgency": "urgent"}, 400, "X-Sub300-Urgency must be one of"),
+    (bytes(300_000), {}, None, 413, "limit of"),
+])
+async def test_transcription_errors_are_openai_shaped(config, data, fields, headers, status, message):
+    async with Node(config, audio_max_upload_bytes=200_000) as node:
+        got, _, body = await node.transcribe(wav_bytes(0.2) if data == "ok" else data, headers=headers, **fields)
+        assert got == status, body
+        error = json.loads(body)["error"]
+        assert message in error["message"] and error["type"] == "invalid_request_error"
+        assert node.engines.stt.calls == []   # refused before the engine
+
+
+@pytest.mark.parametrize(("error", "status"), [(ModelError("Whisper inference failed: boom"), 500),
+                                               (EndpointUnreachable("endpoint refused"), 502)])
+async def test_an_engine_failure_is_a_5xx_with_the_engines_sentence(config, error, status):
+    engines = fake_engines(stt=FakeStt("x", delay_s=0.001, error=error))
+    async with Node(config, engines=engines) as node:
+        got, _, body = await node.transcribe(wav_bytes(0.2))
+        assert got == status and "boom" in body.decode() or "refused" in body.decode()
+        assert "Traceback" not in body.decode()
+
+
+# ------------------------------------------------------------------ speech
+async def test_speech_streams_24k_pcm_or_a_streaming_wav_with_server_timing(config):
+    async with Node(config) as node:
+        status, headers, body = await node.speak({"model": "tts-1", "input": "Hello.", "voice": "alloy",
+                                                  "response_format": "pcm"}, headers={"X-Sub300-Urgency": "slack"})
+        assert status == 200 and headers["X-Sample-Rate"] == str(SPEECH_SAMPLE_RATE) == "24000"
+        assert headers.get("Transfer-Encoding") == "chunked"
+        assert len(body) // 2 == pytest.approx(12_000, abs=200)   # the fake's 500 ms at 16 kHz, now 24 kHz
+        assert timing(headers)[1] >= 4.0
+        assert node.engines.tts.tickets[-1].urgency == Urgency.SLACK and node.engines.tts.pieces == ["Hello."]
+
+        status, headers, body = await node.speak({"input": "Hi.", "response_format": "wav"})
+        assert status == 200 and headers["Content-Type"] == "audio/wav"
+        assert body[:44] == wav_stream_header(24_000) and body[4:8] == b"\xff\xff\xff\xff"
+        assert struct.unpack("<I", body[24:28])[0] == 24_000 and len(body) - 44 == pytest.approx(24_000, abs=400)
+        assert ("/v1/audio/speech", {TTS_CHARS: 3.0}, 200) in node.sink.requests
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"input": "Hi.", "response_format": "mp3"}, "supported: pcm, wav"),
+    ({"input": "Hi.", "speed": 1.5}, "speed 1.0"),
+    ({"input": "  "}, "'input' is required"),
+    ({"model": "tts-1"}, "'input' is required"),
+    ({"input": "x" * 101}, "at most 100"),
+    ({"input": "Hi.", "stream_format": "sse"}, "stream_format"),
+])
+async def test_speech_errors(config, body, message):
+    async with Node(config, speech_max_chars=100) as node:
+        status, _, raw = await node.speak(body)
+        assert status == 400 and message in json.loads(raw)["error"]["message"]
+        assert node.engines.tts.pieces == []
+
+
+class DrippingTts:
+    """A synthesis of ``chunks`` 10 ms chunks, one every ``every_s``; ``closed_after`` chunks when it stopped."""
+
+    name = "dripping"
+    sample_rate = 16_000
+
+    def __init__(self, chunks: int = 500, every_s: float = 0.01, fail_after: int | None = None) -> None:
+        self.chunks, self.every_s, self.fail_after = chunks, every_s, fail_after
+        self.sent = 0
+        self.closed_after: int | None = None
+
+    def synthesize(self, text):
+        raise AssertionError("the route must use synthesize_async")
+
+    async def synthesize_async(self, text, *, ticket=None):
+        if ticket is not None:
+            ticket.mark_started()
+        try:
+            for _ in range(self.chunks):
+                await asyncio.sleep(self.every_s)
+                if self.fail_after is not None and self.sent == self.fail_after:
+                    raise ModelError("Piper failed: out of voice")
+                self.sent += 1
+                yield tone(10)
+        finally:
+            self.closed_after = self.sent
+
+
+async def test_a_client_that_disconnects_stops_the_synthesis_at_once(config):
+    tts = DrippingTts(chunks=50, every_s=0.2)   # the engine is between chunks when the client goes
+    async with Node(config, engines=fake_engines(tts=tts)) as node:
+        response = await node.session.post(node.url("/v1/audio/speech"), json={"input": "A long story.",
+                                                                                "response_format": "pcm"})
+        assert response.status == 200
+        await response.content.readexactly(480 * 2)   # 10 ms at 24 kHz
+        response.close()   # the connection goes
+        loop = asyncio.get_running_loop()
+        gone, sent = loop.time(), tts.sent
+        while tts.closed_after is None and loop.time() - gone < 2.0:
+            await asyncio.sleep(0.005)
+        assert tts.closed_after == sent < 10, (tts.closed_after, sent)   # stopped before its next chunk,
+        assert loop.time() - gone < 0.15                                  # at once, not at the next write
+        await asyncio.sleep(0.01)
+        assert node.app[MODEL_REQUESTS_KEY].active == 0
+
+
+async def test_a_synthesis_that_fails_mid_stream_truncates_the_body(config):
+    async with Node(config, engines=fake_engines(tts=DrippingTts(fail_after=3))) as node:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await node.speak({"input": "Hi.", "response_format": "pcm"})
+
+
+# ------------------------------------------------------------------ chat completions, roles, auth, drain
+async def test_chat_completions_carry_server_timing_and_take_the_urgency(config):
+    llm = FakeLlm(["Paris", " is", " nice."], first_token_s=0.005, per_token_s=0.001)
+    async with Node(config, engines=fake_engines(llm=llm)) as node:
+        for stream in (False, True):
+            async with node.session.post(node.url("/v1/chat/completions"), headers={"X-Sub300-Urgency": "slack"},
+                                         json={"messages": [{"role": "user", "content": "Hi"}],
+                                               "stream": stream}) as r:
+                assert r.status == 200
+                await r.read()
+                assert timing(r.headers)[1] >= 4.0
+            assert llm.tickets[-1] is not None and llm.tickets[-1].urgency == Urgency.SLACK
+        async with node.session.post(node.url("/v1/chat/completions"), headers={"X-Sub300-Urgency": "now"},
+                                     json={"messages": [{"role": "user", "content": "Hi"}]}) as r:
+            assert r.status == 400
+
+
+async def test_roles_model_serves_no_calls_media_serves_no_models(config):
+    async with Node(config, role="model") as node:
+        for method, path in (("GET", "/"), ("POST", "/offer"), ("GET", "/webrtc/config"), ("GET", "/static/app.js")):
+            async with node.session.request(method, node.url(path)) as r:
+                assert r.status == 404, path
+        for path in ("/livez", "/readyz", "/metrics", "/v1/models"):
+            async with node.session.get(node.url(path)) as r:
+                assert r.status == 200, path
+    async with Node(config, role="media") as node:
+        status, _, _ = await node.speak({"input": "Hi."})
+        assert status == 404
+        async with node.session.get(node.url("/")) as r:
+            assert r.status == 200
+    async with Node(config, role="all") as node:
+        assert (await node.speak({"input": "Hi."}))[0] == 200
+
+
+async def test_the_audio_routes_need_the_model_scope(config):
+    async with Node(config, auth=True) as node:
+        assert (await node.speak({"input": "Hi."}))[0] == 401
+        bearer = {"Authorization": f"Bearer {node.keys['calls']}"}
+        assert (await node.speak({"input": "Hi."}, headers=bearer))[0] == 403
+        assert (await node.transcribe(wav_bytes(0.2), headers=bearer))[0] == 403
+        bearer = {"Authorization": f"Bearer {node.keys['model']}"}
+        assert (await node.speak({"input": "Hi."}, headers=bearer))[0] == 200
+        assert (await node.transcribe(wav_bytes(0.2), headers=bearer))[0] == 200
+
+
+async def test_a_draining_node_refuses_new_model_requests_with_retry_after(config):
+    async with Node(config) as node:
+        node.app[ADMISSION_KEY].drain()
+        for status, headers, body in (await node.speak({"input": "Hi."}), await node.transcribe(wav_bytes(0.2))):
+            assert status == 503 and headers["Retry-After"] == "1" and json.loads(body)["error"]["code"] == "draining"
+        assert node.engines.tts.pieces == [] and node.engines.stt.calls == []
