@@ -81,6 +81,11 @@ class MetricsObserver:
                                      "A turn's critical-path engine request: its work (STT: the final transcript, "
                                      "LLM: to the first token, TTS: to the first piece's audio)",
                                      ["transport", "engine"], buckets=_QUEUE_BUCKETS, registry=r)
+        self.engine_network = Histogram(
+            "sub300_engine_network_seconds", "A turn's critical-path request to a remote engine: its time on the "
+            "network (request sent to the answer's first byte, less the endpoint's own queue and work as its "
+            "Server-Timing says; only endpoints that send it)", ["transport", "stage"], buckets=_QUEUE_BUCKETS,
+            registry=r)
         self.mouth_to_ear_estimate = Histogram(
             "sub300_mouth_to_ear_estimate_seconds",
             "The server's estimate of the caller's mouth-to-ear: inbound transport + voice-to-voice + outbound "
@@ -258,6 +263,8 @@ class MetricsObserver:
                 self.queue_wait.labels(transport, engine).observe(ms / 1000.0)
             for engine, ms in ledger.work_ms.items():
                 self.engine_work.labels(transport, engine).observe(ms / 1000.0)
+            for stage, ms in ledger.network_ms.items():
+                self.engine_network.labels(transport, stage).observe(ms / 1000.0)
             if self.admission is not None:
                 self.admission.record_turn(ledger.queue_ms)
             v2v = ledger.voice_to_voice_ms

@@ -14,6 +14,9 @@ A `CallObserver` (agent/calls.py).  The span tree of one call::
         ├── stt queue / stt work  the engines' critical-path requests: the wait for the engine
         ├── llm queue / llm work  (`ledger.queue_ms`) then its work (`ledger.work_ms`), from the
         └── tts queue / tts work  request's start mark (stt_start, llm_start, tts_start)
+                                  a remote engine (models/remote.py) has a ``network`` span between
+                                  the two (`ledger.network_ms`: the wire time both ways, as one
+                                  span; its queue then holds the endpoint's own queue wait too)
 
 Spans are made after the fact, when the turn's `TurnFinished` / `TurnFailed`
 arrives, with explicit start and end times: the ledger's marks are seconds
@@ -207,12 +210,14 @@ class TracingObserver:
         v2v.end(end_time=ns(spans[-1][2]))
 
     def _engines(self, ledger: TurnLedger, parent: Any, ns: Callable[[float], int]) -> None:
-        """Each engine's critical-path request: its queue wait, then its work, from the request's start mark."""
+        """Each engine's critical-path request: its queue wait, its network time (a remote engine's), then
+        its work, back to back from the request's start mark."""
         for engine in ENGINE_STAGES:
             begin = ledger.marks.get(ENGINE_START_MARKS[engine])
             if begin is None or (engine not in ledger.queue_ms and engine not in ledger.work_ms):
                 continue
-            for part, ms in (("queue", ledger.queue_ms.get(engine)), ("work", ledger.work_ms.get(engine))):
+            for part, ms in (("queue", ledger.queue_ms.get(engine)), ("network", ledger.network_ms.get(engine)),
+                             ("work", ledger.work_ms.get(engine))):
                 if ms is None:
                     continue
                 end = begin + ms / 1000.0

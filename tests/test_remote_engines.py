@@ -91,7 +91,7 @@ class FakeAudioServer:
         if (refused := self._refused()) is not None:
             return refused
         if self.scenario == "stall":
-            await asyncio.sleep(0.3)          # longer than the test's first-byte limit, short for the cleanup
+            await asyncio.sleep(0.1)          # longer than the test's first-byte limit, short for the cleanup
         wav = self.scenario.startswith("wav")
         ctype = "audio/wav" if wav else "audio/pcm"
         resp = web.StreamResponse(headers={"Content-Type": ctype, **self._headers()})
@@ -313,8 +313,8 @@ async def test_a_stream_that_stops_midway_is_dropped_and_never_retried():
 
 async def test_first_byte_timeout():
     async with running(FakeAudioServer("stall")) as url:
-        with pytest.raises(EndpointTimeout, match="first byte 0.05 s"):
-            await synthesize(tts_for(url, first_byte_timeout_s=0.05))
+        with pytest.raises(EndpointTimeout, match="first byte 0.02 s"):
+            await synthesize(tts_for(url, first_byte_timeout_s=0.02))
 
 
 async def test_barge_in_closing_the_generator_closes_the_servers_stream():
@@ -360,3 +360,105 @@ def test_blocking_paths():
             assert json.loads(json.dumps(server.requests[1]["json"]))["input"] == "Hi."
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ the remote LLM, metrics, traces
+async def test_the_remote_llm_reads_server_timing_and_sends_the_urgency():
+    from .test_openai_llm import client_for, delta, sse
+
+    seen: list[dict] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        """Fake OpenAI-compatible chat endpoint: one SSE answer with a Server-Timing header."""
+        seen.append(dict(request.headers))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Server-Timing": "queue;dur=4, work;dur=6"})
+        await resp.prepare(request)
+        await resp.write(sse(delta("Hi"), delta(None, "stop"), "[DONE]"))
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    ticket = WorkTicket(Urgency.SPECULATIVE, label="llm")
+    async with serve(app) as url, client_for(f"{url}/v1") as llm:
+        async with asyncio.timeout(5):
+            assert [p async for p in llm.stream_chat(QUESTION, max_tokens=8, ticket=ticket)] == ["Hi"]
+    assert seen[0]["X-Sub300-Urgency"] == "speculative"
+    assert ticket.remote_queue_s == pytest.approx(0.004) and ticket.network_s is not None and ticket.network_s >= 0
+
+
+def _remote_ledger() -> TurnLedger:
+    """A finished turn's ledger whose TTS request went to an endpoint: 10 ms queue, 30 network, 50 work."""
+    ledger = TurnLedger(1)
+    ledger.mark("tts_start", 100.0)
+    clock = iter([100.0, 100.0]).__next__
+    ticket = WorkTicket(clock=clock)
+    ticket.mark_started()                   # submitted = started = 100.0
+    ticket.remote_queue_s, ticket.network_s = 0.010, 0.030
+    ledger.record_engine("tts", ticket, work_end=100.090)
+    return ledger
+
+
+def test_the_network_part_is_a_metric_and_a_span_between_queue_and_work():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry
+
+    from sub300.agent.events import TurnFinished
+    from sub300.agent.metrics import MetricsObserver
+    from sub300.agent.tracing import TracingObserver
+
+    ledger = _remote_ledger()
+    assert (ledger.queue_ms["tts"], ledger.network_ms["tts"], ledger.work_ms["tts"]) == (10.0, 30.0, 50.0)
+    event = TurnFinished(1, "Hi?", "Hello.", ledger)
+    metrics = MetricsObserver(1000.0, registry=CollectorRegistry())
+    metrics.call_started("sip", "c1")(event)
+    sample = metrics.registry.get_sample_value
+    assert sample("sub300_engine_network_seconds_sum", {"transport": "sip", "stage": "tts"}) == pytest.approx(0.03)
+    assert sample("sub300_engine_network_seconds_count", {"transport": "sip", "stage": "stt"}) is None
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = TracingObserver(provider, clock=lambda: 101.0)
+    tracing.call_started("sip", "c1")(event)
+    tracing.call_ended("sip", "c1", "hangup")
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.name.startswith("tts ")}
+    queue, network, work = spans["tts queue"], spans["tts network"], spans["tts work"]
+    assert queue.end_time == network.start_time and network.end_time == work.start_time
+    assert (network.end_time - network.start_time) / 1e6 == pytest.approx(30.0, abs=0.01)
+
+
+@pytest.mark.slow        # a real-time conversation: ~1.3 s; the reply-level test above is the fast one
+async def test_a_conversation_reports_a_remote_tts_dropping_mid_reply_as_a_failed_tts_turn(config):
+    """The same handling as a local TTS that fails (tests/test_llm_failures.py): a TurnFailed of stage
+    tts with the error's kind, the metric, and the next turn answered once the endpoint recovers."""
+    from sub300.agent.events import TurnFailed, TurnFinished
+    from sub300.agent.metrics import MetricsObserver
+    from sub300.testing.fakes import FakeStt, fake_engines, speech
+    from sub300.testing.scripted_caller import ScriptedCaller
+
+    server = FakeAudioServer("drop")
+    async with running(server) as url:
+        tts = tts_for(url, sample_rate=24_000)
+        c = config.model_copy(deep=True)
+        c.stt.partial_interval_ms = 0
+        caller = ScriptedCaller(fake_engines(stt=FakeStt("Hello?", delay_s=0.01), tts=tts), c)   # type: ignore[arg-type]
+        observer = MetricsObserver(300.0)
+        caller.conversation.listeners.append(observer.call_started("test", "call-1"))
+        try:
+            async with asyncio.timeout(20):
+                for scenario in ("drop", "ok"):
+                    server.scenario = scenario
+                    await caller.silence(0.05)
+                    await caller.say(speech(0.3))
+                    await caller.until_idle()
+        finally:
+            await caller.close()
+            await tts.aclose()
+    (failed,) = [e for e in caller.events if isinstance(e, TurnFailed)]
+    assert (failed.turn, failed.stage, failed.failure) == (1, "tts", "dropped")
+    assert [e.turn for e in caller.events if isinstance(e, TurnFinished)] == [2]
+    assert observer.registry.get_sample_value("sub300_turn_failures_total",
+                                              {"transport": "test", "stage": "tts", "kind": "dropped"}) == 1
