@@ -90,6 +90,11 @@ class OpenAIRecognizer:
     def __repr__(self) -> str:
         return f"OpenAIRecognizer({self.url!r}, model={self.model!r})"
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection (metrics)."""
+        return self.endpoint.connections.waiting
+
     async def aclose(self) -> None:
         await self.endpoint.aclose()
 
