@@ -138,7 +138,8 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    server = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    server = {key: value for key, value in (("host", args.host), ("port", args.port), ("role", args.role))
+              if value is not None}
     if server:  # checked like the file's values: a bad --port is exit 2, not a bind traceback
         config = override(config, {"server": server}, origin="the command line")
     return serve(config, progress=_progress)
@@ -146,12 +147,32 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 async def start_sip(config: Config, engines, observer, admission=None, auth_limits=None):
     """The SIP service (media/sip), sharing engines, metrics, the admission and the per-source limits
-    (``auth_limits``: web/auth.py's, so one INVITE rate per source); None when disabled."""
-    if not config.sip.enabled:
+    (``auth_limits``: web/auth.py's, so one INVITE rate per source); None when disabled or on a model node."""
+    if not config.sip.enabled or config.server.role == "model":
         return None
     from sub300.media.sip.service import start_sip_service
 
     return await start_sip_service(config, engines, observer, admission=admission, auth_limits=auth_limits)
+
+
+def describe_role(config: Config) -> list[tuple[str, str]]:
+    """What ``server.role`` means for this configuration: (level, line) pairs that `serve` logs.
+
+    A media node names the remote endpoint of each model stage and warns (not fails) for a stage that
+    still runs in process (its calls then share this machine's cores with it); a model node and an
+    all-in-one server have nothing to add."""
+    if config.server.role != "media":
+        return []
+    lines: list[tuple[str, str]] = []
+    for stage, section in (("stt", config.stt), ("llm", config.llm), ("tts", config.tts)):
+        if section.engine == "openai":
+            lines.append(("info", f"media node: {stage.upper()} is remote: {section.base_url} "
+                                  f"(model {section.remote_model!r})"))
+        else:
+            lines.append(("warning", f"media node: {stage.upper()} still runs in this process ({stage}.engine = "
+                                     f"{section.engine!r}); set {stage}.engine = \"openai\" and {stage}.base_url "
+                                     "to use a model node"))
+    return lines
 
 
 def serve(config: Config, progress: Callable[[str], None] = print) -> int:
@@ -159,7 +180,10 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
 
     The web app (page, signalling, metrics, OpenAI API) and, when enabled, the
     SIP service share one set of engines and one admission (a call counts
-    against one capacity, whatever its transport).  Start-up: load and warm
+    against one capacity, whatever its transport).  ``server.role`` (``--role``)
+    chooses what is served (web/server.py): ``model`` starts no SIP listener
+    and takes no call, ``media`` logs each stage's remote endpoint (a warning
+    for a stage still in process); the start-up line names the role.  Start-up: load and warm
     the engines, bind HTTP (/livez answers; /readyz says "starting" while SIP
     is not bound), bind SIP, then ready.  Stop: the first signal drains —
     /readyz 503 "draining", new calls 503, each call finishes its turn, hears
@@ -188,8 +212,11 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
     from sub300.drain import Drain, SipCalls, WebRtcCalls
     from sub300.sd_notify import notify
     from sub300.web.auth import add_auth_routes
-    from sub300.web.server import SIGNALLING_KEY, Readiness, build_app
+    from sub300.web.server import MODEL_REQUESTS_KEY, SIGNALLING_KEY, Readiness, build_app
 
+    role = config.server.role
+    for level, line in describe_role(config):
+        getattr(log, level)("%s", line)
     engines = load_engines(config, progress=progress)
 
     async def main() -> int:
@@ -203,7 +230,7 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             if drain.stopping:
                 return await drain.close()
             observer = MetricsObserver(config.budget_ms, admission=admission)
-            readiness = Readiness(("sip",) if config.sip.enabled else ())
+            readiness = Readiness(("sip",) if config.sip.enabled and role != "model" else ())
             app = build_app(config, engines, observer, admission, readiness)
             # one database for the API keys (web/auth.py) and the records (agent/records); opened (and
             # migrated) off the loop.  Both add middleware or routes, so before runner.setup().
@@ -222,6 +249,7 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
             # the web app's cleanup closes every WebRTC call left and the engines (web/server.py)
             drain.closers[:] = [("the web app", runner.cleanup)]
             drain.calls.append(WebRtcCalls(app[SIGNALLING_KEY]))
+            drain.calls.append(app[MODEL_REQUESTS_KEY])   # model requests in flight finish their answer
             if records is not None:   # records: last, once every call ended: writes what is queued
                 drain.closers.append(("the records", records.aclose))
             else:                     # the key store alone
@@ -238,8 +266,12 @@ def serve(config: Config, progress: Callable[[str], None] = print) -> int:
         except BaseException:
             await drain.close()
             raise
-        progress(f"serving on http://{config.server.host}:{config.server.port} "
-                 f"(/ demo page, /offer, /metrics, /livez, /readyz, /v1/chat/completions"
+        routes = {"all": "/ demo page, /offer, /metrics, /livez, /readyz, /v1/chat/completions, /v1/audio/*",
+                  "media": "/ demo page, /offer, /metrics, /livez, /readyz",
+                  "model": "/v1/chat/completions, /v1/audio/transcriptions, /v1/audio/speech, /v1/models, "
+                           "/metrics, /livez, /readyz; no calls"}[role]
+        progress(f"serving as a{'n' if role == 'all' else ''} {role}{' node' if role != 'all' else '-in-one server'} "
+                 f"on http://{config.server.host}:{config.server.port} ({routes}"
                  f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
                  f"engines: {engines.describe()}; SIGTERM drains (up to {config.server.drain_timeout_s:g} s)")
         notify(f"READY=1\nSTATUS=serving on {config.server.host}:{config.server.port}")   # Type=notify units
@@ -270,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (web page, signalling, metrics, OpenAI API)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--role", choices=("all", "media", "model"),
+                       help="server.role: all (default) | media (calls; engines remote) | model (serves its engines)")
     serve.set_defaults(run=cmd_serve)
     __import__("sub300.cli_records", fromlist=["register"]).register(sub)   # usage, export, forget, records, db
     __import__("sub300.cli_keys", fromlist=["register"]).register(sub)   # keys create | list | revoke
