@@ -161,7 +161,7 @@ LLM_ENGINES: dict[str, Callable[[Config], LanguageModel]] = {"embedded": _embedd
 TTS_ENGINES: dict[str, Callable[[Config], SpeechSynthesizer]] = {"piper": _piper, "espeak": _espeak,
                                                                   "openai": _openai_tts}
 #: engines that call an endpoint: not warmed up, no local worker pool (their limiter is max_connections)
-REMOTE_ENGINES = "openai"
+REMOTE_ENGINE = "openai"
 #: turn.detector -> its turn-completion model (None: the VAD's fixed hangover alone)
 TURN_MODELS: dict[str, Callable[[Config], TurnCompletionModel | None]] = {"vad": lambda c: None, "smart-turn": _smart_turn}
 
@@ -204,7 +204,7 @@ def scheduled_tts(engine: SpeechSynthesizer, c: Config) -> SpeechSynthesizer:
 
     A remote engine (tts.engine = "openai") is returned as it is: its own limiter (tts.max_connections)
     orders its requests by deadline class, and a 1-worker local pool would serialize the endpoint."""
-    if c.tts.engine == REMOTE_ENGINES:
+    if c.tts.engine == REMOTE_ENGINE:
         return engine
     from sub300.models.tts_service import ScheduledSynthesizer
 
@@ -238,7 +238,7 @@ async def warm_up(engines: Engines, config: Config) -> None:
     """
     silence = np.zeros(16_000, np.float32)
     remote = [stage for stage, engine in (("stt", config.stt.engine), ("tts", config.tts.engine))
-              if engine == REMOTE_ENGINES]
+              if engine == REMOTE_ENGINE]
     if remote:
         log.info("warm-up skips the remote %s (%s): the first turn pays the connection set-up, and its "
                  "ledger shows it", " and ".join(remote), ", ".join(
