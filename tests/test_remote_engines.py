@@ -462,3 +462,25 @@ async def test_a_conversation_reports_a_remote_tts_dropping_mid_reply_as_a_faile
     assert [e.turn for e in caller.events if isinstance(e, TurnFinished)] == [2]
     assert observer.registry.get_sample_value("sub300_turn_failures_total",
                                               {"transport": "test", "stage": "tts", "kind": "dropped"}) == 1
+
+
+async def test_remote_engines_skip_warm_up_and_the_local_tts_pool(config, caplog):
+    """Warm-up sends nothing to a remote STT/TTS (it says so); the remote TTS is not put behind the
+    1-worker local pool; `Engines.aclose` closes its session."""
+    import logging
+
+    from sub300.agent.engines import Engines, scheduled_tts, warm_up
+    from sub300.testing.fakes import FakeLlm, FakeVad
+
+    c = config.model_copy(deep=True)
+    c.stt.engine = c.tts.engine = "openai"
+    dead = f"http://127.0.0.1:{closed_port()}/v1"       # a request would fail: none must be sent
+    stt, tts = stt_for(dead), tts_for(dead)
+    assert scheduled_tts(tts, c) is tts
+    engines = Engines(vad=FakeVad(), stt=stt, llm=FakeLlm(["Hi."]), tts=tts)
+    with caplog.at_level(logging.INFO, logger="sub300.agent.engines"):
+        await warm_up(engines, c)
+    assert any("warm-up skips the remote stt and tts" in r.getMessage() for r in caplog.records)
+    tts.endpoint.session()
+    await engines.aclose()
+    assert tts.endpoint._session is None
