@@ -74,13 +74,16 @@ class PlayoutQueue:
         """
         if not self._segments:
             self._idle.set()
-            return self._played_silence(n)
+            self._played_silence(n)
+            return None
         if self.held:
-            return self._played_silence(n)
+            self._played_silence(n)
+            return None
         if self.paused:
             if self.silenced_at is None:
                 self.silenced_at = self.clock()  # the first frame that goes out silent
-            return self._played_silence(n)
+            self._played_silence(n)
+            return None
         out = np.zeros(n, np.int16)
         filled = 0
         now = self.clock()
@@ -106,7 +109,6 @@ class PlayoutQueue:
     def _played_silence(self, n: int) -> None:
         if self.on_played is not None:
             self.on_played(np.zeros(n, np.int16), self.clock())
-        return None
 
     def pause(self) -> None:
         """Stop playing at once, keeping what is queued."""
