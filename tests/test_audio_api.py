@@ -1,8 +1,10 @@
 """The model node's routes on named fakes: /v1/audio/transcriptions, /v1/audio/speech (web/audio_api.py),
 Server-Timing and X-Sub300-Urgency on them and on /v1/chat/completions, roles, auth scope, drain, usage.
 
-The app is `build_app` on fake engines (sub300/testing/fakes.py), served by aiohttp's TestServer on
-127.0.0.1; the engines' delays are a few ms of real time.
+The app is `build_app` on fake engines (sub300/testing/fakes.py), served on 127.0.0.1 by an AppRunner
+as `sub300 serve` runs it (not aiohttp's TestServer, which cancels a handler whose client leaves: the
+server does not, so the speech route watches its connection itself); the engines' delays are a few
+ms of real time.
 """
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ import copy
 import io
 import json
 import re
+import shutil
 import struct
+import subprocess
 import wave
+from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 
 from sub300.agent.auth.keys import new_key
 from sub300.agent.auth.memory_store import MemoryKeyStore
@@ -80,19 +85,22 @@ class Node:
                 store.add_key(key)
                 self.keys[scopes] = secret
             add_auth_routes(self.app, config, store, enabled=True)
-        self.server = TestServer(self.app, host="127.0.0.1")
+        self.runner = web.AppRunner(self.app, shutdown_timeout=1.0)   # as `sub300 serve` runs it
 
     async def __aenter__(self) -> Node:
-        await self.server.start_server()
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.base = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20))
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.session.close()
-        await self.server.close()
+        await self.runner.cleanup()
 
     def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
+        return self.base + path
 
     async def transcribe(self, data: bytes | None = None, headers=None, **fields) -> tuple[int, dict, bytes]:
         form = aiohttp.FormData()
@@ -202,10 +210,11 @@ async def test_speech_errors(config, body, message):
 
 
 class DrippingTts:
-    """A synthesis of ``chunks`` 10 ms chunks, one every ``every_s``; ``closed_after`` chunks when it stopped."""
+    """A synthesis of ``chunks`` 10 ms chunks at 24 kHz (none resampled), one every ``every_s`` from the start;
+    ``closed_after``: the chunks it had yielded when it was stopped."""
 
     name = "dripping"
-    sample_rate = 16_000
+    sample_rate = 24_000
 
     def __init__(self, chunks: int = 500, every_s: float = 0.01, fail_after: int | None = None) -> None:
         self.chunks, self.every_s, self.fail_after = chunks, every_s, fail_after
@@ -220,35 +229,35 @@ class DrippingTts:
             ticket.mark_started()
         try:
             for _ in range(self.chunks):
-                await asyncio.sleep(self.every_s)
                 if self.fail_after is not None and self.sent == self.fail_after:
                     raise ModelError("Piper failed: out of voice")
                 self.sent += 1
-                yield tone(10)
+                yield tone(10, self.sample_rate)
+                await asyncio.sleep(self.every_s)
         finally:
             self.closed_after = self.sent
 
 
 async def test_a_client_that_disconnects_stops_the_synthesis_at_once(config):
-    tts = DrippingTts(chunks=50, every_s=0.2)   # the engine is between chunks when the client goes
+    tts = DrippingTts(chunks=50, every_s=0.3)   # the engine is between chunks when the client goes
     async with Node(config, engines=fake_engines(tts=tts)) as node:
         response = await node.session.post(node.url("/v1/audio/speech"), json={"input": "A long story.",
                                                                                 "response_format": "pcm"})
         assert response.status == 200
-        await response.content.readexactly(480 * 2)   # 10 ms at 24 kHz
+        await response.content.readexactly(240 * 2)   # the first chunk: 10 ms at 24 kHz
         response.close()   # the connection goes
         loop = asyncio.get_running_loop()
         gone, sent = loop.time(), tts.sent
         while tts.closed_after is None and loop.time() - gone < 2.0:
             await asyncio.sleep(0.005)
-        assert tts.closed_after == sent < 10, (tts.closed_after, sent)   # stopped before its next chunk,
+        assert tts.closed_after == sent == 1, (tts.closed_after, sent)   # stopped before its next chunk,
         assert loop.time() - gone < 0.15                                  # at once, not at the next write
         await asyncio.sleep(0.01)
         assert node.app[MODEL_REQUESTS_KEY].active == 0
 
 
 async def test_a_synthesis_that_fails_mid_stream_truncates_the_body(config):
-    async with Node(config, engines=fake_engines(tts=DrippingTts(fail_after=3))) as node:
+    async with Node(config, engines=fake_engines(tts=DrippingTts(every_s=0.001, fail_after=3))) as node:
         with pytest.raises(aiohttp.ClientPayloadError):
             await node.speak({"input": "Hi.", "response_format": "pcm"})
 
@@ -304,3 +313,16 @@ async def test_a_draining_node_refuses_new_model_requests_with_retry_after(confi
         for status, headers, body in (await node.speak({"input": "Hi."}), await node.transcribe(wav_bytes(0.2))):
             assert status == 503 and headers["Retry-After"] == "1" and json.loads(body)["error"]["code"] == "draining"
         assert node.engines.tts.pieces == [] and node.engines.stt.calls == []
+
+
+# ------------------------------------------------------------------ the page
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's module")
+def test_the_latency_page_shows_a_remote_engines_network_part():
+    latency = Path(__file__).resolve().parent.parent / "web" / "static" / "latency.js"
+    script = (f"import {{ engineLine }} from {json.dumps(latency.as_uri())};\n"
+              "console.log(JSON.stringify([engineLine({queue_ms: {stt: 1, llm: 2.4}, work_ms: {stt: 90, llm: 180},"
+              " network_ms: {llm: 3.2}}), engineLine({queue_ms: {stt: 1}, work_ms: {stt: 90}})]));")
+    out = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["stt 90 ms (queued 1) · llm 180 ms (queued 2, network 3)",
+                                      "stt 90 ms (queued 1)"]

@@ -71,7 +71,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -478,7 +478,7 @@ class AudioApi:
         return response
 
 
-async def _synthesize(tts: SpeechSynthesizer, text: str, ticket: WorkTicket) -> AsyncIterator[np.ndarray]:
+async def _synthesize(tts: SpeechSynthesizer, text: str, ticket: WorkTicket) -> AsyncGenerator[np.ndarray, None]:
     """The engine's chunks for ``text``: its scheduled coroutine when it has one, else its blocking
     iterator in a worker thread (its whole time is then work)."""
     synthesize_async = getattr(tts, "synthesize_async", None)

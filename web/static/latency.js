@@ -3,7 +3,9 @@
 // scale, and p50/p95 over the call.  Under each bar, each engine's work on the
 // turn's critical path and how long its request queued first (the ledger's
 // work_ms / queue_ms: shared engines serve many calls, so a slow stage says
-// whether it waited or computed).  Beside the browser's own mouth-to-ear, the
+// whether it waited or computed).  A remote engine (a model node, issue 13)
+// adds its time on the network (the ledger's network_ms), apart from the model
+// node's own queue and work.  Beside the browser's own mouth-to-ear, the
 // server's estimate of it (the ledger's mouth_to_ear_estimate_ms: inbound
 // transport + voice-to-voice + outbound transport, from "turn_heard").
 export const STAGES = [
@@ -29,11 +31,14 @@ export const ENGINES = [["stt", "stt"], ["llm", "llm_first_token"], ["tts", "tts
 
 const ms = (v) => (v == null ? "–" : `${Math.round(v)} ms`);
 
-/** "stt 90 ms (queued 0) · llm 180 ms (queued 40)": each engine's work and queue wait, or "" without them. */
+/** "stt 90 ms (queued 0) · llm 180 ms (queued 40, network 3)": each engine's work, queue wait and, for a
+ * remote engine, its network time; "" without them. */
 export function engineLine(ledger) {
   const queue = (ledger && ledger.queue_ms) || {}, work = (ledger && ledger.work_ms) || {};
-  return ENGINES.filter(([e]) => queue[e] != null || work[e] != null)
-    .map(([e]) => `${e} ${ms(work[e])} (queued ${queue[e] == null ? "–" : Math.round(queue[e])})`).join(" · ");
+  const network = (ledger && ledger.network_ms) || {};
+  return ENGINES.filter(([e]) => queue[e] != null || work[e] != null || network[e] != null)
+    .map(([e]) => `${e} ${ms(work[e])} (queued ${queue[e] == null ? "–" : Math.round(queue[e])}` +
+      `${network[e] == null ? "" : `, network ${Math.round(network[e])}`})`).join(" · ");
 }
 
 export class Latency {
@@ -75,12 +80,14 @@ export class Latency {
     for (const [turn, r] of [...this.rows.entries()].sort((a, b) => a[0] - b[0])) {
       let cursor = 0, segs = "";
       const queue = (r.ledger && r.ledger.queue_ms) || {};
+      const network = (r.ledger && r.ledger.network_ms) || {};
       if (r.ledger) {
         for (const [k, label] of STAGES) {
           const d = r.ledger.stages_ms[k];
           if (d == null) continue;
           const engine = ENGINES.find(([, stage]) => stage === k);
-          const queued = engine && queue[engine[0]] != null ? ` (queued ${Math.round(queue[engine[0]])} ms)` : "";
+          const queued = (engine && queue[engine[0]] != null ? ` (queued ${Math.round(queue[engine[0]])} ms)` : "") +
+            (engine && network[engine[0]] != null ? ` (network ${Math.round(network[engine[0]])} ms)` : "");
           segs += `<div class="seg" title="${label}: ${Math.round(d)} ms${queued}" style="left:${pct(cursor)};width:${pct(d)};background:var(--${k})"></div>`;
           cursor += d;
         }
@@ -91,7 +98,7 @@ export class Latency {
       parts.push(`<div class="row" data-turn="${turn}"><span class="name">turn ${turn}</span>
         <div class="track">${segs}<div class="budget" style="left:${pct(this.budget)}"></div>${tick}</div>
         <span class="nums"><span class="v2v">${ms(v)}</span> · <span class="m2e-val" title="mouth-to-ear measured by this browser">ear ${ms(r.m2e)}</span> · <span class="m2e-est" title="the server's estimate of mouth-to-ear (its ledger)">est ${ms(e)}</span></span>
-        <span class="queues" title="each engine's work on this turn, and how long its request queued first (ms)">${engineLine(r.ledger)}</span></div>`);
+        <span class="queues" title="each engine's work on this turn, how long its request queued first and, for a remote engine, its time on the network (ms)">${engineLine(r.ledger)}</span></div>`);
     }
     if (parts.length) {
       const every = scale / step <= 10 ? step : step * 2;
