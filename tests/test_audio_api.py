@@ -326,3 +326,16 @@ def test_the_latency_page_shows_a_remote_engines_network_part():
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["stt 90 ms (queued 1) · llm 180 ms (queued 2, network 3)",
                                       "stt 90 ms (queued 1)"]
+
+
+def test_a_media_node_names_each_remote_endpoint_and_warns_for_a_stage_in_process(config):
+    from sub300.cli import build_parser, describe_role
+
+    media = copy.deepcopy(config)
+    media.server.role = "media"
+    media.stt.engine, media.stt.base_url = "openai", "http://gpu-1:8081/v1"
+    lines = describe_role(media)
+    assert lines[0] == ("info", "media node: STT is remote: http://gpu-1:8081/v1 (model 'whisper-1')")
+    assert [level for level, _ in lines[1:]] == ["warning", "warning"] and "LLM still runs in this process" in lines[1][1]
+    assert describe_role(config) == []   # all-in-one: nothing to say
+    assert build_parser().parse_args(["serve", "--role", "model", "--port", "8081"]).role == "model"
