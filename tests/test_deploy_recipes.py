@@ -78,6 +78,18 @@ def test_services_select_deployments_and_their_ports():
             assert match["protocol"] == port["protocol"], (service["metadata"]["name"], port)
 
 
+def test_the_ingress_routes_to_the_media_service_and_not_the_per_node_routes():
+    (ingress,) = _of_kind("Ingress")
+    services = {s["metadata"]["name"]: {p["name"] for p in s["spec"]["ports"]} for s in _of_kind("Service")}
+    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    for path in paths:
+        backend = path["backend"]["service"]
+        assert backend["port"]["name"] in services[backend["name"]], path
+    routed = {p["path"] for p in paths}
+    assert "/offer" in routed and not routed & {"/metrics", "/readyz", "/livez", "/healthz"}
+    assert "http_503" in ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-next-upstream"]
+
+
 def _container(name: str) -> dict:
     (deployment,) = [d for d in _of_kind("Deployment") if d["metadata"]["name"] == name]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
