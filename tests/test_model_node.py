@@ -103,3 +103,32 @@ async def test_a_media_node_answers_through_a_model_node_and_survives_its_drain_
     finally:
         await caller.close()
         await remote.aclose()
+
+
+async def test_an_llm_node_that_stops_mid_call_gets_the_spoken_fallback_from_the_audio_node(config, engines):
+    """STT and TTS on one model node, the LLM on another (as with a vLLM box): the LLM node stops, the
+    turn fails at the LLM and the caller hears the fallback line, synthesized by the audio node."""
+    question = compose(0.3, speak("What is the capital of France?"), 0.1)
+    async with model_node(config, engines) as (_, audio_port):
+        media = media_config(config, audio_port)
+        async with model_node(config, engines) as (_, llm_port):
+            media.llm.base_url = f"http://127.0.0.1:{llm_port}/v1"
+            remote = load_engines(media, progress=lambda m: None)
+            caller = ScriptedCaller(remote, media)
+            try:
+                await caller.silence(0.3)
+                answered = await ask(caller, question, 1)
+                assert isinstance(answered, TurnFinished) and "llm" in answered.ledger.network_ms, answered
+            except BaseException:
+                await caller.close()
+                await remote.aclose()
+                raise
+        try:
+            heard_before = len(caller.agent_audio)
+            failed = await ask(caller, question, 2)
+            assert isinstance(failed, TurnFailed) and (failed.stage, failed.failure) == ("llm", "unreachable"), failed
+            assert failed.reply == media.llm.fallback_text and failed.ledger.voice_to_voice_ms is not None
+            assert len(caller.agent_audio) - heard_before > 10   # the fallback line was played (20 ms frames)
+        finally:
+            await caller.close()
+            await remote.aclose()
