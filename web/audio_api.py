@@ -432,7 +432,6 @@ class AudioApi:
         response: web.StreamResponse | None = None
         try:
             async for chunk in chunks:
-                usage[TTS_CHARS] = len(req.text)
                 pcm = resampler.process(np.asarray(chunk, dtype=np.int16).reshape(-1))
                 if response is None:
                     response = await self._start_stream(request, req, ticket, sent)
@@ -446,8 +445,6 @@ class AudioApi:
             await response.write_eof()
             return response
         except ModelError as exc:
-            if ticket.started is not None:
-                usage[TTS_CHARS] = len(req.text)
             if response is None:
                 return _engine_failure(exc, f"speech synthesis ({self.tts.name})")
             log.warning("speech synthesis (%s) failed mid-stream: %s; the connection is closed", self.tts.name, exc)
@@ -459,6 +456,8 @@ class AudioApi:
             return response if response is not None else web.Response(status=499)
         finally:
             await chunks.aclose()
+            if ticket.started is not None:   # the engine worked on it (a client that left early included)
+                usage[TTS_CHARS] = len(req.text)
 
     async def _start_stream(self, request: web.Request, req: SpeechRequest, ticket: WorkTicket,
                             sent: list[web.StreamResponse]) -> web.StreamResponse:
