@@ -37,9 +37,16 @@ def config() -> Config:
 
 @pytest.fixture(scope="session")
 def engines(config):
+    """The real engines on the bundled models, loaded once; closed at the end of the session, as
+    `sub300 serve` closes them: the embedded LLM's batching thread must not be inside CTranslate2
+    when the interpreter exits (that aborted pytest: 'terminate called without an active exception')."""
+    import asyncio
+
     from sub300.agent.engines import load_engines
 
-    return load_engines(config, progress=lambda m: None)
+    loaded = load_engines(config, progress=lambda m: None)
+    yield loaded
+    asyncio.run(loaded.aclose())
 
 
 def pytest_collection_modifyitems(config, items) -> None:
