@@ -15,13 +15,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import yaml  # the test extra (PyYAML)
 
 from sub300.agent.admission import Admission
 from sub300.agent.config import load_config
 from sub300.agent.metrics import MetricsObserver
 from sub300.drain import CLOSE_TIMEOUT_S
-
-yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of ctranslate2 and huggingface_hub)")
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 K8S, COMPOSE = SCRIPTS / "k8s", SCRIPTS / "compose"
