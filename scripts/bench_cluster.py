@@ -226,6 +226,24 @@ def markdown(summaries: list[dict], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def split_minus_all_in_one(summaries: list[dict]) -> list[str]:
+    """Per N with both topologies: split's p50 and p95 voice-to-voice less all-in-one's (ms), beside split's
+    network share, so the wire's part of the hops' cost can be read against their whole cost."""
+    by = {(s["topology"], s["calls"]): s for s in summaries}
+    lines = []
+    for n in sorted({s["calls"] for s in summaries}):
+        split, local = by.get(("split", n)), by.get(("all-in-one", n))
+        if split is None or local is None:
+            continue
+        diffs = []
+        for key in ("v2v_p50_ms", "v2v_p95_ms"):
+            a, b = split[key], local[key]
+            diffs.append("–" if a is None or b is None or math.isinf(a) or math.isinf(b) else f"{a - b:+.0f}")
+        lines.append(f"N={n}: split − all-in-one: v2v p50 {diffs[0]} ms, p95 {diffs[1]} ms; "
+                     f"of which on the wire (network share p50): {_ms(split['network_share_ms'])} ms")
+    return lines
+
+
 def merged_resources(parts: list[dict]) -> dict:
     """Several processes' Sampler figures as one topology's: CPU and peak RSS summed (an upper bound of the
     simultaneous peak)."""
@@ -267,7 +285,9 @@ class Report:
         return lines
 
     def table(self) -> str:
-        return markdown(self.summaries, self.header())
+        deltas = split_minus_all_in_one(self.summaries)
+        return markdown(self.summaries, self.header()) + "".join(f"\n\n{line}" if i == 0 else f"\n{line}"
+                                                                 for i, line in enumerate(deltas))
 
     def add(self, summary: dict, rows: list[TurnRow]) -> None:
         self.summaries.append(summary)

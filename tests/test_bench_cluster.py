@@ -71,3 +71,12 @@ def test_nodes_media_nodes_use_the_model_node_and_topologies_alternate() -> None
     firsts = [bench_cluster.round_order(topologies, n, r, 2)[0] for n in range(2) for r in range(2)]
     assert firsts == ["all-in-one", "split", "all-in-one", "split"]
     assert [bench_cluster.round_order(topologies, n, 0, 1)[0] for n in range(2)] == ["all-in-one", "split"]
+
+
+def test_split_minus_all_in_one_per_n() -> None:
+    local = bench_cluster.summarize_topology("all-in-one", 1, [answered(600.0), answered(700.0)], RESOURCES, [1e3])
+    split = bench_cluster.summarize_topology("split", 1, [answered(640.0, {"llm": 3.0}), answered(760.0)],
+                                             RESOURCES, [1e3])
+    lonely = bench_cluster.summarize_topology("split", 2, [answered(900.0)], RESOURCES, [1e3])
+    assert bench_cluster.split_minus_all_in_one([local, split, lonely]) == [
+        "N=1: split − all-in-one: v2v p50 +50 ms, p95 +59 ms; of which on the wire (network share p50): 3 ms"]
