@@ -159,21 +159,27 @@ def summarize_topology(topology: str, calls: int, rows: list[TurnRow], resources
 
     ``network_ms[stage]``: p50/p95 over the answered turns whose ledger carries that stage's network time,
     with their count ``n``; ``network_share_ms``: the sum of the stages' p50s (None when no stage has one);
-    ``network_share_pct``: that sum as a share of the p50 voice-to-voice (%).
+    ``network_share_pct``: that sum as a share of the p50 voice-to-voice (%); ``work_ms[stage]``: the same
+    over the ledger's ``work_ms`` (in split, the model node's work as its Server-Timing reports it);
+    ``stages_p50_ms``: the p50 of each critical-path stage (a stage a turn lacks counts 0 ms).
     """
     summary = summarize(calls, rows, resources, slos)
     answered = [r for r in rows if r.outcome == "answered"]
-    network = {}
+    network, work = {}, {}
     for stage in ENGINE_STAGES:
         values = [r.network_ms[stage] for r in answered if stage in r.network_ms]
         network[stage] = {"p50": _pct(values, 50), "p95": _pct(values, 95), "n": len(values)}
+        values = [r.work_ms[stage] for r in answered if stage in r.work_ms]
+        work[stage] = {"p50": _pct(values, 50), "p95": _pct(values, 95), "n": len(values)}
+    stage_names = sorted({name for r in answered for name in r.stages_ms})
+    stages = {name: _pct([r.stages_ms.get(name, 0.0) for r in answered], 50) for name in stage_names}
     p50s = [network[s]["p50"] for s in ENGINE_STAGES if network[s]["p50"] is not None]
     share = round(sum(p50s), 1) if p50s else None
     v2v = summary["v2v_p50_ms"]
     pct = (round(100.0 * share / v2v, 1) if share is not None and v2v is not None and not math.isinf(v2v) and v2v > 0
            else None)
     return {"topology": topology, **summary, "network_ms": network, "network_share_ms": share,
-            "network_share_pct": pct}
+            "network_share_pct": pct, "work_ms": work, "stages_p50_ms": stages}
 
 
 def failures(summaries: list[dict]) -> list[str]:
@@ -206,6 +212,7 @@ def markdown(summaries: list[dict], header: list[str]) -> str:
     cols += [f"{stage} network p50 (turns)" for stage in ENGINE_STAGES]
     cols += ["network share p50 (% of v2v p50)"]
     cols += [f"{stage} queue p50" for stage in ENGINE_STAGES]
+    cols += [f"work p50 {' / '.join(ENGINE_STAGES)}"]
     cols += ["CPU % (all its processes; 100 = 1 core)"]
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for s in sorted(summaries, key=lambda s: (s["calls"], TOPOLOGIES.index(s["topology"])
@@ -221,6 +228,7 @@ def markdown(summaries: list[dict], header: list[str]) -> str:
         for stage in ENGINE_STAGES:
             q = s["queue_ms"][stage]
             cells.append(_ms(q["p50"]) if q["n"] else "–")
+        cells.append(" / ".join(_ms(s["work_ms"][stage]["p50"]) for stage in ENGINE_STAGES))
         cells.append("–" if s.get("cpu_pct") is None else f"{s['cpu_pct']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ RESOURCES = {"cpu_pct": 80.0, "peak_rss_mib": 900.0}
 
 def answered(v2v: float, network: dict[str, float] | None = None, queue: dict[str, float] | None = None) -> TurnRow:
     return TurnRow(2, 0, "q", "answered", v2v, queue_ms=queue or {"stt": 1.0, "llm": 2.0, "tts": 3.0},
+                   work_ms={"stt": 10.0, "llm": 20.0, "tts": 30.0}, stages_ms={"stt": v2v / 10},
                    network_ms=network or {})
 
 
@@ -34,7 +35,9 @@ def test_network_share_is_the_sum_of_the_stage_p50s_over_turns_that_carry_them()
     assert math.isinf(s["v2v_p95_ms"])
     assert s["network_share_pct"] == pytest.approx(100 * 14.0 / 700.0, abs=0.1)
     table = bench_cluster.markdown([s], ["# header"])
-    assert "| split | 2 | 2 / 3 | 0 / 1 | 700 | ∞ | 3 (2) | 5 (2) | 6 (1) | 14 (2 %) | 1 | 2 | 3 | 80 |" in table
+    assert s["stages_p50_ms"] == {"stt": 60.0}
+    assert ("| split | 2 | 2 / 3 | 0 / 1 | 700 | ∞ | 3 (2) | 5 (2) | 6 (1) | 14 (2 %) | 1 | 2 | 3 | 10 / 20 / 30 | 80 |"
+            in table)
 
 
 def test_no_network_time_is_a_dash_and_fails_only_the_split_topology() -> None:
