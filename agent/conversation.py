@@ -51,6 +51,7 @@ from . import speech_guard
 from .audio import AudioFrame, StreamResampler, int16_to_float32
 from .audio_ring import AudioRing
 from .barge_in import BargeInRules
+from .behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from .call_limits import CallLimits, LimitReached
 from .config import Config
 from .echo import EchoGuard
@@ -103,15 +104,19 @@ class Conversation:
     playout: PlayoutQueue
     clock: Clock = time.monotonic
     listeners: list[Callable[[Event], None]] = field(default_factory=list)
+    #: the user's agent: instructions, tools, hooks (agent/behaviour.py); the hooks hear every event after
+    #: the transport's own listeners
+    behaviour: Behaviour = DEFAULT_BEHAVIOUR
 
     def __post_init__(self) -> None:
+        self.listeners = [*self.listeners, *self.behaviour.listeners]
         vad, interrupt = self.config.vad, self.config.interrupt
         self.end_of_turn = self._adaptive_end_of_turn()
         self.endpointer = Endpointer(self.engines.vad, min_speech_ms=vad.min_speech_ms,
                                      hangover_ms=self.config.turn.incomplete_hangover_ms if self.end_of_turn
                                      else vad.hangover_ms, onset_ms=interrupt.onset_ms,
                                      relative=vad.relative_end)
-        self.history = History(self.config.llm.system_prompt, self.config.llm.history_turns)
+        self.history = History(self.behaviour.system_prompt(self.config.llm.system_prompt), self.config.llm.history_turns)
         self.turn_state = TurnStateMachine()
         self.echo_frames = 0
         self._ring = AudioRing((vad.max_utterance_s + 5) * SAMPLE_RATE)

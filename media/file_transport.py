@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sub300.agent.audio import AudioFrame
+from sub300.agent.behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from sub300.agent.conversation import Conversation
 from sub300.models.protocols import SAMPLE_RATE
 
@@ -85,12 +86,13 @@ class FileCall:
 
 
 async def converse_with_file(engines, config, caller_audio: np.ndarray, listeners=(), *,
-                             max_tail_s: float = 60.0) -> tuple[FileCallResult, list]:
+                             max_tail_s: float = 60.0, behaviour: Behaviour = DEFAULT_BEHAVIOUR
+                             ) -> tuple[FileCallResult, list]:
     """Play `caller_audio` to a fresh conversation on shared engines; return the timeline and finished turns."""
     from sub300.agent.playout import PlayoutQueue
 
     playout = PlayoutQueue(engines.tts.sample_rate, time.monotonic)
-    conversation = Conversation(engines, config, playout, listeners=list(listeners))
+    conversation = Conversation(engines, config, playout, listeners=list(listeners), behaviour=behaviour)
     try:
         result = await FileCall(conversation, caller_audio, max_tail_s=max_tail_s).run()
     finally:

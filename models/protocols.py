@@ -134,7 +134,23 @@ class SpeechRecognizer(Protocol):
 
 
 # --------------------------------------------------------------------- LLM
-ChatMessage = Mapping[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+#: {"role": "system"|"user"|"assistant"|"tool", "content": "..."}; with tools also an assistant message
+#: with ``tool_calls`` (OpenAI's shape, content None) and ``{"role": "tool", "tool_call_id", "content"}``
+ChatMessage = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """The model asks for a function call (OpenAI function calling): yielded by `stream_chat` among
+    the text pieces once its streamed ``tool_calls`` deltas are complete.
+
+    ``arguments``: the JSON text the model wrote (not parsed: it may be invalid, and the caller says so
+    to the model); ``id``: the model's call id, echoed in the ``tool`` message that carries the result.
+    """
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass
@@ -198,6 +214,40 @@ class LanguageModel(Protocol):
         engine without the keyword keeps working, its usage unknown).
         """
         ...
+
+
+def accepts_tools(model: Any) -> bool:
+    """Whether ``model.stream_chat`` takes the ``tools`` keyword (a `ToolCallingModel`): only such an
+    engine is given tools; an agent with tools on another engine is a configuration error, said at start."""
+    try:
+        params = inspect.signature(model.stream_chat).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "tools" in params
+
+
+@runtime_checkable
+class ToolCallingModel(Protocol):
+    """A `LanguageModel` that can call tools: ``stream_chat(..., tools=[Tool.schema(), ...])`` yields
+    `ToolCall` objects among its text pieces (each once its streamed arguments are complete; several
+    may come in one answer, after or instead of text).  With ``tools`` None or empty it behaves as a
+    plain `LanguageModel`.  The messages then may hold the assistant's ``tool_calls`` and ``tool``
+    results (see `ChatMessage`).  An engine that cannot honour ``tools`` raises `ModelError` (kind
+    ``"tools_unsupported"``) before generating anything.
+    """
+
+    name: str
+
+    def stream_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        ticket: WorkTicket | None = None,
+        usage: LlmUsage | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncGenerator[str | ToolCall, None]: ...
 
 
 # --------------------------------------------------------------------- TTS

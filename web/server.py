@@ -31,6 +31,7 @@ from pathlib import Path
 from aiohttp import web
 
 from sub300.agent.admission import Admission
+from sub300.agent.behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from sub300.agent.config import Config
 from sub300.agent.engines import Engines
 from sub300.agent.metrics import CONTENT_TYPE, MetricsObserver
@@ -42,6 +43,8 @@ from .signalling import Signalling, describe_calls
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 ENGINES_KEY = web.AppKey("engines", Engines)
+#: the user's agent (agent/behaviour.py) that every call of this app gets, whatever its transport
+BEHAVIOUR_KEY = web.AppKey("behaviour", Behaviour)
 STARTED_KEY = web.AppKey("started", float)
 METRICS_KEY = web.AppKey("metrics", MetricsObserver)
 SIGNALLING_KEY = web.AppKey("signalling", Signalling)
@@ -151,7 +154,8 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 def build_app(config: Config, engines: Engines, observer: MetricsObserver | None = None,
-              admission: Admission | None = None, readiness: Readiness | None = None) -> web.Application:
+              admission: Admission | None = None, readiness: Readiness | None = None,
+              behaviour: Behaviour = DEFAULT_BEHAVIOUR) -> web.Application:
     """The web app for ``config.server.role`` (see the module docstring). ``admission``: the process's, shared
     with SIP (`sub300 serve`); without one, the app makes its own from ``config`` (device: where ``engines``'
     STT runs). ``observer`` is made to watch it. ``readiness``: the listeners still to bind (`sub300 serve`);
@@ -166,8 +170,9 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
     elif observer.admission is not admission:
         raise ValueError("build_app: the metrics observer watches another admission than the app's")
     observer.watch_engines(engines)
-    signalling = Signalling(config, engines, observer, admission)
+    signalling = Signalling(config, engines, observer, admission, behaviour)
     app[ENGINES_KEY] = engines
+    app[BEHAVIOUR_KEY] = behaviour
     app[STARTED_KEY] = time.monotonic()
     app[METRICS_KEY] = observer
     app[SIGNALLING_KEY] = signalling

@@ -45,6 +45,7 @@ from aiortc.sdp import SessionDescription
 
 from sub300.agent.admission import Admission, Refusal, Ticket
 from sub300.agent.auth.limits import CallSlot
+from sub300.agent.behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from sub300.agent.calls import CallContext, CallObserver
 from sub300.agent.config import Config
 from sub300.agent.engines import Engines
@@ -275,9 +276,10 @@ class Signalling:
     """The live browser calls of one app, and the routes that create them."""
 
     def __init__(self, config: Config, engines: Engines, observer: CallObserver,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, behaviour: Behaviour = DEFAULT_BEHAVIOUR) -> None:
         self.config = config
         self.engines = engines
+        self.behaviour = behaviour
         self.observer = observer
         #: shared with SIP under `sub300 serve`; alone, ``webrtc.max_calls`` is the limit
         self.admission = admission or Admission.per_transport("webrtc", config.webrtc.max_calls)
@@ -330,6 +332,7 @@ class Signalling:
         call_id = uuid.uuid4().hex[:12]
         pc = RTCPeerConnection(server_rtc_configuration(self.config.webrtc))
         call = WebRtcCall(call_id, pc, self.engines, self.config, self.observer, on_closed=self._forget,
+                          behaviour=self.behaviour,
                           context=context)
         self.calls[call_id] = call
         self._tickets[call_id] = ticket

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sub300.agent.admission import Admission
 from sub300.agent.auth.limits import Limits
+from sub300.agent.behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from sub300.agent.calls import CallObserver, LoggingObserver
 from sub300.agent.playout import PlayoutQueue
 
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def conversation_calls(engines: Engines, config: Config) -> CallFactory:
-    """The call factory of the server: a fresh `Conversation` per call, on the shared engines.
+def conversation_calls(engines: Engines, config: Config, behaviour: Behaviour = DEFAULT_BEHAVIOUR) -> CallFactory:
+    """The call factory of the server: a fresh `Conversation` per call, on the shared engines, with
+    the user's ``behaviour`` (agent/behaviour.py).
 
     Its playout queue runs at the call's rate (8 kHz for G.711), so the reply
     resamples TTS straight to the line's rate.
@@ -40,7 +42,7 @@ def conversation_calls(engines: Engines, config: Config) -> CallFactory:
 
     def make(setup: CallSetup) -> CallAgent:
         playout = PlayoutQueue(setup.sample_rate, setup.clock)
-        return Conversation(engines, config, playout, setup.clock)
+        return Conversation(engines, config, playout, setup.clock, behaviour=behaviour)
 
     return make
 
@@ -101,7 +103,8 @@ class SipService:
 async def start_sip_service(config: Config, engines: Engines | None, observer: CallObserver | None = None, *,
                             answer_delay_s: float = 0.0, tcp: bool = True,
                             call_factory: CallFactory | None = None,
-                            admission: Admission | None = None, auth_limits: Limits | None = None) -> SipService:
+                            admission: Admission | None = None, auth_limits: Limits | None = None,
+                            behaviour: Behaviour = DEFAULT_BEHAVIOUR) -> SipService:
     """Listen for SIP on config.sip.host:port (UDP, and TCP on the same port unless ``tcp`` is false).
 
     Each answered call talks to ``call_factory``'s agent, by default a
@@ -118,7 +121,7 @@ async def start_sip_service(config: Config, engines: Engines | None, observer: C
     if call_factory is None:
         if engines is None:
             raise ValueError("start_sip_service needs engines or a call_factory")
-        call_factory = conversation_calls(engines, config)
+        call_factory = conversation_calls(engines, config, behaviour)
     auth = None
     if sip.auth_username:
         password = os.environ.get(sip.auth_password_env, "")

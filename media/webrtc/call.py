@@ -57,6 +57,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from sub300.agent.audio import AudioFrame
+from sub300.agent.behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from sub300.agent.call_limits import INACTIVITY, MAX_DURATION
 from sub300.agent.calls import CallContext, CallObserver
 from sub300.agent.config import Config
@@ -119,6 +120,7 @@ class WebRtcCall:
         on_closed: Callable[[WebRtcCall], None] = lambda call: None,
         clock: Callable[[], float] = time.monotonic,
         context: CallContext | None = None,
+        behaviour: Behaviour = DEFAULT_BEHAVIOUR,
     ) -> None:
         self.call_id = call_id
         self.context = context or CallContext()
@@ -130,7 +132,8 @@ class WebRtcCall:
         self.playout = PlayoutQueue(PLAYOUT_RATE, clock)
         self.out_track = PlayoutTrack(self.playout, clock)
         self.listener = listener = observer.call_started(TRANSPORT, call_id, self.context)
-        self.conversation = Conversation(engines, config, self.playout, clock, listeners=[listener, self._on_event])
+        self.conversation = Conversation(engines, config, self.playout, clock, listeners=[listener, self._on_event],
+                                         behaviour=behaviour)
         self.tasks = TaskOwner(f"webrtc-{call_id}")
         self._io = self.tasks.child("io")   # what closing cancels: the reader, the hang-up timer
         self.reader: asyncio.Task | None = None
