@@ -28,6 +28,7 @@ a changed value, use `override`.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from sub300.models import defaults
@@ -75,6 +76,52 @@ def _int_text(value: Any) -> Any:
 
 
 CommaList = Annotated[list[str], BeforeValidator(_split_commas)]
+
+
+def _engine(stage: str, default: str) -> Any:
+    """An engine name checked against the installed engines of ``stage`` (agent/plugins.py: entry points)."""
+
+    def check(name: str) -> str:
+        from .plugins import PluginError, check_name
+
+        try:
+            return check_name(stage, name, default)
+        except PluginError as error:   # no engine installed at all: one line, like every other bad value
+            raise ValueError(str(error)) from None
+
+    return AfterValidator(check)
+
+
+def _json_object(value: Any) -> Any:
+    """``[stt.options]`` from the environment: ``SUB300_STT_OPTIONS='{"voice": "ann"}'`` (a JSON object)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"must be a JSON object in the environment ({error})") from None
+    return value
+
+
+OptionValue = str | int | float | bool | list[str | int | float | bool]
+#: a plugin engine's own settings, handed to its factory as they are (``config.stt.options``)
+EngineOptions = Annotated[dict[str, OptionValue], BeforeValidator(_json_object)]
+
+
+def _options_field(stage: str) -> Any:
+    return Field(
+        default_factory=dict,
+        description=f"a plugin engine's own settings, for its factory as config.{stage}.options (TOML table "
+        f"[{stage}.options]; $SUB300_{stage.upper()}_OPTIONS as a JSON object); sub300's own engines take none",
+    )
+
+
+def _no_options_for_builtin(stage: str, name: str, options: Mapping[str, Any]) -> None:
+    """sub300's own engines read their [section] keys: options given to one would be ignored, so they are an error."""
+    from .plugins import is_builtin
+
+    if options and is_builtin(stage, name):
+        raise ValueError(f"options: the built-in engine {name!r} takes no options (its settings are the keys "
+                         f"of [{stage}]; [{stage}.options] is for a plugin engine)")
 Device = Literal["auto", "cpu", "cuda"]
 # CTranslate2's compute types; "auto" = float16 on CUDA, the engine's CPU default on CPU
 ComputeType = Literal[
@@ -88,6 +135,18 @@ class Section(BaseModel):
     """A TOML table: unknown keys are errors; values are checked when loaded."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _options_for_a_plugin(self) -> Section:
+        """An engine section's ``options`` go to a plugin's factory; a built-in engine would ignore them."""
+        options = getattr(self, "options", None)
+        if options:
+            for name, field in type(self).model_fields.items():
+                stage = (field.json_schema_extra or {}).get("engine_stage") if isinstance(
+                    field.json_schema_extra, dict) else None
+                if stage:
+                    _no_options_for_builtin(str(stage), getattr(self, name), options)
+        return self
 
 
 # ------------------------------------------------------------------ sections
@@ -128,9 +187,11 @@ class ServerConfig(Section):
 class VadConfig(Section):
     """Voice activity detection and turn endpointing."""
 
-    engine: Literal["webrtc", "silero"] = Field(
-        default="webrtc", description="webrtc (GMM, microseconds a frame) | silero (ONNX)"
+    engine: Annotated[str, _engine("vad", "webrtc")] = Field(
+        default="webrtc", description="webrtc (GMM, microseconds a frame) | silero (ONNX) | a plugin's name "
+        "(entry points sub300.vad)", json_schema_extra={"engine_stage": "vad"},
     )
+    options: EngineOptions = _options_field("vad")
     aggressiveness: int = Field(
         default=defaults.WEBRTC_AGGRESSIVENESS,
         ge=0,
@@ -178,11 +239,13 @@ class VadConfig(Section):
 class TurnConfig(Section):
     """End of turn: the VAD's fixed hangover, or a hangover adapted to whether the turn sounds complete."""
 
-    detector: Literal["vad", "smart-turn"] = Field(
+    detector: Annotated[str, _engine("turn", "vad")] = Field(
         default="vad",
         description="vad: every turn ends after vad.hangover_ms of silence | smart-turn: at each pause a "
-        "turn-completion model (and the early transcript) choose a short or a long hangover (agent/end_of_turn.py)",
+        "turn-completion model (and the early transcript) choose a short or a long hangover (agent/end_of_turn.py) "
+        "| a plugin's name (entry points sub300.turn)", json_schema_extra={"engine_stage": "turn"},
     )
+    options: EngineOptions = _options_field("turn")
     model: str = Field(
         default="bundled:smart-turn-v3.2", min_length=1,
         description="smart-turn: the ONNX model (bundled:smart-turn-v3.2, from the pipecat-ai wheel, or a path)",
@@ -210,11 +273,13 @@ class TurnConfig(Section):
 class SttConfig(Section):
     """Speech recognition: Whisper on CTranslate2 (faster-whisper), or an OpenAI-compatible endpoint."""
 
-    engine: Literal["faster-whisper", "openai"] = Field(
+    engine: Annotated[str, _engine("stt", "faster-whisper")] = Field(
         default="faster-whisper",
         description="faster-whisper (in process) | openai (POST {base_url}/audio/transcriptions: vLLM, "
-        "another sub300 with server.role = model, ...)",
+        "another sub300 with server.role = model, ...) | a plugin's name (entry points sub300.stt)",
+        json_schema_extra={"engine_stage": "stt"},
     )
+    options: EngineOptions = _options_field("stt")
     model: str = Field(
         default="bundled:whisper-tiny.en",
         min_length=1,
@@ -303,9 +368,11 @@ class SttConfig(Section):
 class LlmConfig(Section):
     """The language model: embedded (CTranslate2, in process) or any OpenAI-compatible endpoint."""
 
-    engine: Literal["embedded", "openai"] = Field(
-        default="embedded", description="embedded (CTranslate2) | openai (HTTP endpoint)"
+    engine: Annotated[str, _engine("llm", "embedded")] = Field(
+        default="embedded", description="embedded (CTranslate2) | openai (HTTP endpoint) | a plugin's name "
+        "(entry points sub300.llm)", json_schema_extra={"engine_stage": "llm"},
     )
+    options: EngineOptions = _options_field("llm")
     model: str = Field(
         default="bundled:smollm2-135m-gguf",
         min_length=1,
@@ -367,6 +434,22 @@ class LlmConfig(Section):
         max_length=300,
         description="spoken when the LLM fails or says nothing (after what was already spoken); empty = silence",
     )
+    tool_timeout_s: float = Field(
+        default=5.0, gt=0.0, le=600.0,
+        description="tools: a call's limit (s) when its tool sets none; then the model is told it timed out",
+    )
+    max_tool_rounds: int = Field(
+        default=3, ge=1, le=32,
+        description="tools: rounds of tool calls in one turn at most; a model that asks again fails the turn",
+    )
+    tool_filler_ms: int = Field(
+        default=700, ge=0, le=60_000,
+        description="tools: running longer than this (ms) with nothing said yet, the agent says tool_filler_text",
+    )
+    tool_filler_text: str = Field(
+        default="One moment.", max_length=200,
+        description="tools: the filler spoken while a slow tool runs; empty = none",
+    )
 
     _http_url = field_validator("base_url")(classmethod(lambda cls, url: http_url(url)))
 
@@ -374,11 +457,13 @@ class LlmConfig(Section):
 class TtsConfig(Section):
     """Speech synthesis: Piper (GPL-3.0), espeak-ng, or an OpenAI-compatible endpoint."""
 
-    engine: Literal["piper", "espeak", "openai"] = Field(
+    engine: Annotated[str, _engine("tts", "piper")] = Field(
         default="piper",
         description="piper (GPL-3.0) | espeak | openai (POST {base_url}/audio/speech, streamed PCM: another "
-        "sub300 with server.role = model, ...)",
+        "sub300 with server.role = model, ...) | a plugin's name (entry points sub300.tts)",
+        json_schema_extra={"engine_stage": "tts"},
     )
+    options: EngineOptions = _options_field("tts")
     voice: str = Field(default=defaults.PIPER_VOICE, min_length=1, description="piper: bundled:NAME | .onnx path")
     threads: int = Field(
         default=defaults.PIPER_THREADS,
@@ -1032,6 +1117,8 @@ def to_toml(config: Config, comments: bool = True) -> str:
             return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
         if isinstance(value, list):
             return "[" + ", ".join(fmt(v) for v in value) + "]"
+        if isinstance(value, dict):   # an inline table: [stt.options] = {"voice" = "ann"}
+            return "{" + ", ".join(f"{fmt(str(k))} = {fmt(v)}" for k, v in value.items()) + "}"
         return repr(value)
 
     def entries(model: BaseModel) -> list[str]:
@@ -1042,6 +1129,11 @@ def to_toml(config: Config, comments: bool = True) -> str:
                 continue
             if comments and field.description:
                 lines.append(f"# {field.description}")
+            stage = field.json_schema_extra.get("engine_stage") if isinstance(field.json_schema_extra, dict) else None
+            if comments and stage:   # the choices of an engine field: the installed entry points
+                from .plugins import engine_names
+
+                lines.append(f"# installed: {', '.join(engine_names(str(stage), str(field.default)))}")
             lines.append(f"{name} = {fmt(value)}")
         return lines
 

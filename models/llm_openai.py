@@ -44,6 +44,17 @@ chunk is read the same way, the last one wins).  An endpoint that sends no
 usage leaves the counts None: nothing is guessed, and the engine logs it once
 (``extra_body={"stream_options": None}`` drops the option for a server that
 refuses it).  A stream closed before its end has no usage chunk: unknown.
+
+Tools (OpenAI function calling): ``stream_chat(..., tools=[Tool.schema(), …])`` sends ``tools`` and
+``tool_choice: "auto"``; the messages may then carry the assistant's ``tool_calls`` and ``tool``
+results, sent as they are.  The streamed ``choices[0].delta.tool_calls`` deltas are assembled by their
+``index`` (several calls in one answer; ``id``, ``type`` and ``function.name`` in a call's first delta,
+``function.arguments`` in pieces, OpenAI's stream format) and each call is yielded as one `ToolCall`
+once complete: at the chunk with a ``finish_reason`` (``"tool_calls"``, or any other), else at
+``[DONE]`` or the stream's clean end.  A tool-call delta counts as the first token and resets the
+idle limit (the arguments may take a while), but not as a piece of text for ``max_tokens``.  A call
+without an id or a name is malformed (`EndpointProtocolError`).  A completion answered in one JSON
+(a server that ignored ``stream``) gives its ``message.tool_calls`` the same way.
 """
 from __future__ import annotations
 
@@ -51,7 +62,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -65,6 +76,7 @@ from .protocols import (
     EndpointStreamError,
     EndpointTimeout,
     LlmUsage,
+    ToolCall,
 )
 from .remote import BODY_EXCERPT_CHARS, KEEPALIVE_TIMEOUT_S, RemoteEndpoint, body_excerpt
 from .scheduling import WorkTicket
@@ -123,15 +135,19 @@ class OpenAIChatModel:
         await self.endpoint.aclose()
 
     # ------------------------------------------------------------ request
-    def _payload(self, messages: Sequence[ChatMessage], max_tokens: int, temperature: float) -> dict[str, Any]:
+    def _payload(self, messages: Sequence[ChatMessage], max_tokens: int, temperature: float,
+                 tools: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "messages": [_wire_message(m) for m in messages],
             "max_tokens": int(max_tokens),
             "temperature": float(temperature),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if tools:
+            body["tools"] = [dict(t) for t in tools]
+            body["tool_choice"] = "auto"
         body.update(self.extra_body)
         if body.get("stream_options") is None:
             body.pop("stream_options", None)
@@ -149,8 +165,10 @@ class OpenAIChatModel:
         temperature: float = 0.0,
         ticket: WorkTicket | None = None,
         usage: LlmUsage | None = None,
-    ) -> AsyncGenerator[str, None]:
-        """Yield the content pieces of the streamed answer, in order.
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncGenerator[str | ToolCall, None]:
+        """Yield the content pieces of the streamed answer, in order, and with ``tools`` the
+        `ToolCall`s the model asks for (see the module docstring).
 
         The ``ticket`` is marked started when a connection is free and the
         request is sent (its queue wait is the wait for a connection, 0 while
@@ -164,7 +182,7 @@ class OpenAIChatModel:
         token's limit.  ``usage``: the server's own counts, once its usage
         chunk came (see the module docstring).
         """
-        payload = self._payload(messages, max_tokens, temperature)
+        payload = self._payload(messages, max_tokens, temperature, tools)
         loop = asyncio.get_running_loop()
         first_deadline = loop.time() + self.first_token_timeout_s
         ticket = ticket or WorkTicket(label="llm")
@@ -191,7 +209,7 @@ class OpenAIChatModel:
                         "are unknown and not counted (logged once)", self.url)
 
     async def _stream(self, payload: dict[str, Any], max_tokens: int, first_deadline: float, usage: LlmUsage,
-                      ticket: WorkTicket) -> AsyncGenerator[str, None]:
+                      ticket: WorkTicket) -> AsyncGenerator[str | ToolCall, None]:
         """One request on one connection: the content pieces of the SSE stream; ``usage`` gets the
         server's counts when it sends them."""
         loop = asyncio.get_running_loop()
@@ -226,6 +244,8 @@ class OpenAIChatModel:
                 text = self._content_of_completion(raw, usage)
                 if text:
                     yield text
+                for call in self._tool_calls_of_completion(raw):
+                    yield call
                 finished_cleanly = True
                 return
             if ctype != "text/event-stream":
@@ -234,6 +254,7 @@ class OpenAIChatModel:
 
             data_lines: list[str] = []
             finish_reason: str | None = None
+            calls = _ToolCallAssembly(self._error)
             while True:
                 try:
                     async with asyncio.timeout_at(read_deadline()):
@@ -263,11 +284,20 @@ class OpenAIChatModel:
                 if data_lines:
                     data, data_lines = "\n".join(data_lines), []
                     if data.strip() == "[DONE]":
+                        for call in calls.complete():
+                            yield call
                         finished_cleanly = True
                         return
-                    piece, reason = self._parse_chunk(data, after, usage)
+                    piece, reason = self._parse_chunk(data, after, usage, calls)
+                    if calls.changed:
+                        calls.changed = False
+                        got_token = True
+                        waiting_since = loop.time()
                     if reason:
                         finish_reason = reason
+                        for call in calls.complete():
+                            yield call
+                        waiting_since = loop.time()
                     if piece:
                         if pieces >= max_tokens:
                             # every piece is at least one token: a server that goes on has ignored
@@ -283,6 +313,8 @@ class OpenAIChatModel:
                     if finish_reason is None:
                         raise self._error(f"connection dropped {after()} (the stream ended before [DONE] "
                                           "or a finish_reason)", EndpointDropped)
+                    for call in calls.complete():
+                        yield call
                     finished_cleanly = True  # some servers close without [DONE]
                     return
         finally:
@@ -295,9 +327,10 @@ class OpenAIChatModel:
 
     # ------------------------------------------------------------ parsing
     def _parse_chunk(self, data: str, after: Callable[[], str] = lambda: "",
-                     usage: LlmUsage | None = None) -> tuple[str, str | None]:
+                     usage: LlmUsage | None = None,
+                     calls: _ToolCallAssembly | None = None) -> tuple[str, str | None]:
         """One ``chat.completion.chunk`` → (content piece, finish_reason); its ``usage`` object, if
-        any, goes into ``usage``.
+        any, goes into ``usage``, its ``delta.tool_calls`` into ``calls``.
 
         ``after()`` says how far the stream got, for the message of an error event.
         """
@@ -327,6 +360,11 @@ class OpenAIChatModel:
         content = delta.get("content") if isinstance(delta, dict) else None
         if content is not None and not isinstance(content, str):
             raise self._error(f"non-text delta content: {data[:80]!r}")
+        tool_deltas = delta.get("tool_calls") if isinstance(delta, dict) else None
+        if tool_deltas:
+            if calls is None:
+                raise self._error(f"tool call in the answer of a request without tools: {data[:80]!r}")
+            calls.add(tool_deltas, data)
         return content or "", choice.get("finish_reason")
 
     def _read_usage(self, obj: dict[str, Any], usage: LlmUsage) -> None:
@@ -357,6 +395,76 @@ class OpenAIChatModel:
         if content is not None and not isinstance(content, str):
             raise self._error(f"non-text completion content {raw[:80]!r}")
         return content or ""
+
+    def _tool_calls_of_completion(self, raw: bytes) -> list[ToolCall]:
+        """The ``message.tool_calls`` of a whole ``chat.completion`` (already parsed once by
+        `_content_of_completion`), as `ToolCall`s."""
+        message = json.loads(raw)["choices"][0]["message"]
+        found = message.get("tool_calls") if isinstance(message, dict) else None
+        if not found:
+            return []
+        calls = _ToolCallAssembly(self._error)
+        calls.add([{**c, "index": i} if isinstance(c, dict) else c for i, c in enumerate(found)], raw[:80].decode(
+            "utf-8", errors="replace"))
+        return calls.complete()
+
+
+def _wire_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as the endpoint takes it: role and content, and the tool fields when present
+    (an assistant's ``tool_calls``, a tool result's ``tool_call_id`` and ``name``)."""
+    out: dict[str, Any] = {"role": message["role"], "content": message.get("content")}
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if message.get(key) is not None:
+            out[key] = message[key]
+    return out
+
+
+class _ToolCallAssembly:
+    """Streamed ``tool_calls`` deltas assembled into calls, by ``index`` (OpenAI's stream format:
+    ``id`` and ``function.name`` in a call's first delta, ``function.arguments`` in pieces)."""
+
+    def __init__(self, error: Callable[[str], EndpointError]):
+        self._error = error
+        self._parts: dict[int, dict[str, Any]] = {}
+        #: a delta came since the last look (the stream is alive, though no text came)
+        self.changed = False
+
+    def add(self, deltas: Any, data: str) -> None:
+        if not isinstance(deltas, list):
+            raise self._error(f"malformed tool_calls delta: {data[:80]!r}")
+        for delta in deltas:
+            if not isinstance(delta, dict):
+                raise self._error(f"malformed tool_calls delta: {data[:80]!r}")
+            index = delta.get("index", len(self._parts) if delta.get("id") else max(self._parts, default=0))
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise self._error(f"malformed tool_calls index: {data[:80]!r}")
+            part = self._parts.setdefault(index, {"id": "", "name": "", "arguments": []})
+            function = delta.get("function") or {}
+            if not isinstance(function, dict):
+                raise self._error(f"malformed tool_calls function: {data[:80]!r}")
+            for key, value in (("id", delta.get("id")), ("name", function.get("name"))):
+                if value is not None:
+                    if not isinstance(value, str):
+                        raise self._error(f"malformed tool call {key}: {data[:80]!r}")
+                    part[key] = part[key] or value
+            arguments = function.get("arguments")
+            if arguments is not None:
+                if not isinstance(arguments, str):   # a server that sends an object rather than its JSON text
+                    arguments = json.dumps(arguments)
+                part["arguments"].append(arguments)
+            self.changed = True
+
+    def complete(self) -> list[ToolCall]:
+        """The calls assembled so far, in index order (and forgotten)."""
+        calls = []
+        for index in sorted(self._parts):
+            part = self._parts[index]
+            if not part["id"] or not part["name"]:
+                raise self._error(f"tool call {index} without an id or a name "
+                                  f"(id {part['id']!r}, name {part['name']!r})")
+            calls.append(ToolCall(part["id"], part["name"], "".join(part["arguments"])))
+        self._parts.clear()
+        return calls
 
 
 __all__ = ["OpenAIChatModel"]
