@@ -36,7 +36,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from sub300.models import defaults
@@ -95,6 +104,8 @@ def _engine(stage: str, default: str) -> Any:
 def _json_object(value: Any) -> Any:
     """``[stt.options]`` from the environment: ``SUB300_STT_OPTIONS='{"voice": "ann"}'`` (a JSON object)."""
     if isinstance(value, str):
+        if not value.strip():
+            return {}
         try:
             return json.loads(value)
         except json.JSONDecodeError as error:

@@ -1,9 +1,12 @@
 """Build the process-wide engines from configuration.
 
-One registry per stage maps the configured engine name to a factory; the
-rest of the code only sees the protocols in models/protocols.py.  Factories
-import their engine lazily, so an engine that is not configured costs
-nothing.  Each process loads its engines once and shares them between calls.
+One registry per stage maps the configured engine name to a factory: a view
+of the installed entry points (agent/plugins.py), where sub300's own engines
+below are registered exactly like a third-party plugin's (pyproject.toml);
+the rest of the code only sees the protocols in models/protocols.py.
+Factories import their engine lazily, so an engine that is not configured
+costs nothing.  Each process loads its engines once and shares them between
+calls.
 """
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,10 +31,12 @@ from sub300.models.protocols import (
     VoiceActivityDetector,
 )
 
+from . import plugins
 from .config import Config
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+T = TypeVar("T", covariant=True)
 
 
 # ------------------------------------------------------------------ factories
@@ -155,15 +161,43 @@ def _smart_turn(c: Config) -> TurnCompletionModel:
     return SmartTurnModel(c.turn.model, device=c.turn.device, threads=c.turn.threads)
 
 
-VAD_ENGINES: dict[str, Callable[[Config], VoiceActivityDetector]] = {"webrtc": _webrtc_vad, "silero": _silero_vad}
-STT_ENGINES: dict[str, Callable[[Config], SpeechRecognizer]] = {"faster-whisper": _whisper, "openai": _openai_stt}
-LLM_ENGINES: dict[str, Callable[[Config], LanguageModel]] = {"embedded": _embedded_llm, "openai": _openai_llm}
-TTS_ENGINES: dict[str, Callable[[Config], SpeechSynthesizer]] = {"piper": _piper, "espeak": _espeak,
-                                                                  "openai": _openai_tts}
+def _no_turn_model(c: Config) -> None:
+    """turn.detector = "vad": no turn-completion model (the VAD's fixed hangover ends every turn)."""
+    return None
+
+
+class EngineRegistry(Mapping[str, Callable[[Config], T]]):
+    """One stage's engines by name: a read-only view of the installed entry points (agent/plugins.py).
+
+    The names are those of the entry-point group (sub300's own engines and any installed plugin's);
+    looking one up imports its factory, and a plugin that fails to import raises `PluginError` naming
+    its package."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def __getitem__(self, name: str) -> Callable[[Config], T]:
+        if name not in plugins.installed(self.stage):
+            raise KeyError(name)
+        return plugins.load_factory(self.stage, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(plugins.installed(self.stage))
+
+    def __len__(self) -> int:
+        return len(plugins.installed(self.stage))
+
+
+VAD_ENGINES: EngineRegistry[VoiceActivityDetector] = EngineRegistry("vad")
+STT_ENGINES: EngineRegistry[SpeechRecognizer] = EngineRegistry("stt")
+LLM_ENGINES: EngineRegistry[LanguageModel] = EngineRegistry("llm")
+TTS_ENGINES: EngineRegistry[SpeechSynthesizer] = EngineRegistry("tts")
 #: engines that call an endpoint: not warmed up, no local worker pool (their limiter is max_connections)
 REMOTE_ENGINE = "openai"
 #: turn.detector -> its turn-completion model (None: the VAD's fixed hangover alone)
-TURN_MODELS: dict[str, Callable[[Config], TurnCompletionModel | None]] = {"vad": lambda c: None, "smart-turn": _smart_turn}
+TURN_MODELS: EngineRegistry[TurnCompletionModel | None] = EngineRegistry("turn")
+#: the stages an `Engines` bundle holds, as `load_engines`' ``given`` names them
+STAGES = ("vad", "stt", "llm", "tts", "turn")
 
 
 # ------------------------------------------------------------------ the bundle
@@ -175,6 +209,9 @@ class Engines:
     tts: SpeechSynthesizer
     #: the semantic end-of-turn model (turn.detector = "smart-turn"); None: the VAD's fixed hangover
     turn: TurnCompletionModel | None = None
+    #: stages whose engine object was given (the Python API's ``Agent(engines=...)``) rather than built from
+    #: the configuration: used as they are (no shared pool in front, not warmed up)
+    given: frozenset[str] = frozenset()
 
     def describe(self) -> dict[str, str]:
         described = {
@@ -211,21 +248,39 @@ def scheduled_tts(engine: SpeechSynthesizer, c: Config) -> SpeechSynthesizer:
     return ScheduledSynthesizer(engine, workers=c.tts.workers or 1)
 
 
-def load_engines(config: Config, progress: Progress = print) -> Engines:
-    """Load every configured engine (blocking: seconds on first run)."""
+def load_engines(config: Config, progress: Progress = print, given: Mapping[str, Any] | None = None) -> Engines:
+    """Load every configured engine (blocking: seconds on first run).
 
-    def timed(what: str, factory: Callable[[Config], object]):
+    ``given``: stage ("vad", "stt", "llm", "tts", "turn") -> an engine object to use instead of the
+    configured one, as it is: no shared pool (tts) is put in front of it and `warm_up` leaves it alone.
+    Each configured engine is built by the factory its name selects (`EngineRegistry`: the installed
+    entry points); a plugin that fails to import raises `plugins.PluginError` naming its package."""
+    given = dict(given or {})
+    unknown = set(given) - set(STAGES)
+    if unknown:
+        raise ValueError(f"engines: unknown stage(s) {', '.join(sorted(unknown))} (stages: {', '.join(STAGES)})")
+
+    def timed(what: str, stage: str, registry: EngineRegistry[Any], name: str):
+        if stage in given:
+            engine = given[stage]
+            progress(f"using the given {what}: {getattr(engine, 'name', type(engine).__name__)}")
+            return engine
         t0 = time.perf_counter()
-        engine = factory(config)
+        engine = registry[name](config)
         progress(f"loaded {what}: {getattr(engine, 'name', '?')} in {time.perf_counter() - t0:.1f} s")
         return engine
 
+    tts = timed("TTS", "tts", TTS_ENGINES, config.tts.engine)
+    turn = None
+    if "turn" in given or config.turn.detector != "vad":
+        turn = timed("turn model", "turn", TURN_MODELS, config.turn.detector)
     return Engines(
-        vad=timed("VAD", VAD_ENGINES[config.vad.engine]),
-        stt=timed("STT", STT_ENGINES[config.stt.engine]),
-        llm=timed("LLM", LLM_ENGINES[config.llm.engine]),
-        tts=scheduled_tts(timed("TTS", TTS_ENGINES[config.tts.engine]), config),
-        turn=timed("turn model", TURN_MODELS[config.turn.detector]) if config.turn.detector != "vad" else None,
+        vad=timed("VAD", "vad", VAD_ENGINES, config.vad.engine),
+        stt=timed("STT", "stt", STT_ENGINES, config.stt.engine),
+        llm=timed("LLM", "llm", LLM_ENGINES, config.llm.engine),
+        tts=tts if "tts" in given else scheduled_tts(tts, config),
+        turn=turn,
+        given=frozenset(given),
     )
 
 
@@ -234,21 +289,32 @@ async def warm_up(engines: Engines, config: Config) -> None:
 
     A remote LLM is not warmed (that would cost the user tokens); its first
     turn includes connection set-up, and the ledger shows it.  The same for a
-    remote STT or TTS (the endpoint warms its own engines).
+    remote STT or TTS (the endpoint warms its own engines).  An engine object given to
+    `load_engines` is its owner's to warm (``engines.given``).
     """
     silence = np.zeros(16_000, np.float32)
+    if engines.given:
+        log.info("warm-up skips the given %s engine(s): their owner warms them", ", ".join(sorted(engines.given)))
     remote = [stage for stage, engine in (("stt", config.stt.engine), ("tts", config.tts.engine))
               if engine == REMOTE_ENGINE]
     if remote:
         log.info("warm-up skips the remote %s (%s): the first turn pays the connection set-up, and its "
                  "ledger shows it", " and ".join(remote), ", ".join(
                      getattr(engines, stage).url for stage in remote if hasattr(getattr(engines, stage), "url")))
-    if "stt" not in remote:
+    if "stt" not in remote and "stt" not in engines.given:
         await asyncio.to_thread(engines.stt.transcribe, silence)
-    if "tts" not in remote:
+    if "tts" not in remote and "tts" not in engines.given:
         await asyncio.to_thread(lambda: list(engines.tts.synthesize("Hello.")))
-    if engines.turn is not None:
+    if engines.turn is not None and "turn" not in engines.given:
         await asyncio.to_thread(engines.turn.probability, silence)
-    if config.llm.engine == "embedded":
-        async for _ in engines.llm.stream_chat([{"role": "user", "content": "Hi"}], max_tokens=2):
+    if config.llm.engine == "embedded" and "llm" not in engines.given:
+        # llm.system_prompt is pinned (the model's cached static prompt, models/llm_ct2.py) and the warm-up runs
+        # with it, so the cache holds its state before the first request: a model node takes no calls (which pin
+        # their prompt, agent/responder.py); its chat route pins other repeated ones (web/prompt_pinning.py)
+        system = config.llm.system_prompt
+        pin = getattr(engines.llm, "pin_system_prompt", None)
+        if pin is not None and system and pin(system):
+            log.info("warm-up: llm.system_prompt is pinned (%d characters)", len(system))
+        warm: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        async for _ in engines.llm.stream_chat([*warm, {"role": "user", "content": "Hi"}], max_tokens=2):
             pass
