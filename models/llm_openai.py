@@ -25,8 +25,11 @@ connection busy still fails the turn).  Cancelling the
 consumer (or ``aclose()`` on the iterator) closes the HTTP connection at once,
 which is how a server such as vLLM learns to stop generating.
 
-The HTTP client, its failures, headers (Bearer key, ``X-Sub300-Urgency``)
-and Server-Timing are models/remote.py's, shared with the remote STT and TTS.
+The HTTP client, its failures, headers (Bearer key, ``X-Sub300-Urgency``),
+the urgency changes that follow a request (``{base_url}/requests/{id}/urgency``:
+a reply started speculatively is committed on the model node too when the
+turn ends) and Server-Timing are models/remote.py's, shared with the remote
+STT and TTS.
 Many calls share one client.  HTTP/1.1 carries one stream per connection,
 so ``max_connections`` streams run at once (aiohttp's own default pool of
 100 would queue the 101st silently, inside its connect timeout).  Beyond
@@ -78,7 +81,7 @@ from .protocols import (
     LlmUsage,
     ToolCall,
 )
-from .remote import BODY_EXCERPT_CHARS, KEEPALIVE_TIMEOUT_S, RemoteEndpoint, body_excerpt
+from .remote import BODY_EXCERPT_CHARS, KEEPALIVE_TIMEOUT_S, Followed, RemoteEndpoint, body_excerpt
 from .scheduling import WorkTicket
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,7 @@ class OpenAIChatModel:
         self.endpoint = RemoteEndpoint(
             "LLM", f"{self.base_url}/chat/completions", api_key=api_key, connect_timeout_s=connect_timeout_s,
             max_connections=max_connections, headers={"Accept": "text/event-stream"},
+            requests_url=f"{self.base_url}/requests",     # urgency changes follow a request (models/remote.py)
         )
         self.url = self.endpoint.url
         self.model = model
@@ -188,8 +192,9 @@ class OpenAIChatModel:
         ticket = ticket or WorkTicket(label="llm")
         async with contextlib.AsyncExitStack() as stack:
             await self.endpoint.slot(ticket, first_deadline, stack, self.first_token_timeout_s)
+            followed = self.endpoint.follow(ticket, stack)    # a promotion reaches the endpoint's ticket too
             seen = LlmUsage()
-            inner = self._stream(payload, max_tokens, first_deadline, seen, ticket)
+            inner = self._stream(payload, max_tokens, first_deadline, seen, ticket, followed)
             try:
                 async with contextlib.aclosing(inner):
                     async for piece in inner:
@@ -209,7 +214,7 @@ class OpenAIChatModel:
                         "are unknown and not counted (logged once)", self.url)
 
     async def _stream(self, payload: dict[str, Any], max_tokens: int, first_deadline: float, usage: LlmUsage,
-                      ticket: WorkTicket) -> AsyncGenerator[str | ToolCall, None]:
+                      ticket: WorkTicket, followed: Followed | None = None) -> AsyncGenerator[str | ToolCall, None]:
         """One request on one connection: the content pieces of the SSE stream; ``usage`` gets the
         server's counts when it sends them."""
         loop = asyncio.get_running_loop()
@@ -230,7 +235,7 @@ class OpenAIChatModel:
             return self._error(f"no first token within {self.first_token_timeout_s:g} s", EndpointTimeout)
 
         resp = await self.endpoint.post(deadline=first_deadline, limit=f"first token {self.first_token_timeout_s:g} s",
-                                        ticket=ticket, retries=self.retries, json=payload)
+                                        ticket=ticket, retries=self.retries, followed=followed, json=payload)
         finished_cleanly = False
         try:
             ctype = resp.content_type

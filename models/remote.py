@@ -20,6 +20,23 @@ SGLang, llama.cpp's server, a hosted API, or another sub300 with
   names), and ``X-Sub300-Urgency: committed|slack|speculative``, the ticket's
   urgency when the request is sent, so a sub300 model node schedules it in the
   same deadline class (absent = committed).
+* **Urgency changes** (`follow`): the class changes after a request is sent
+  (a reply started speculatively is committed when the turn ends).  An
+  engine built with ``requests_url`` (``{base_url}/requests``) sends each
+  request with ``X-Sub300-Request-Id: <secrets.token_urlsafe(16)>`` and,
+  while the request is open, posts each change of its ticket's urgency to
+  ``{requests_url}/{id}/urgency`` ``{"urgency": ...}`` (web/request_urgency.py
+  on a sub300 model node): best-effort, in order (one sender per request,
+  the latest class wins), on a small session of its own (so it never waits
+  behind the ``max_connections`` streams), each post bounded by
+  `URGENCY_UPDATE_TIMEOUT_S`.  A 404 before the request's first byte is
+  tried again (`URGENCY_UPDATE_TRIES`: the node may not have read the
+  request yet); a 404 after the request ended is expected (nothing to
+  change).  Any other failure is logged and counted
+  (``urgency_updates_failed``); it never fails the request, which goes on in
+  its old class there.  A node that does not answer the id back in its
+  response (vLLM, SGLang, a hosted API) is sent no more changes (logged
+  once).  `aclose` cancels and awaits the senders.
 * **Failures** become the `EndpointError` family of models/protocols.py, each
   message naming the URL: `EndpointUnreachable` (refused, DNS),
   `EndpointTimeout`, `EndpointHTTPError` (``http_4xx``/``http_5xx``, with an
@@ -52,6 +69,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -83,6 +101,16 @@ RETRY_BACKOFF_S = 0.05
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 #: the request header that carries the ticket's deadline class to a sub300 model node
 URGENCY_HEADER = "X-Sub300-Urgency"
+#: the request header that names a request so that later urgency changes can follow it (echoed by a sub300 node)
+REQUEST_ID_HEADER = "X-Sub300-Request-Id"
+#: seconds one urgency change may take (connect and answer); best-effort: then it is logged and counted
+URGENCY_UPDATE_TIMEOUT_S = 1.0
+#: tries of an urgency change answered 404 before the request's first byte (the node may not have it yet)
+URGENCY_UPDATE_TRIES = 3
+#: seconds between those tries
+URGENCY_UPDATE_RETRY_S = 0.02
+#: connections of the small session that carries urgency changes
+URGENCY_UPDATE_CONNECTIONS = 8
 #: how much of an error body goes into the exception message
 BODY_EXCERPT_CHARS = 300
 #: seconds between two warnings that every connection is busy
@@ -184,17 +212,36 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+# ------------------------------------------------------------------ urgency changes
+class Followed:
+    """One open request whose urgency changes are sent to the endpoint (`RemoteEndpoint.follow`)."""
+
+    __slots__ = ("request_id", "pending", "sender", "answered", "open")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        #: the latest class not sent yet
+        self.pending: Urgency | None = None
+        self.sender: asyncio.Task[None] | None = None
+        #: its first byte came (the node had it then: a later 404 is not a race)
+        self.answered = False
+        #: the engine still reads its answer
+        self.open = True
+
+
 # ------------------------------------------------------------------ the client
 class RemoteEndpoint:
     """One remote engine's HTTP client: its session, connection limit, headers and error messages.
 
     ``what`` names the engine in messages ("LLM", "STT", "TTS"); ``url`` is the full URL of the
-    route it posts to.  ``headers``: sent with every request (e.g. ``Accept``).  Raises
+    route it posts to.  ``headers``: sent with every request (e.g. ``Accept``).  ``requests_url``: where
+    urgency changes go (``{base_url}/requests``; None: none are sent, see `follow`).  Raises
     EndpointError for a URL that is not http(s), ValueError for ``max_connections`` < 1.
     """
 
     def __init__(self, what: str, url: str, *, api_key: str | None = None, connect_timeout_s: float,
-                 max_connections: int, headers: Mapping[str, str] | None = None) -> None:
+                 max_connections: int, headers: Mapping[str, str] | None = None,
+                 requests_url: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise EndpointError(f"{what} base_url must start with http:// or https://, got {url!r}")
         if max_connections < 1:
@@ -209,11 +256,21 @@ class RemoteEndpoint:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self.connections = PriorityLimiter(max_connections, name=f"{what.lower()} connections")
         self._pool_full_warned_at: float | None = None
+        self.requests_url = requests_url.rstrip("/") if requests_url else None
+        #: whether the endpoint answers a request's id back (takes urgency changes); None: not known yet
+        self.takes_urgency_changes: bool | None = None
+        #: urgency changes the endpoint accepted / that failed (logged; for metrics)
+        self.urgency_updates_sent = 0
+        self.urgency_updates_failed = 0
+        self._control: aiohttp.ClientSession | None = None
+        self._control_loop: asyncio.AbstractEventLoop | None = None
+        self._senders: set[asyncio.Task[None]] = set()
 
     def fork(self) -> RemoteEndpoint:
         """A new client with the same settings (a blocking call's private event loop needs its own)."""
         return RemoteEndpoint(self.what, self.url, api_key=self._api_key, connect_timeout_s=self.connect_timeout_s,
-                              max_connections=self.max_connections, headers=self._headers)
+                              max_connections=self.max_connections, headers=self._headers,
+                              requests_url=self.requests_url)
 
     def session(self) -> aiohttp.ClientSession:
         """The shared HTTP session, created lazily in the running loop (with a new connection limiter)."""
@@ -238,10 +295,110 @@ class RemoteEndpoint:
         return self._session
 
     async def aclose(self) -> None:
-        """Close the session (idempotent); a later request opens a new one."""
-        session, self._session, self._session_loop = self._session, None, None
-        if session is not None and not session.closed:
-            await session.close()
+        """Cancel and await the urgency senders, close the sessions (idempotent); a later request opens new ones."""
+        senders, self._senders = list(self._senders), set()
+        for sender in senders:
+            sender.cancel()
+        if senders:
+            await asyncio.gather(*senders, return_exceptions=True)
+        for session in (self._session, self._control):
+            if session is not None and not session.closed:
+                await session.close()
+        self._session = self._session_loop = self._control = self._control_loop = None
+
+    # ------------------------------------------------------------ urgency changes
+    def follow(self, ticket: WorkTicket, stack: Any) -> Followed | None:
+        """Send ``ticket``'s urgency changes to the endpoint until ``stack`` (an AsyncExitStack: the request's)
+        closes; the returned `Followed` goes to `post`.  None (nothing sent) without ``requests_url`` or once
+        the endpoint is known not to take changes.  Call it in the event loop, before `post`."""
+        if self.requests_url is None or self.takes_urgency_changes is False:
+            return None
+        loop = asyncio.get_running_loop()
+        followed = Followed(secrets.token_urlsafe(16))
+
+        def schedule(urgency: Urgency) -> None:       # in the loop
+            if not followed.open:
+                return
+            followed.pending = urgency
+            if followed.sender is None or followed.sender.done():
+                sender = followed.sender = loop.create_task(self._send_changes(followed),
+                                                            name=f"{self.what.lower()} urgency")
+                self._senders.add(sender)
+                sender.add_done_callback(self._senders.discard)
+
+        def changed(t: WorkTicket) -> None:           # any thread (whoever set the urgency)
+            try:
+                loop.call_soon_threadsafe(schedule, t.urgency)
+            except RuntimeError:                      # the loop is closed: the request is over
+                log.debug("%s endpoint %s: urgency change after the loop closed", self.what, self.url)
+
+        remove = ticket.on_change(changed)
+
+        def ended() -> None:
+            followed.open = False
+            remove()
+        stack.callback(ended)
+        return followed
+
+    def _control_session(self) -> aiohttp.ClientSession:
+        """The small session for urgency changes (not the streams' pool, which may be full), created lazily."""
+        loop = asyncio.get_running_loop()
+        if self._control is None or self._control.closed or self._control_loop is not loop:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._control = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(total=URGENCY_UPDATE_TIMEOUT_S),
+                connector=aiohttp.TCPConnector(limit=URGENCY_UPDATE_CONNECTIONS,
+                                               keepalive_timeout=KEEPALIVE_TIMEOUT_S))
+            self._control_loop = loop
+        return self._control
+
+    async def _send_changes(self, followed: Followed) -> None:
+        """Send ``followed``'s pending class until none is left (the latest wins; in order)."""
+        while followed.pending is not None and self.takes_urgency_changes is not False:
+            urgency, followed.pending = followed.pending, None
+            await self._send_change(followed, urgency)
+
+    async def _send_change(self, followed: Followed, urgency: Urgency) -> None:
+        assert self.requests_url is not None
+        url = f"{self.requests_url}/{followed.request_id}/urgency"
+        what, status = "", 0
+        for attempt in range(1, URGENCY_UPDATE_TRIES + 1):
+            try:
+                async with self._control_session().post(url, json={"urgency": urgency.name.lower()}) as resp:
+                    if resp.status < 300:
+                        self.urgency_updates_sent += 1
+                        return
+                    what = f"HTTP {resp.status}" + await body_excerpt(resp, URGENCY_UPDATE_TIMEOUT_S)
+                    status = resp.status
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                break
+            if status != 404:
+                break
+            if not followed.open:       # the request ended first: nothing left to change
+                log.debug("%s endpoint: urgency change for a finished request (%s)", self.what, what)
+                return
+            if followed.pending is not None:    # a newer class follows: that one is sent (and tried) next
+                return
+            if followed.answered or attempt == URGENCY_UPDATE_TRIES:
+                break
+            await asyncio.sleep(URGENCY_UPDATE_RETRY_S)
+        self.urgency_updates_failed += 1
+        log.warning("%s endpoint %s: the urgency of request %s… was not changed to %s (%s); it goes on in its "
+                    "old class there", self.what, self.url, followed.request_id[:8], urgency.name.lower(), what)
+
+    def _answered(self, followed: Followed | None, headers: Mapping[str, str]) -> None:
+        """At the first byte: did the endpoint answer the request's id back (does it take changes)?"""
+        if followed is None:
+            return
+        followed.answered = True
+        takes = headers.get(REQUEST_ID_HEADER) == followed.request_id
+        if takes != self.takes_urgency_changes:
+            self.takes_urgency_changes = takes
+            if not takes:
+                log.info("%s endpoint %s does not answer %s back: it takes no urgency changes (vLLM, SGLang "
+                         "and hosted APIs do not); a request keeps the class it was sent with there",
+                         self.what, self.url, REQUEST_ID_HEADER)
 
     def error(self, what: str, cls: type[EndpointError] = EndpointProtocolError) -> EndpointError:
         """An error of kind ``cls`` whose message names this endpoint's URL."""
@@ -277,7 +434,7 @@ class RemoteEndpoint:
             ) from None
 
     async def post(self, *, deadline: float, limit: str, ticket: WorkTicket | None = None, retries: int = 0,
-                   **request: Any) -> aiohttp.ClientResponse:
+                   followed: Followed | None = None, **request: Any) -> aiohttp.ClientResponse:
         """POST to `url` (``request``: aiohttp's ``json=`` / ``data=`` / ``headers=``; a callable ``data``
         is called for each try, for a body that can be sent once) → a response whose
         status is below 400, its headers read (the answer's first byte).
@@ -285,6 +442,7 @@ class RemoteEndpoint:
         Retries (see the module docstring) a refused connection or a 502/503/504, at most ``retries``
         times, while ``deadline`` (loop time) leaves room.  The urgency header is the ticket's at
         each send; at the response, `mark_first_byte` fills the ticket's network and remote queue.
+        ``followed`` (`follow`): the request's id is sent, and whether the endpoint answers it back is noted.
         ``limit`` says, in a timeout's message, which limit ``deadline`` is.  Raises
         EndpointUnreachable, EndpointTimeout, EndpointDropped or EndpointHTTPError.  The caller owns
         the response (``release()`` when read, ``close()`` to drop the connection).
@@ -292,6 +450,8 @@ class RemoteEndpoint:
         loop = asyncio.get_running_loop()
         session = self.session()
         extra = dict(request.pop("headers", None) or {})
+        if followed is not None:
+            extra[REQUEST_ID_HEADER] = followed.request_id
         attempt = 0
         while True:
             failure: EndpointError
@@ -315,6 +475,7 @@ class RemoteEndpoint:
                 if resp.status < 400:
                     if ticket is not None:
                         mark_first_byte(ticket, resp.headers)
+                    self._answered(followed, resp.headers)
                     return resp
                 try:
                     what = f"HTTP {resp.status} {resp.reason or ''}".rstrip() + await body_excerpt(resp)
@@ -365,5 +526,5 @@ def host_of(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0]
 
 
-__all__ = ["RemoteEndpoint", "parse_server_timing", "mark_first_byte", "urgency_header", "retry_after_s",
+__all__ = ["Followed", "REQUEST_ID_HEADER", "RemoteEndpoint", "parse_server_timing", "mark_first_byte", "urgency_header", "retry_after_s",
            "body_excerpt", "host_of", "KEEPALIVE_TIMEOUT_S", "RETRY_AFTER_CAP_S", "RETRYABLE_STATUSES"]

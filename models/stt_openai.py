@@ -12,7 +12,8 @@ verbose_json its ``segments``, whose ``no_speech_prob`` and ``avg_logprob``
 ``json``: None, nothing guessed).
 
 The HTTP client, failures, retries (a refused connection or 502/503/504,
-before any answer: ``retries`` times), Bearer key, urgency header and the
+before any answer: ``retries`` times), Bearer key, urgency header (and its
+later changes, sent to ``{base_url}/requests/{id}/urgency``) and the
 Server-Timing split of the ticket's time are models/remote.py's.  The whole
 request, the wait for a connection included, is bounded by
 ``response_timeout_s``.  At most ``max_connections`` requests are open at
@@ -76,7 +77,7 @@ class OpenAIRecognizer:
         self.base_url = base_url.rstrip("/")
         self.endpoint = RemoteEndpoint("STT", f"{self.base_url}/audio/transcriptions", api_key=api_key,
                                        connect_timeout_s=connect_timeout_s, max_connections=max_connections,
-                                       headers={"Accept": "application/json"})
+                                       headers={"Accept": "application/json"}, requests_url=f"{self.base_url}/requests")
         self.url = self.endpoint.url
         self.model = model
         self.language = language or None
@@ -126,9 +127,10 @@ class OpenAIRecognizer:
         form_audio = np.asarray(audio, np.float32)
         async with contextlib.AsyncExitStack() as stack:
             await endpoint.slot(ticket, deadline, stack, self.response_timeout_s)
+            followed = endpoint.follow(ticket, stack)     # a promotion reaches the endpoint's ticket too
             # a callable body: each try builds its own (aiohttp's FormData can be sent once)
             resp = await endpoint.post(deadline=deadline, limit=limit, ticket=ticket, retries=self.retries,
-                                       data=lambda: self._form(form_audio))
+                                       followed=followed, data=lambda: self._form(form_audio))
             try:
                 async with asyncio.timeout_at(deadline):
                     raw = await resp.read()

@@ -19,6 +19,8 @@ that breaks off is an EndpointDropped.  Closing the generator (barge-in) or
 cancelling its consumer closes the HTTP connection at once, so the endpoint
 stops synthesizing.  At most ``max_connections`` syntheses at once; more wait
 by deadline class (first pieces first): this engine has no local worker pool.
+A change of a ticket's class after its request was sent follows it to the
+endpoint (``{base_url}/requests/{id}/urgency``, models/remote.py `follow`).
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ class OpenAISynthesizer:
             raise ValueError(f"sample_rate must be > 0, got {sample_rate!r}")
         self.base_url = base_url.rstrip("/")
         self.endpoint = RemoteEndpoint("TTS", f"{self.base_url}/audio/speech", api_key=api_key,
-                                       connect_timeout_s=connect_timeout_s, max_connections=max_connections)
+                                       connect_timeout_s=connect_timeout_s, max_connections=max_connections,
+                                       requests_url=f"{self.base_url}/requests")
         self.url = self.endpoint.url
         self.model = model
         self.voice = voice
@@ -114,8 +117,9 @@ class OpenAISynthesizer:
         payload = {"model": self.model, "input": text, "voice": self.voice, "response_format": "pcm"}
         async with contextlib.AsyncExitStack() as stack:
             await endpoint.slot(ticket, first_deadline, stack, self.first_byte_timeout_s)
+            followed = endpoint.follow(ticket, stack)     # a promotion reaches the endpoint's ticket too
             resp = await endpoint.post(deadline=first_deadline, limit=f"first byte {self.first_byte_timeout_s:g} s",
-                                       ticket=ticket, retries=self.retries, json=payload)
+                                       ticket=ticket, retries=self.retries, followed=followed, json=payload)
             finished = False
             try:
                 ctype = resp.content_type.lower()

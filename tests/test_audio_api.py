@@ -79,7 +79,7 @@ class Node:
         self.app[MODEL_USAGE_KEY] = self.sink
         self.keys = {}
         if auth:
-            store = MemoryKeyStore()
+            store = self.store = MemoryKeyStore()
             for scopes in ("calls", "model"):
                 key, secret = new_key(scopes, scopes)
                 store.add_key(key)
@@ -313,6 +313,85 @@ async def test_a_draining_node_refuses_new_model_requests_with_retry_after(confi
         for status, headers, body in (await node.speak({"input": "Hi."}), await node.transcribe(wav_bytes(0.2))):
             assert status == 503 and headers["Retry-After"] == "1" and json.loads(body)["error"]["code"] == "draining"
         assert node.engines.tts.pieces == [] and node.engines.stt.calls == []
+
+
+async def test_an_urgency_change_reaches_the_running_requests_ticket_for_its_own_key_only(config):
+    """POST /v1/requests/{id}/urgency: the running request's ticket takes the new class; another key, an
+    unknown id, a finished one get 404; the id is answered back; a malformed or reused id is refused."""
+    llm = FakeLlm(["One", " two", " three."], first_token_s=0.005, per_token_s=0.05)
+    async with Node(config, auth=True, engines=fake_engines(llm=llm)) as node:
+        other, other_secret = new_key("other", "model")
+        node.store.add_key(other)
+        mine = {"Authorization": f"Bearer {node.keys['model']}"}
+        theirs = {"Authorization": f"Bearer {other_secret}"}
+        rid = "r" * 22
+
+        async def change(request_id: str, urgency: str, headers) -> int:
+            async with node.session.post(node.url(f"/v1/requests/{request_id}/urgency"), headers=headers,
+                                         json={"urgency": urgency}) as r:
+                return r.status
+
+        async with node.session.post(node.url("/v1/chat/completions"), json={
+                "messages": [{"role": "user", "content": "Hi"}], "stream": True},
+                headers={**mine, "X-Sub300-Urgency": "speculative", "X-Sub300-Request-Id": rid}) as r:
+            assert r.status == 200 and r.headers["X-Sub300-Request-Id"] == rid
+            await r.content.readline()                  # streaming: the request is in flight
+            ticket = llm.tickets[-1]
+            assert ticket is not None and ticket.urgency == Urgency.SPECULATIVE
+            assert await change(rid, "committed", theirs) == 404 and ticket.urgency == Urgency.SPECULATIVE
+            assert await change("u" * 22, "committed", mine) == 404
+            assert await change(rid, "urgent", mine) == 400
+            async with node.session.post(node.url("/v1/chat/completions"), headers={**mine, "X-Sub300-Request-Id": rid},
+                                         json={"messages": [{"role": "user", "content": "Hi"}]}) as again:
+                assert again.status == 409                # one id, one request
+            assert await change(rid, "committed", mine) == 200 and ticket.urgency == Urgency.COMMITTED
+            await r.read()
+        assert await change(rid, "slack", mine) == 404    # finished
+        bad = {**mine, "X-Sub300-Request-Id": "short"}
+        assert (await node.speak({"input": "Hi."}, headers=bad))[0] == 400
+
+
+class PinningLlm(FakeLlm):
+    """A fake LLM with the embedded model's static-prompt cache: at most ``slots`` prompts, never evicted."""
+
+    def __init__(self, *args, slots: int = 4, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.slots, self.pinned, self.attempts = slots, [], 0
+
+    def pin_system_prompt(self, system_prompt: str) -> bool:
+        self.attempts += 1
+        if system_prompt not in self.pinned and len(self.pinned) >= self.slots:
+            return False
+        if system_prompt not in self.pinned:
+            self.pinned.append(system_prompt)
+        return True
+
+
+async def test_a_model_node_pins_a_system_prompt_it_is_sent_again_and_the_configured_one_at_warm_up(config):
+    """A model node takes no calls (which pin their prompt): its chat route pins a system prompt on its second
+    request, never a one-off one, and stops once the model's cache refuses; warm-up pins llm.system_prompt."""
+    from sub300.agent.engines import warm_up
+
+    llm = PinningLlm(["Hi."], first_token_s=0.001, per_token_s=0.001, slots=2)
+    engines = fake_engines(llm=llm, stt=FakeStt("x", delay_s=0.0), tts=FakeTts(delay_s=0.0, ms_per_piece=20))
+    c = copy.deepcopy(config)
+    c.llm.engine, c.llm.system_prompt = "embedded", "You are a phone agent."
+    await warm_up(engines, c)
+    assert llm.pinned == ["You are a phone agent."] and llm.requests[-1][0]["content"] == "You are a phone agent."
+    async with Node(config, engines=engines) as node:
+        async def chat(system: str) -> None:
+            async with node.session.post(node.url("/v1/chat/completions"), json={"messages": [
+                    {"role": "system", "content": system}, {"role": "user", "content": "Hi"}]}) as r:
+                assert r.status == 200
+        await chat("Agent A.")
+        await chat("One-off.")
+        assert llm.pinned == ["You are a phone agent."]
+        await chat("Agent A.")
+        assert llm.pinned == ["You are a phone agent.", "Agent A."]
+        for _ in range(2):
+            await chat("Agent B.")          # refused: the cache is full; the route stops trying
+        await chat("Agent B.")
+    assert llm.pinned == ["You are a phone agent.", "Agent A."] and llm.attempts == 3
 
 
 # ------------------------------------------------------------------ the page

@@ -484,3 +484,70 @@ async def test_remote_engines_skip_warm_up_and_the_local_tts_pool(config, caplog
     tts.endpoint.session()
     await engines.aclose()
     assert tts.endpoint._session is None
+
+
+# ------------------------------------------------------------------ urgency changes across the hop
+@pytest.mark.parametrize("stage", ["llm", "stt", "tts"])
+async def test_a_promotion_on_the_media_node_reaches_the_model_nodes_ticket_while_it_runs(config, stage):
+    """A request sent SPECULATIVE, promoted to COMMITTED on the media node while the model node works on it:
+    the model node's ticket (the fake engine's) turns COMMITTED too; the endpoint answered the id back."""
+    from sub300.models.llm_openai import OpenAIChatModel
+    from sub300.testing.fakes import FakeStt, FakeTts, fake_engines
+    from sub300.web.server import build_app
+
+    c = config.model_copy(deep=True)
+    c.server.role = "model"
+    node = fake_engines(llm=FakeLlm(["One", " two", " three."], first_token_s=0.005, per_token_s=0.05),
+                        stt=FakeStt("Hello there.", delay_s=0.1), tts=FakeTts(delay_s=0.05, ms_per_piece=100))
+    ticket = WorkTicket(Urgency.SPECULATIVE, label=stage)
+    async with serve(build_app(c, node)) as base:
+        url = f"{base}/v1"
+        engine = {"llm": lambda: OpenAIChatModel(url, "m"), "stt": lambda: stt_for(url),
+                  "tts": lambda: tts_for(url)}[stage]()
+        fake = {"llm": node.llm, "stt": node.stt, "tts": node.tts}[stage]
+
+        async def run() -> None:
+            if stage == "llm":
+                async for _ in engine.stream_chat(QUESTION, max_tokens=8, ticket=ticket):
+                    pass
+            elif stage == "stt":
+                await engine.transcribe_async(np.zeros(8000, np.float32), ticket=ticket)
+            else:
+                async for _ in engine.synthesize_async("One. Two. Three.", ticket=ticket):
+                    pass
+
+        async def remote_urgency() -> Urgency:
+            while not fake.tickets:
+                await asyncio.sleep(0.002)
+            return fake.tickets[-1].urgency
+
+        try:
+            task = asyncio.create_task(run())
+            assert await asyncio.wait_for(remote_urgency(), 2) == Urgency.SPECULATIVE
+            ticket.urgency = Urgency.COMMITTED              # the turn ended
+            async with asyncio.timeout(2):
+                while fake.tickets[-1].urgency != Urgency.COMMITTED:
+                    await asyncio.sleep(0.002)
+            assert not task.done()                          # while it runs
+            await asyncio.wait_for(task, 5)
+        finally:
+            await engine.aclose()
+    assert engine.endpoint.takes_urgency_changes is True
+    assert engine.endpoint.urgency_updates_sent == 1 and engine.endpoint.urgency_updates_failed == 0
+
+
+async def test_an_endpoint_that_does_not_answer_the_id_back_is_sent_no_changes():
+    """vLLM and hosted APIs ignore X-Sub300-Request-Id: after their first answer, nothing more is sent."""
+    server = FakeAudioServer()
+    async with running(server) as url:
+        stt = stt_for(url)
+        try:
+            ticket = WorkTicket(Urgency.SLACK)
+            await stt.transcribe_async(np.zeros(1600, np.float32), ticket=ticket)
+            assert stt.endpoint.takes_urgency_changes is False
+            await stt.transcribe_async(np.zeros(1600, np.float32), ticket=ticket)
+        finally:
+            await stt.aclose()
+    assert len(server.requests[0]["headers"]["X-Sub300-Request-Id"]) >= 16
+    assert "X-Sub300-Request-Id" not in server.requests[1]["headers"]
+    assert stt.endpoint.urgency_updates_sent == stt.endpoint.urgency_updates_failed == 0

@@ -49,7 +49,9 @@ Both routes:
 
 * answer ``Server-Timing: queue;dur=…, work;dur=…`` (web/server_timing.py;
   the transcription's work includes decoding the upload) and take the
-  deadline class from ``X-Sub300-Urgency`` (absent: committed);
+  deadline class from ``X-Sub300-Urgency`` (absent: committed); a request
+  with ``X-Sub300-Request-Id`` keeps its ticket under that id while it runs,
+  so ``POST /v1/requests/{id}/urgency`` changes its class (web/request_urgency.py);
 * need the API scope "model" and count as model requests for the limits
   (web/auth.py); their usage goes to the app's `MODEL_USAGE_KEY` sink like
   chat completions': ``stt_audio_s`` (seconds of decoded audio that reached
@@ -88,6 +90,7 @@ from sub300.models.threads import iterate_in_thread
 
 from .auth import PRINCIPAL
 from .openai_api import MODEL_USAGE_KEY
+from .request_urgency import RequestIdError, echo_header, forget, track
 from .server_timing import BadUrgency, request_urgency, server_timing
 
 log = logging.getLogger(__name__)
@@ -304,7 +307,11 @@ class AudioApi:
 
     # ------------------------------------------------------------ shared
     def _ticket(self, request: web.Request, label: str) -> WorkTicket:
-        return WorkTicket(request_urgency(request), clock=self.clock, label=label)
+        """The request's ticket, kept under its ``X-Sub300-Request-Id`` (web/request_urgency.py) until the
+        handler returns.  Raises `BadUrgency`, `RequestIdError`."""
+        ticket = WorkTicket(request_urgency(request), clock=self.clock, label=label)
+        track(request, ticket)
+        return ticket
 
     def _report(self, request: web.Request, usage: Mapping[str, float], status: int) -> None:
         """Tell the app's `ModelUsageSink` (if any) what this request consumed; a failing sink is logged."""
@@ -327,6 +334,7 @@ class AudioApi:
             response = await self._transcribe(request, usage)
             return response
         finally:
+            forget(request)
             self._report(request, usage, 500 if response is None else response.status)
 
     async def _transcribe(self, request: web.Request, usage: dict[str, float]) -> web.StreamResponse:
@@ -343,6 +351,8 @@ class AudioApi:
             decode_s = self.clock() - t0
         except BadUrgency as exc:
             return _error(400, str(exc), code="invalid_urgency")
+        except RequestIdError as exc:
+            return exc.response()
         except BadRequest as exc:
             log.info("transcription refused: %s", exc)
             return _error(exc.status, str(exc), param=exc.param)
@@ -361,7 +371,7 @@ class AudioApi:
                 usage[STT_AUDIO_S] = duration
             return _engine_failure(exc, f"speech recognition ({self.stt.name})")
         usage[STT_AUDIO_S] = duration
-        headers = {"Server-Timing": server_timing(ticket, before_s=decode_s)}
+        headers = {"Server-Timing": server_timing(ticket, before_s=decode_s), **echo_header(request)}
         text = transcript.text
         if req.response_format == "text":
             return web.Response(text=text, content_type="text/plain", headers=headers)
@@ -387,6 +397,7 @@ class AudioApi:
             response = await self._speak(request, usage)
             return response
         finally:
+            forget(request)
             self._report(request, usage, 500 if response is None else response.status)
 
     async def _speak(self, request: web.Request, usage: dict[str, float]) -> web.StreamResponse:
@@ -403,6 +414,8 @@ class AudioApi:
             req = parse_speech_request(body, self.max_speech_chars)
         except BadUrgency as exc:
             return _error(400, str(exc), code="invalid_urgency")
+        except RequestIdError as exc:
+            return exc.response()
         except BadRequest as exc:
             log.info("speech refused: %s", exc)
             return _error(exc.status, str(exc), param=exc.param)
@@ -468,6 +481,7 @@ class AudioApi:
             "Server-Timing": server_timing(ticket),
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            **echo_header(request),
         })
         response.enable_chunked_encoding()
         sent.append(response)

@@ -6,7 +6,9 @@ health, metrics, ``/webrtc/config``) need nothing.  Otherwise the request
 carries ``Authorization: Bearer <API key secret | call token>``, or, for a
 browser that cannot set headers (the demo page's URL, a WebSocket),
 ``?token=<call token>`` — never an API key in a URL (URLs end up in logs and
-browser history).  Answers, JSON like the rest of the API (OpenAI-shaped
+browser history).  ``/ws/twilio`` (`DEFERRED_AUTH_PATHS`) may also be opened with no
+credential: its token comes in the stream's ``start`` event and
+web/websocket.py checks it before the call is admitted.  Answers, JSON like the rest of the API (OpenAI-shaped
 ``{"error": {"message", "type", "param", "code"}}`` under ``/v1/``,
 ``{"error": message, ...}`` elsewhere):
 
@@ -82,6 +84,7 @@ SCOPE_TABLE: tuple[tuple[str, str], ...] = (
     ("/v1/chat/completions", "model"),
     ("/v1/audio", "model"),
     ("/v1/models", "model"),
+    ("/v1/requests", "model"),      # a model request's urgency change (web/request_urgency.py)
     ("/v1/usage", "usage"),
     ("/v1/calls", "admin"),
     ("/v1/keys", "admin"),
@@ -93,6 +96,10 @@ SCOPE_TABLE: tuple[tuple[str, str], ...] = (
     ("/webrtc/config", OPEN),
 )
 _NEW_CALL_PATHS = ("/offer",)   # POST; and every /ws… request
+#: WebSocket routes whose upgrade may come without a credential when authentication is on: Twilio's <Stream url>
+#: takes no query string, so the call token rides in the stream's start event (web/websocket.py checks it there,
+#: before the call is admitted); the request gets ``Principal(None, no scopes, source, "deferred")``
+DEFERRED_AUTH_PATHS = ("/ws/twilio",)
 _MODEL_REQUEST_PATHS = ("/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")   # POST
 
 
@@ -243,6 +250,9 @@ async def auth_middleware(request: web.Request,
     if not state.enabled:
         principal = await _open_principal(state, credential, from_url, source)
     else:
+        if credential is None and request.path in DEFERRED_AUTH_PATHS:   # the limits apply; the token comes later
+            request[PRINCIPAL] = deferred = Principal(None, frozenset(), source, "deferred")
+            return await _limited(request, handler, state, deferred, source)
         if credential is None:
             return _unauthorized(request, "authentication required: Authorization: Bearer <API key or call token>",
                                  invalid=False)

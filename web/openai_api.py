@@ -60,7 +60,12 @@ a request without a caller's ticket (models/llm_batching.py), since no
 caller here says when its first clause is complete.  The answer carries
 ``Server-Timing: queue;dur=…, work;dur=…`` (queue: submitted → the engine
 started it; work: → the headers, i.e. the whole completion, or for a stream
-the first piece, which the headers go out with).
+the first piece, which the headers go out with).  A request with
+``X-Sub300-Request-Id`` keeps its ticket under that id while it runs, so the
+media node's ``POST /v1/requests/{id}/urgency`` changes its class (a reply
+started speculatively becomes committed when the turn ends:
+web/request_urgency.py).  A system prompt sent again and again is pinned in
+the model's static-prompt cache (web/prompt_pinning.py).
 """
 from __future__ import annotations
 
@@ -81,6 +86,8 @@ from sub300.models.protocols import EndpointError, LanguageModel, LlmUsage, Mode
 from sub300.models.scheduling import Urgency, WorkTicket
 
 from .auth import PRINCIPAL
+from .prompt_pinning import SystemPromptPinner
+from .request_urgency import RequestIdError, echo_header, forget, track
 from .server_timing import BadUrgency, request_urgency, server_timing
 
 log = logging.getLogger(__name__)
@@ -288,6 +295,7 @@ def add_openai_routes(
 ) -> None:
     """Serve `model` as ``model_name`` under /v1 on `app` (``max_tokens_cap``: see the module docstring)."""
     created = int(time.time())
+    pinner = SystemPromptPinner(model)      # a system prompt sent again and again is cached (web/prompt_pinning.py)
 
     def authorized(request: web.Request) -> bool:
         return api_key is None or request.headers.get("Authorization", "") == f"Bearer {api_key}"
@@ -307,6 +315,7 @@ def add_openai_routes(
             response = await answer(request, usage)
             return response
         finally:
+            forget(request)
             report_usage(request, usage, 500 if response is None else response.status)
 
     def report_usage(request: web.Request, usage: LlmUsage | None, status: int) -> None:
@@ -336,6 +345,9 @@ def add_openai_routes(
             return _error_response(400, "request body is not valid JSON", "invalid_request_error")
         try:
             ticket = WorkTicket(request_urgency(request), label="llm api")
+            track(request, ticket)      # its urgency may change while it runs (web/request_urgency.py)
+        except RequestIdError as exc:
+            return exc.response()
         except BadUrgency as exc:
             return _error_response(400, str(exc), "invalid_request_error", code="invalid_urgency")
         try:
@@ -347,6 +359,7 @@ def add_openai_routes(
             log.info("chat completion refused: %s", exc)
             return _error_response(400, str(exc), "invalid_request_error", code=exc.code, param=exc.param)
 
+        pinner.seen(req["messages"])
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         counted: dict[str, Any] = {} if usage is None else {"usage": usage}   # a model without the keyword: none
         ticket.mark_submitted()
@@ -430,7 +443,7 @@ def add_openai_routes(
                 "finish_reason": finish,
             }],
             "usage": openai_usage(usage),
-        }, headers={"Server-Timing": server_timing(ticket)})
+        }, headers={"Server-Timing": server_timing(ticket), **echo_header(request)})
 
     async def _stream(
         request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str,
@@ -453,6 +466,7 @@ def add_openai_routes(
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
             "Server-Timing": server_timing(ticket),
+            **echo_header(request),
         })
         count = 0
         with_usage = req["include_usage"]

@@ -15,9 +15,11 @@ to the same metrics observer and count against the same `Admission`.
 Roles (``server.role``, issue 13): ``all`` serves everything above and the
 audio routes (web/audio_api.py); ``model`` serves the engines to media nodes
 — ``/v1/chat/completions``, ``/v1/models``, ``/v1/audio/transcriptions``,
-``/v1/audio/speech`` — with /metrics, /livez, /healthz, /readyz, and no
+``/v1/audio/speech``, ``POST /v1/requests/{id}/urgency`` (web/request_urgency.py)
+— with /metrics, /livez, /healthz, /readyz, and no
 page, no ``/offer``, no ``/webrtc/config`` (404); ``media`` takes calls (the
-page, signalling; SIP in `sub300 serve`) and serves no /v1 model route.
+page, signalling, the WebSocket media routes ``/ws/twilio`` and ``/ws/pcm`` of
+web/websocket.py; SIP in `sub300 serve`) and serves no /v1 model route.
 Model requests in flight are counted (`ModelRequests`, for the drain); while
 the server drains a new one is answered 503 with ``Retry-After``.
 """
@@ -38,7 +40,9 @@ from sub300.agent.metrics import CONTENT_TYPE, MetricsObserver
 
 from .audio_api import add_audio_routes
 from .openai_api import add_openai_routes
+from .request_urgency import add_request_routes
 from .signalling import Signalling, describe_calls
+from .websocket import add_websocket_routes
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -188,6 +192,7 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
     app.router.add_get("/metrics", metrics)
     if role != "model":
         signalling.add_routes(app)
+        add_websocket_routes(app, config, engines, signalling, admission, behaviour)   # /ws/twilio, /ws/pcm
     if role != "media":
         add_openai_routes(app, engines.llm, model_name=engines.llm.name, default_max_tokens=config.llm.max_tokens,
                           max_tokens_cap=config.llm.api_max_tokens)
@@ -195,6 +200,7 @@ def build_app(config: Config, engines: Engines, observer: MetricsObserver | None
                          max_upload_bytes=config.server.audio_max_upload_bytes,
                          max_audio_s=config.server.audio_max_seconds,
                          max_speech_chars=config.server.speech_max_chars)
+        add_request_routes(app)   # POST /v1/requests/{id}/urgency: a media node's promotions follow its requests
 
     async def close_engines(app: web.Application) -> None:
         await engines.aclose()
