@@ -82,6 +82,7 @@ from .reply import ReplySettings
 from .reply import _tts_chunks as tts_chunks
 from .responder import Responder
 from .tasks import TaskOwner
+from .tools import check_tools
 from .transcription import Transcription, UtteranceTranscriber
 from .turn import Turn
 from .turn_state import TurnEvent as E
@@ -110,6 +111,7 @@ class Conversation:
 
     def __post_init__(self) -> None:
         self.listeners = [*self.listeners, *self.behaviour.listeners]
+        check_tools(self.engines.llm, self.behaviour.tools)   # tools on a model that cannot call them: an error
         vad, interrupt = self.config.vad, self.config.interrupt
         self.end_of_turn = self._adaptive_end_of_turn()
         self.endpointer = Endpointer(self.engines.vad, min_speech_ms=vad.min_speech_ms,
@@ -130,9 +132,11 @@ class Conversation:
         self._responder = Responder(
             owner=self._tasks, llm=self.engines.llm, tts=self.engines.tts, playout=self.playout, history=self.history,
             settings=ReplySettings(llm.max_tokens, llm.temperature, tts.min_clause_chars, tts.first_piece_max_words,
-                                  fallback_text=llm.fallback_text),
+                                  fallback_text=llm.fallback_text, tool_timeout_s=llm.tool_timeout_s,
+                                  max_tool_rounds=llm.max_tool_rounds, tool_filler_ms=llm.tool_filler_ms,
+                                  tool_filler_text=llm.tool_filler_text),
             emit=self._emit, advance=self._advance, clock=self.clock, hangup_phrases=self.config.hangup_phrases,
-            charge=self.meter.charge)
+            charge=self.meter.charge, tools=self.behaviour.tools)
         self.interruptions = Interruptions(
             BargeInRules(interrupt.min_speech_ms, interrupt.require_words, interrupt.resume_after_ms),
             enabled=interrupt.mode == "barge_in", playout=self.playout, clock=self.clock, emit=self._emit,

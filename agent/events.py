@@ -39,6 +39,24 @@ class AgentSpeech:
 
 
 @dataclass(frozen=True)
+class ToolCalled:
+    """A tool call the model asked for has ended (agent/tools.py `run_tool`; the page and hooks show it).
+
+    ``arguments``: the model's JSON text; ``outcome``: ok | error | timeout | invalid_arguments |
+    unknown_tool | cancelled (barge-in or hang-up while it ran); ``duration_ms``: its wall time;
+    ``result``: the start of the text the model got back (at most 200 characters; errors say what
+    went wrong)."""
+
+    turn: int
+    name: str
+    arguments: str
+    duration_ms: float
+    outcome: str
+    result: str = ""
+    kind: str = "tool_called"
+
+
+@dataclass(frozen=True)
 class TurnFinished:
     turn: int
     transcript: str
@@ -150,7 +168,7 @@ class TransportStats:
     kind: str = "transport_stats"
 
 
-Event = TransportStats | CallUsage | CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnHeard | TurnDiscarded | TurnFailed
+Event = ToolCalled | TransportStats | CallUsage | CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnHeard | TurnDiscarded | TurnFailed
 EventHandler = Callable[[Event], None]
 
 

@@ -47,6 +47,8 @@ MARKS = (
     "endpoint",          # the silence hangover expired: the turn is over
     "stt_final",         # final transcript ready
     "llm_start",         # request sent to the language model
+    "tool_start",        # the first tool call of the turn started (the model asked for it)
+    "tool_end",          # the turn's last tool call ended (the latest write wins: `mark_last`)
     "llm_first_token",   # first text from the language model
     "first_piece",       # first piece of the reply (sentence or clause) complete and handed to TTS
     "tts_start",         # TTS started on the first piece
@@ -61,6 +63,8 @@ MARKS = (
 STAGES = (
     ("endpointing", "endpoint"),
     ("stt", "stt_final"),
+    ("llm_tool_call", "tool_start"),   # the model's answer up to its tool call (tools turns only)
+    ("tool", "tool_end"),              # the tools, and the model's rounds between them (tools turns only)
     ("llm_first_token", "llm_first_token"),
     ("first_piece", "first_piece"),
     ("tts_first_audio", "tts_first_audio"),
@@ -82,6 +86,11 @@ OUTBOUND_PARTS = (
     "playout",            # the peer's decoded audio → where it measures (its audio graph), when it reports one
 )
 TRANSPORT_PARTS = INBOUND_PARTS + OUTBOUND_PARTS
+
+#: stages a turn has only when the model called a tool: skipped (not the end of the walk) when their
+#: mark is missing, and cut at ``first_piece`` when something was said first (the filler: the wait for
+#: the tool then ends where the filler was queued, and voice-to-voice measures the filler)
+TOOL_STAGES = ("llm_tool_call", "tool")
 
 #: engines whose queue wait a turn records (`record_engine`)
 ENGINE_STAGES = ("stt", "llm", "tts")
@@ -120,6 +129,13 @@ class TurnLedger:
         if name not in MARKS:
             raise KeyError(f"unknown ledger mark {name!r}")
         self.marks.setdefault(name, at)
+
+    def mark_last(self, name: str, at: float) -> None:
+        """Record a mark that the latest write sets (``tool_end``: the turn's last tool call)."""
+        name = _current(name)
+        if name not in MARKS:
+            raise KeyError(f"unknown ledger mark {name!r}")
+        self.marks[name] = max(at, self.marks.get(name, at))
 
     def record_engine(self, stage: str, ticket: WorkTicket, work_end: float | None = None) -> None:
         """Keep the queue wait and the work of ``stage``'s critical-path request (first write wins).
@@ -194,17 +210,29 @@ class TurnLedger:
         A stage whose end mark came before the previous stage ended (it ran
         in the shadow of an earlier one) counts 0 here; see overlaps_ms().
         """
-        if "speech_end" not in self.marks:
-            return {}
-        out: dict[str, float] = {}
-        cursor = self.marks["speech_end"]
+        return {stage: (end - start) * 1000.0 for stage, start, end in self.stage_spans()}
+
+    def stage_spans(self) -> list[tuple[str, float, float]]:
+        """(stage, start, end) in clock seconds along the critical path from ``speech_end``, back to back
+        (the walk `stages_ms` and the tracing spans share).  The walk stops at the first missing mark,
+        except the `TOOL_STAGES`, skipped in a turn without tools."""
+        marks = self.marks
+        if "speech_end" not in marks:
+            return []
+        spans: list[tuple[str, float, float]] = []
+        cursor = marks["speech_end"]
         for stage, end_mark in STAGES:
-            if end_mark not in self.marks:
+            if end_mark not in marks:
+                if stage in TOOL_STAGES:
+                    continue
                 break
-            end = max(cursor, self.marks[end_mark])
-            out[stage] = (end - cursor) * 1000.0
+            at = marks[end_mark]
+            if stage in TOOL_STAGES and "first_piece" in marks:
+                at = min(at, marks["first_piece"])
+            end = max(cursor, at)
+            spans.append((stage, cursor, end))
             cursor = end
-        return out
+        return spans
 
     def overlaps_ms(self) -> dict[str, float]:
         """Engine time that was hidden behind another stage (not in stages_ms)."""
@@ -268,6 +296,11 @@ class TurnLedger:
                 lines.append(f"  ({stage} engine: queued {self.queue_ms[stage]:.1f}{worked})")
         for name, ms in self.overlaps_ms().items():
             lines.append(f"  ({name:<14} {ms:8.1f}  overlapped, not on the critical path)")
+        if "tool_calls" in self.notes:
+            filler = self.notes.get("filler")
+            lines.append(f"  (tools: {self.notes['tool_calls']} call(s) in {self.notes.get('tool_rounds', 1)} round(s), "
+                         f"{self.notes.get('tool_ms', 0.0):.1f} ms"
+                         + (f"; the first audio was the filler {filler!r}" if filler else "") + ")")
         v2v = self.voice_to_voice_ms
         if v2v is not None:
             verdict = ""

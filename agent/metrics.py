@@ -28,7 +28,7 @@ from prometheus_client import (
 
 from .admission import REASONS, Admission, Refusal
 from .calls import CallContext
-from .events import BargeInEvent, Event, TransportStats, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
+from .events import BargeInEvent, Event, ToolCalled, TransportStats, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
 from .ledger import ENGINE_STAGES, STAGES, TRANSPORT_PARTS
 
 if TYPE_CHECKING:
@@ -126,6 +126,12 @@ class MetricsObserver:
         self.real_time_factor = Histogram(
             "sub300_real_time_factor_ratio", "Per turn: engine compute seconds / audio seconds (STT: the final "
             "transcription; TTS: the reply's synthesis)", ["transport", "engine"], buckets=_RTF_BUCKETS, registry=r)
+        self.tool_calls = Counter(
+            "sub300_tool_calls", "Tool calls the model asked for, by tool and outcome (ok, error, timeout, "
+            "invalid_arguments, unknown_tool, cancelled)", ["transport", "tool", "outcome"], registry=r)
+        self.tool_duration = Histogram(
+            "sub300_tool_duration_seconds", "A tool call's wall time, by tool (cancelled calls included)",
+            ["transport", "tool"], buckets=_QUEUE_BUCKETS, registry=r)
         self.rtp_packets_received.labels("sip", "from_caller")
         self.rtp_packets_lost.labels("sip", "from_caller")
         self.rtp_packets_lost.labels("webrtc", "to_caller")
@@ -136,7 +142,7 @@ class MetricsObserver:
         self._within = 0
         self.goodput.set(float("nan"))
         # Pre-create the labelled series so /metrics shows them before the first call.
-        for transport in ("webrtc", "sip"):
+        for transport in ("webrtc", "sip", "twilio", "pcm"):   # twilio, pcm: web/websocket.py
             self.calls_active.labels(transport)
             for stage, _ in STAGES:
                 self.stage.labels(transport, stage)
@@ -233,6 +239,10 @@ class MetricsObserver:
             self.barge_ins.labels(transport, outcome).inc()
             if event.reaction_ms is not None:
                 self.barge_in_reaction.labels(transport, outcome).observe(event.reaction_ms / 1000.0)
+        elif isinstance(event, ToolCalled):
+            tool = _label(event.name)
+            self.tool_calls.labels(transport, tool, _label(event.outcome)).inc()
+            self.tool_duration.labels(transport, tool).observe(max(0.0, event.duration_ms / 1000.0))
         elif isinstance(event, TransportStats):
             direction = _label(event.direction)
             if event.packets_received is not None:

@@ -28,6 +28,24 @@ included, is billed for the tokens it did generate: work done is billed), and
 the characters of every piece's spoken form as it is sent to TTS (the
 fallback line included).  An engine that cannot count (no ``usage`` keyword,
 or an endpoint that sends none) is logged once and adds no tokens.
+
+Tools (agent/tools.py): with ``tools``, the LLM (a `ToolCallingModel`) gets their schemas; when it
+asks for calls, the text it said first is flushed to TTS, the calls run concurrently (`run_tool`:
+each with its timeout, ``settings.tool_timeout_s`` unless the tool sets one; errors, timeouts and
+invalid arguments become the result's text, which the model can say out loud), then the model is
+asked again with its ``tool_calls`` message and the ``tool`` results, at most
+``settings.max_tool_rounds`` rounds (a model that asks again fails the turn with kind
+``tool_rounds``: the fallback line).  Tools run only once the reply is committed: a speculation never
+calls one (a tool may act on the world; a speculation may be thrown away).  Their tasks belong to
+the reply's own task (a TaskGroup): a barge-in or a hang-up cancels the reply, which cancels and
+awaits them (a plain function in a worker thread cannot be stopped: its result is dropped).  When
+the tools run longer than ``settings.tool_filler_ms`` and nothing of the reply was queued yet,
+``settings.tool_filler_text`` ("One moment.") is spoken as the reply's first piece, through TTS as
+any piece: it is the first audio (voice-to-voice measures it, the ledger notes ``filler``) and the
+history keeps it, as the caller heard it.  Ledger: marks ``tool_start`` / ``tool_end`` (the stages
+``llm_tool_call`` and ``tool``), notes ``tool_calls``, ``tool_rounds``, ``tool_ms`` (the calls'
+summed time); each call is a `ToolCalled` event; ``tool_messages`` keeps the exchange of the rounds
+that completed, for the history.
 """
 from __future__ import annotations
 
@@ -46,18 +64,20 @@ from sub300.models.protocols import (
     LlmUsage,
     ModelError,
     SpeechSynthesizer,
+    ToolCall,
     accepts_usage,
 )
 from sub300.models.scheduling import Urgency, WorkTicket
 from sub300.models.threads import iterate_in_thread
 
 from .audio import StreamResampler
-from .events import AgentSpeech, EventHandler
+from .events import AgentSpeech, EventHandler, ToolCalled
 from .ledger import TurnLedger
 from .playout import PlayoutQueue
 from .sentences import SentenceSplitter
 from .spoken_form import spoken_form
 from .tasks import TaskOwner
+from .tools import Tool, ToolResult, run_tool
 from .usage import LLM_COMPLETION_TOKENS, LLM_PROMPT_TOKENS, TTS_CHARS
 from .words import has_words
 
@@ -84,6 +104,24 @@ class ReplySettings:
     first_piece_max_words: int = 0
     #: spoken after a failed or empty LLM answer ("" = nothing)
     fallback_text: str = ""
+    #: tools: a call's limit (s) when the tool sets none (llm.tool_timeout_s)
+    tool_timeout_s: float = 5.0
+    #: tools: rounds of calls in one reply at most (llm.max_tool_rounds)
+    max_tool_rounds: int = 3
+    #: tools: the filler is spoken once tools have run this long (ms) with nothing said (llm.tool_filler_ms)
+    tool_filler_ms: float = 700.0
+    #: tools: the filler ("" = none) (llm.tool_filler_text)
+    tool_filler_text: str = "One moment."
+
+
+class ToolRoundsExceeded(ModelError):
+    """The model asked for tools again after ``max_tool_rounds`` rounds of them."""
+
+    kind = "tool_rounds"
+
+
+#: characters of a tool's result a `ToolCalled` event carries
+EVENT_RESULT_CHARS = 200
 
 
 class Reply:
@@ -100,9 +138,11 @@ class Reply:
         settings: ReplySettings,
         on_first_audio_out: Callable[[float], None] | None = None,
         charge: Callable[[Mapping[str, float]], None] | None = None,
+        tools: Mapping[str, Tool] | None = None,
     ):
         """``charge(usage)``: where the reply's usage goes as it is done (the call's meter, for this
-        turn: agent/metering.py); None: not counted."""
+        turn: agent/metering.py); None: not counted.  ``tools``: by name, the functions the model may
+        call (the LLM must be a `ToolCallingModel`: agent/tools.py `check_tools`); None or empty: none."""
         self.turn = turn
         self.messages = list(messages)
         self.pieces: list[str] = []
@@ -128,6 +168,10 @@ class Reply:
         self.error: ModelError | None = None
         #: index in ``pieces`` of the fallback line, once queued
         self.fallback_piece: int | None = None
+        self._tools = dict(tools or {})
+        self._committed = asyncio.Event()     # tools wait for it: a speculation calls none
+        #: the assistant ``tool_calls`` and ``tool`` messages of the rounds that completed (for the history)
+        self.tool_messages: list[ChatMessage] = []
 
     # ------------------------------------------------------------ control
     def start(self, owner: TaskOwner) -> Reply:
@@ -149,6 +193,7 @@ class Reply:
             ledger.network_ms.setdefault(stage, ms)
         self.ledger = ledger
         self.committed = True
+        self._committed.set()
         self._llm_ticket.urgency = Urgency.SLACK if ledger.has("first_piece") else Urgency.COMMITTED
         self._first_tts_ticket.urgency = Urgency.COMMITTED
         for text in self.pieces:
@@ -209,48 +254,46 @@ class Reply:
         splitter = SentenceSplitter(settings.min_clause_chars, settings.first_piece_max_words)
         self.ledger.mark("llm_start", self._clock())
         queued: list[str] = []
-        stream: AsyncGenerator[str, None] | None = None
-        self.llm_usage = _usage_for(self._llm)
-        counted = {} if self.llm_usage is None else {"usage": self.llm_usage}
-        ended = False       # the stream ran to its end (an engine that counts has given its usage then)
+        messages = list(self.messages)
+        rounds = 0
         try:
-            stream = self._llm.stream_chat(self.messages, max_tokens=settings.max_tokens,
-                                           temperature=settings.temperature, ticket=self._llm_ticket, **counted)
-            async for text in stream:
-                if text and not self.ledger.has("llm_first_token"):
-                    now = self._clock()
-                    self.ledger.mark("llm_first_token", now)
-                    self.ledger.record_engine("llm", self._llm_ticket, work_end=now)
-                for piece in splitter.push(text):
-                    self._first_piece_made()
-                    queued.append(piece)
-                    queue.put_nowait(piece)
-                if queue.qsize() and not self._first_audio.is_set():
-                    # The caller is waiting for the first piece's audio: leave the CPU
-                    # to TTS (an engine with flow control pauses meanwhile).
-                    await self._first_audio.wait()
-            ended = True
+            while True:
+                calls, said = await self._llm_round(messages, splitter, queue, queued)
+                if not calls:
+                    break
+                if rounds >= settings.max_tool_rounds:
+                    raise ToolRoundsExceeded(
+                        f"LLM {_endpoint_of(self._llm)}: asked for tools again after {rounds} rounds of tool calls "
+                        f"(llm.max_tool_rounds = {settings.max_tool_rounds})")
+                rounds += 1
+                for piece in splitter.flush():     # what it said before the calls is complete: say it now
+                    self._queue_piece(piece, queue, queued)
+                results = await self._call_tools(calls, queue, queued)
+                exchange: list[ChatMessage] = [
+                    {"role": "assistant", "content": said or None,
+                     "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name,
+                                                                                  "arguments": c.arguments}}
+                                    for c in calls]},
+                    *(result.message() for result in results)]
+                messages.extend(exchange)
+                self.tool_messages.extend(exchange)
+                self.ledger.notes["tool_rounds"] = rounds
+                self._llm_ticket = WorkTicket(Urgency.COMMITTED, clock=self._clock,
+                                              label=f"turn{self.turn}-llm{rounds}")
         except ModelError as error:
             self.error = error
         except Exception as error:   # a bug in the engine: logged with its traceback, yet the caller hears the fallback
             log.exception("turn %d: LLM %s raised %s", self.turn, self._llm.name, type(error).__name__)
             self.error = ModelError(f"LLM {_endpoint_of(self._llm)}: unexpected {type(error).__name__}: {error}")
             self.error.kind = "internal"
-        finally:
-            try:
-                if stream is not None:
-                    await stream.aclose()
-            finally:
-                self._charge_llm(ended)
         rest = splitter.flush()
         if self.error is not None and rest and not _SENTENCE_END.search(rest[-1]):
             # cut off mid-sentence: say the fallback rather than half a sentence
             self.ledger.notes["unspoken"] = rest.pop()
         for piece in rest:
-            self._first_piece_made()
-            queued.append(piece)
-            queue.put_nowait(piece)
-        if self.error is None and not any(has_words(piece) for piece in queued):
+            self._queue_piece(piece, queue, queued)
+        filler = self.ledger.notes.get("filler")
+        if self.error is None and not any(has_words(piece) for piece in queued if piece is not filler):
             self.error = EmptyReply(f"LLM {_endpoint_of(self._llm)}: empty answer, no text to speak "
                                     f"({len(queued)} pieces, {sum(map(len, queued))} characters)")
         self.ledger.mark("llm_done", self._clock())
@@ -261,6 +304,95 @@ class Reply:
                 self.ledger.mark("first_piece", self._clock())
                 queue.put_nowait(settings.fallback_text.strip())
         queue.put_nowait(None)
+
+    def _queue_piece(self, piece: str, queue: asyncio.Queue[str | None], queued: list[str]) -> None:
+        self._first_piece_made()
+        queued.append(piece)
+        queue.put_nowait(piece)
+
+    async def _llm_round(self, messages: Sequence[ChatMessage], splitter: SentenceSplitter,
+                         queue: asyncio.Queue[str | None], queued: list[str]) -> tuple[list[ToolCall], str]:
+        """One request to the LLM: its text goes to ``queue`` piece by piece; returns the tool calls it
+        asked for (none: its answer is complete) and the text it said in this round.  Raises ModelError."""
+        settings = self._settings
+        stream: AsyncGenerator[str | ToolCall, None] | None = None
+        self.llm_usage = _usage_for(self._llm)
+        kwargs: dict[str, object] = {} if self.llm_usage is None else {"usage": self.llm_usage}
+        if self._tools:
+            kwargs["tools"] = [tool.schema() for tool in self._tools.values()]
+        ended = False       # the stream ran to its end (an engine that counts has given its usage then)
+        calls: list[ToolCall] = []
+        said: list[str] = []
+        try:
+            stream = self._llm.stream_chat(messages, max_tokens=settings.max_tokens,  # type: ignore[call-arg]
+                                           temperature=settings.temperature, ticket=self._llm_ticket, **kwargs)
+            async for text in stream:
+                if isinstance(text, ToolCall):
+                    calls.append(text)
+                    continue
+                said.append(text)
+                if text and not self.ledger.has("llm_first_token"):
+                    now = self._clock()
+                    self.ledger.mark("llm_first_token", now)
+                    self.ledger.record_engine("llm", self._llm_ticket, work_end=now)
+                for piece in splitter.push(text):
+                    self._queue_piece(piece, queue, queued)
+                if queue.qsize() and not self._first_audio.is_set():
+                    # The caller is waiting for the first piece's audio: leave the CPU
+                    # to TTS (an engine with flow control pauses meanwhile).
+                    await self._first_audio.wait()
+            ended = True
+        finally:
+            try:
+                if stream is not None:
+                    await stream.aclose()
+            finally:
+                self._charge_llm(ended)
+        return calls, "".join(said)
+
+    async def _call_tools(self, calls: Sequence[ToolCall], queue: asyncio.Queue[str | None],
+                          queued: list[str]) -> list[ToolResult]:
+        """Run ``calls`` concurrently (once the reply is committed), the filler queued if they run
+        longer than ``tool_filler_ms`` with nothing said yet; their results in the calls' order."""
+        await self._committed.wait()
+        settings = self._settings
+        self.ledger.mark("tool_start", self._clock())
+        try:
+            async with asyncio.TaskGroup() as group:   # cancelling the reply cancels and awaits every call
+                tasks = [group.create_task(self._call_tool(call), name=f"turn{self.turn}-tool-{call.name}")
+                         for call in calls]
+                filler = settings.tool_filler_text.strip()
+                if filler and not queued and "filler" not in self.ledger.notes:
+                    _done, running = await asyncio.wait(tasks, timeout=settings.tool_filler_ms / 1000.0)
+                    if running:
+                        self.ledger.notes["filler"] = filler
+                        log.info("turn %d: tools still running after %g ms: the filler %r is said",
+                                 self.turn, settings.tool_filler_ms, filler)
+                        self._queue_piece(filler, queue, queued)
+        except BaseExceptionGroup as group_error:   # a call never raises (run_tool): a bug, as its own error
+            raise _unwrap(group_error) from None
+        self.ledger.mark_last("tool_end", self._clock())
+        results = [task.result() for task in tasks]
+        notes = self.ledger.notes
+        notes["tool_calls"] = notes.get("tool_calls", 0) + len(results)
+        notes["tool_ms"] = round(notes.get("tool_ms", 0.0) + sum(r.duration_s for r in results) * 1000.0, 1)
+        return results
+
+    async def _call_tool(self, call: ToolCall) -> ToolResult:
+        """One call (never raises but for its cancellation), reported as a `ToolCalled` event."""
+        started = self._clock()
+        try:
+            result = await run_tool(self._tools, call, default_timeout_s=self._settings.tool_timeout_s,
+                                    clock=self._clock)
+        except asyncio.CancelledError:
+            log.info("turn %d: tool %s cancelled after %.0f ms", self.turn, call.name,
+                     (self._clock() - started) * 1000.0)
+            self._emit(ToolCalled(self.turn, call.name, call.arguments,
+                                  round((self._clock() - started) * 1000.0, 1), "cancelled"))
+            raise
+        self._emit(ToolCalled(self.turn, call.name, call.arguments, round(result.duration_s * 1000.0, 1),
+                              result.outcome, result.content[:EVENT_RESULT_CHARS]))
+        return result
 
     def _charge_llm(self, ended: bool) -> None:
         """The request's tokens (once: the stream is closed), whether it finished, failed or was cancelled."""

@@ -26,6 +26,7 @@ from .playout import PlayoutQueue
 from .reply import Reply, ReplySettings, failure_note
 from .speech_guard import is_annotation
 from .tasks import TaskOwner
+from .tools import Tool, tools_by_name
 from .turn import Turn
 from .turn_state import TurnEvent as E
 from .words import has_words, said_phrase
@@ -43,7 +44,10 @@ class Responder:
     def __init__(self, *, owner: TaskOwner, llm: LanguageModel, tts: SpeechSynthesizer, playout: PlayoutQueue,
                  history: History, settings: ReplySettings, emit: EventHandler, advance: Callable[..., None],
                  clock: Callable[[], float], hangup_phrases: Sequence[str],
-                 charge: Callable[[int, Mapping[str, float]], None] | None = None):
+                 charge: Callable[[int, Mapping[str, float]], None] | None = None,
+                 tools: Sequence[Tool] = ()):
+        """``tools``: what the model may call in every reply (the agent's `Behaviour.tools`)."""
+        self._tools = tools_by_name(tools)
         self._owner, self._llm, self._tts, self._settings = owner, llm, tts, settings
         self._playout, self._history = playout, history
         self._emit, self._advance, self._clock, self._hangup_phrases = emit, advance, clock, hangup_phrases
@@ -70,7 +74,7 @@ class Responder:
         return Reply(turn=turn, messages=self._history.messages_for(text), llm=self._llm, tts=self._tts,
                      playout=self._playout, clock=self._clock, emit=self._emit, settings=self._settings,
                      on_first_audio_out=lambda _at: self._advance(E.AGENT_AUDIBLE),
-                     charge=None if charge is None else lambda usage: charge(turn, usage))
+                     charge=None if charge is None else lambda usage: charge(turn, usage), tools=self._tools)
 
     def submit(self, turn: Turn) -> None:
         self._queue.put_nowait(turn)
@@ -149,7 +153,7 @@ class Responder:
         ledger.mark("last_audio_out", self._clock())
         heard = reply.heard_text() if reply.interrupted else reply.text
         ledger.notes["interrupted"] = reply.interrupted
-        self._history.add(text, heard)
+        self._history.add(text, heard, reply.tool_messages)
         self._playout.forget_turn(turn.number)
         if reply.error is not None:
             self._fail(turn, "llm", reply.error, transcript=text, reply=heard,

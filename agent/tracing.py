@@ -50,7 +50,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .calls import CallContext
 from .events import Event, TurnFailed, TurnFinished
-from .ledger import ENGINE_STAGES, STAGES, TurnLedger
+from .ledger import ENGINE_STAGES, TurnLedger
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -189,16 +189,7 @@ class TracingObserver:
     def _stages(self, ledger: TurnLedger, parent: Any, ns: Callable[[float], int]) -> None:
         """The voice_to_voice span and its critical-path stages (the cursor walk of `TurnLedger.stages_ms`)."""
         marks = ledger.marks
-        if "speech_end" not in marks:
-            return
-        cursor = marks["speech_end"]
-        spans: list[tuple[str, float, float]] = []
-        for stage, end_mark in STAGES:
-            if end_mark not in marks:
-                break
-            end = max(cursor, marks[end_mark])
-            spans.append((stage, cursor, end))
-            cursor = end
+        spans = ledger.stage_spans()
         if not spans:
             return
         v2v = self.tracer.start_span("voice_to_voice", context=parent, start_time=ns(marks["speech_end"]),

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from sub300.agent.calls import CallContext
 from sub300.agent.events import TurnFailed, TurnFinished
-from sub300.agent.ledger import STAGES
+from sub300.agent.ledger import STAGES, TOOL_STAGES
 from sub300.agent.tracing import TracingObserver, setup_tracing
 from sub300.models.protocols import ModelError
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech
@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from sub300.testing.clock import loop_clock, run_virtual
 
-STAGE_NAMES = [stage for stage, _ in STAGES]
+STAGE_NAMES = [stage for stage, _ in STAGES if stage not in TOOL_STAGES]   # a turn without tools
 
 
 def _engines(stt_error: ModelError | None = None):

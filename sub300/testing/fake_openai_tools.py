@@ -49,7 +49,7 @@ def weather_rules(messages: Sequence[ChatMessage], tool_names: Sequence[str]) ->
     """The module docstring's rules: tool results → text with them; weather → ``get_weather`` calls."""
     last = messages[-1] if messages else {}
     if last.get("role") == "tool":
-        results = []
+        results: list[str] = []
         for message in reversed(messages):
             if message.get("role") != "tool":
                 break

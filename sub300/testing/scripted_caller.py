@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sub300.agent.audio import AudioFrame
+from sub300.agent.behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from sub300.agent.conversation import Conversation
 from sub300.agent.events import Event
 from sub300.agent.playout import PlayoutQueue
@@ -41,11 +42,13 @@ class ScriptedCaller:
     agent_audio: list[tuple[float, np.ndarray]] = field(default_factory=list)
     #: the clock of the call (the conversation's, the playout's, the pacing's): the event loop's for virtual time
     clock: Callable[[], float] = time.monotonic
+    #: the agent's instructions, tools and hooks (agent/behaviour.py)
+    behaviour: Behaviour = DEFAULT_BEHAVIOUR
 
     def __post_init__(self) -> None:
         self.playout = PlayoutQueue(16000, self.clock)
         self.conversation = Conversation(self.engines, self.config, self.playout, clock=self.clock,
-                                         listeners=[self.events.append])
+                                         listeners=[self.events.append], behaviour=self.behaviour)
         self._pacer = Pacer(0.02, self.clock)   # pulled one tick per frame the script says
         self._echo_queue: list[np.ndarray] = []
 
