@@ -97,7 +97,7 @@ def function_tool(function: Callable[..., Any] | None = None, /, *, name: str | 
     parsers.
     """
     def make(fn: Callable[..., Any]) -> Tool:
-        tool_name = name or getattr(fn, "__name__", "")
+        tool_name: str = name or str(getattr(fn, "__name__", ""))
         if not _TOOL_NAME.fullmatch(tool_name):
             raise ToolDefinitionError(f"tool name {tool_name!r}: use 1-64 letters, digits, '_' or '-' (OpenAI's rule)")
         validate, parameters = _arguments_of(fn, tool_name)
@@ -149,13 +149,13 @@ def _arguments_of(fn: Callable[..., Any], tool_name: str) -> tuple[Callable[[dic
     arguments.__annotations__ = {k: v for k, v in hints.items() if k != "return"}
     arguments.__name__ = arguments.__qualname__ = tool_name
     try:
-        adapter = TypeAdapter(arguments)
-        schema = adapter.json_schema()
+        adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(arguments)  # type: ignore[arg-type]
+        schema: dict[str, Any] = adapter.json_schema()
     except Exception as error:   # pydantic's PydanticSchemaGenerationError / PydanticInvalidForJsonSchema
         raise ToolDefinitionError(f"tool {tool_name}: no JSON Schema for its arguments ({error})") from error
     schema = _inline(schema, schema.pop("$defs", {}))
-    for key, text in descriptions.items():
-        schema.setdefault("properties", {}).setdefault(key, {})["description"] = text
+    for key, described in descriptions.items():
+        schema.setdefault("properties", {}).setdefault(key, {})["description"] = described
     schema.setdefault("properties", {})
     return adapter.validate_python, schema
 
