@@ -91,6 +91,9 @@ TRANSPORT_PARTS = INBOUND_PARTS + OUTBOUND_PARTS
 #: mark is missing, and cut at ``first_piece`` when something was said first (the filler: the wait for
 #: the tool then ends where the filler was queued, and voice-to-voice measures the filler)
 TOOL_STAGES = ("llm_tool_call", "tool")
+#: stages cut at ``first_piece`` when it came before their mark (only a filler comes before the LLM's
+#: first token; in any other turn these marks precede ``first_piece``)
+_CUT_AT_FIRST_PIECE = (*TOOL_STAGES, "llm_first_token")
 
 #: engines whose queue wait a turn records (`record_engine`)
 ENGINE_STAGES = ("stt", "llm", "tts")
@@ -215,7 +218,8 @@ class TurnLedger:
     def stage_spans(self) -> list[tuple[str, float, float]]:
         """(stage, start, end) in clock seconds along the critical path from ``speech_end``, back to back
         (the walk `stages_ms` and the tracing spans share).  The walk stops at the first missing mark,
-        except the `TOOL_STAGES`, skipped in a turn without tools."""
+        except the `TOOL_STAGES`, skipped in a turn without tools.  When the filler was the first piece,
+        the tool stages and the LLM's first token end at ``first_piece``: voice-to-voice is the filler's."""
         marks = self.marks
         if "speech_end" not in marks:
             return []
@@ -227,7 +231,7 @@ class TurnLedger:
                     continue
                 break
             at = marks[end_mark]
-            if stage in TOOL_STAGES and "first_piece" in marks:
+            if stage in _CUT_AT_FIRST_PIECE and "first_piece" in marks:
                 at = min(at, marks["first_piece"])
             end = max(cursor, at)
             spans.append((stage, cursor, end))
