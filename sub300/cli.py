@@ -5,23 +5,27 @@ The layers below know nothing of each other beyond their allowed imports
 wires them into a program: it reads the configuration, loads the engines,
 and starts the transports (file, WebRTC through `web`, SIP through `media`)
 that a command needs.  Imports of transports are lazy, per command, so
-`sub300 config` loads no model and no media stack.
+`sub300 config` loads no model and no media stack.  `sub300 serve` is the
+Python API's `serve` (sub300/server.py) for ``Agent(config=...)``: the
+command and a user's own agent run the same server code.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 
 from sub300.agent.config import Config, ConfigError, load_config, override, to_toml
 from sub300.agent.log_format import configure_logging
+from sub300.agent.plugins import PluginError
 from sub300.models.protocols import ModelError, ModelUnavailable
+from sub300.server import describe_role, serve
+
+__all__ = ["build_parser", "describe_role", "main", "serve"]
 
 log = logging.getLogger("sub300")
 
@@ -138,149 +142,14 @@ async def _converse(args, config: Config, engines, caller, write_wav) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    """`sub300 serve`: the Python API's `serve` (sub300/server.py) for the agent the configuration defines."""
+    from sub300.api import Agent
+
     server = {key: value for key, value in (("host", args.host), ("port", args.port), ("role", args.role))
               if value is not None}
     if server:  # checked like the file's values: a bad --port is exit 2, not a bind traceback
         config = override(config, {"server": server}, origin="the command line")
-    return serve(config, progress=_progress)
-
-
-async def start_sip(config: Config, engines, observer, admission=None, auth_limits=None):
-    """The SIP service (media/sip), sharing engines, metrics, the admission and the per-source limits
-    (``auth_limits``: web/auth.py's, so one INVITE rate per source); None when disabled or on a model node."""
-    if not config.sip.enabled or config.server.role == "model":
-        return None
-    from sub300.media.sip.service import start_sip_service
-
-    return await start_sip_service(config, engines, observer, admission=admission, auth_limits=auth_limits)
-
-
-def describe_role(config: Config) -> list[tuple[str, str]]:
-    """What ``server.role`` means for this configuration: (level, line) pairs that `serve` logs.
-
-    A media node names the remote endpoint of each model stage and warns (not fails) for a stage that
-    still runs in process (its calls then share this machine's cores with it); a model node and an
-    all-in-one server have nothing to add."""
-    if config.server.role != "media":
-        return []
-    lines: list[tuple[str, str]] = []
-    for stage, section in (("stt", config.stt), ("llm", config.llm), ("tts", config.tts)):
-        if section.engine == "openai":
-            lines.append(("info", f"media node: {stage.upper()} is remote: {section.base_url} "
-                                  f"(model {section.remote_model!r})"))
-        else:
-            lines.append(("warning", f"media node: {stage.upper()} still runs in this process ({stage}.engine = "
-                                     f"{section.engine!r}); set {stage}.engine = \"openai\" and {stage}.base_url "
-                                     "to use a model node"))
-    return lines
-
-
-def serve(config: Config, progress: Callable[[str], None] = print) -> int:
-    """Run the server until SIGTERM/SIGINT, then drain (sub300/drain.py) and return the exit status.
-
-    The web app (page, signalling, metrics, OpenAI API) and, when enabled, the
-    SIP service share one set of engines and one admission (a call counts
-    against one capacity, whatever its transport).  ``server.role`` (``--role``)
-    chooses what is served (web/server.py): ``model`` starts no SIP listener
-    and takes no call, ``media`` logs each stage's remote endpoint (a warning
-    for a stage still in process); the start-up line names the role.  Start-up: load and warm
-    the engines, bind HTTP (/livez answers; /readyz says "starting" while SIP
-    is not bound), bind SIP, then ready.  Stop: the first signal drains —
-    /readyz 503 "draining", new calls 503, each call finishes its turn, hears
-    ``server.drain_goodbye`` and is hung up, within ``server.drain_timeout_s``;
-    a second signal or the timeout ends the rest at once — then the closers
-    run in order (SIP, the web app and the engines) and the status is 0 (1 when
-    a closer failed).
-
-    The shutdown is ordinary code on a live event loop.  It used to run inside
-    `asyncio.run`'s cancellation of every task (aiohttp's ``handle_signals``
-    raises `GracefulExit` out of the loop): aiortc's own tasks were cancelled
-    together with the calls' closing, its DTLS transport went "closed" and its
-    peer connection started a `close()` of its own that was cancelled
-    half-way, so `WebRtcCall`'s `pc.close()` waited forever on that close's
-    future and the process never exited (py-spy and a task dump, 2026-11-30).
-    """
-    from aiohttp import web
-
-    from sub300.agent.admission import Admission
-    from sub300.agent.calls import ObserverGroup
-    from sub300.agent.engines import load_engines, warm_up
-    from sub300.agent.metrics import MetricsObserver
-    from sub300.agent.records import open_store
-    from sub300.agent.tracing import TracingObserver, setup_tracing
-    from sub300.cli_records import start_records
-    from sub300.drain import Drain, SipCalls, WebRtcCalls
-    from sub300.sd_notify import notify
-    from sub300.web.auth import add_auth_routes
-    from sub300.web.server import MODEL_REQUESTS_KEY, SIGNALLING_KEY, Readiness, build_app
-
-    role = config.server.role
-    for level, line in describe_role(config):
-        getattr(log, level)("%s", line)
-    engines = load_engines(config, progress=progress)
-
-    async def main() -> int:
-        admission = Admission.from_config(config, device=engines.stt.device.split("/")[0])
-        drain = Drain(admission, timeout_s=config.server.drain_timeout_s, goodbye=config.server.drain_goodbye)
-        drain.install(asyncio.get_running_loop())
-        drain.on_drain.append(lambda: notify("STOPPING=1\nSTATUS=draining"))
-        drain.closers.append(("the engines", engines.aclose))   # replaced by the web app's cleanup below
-        try:
-            await warm_up(engines, config)
-            if drain.stopping:
-                return await drain.close()
-            observer = MetricsObserver(config.budget_ms, admission=admission)
-            readiness = Readiness(("sip",) if config.sip.enabled and role != "model" else ())
-            app = build_app(config, engines, observer, admission, readiness)
-            # one database for the API keys (web/auth.py) and the records (agent/records); opened (and
-            # migrated) off the loop.  Both add middleware or routes, so before runner.setup().
-            store = await asyncio.to_thread(open_store, config)
-            progress(f"records and API keys: {store.url}")
-            auth = add_auth_routes(app, config, store)
-            progress(auth.describe())
-            records = await start_records(config, app, observer, store=store)
-            call_observer = records.call_observer if records is not None else observer
-            tracer = setup_tracing(config)   # [telemetry].otlp_endpoint: a trace per call (agent/tracing.py)
-            if tracer is not None:
-                call_observer = ObserverGroup([call_observer, TracingObserver(tracer)])
-                app[SIGNALLING_KEY].observer = call_observer
-            runner = web.AppRunner(app, handle_signals=False)
-            await runner.setup()
-            # the web app's cleanup closes every WebRTC call left and the engines (web/server.py)
-            drain.closers[:] = [("the web app", runner.cleanup)]
-            drain.calls.append(WebRtcCalls(app[SIGNALLING_KEY]))
-            drain.calls.append(app[MODEL_REQUESTS_KEY])   # model requests in flight finish their answer
-            if records is not None:   # records: last, once every call ended: writes what is queued
-                drain.closers.append(("the records", records.aclose))
-            else:                     # the key store alone
-                drain.closers.append(("the key store", functools.partial(asyncio.to_thread, store.close)))
-            if tracer is not None:    # then the spans still queued go out (bounded by the exporter's timeout)
-                drain.closers.append(("the traces", functools.partial(asyncio.to_thread, tracer.shutdown)))
-            site = web.TCPSite(runner, config.server.host, config.server.port)
-            await site.start()
-            sip = await start_sip(config, engines, call_observer, admission, auth_limits=auth.limits)
-            if sip is not None:
-                drain.calls.append(SipCalls(sip))
-                drain.closers.insert(0, ("SIP", sip.close))
-                readiness.bound("sip")
-        except BaseException:
-            await drain.close()
-            raise
-        routes = {"all": "/ demo page, /offer, /metrics, /livez, /readyz, /v1/chat/completions, /v1/audio/*",
-                  "media": "/ demo page, /offer, /metrics, /livez, /readyz",
-                  "model": "/v1/chat/completions, /v1/audio/transcriptions, /v1/audio/speech, /v1/models, "
-                           "/metrics, /livez, /readyz; no calls"}[role]
-        progress(f"serving as a{'n' if role == 'all' else ''} {role}{' node' if role != 'all' else '-in-one server'} "
-                 f"on http://{config.server.host}:{config.server.port} ({routes}"
-                 f"{', SIP on ' + config.sip.host + ':' + str(config.sip.port) if sip else ''}); "
-                 f"engines: {engines.describe()}; SIGTERM drains (up to {config.server.drain_timeout_s:g} s)")
-        notify(f"READY=1\nSTATUS=serving on {config.server.host}:{config.server.port}")   # Type=notify units
-        return await drain.run()
-
-    try:
-        return asyncio.run(main())
-    except KeyboardInterrupt:  # Ctrl-C before the drain took the signal (loading the engines)
-        return 130
+    return serve(Agent(config=config), progress=_progress)
 
 
 # ------------------------------------------------------------------ entry point
@@ -328,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except ModelUnavailable as error:
         print(f"sub300: model unavailable: {error}", file=sys.stderr)
+        return EXIT_MODEL
+    except PluginError as error:   # an engine plugin that does not import (agent/plugins.py)
+        print(f"sub300: engine plugin: {error}", file=sys.stderr)
         return EXIT_MODEL
     except ModelError as error:
         print(f"sub300: model error: {error}", file=sys.stderr)
