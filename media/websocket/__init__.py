@@ -1,0 +1,1 @@
+"""WebSocket media streams: Twilio Media Streams (`twilio`) and plain PCM (`pcm`) around one call core (`call`)."""
