@@ -9,8 +9,18 @@ the embedded model.
 Differences from OpenAI's API, on purpose:
 
 * ``temperature`` defaults to 0 (greedy), the LanguageModel default, not 1.
-* ``n`` must be 1; tools, function calls and non-text content parts are refused
+* ``n`` must be 1; legacy ``functions`` and non-text content parts are refused
   with 400; ``stop`` (up to 4 strings) is applied here, on the text.
+* ``tools`` (OpenAI function calling) are accepted when the served model can
+  call them (`accepts_tools`: an OpenAI-compatible engine, so the request is
+  proxied to its endpoint, tools and the messages' ``tool_calls`` / ``tool``
+  results included); the answer then carries the model's calls: streamed as
+  ``delta.tool_calls`` chunks (one per call, whole: index, id, name and
+  arguments at once) or as ``message.tool_calls``, with ``finish_reason``
+  ``"tool_calls"``.  ``tool_choice`` may be ``"auto"`` or ``"none"`` (no tools
+  sent); another choice is a 400.  The embedded CTranslate2 model cannot call
+  tools: a request with ``tools``, ``tool_calls`` or ``tool`` messages is a 400
+  (code ``tools_unsupported``) saying so.
 * ``finish_reason`` is ``"length"`` when the model yielded ``max_tokens``
   pieces (engines yield about one piece per token), otherwise ``"stop"``.
 
@@ -82,7 +92,15 @@ from aiohttp import web
 
 from sub300.agent.usage import LLM_COMPLETION_TOKENS, LLM_PROMPT_TOKENS, ModelUsageSink
 from sub300.models.llm_batching import AUTO_SLACK_AFTER_TOKENS
-from sub300.models.protocols import EndpointError, LanguageModel, LlmUsage, ModelError, accepts_usage
+from sub300.models.protocols import (
+    EndpointError,
+    LanguageModel,
+    LlmUsage,
+    ModelError,
+    ToolCall,
+    accepts_tools,
+    accepts_usage,
+)
 from sub300.models.scheduling import Urgency, WorkTicket
 
 from .auth import PRINCIPAL
@@ -92,7 +110,11 @@ from .server_timing import BadUrgency, request_urgency, server_timing
 
 log = logging.getLogger(__name__)
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+#: tools one request may offer (OpenAI's own limit)
+MAX_TOOLS = 128
+#: the 400 for tools on a model that cannot call them
+NO_TOOLS = "the embedded model cannot call tools (no function calling); use a server whose llm.engine is openai"
 _MAX_STOPS = 4
 #: more messages than any chat history sub300 keeps (llm.history_turns ≤ 1000 exchanges)
 MAX_MESSAGES = 4096
@@ -142,10 +164,50 @@ def _message_text(i: int, content: Any) -> str:
     raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
 
 
-def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int | None = None) -> dict[str, Any]:
+def _tool_calls_of(i: int, calls: Any) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, checked (id, function name, arguments as text)."""
+    if not isinstance(calls, list):
+        raise BadRequest(f"messages[{i}].tool_calls must be an array", param="messages")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or not isinstance(call.get("id"), str)
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments", ""), str)):
+            raise BadRequest(f"messages[{i}].tool_calls: each needs an id and a function with a name and "
+                             "arguments (a JSON string)", param="messages")
+        out.append({"id": call["id"], "type": "function",
+                    "function": {"name": function["name"], "arguments": function.get("arguments", "")}})
+    return out
+
+
+def _tools_of(body: dict[str, Any], tools_allowed: bool) -> list[dict[str, Any]] | None:
+    """The request's ``tools`` as the model takes them, or None (none, or ``tool_choice: "none"``)."""
+    if body.get("functions") or body.get("function_call"):
+        raise BadRequest("'functions' is not supported; use 'tools'", param="functions")
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("auto", "none"):
+        raise BadRequest("'tool_choice' may be \"auto\" or \"none\"", param="tool_choice")
+    if not tools:
+        return None
+    if not tools_allowed:
+        raise BadRequest(NO_TOOLS, param="tools", code="tools_unsupported")
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise BadRequest(f"'tools' must be an array of at most {MAX_TOOLS} tools", param="tools")
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest("each tool must be {\"type\": \"function\", \"function\": {\"name\": …}}", param="tools")
+    return None if choice == "none" else tools
+
+
+def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int | None = None, *,
+                       tools_allowed: bool = False) -> dict[str, Any]:
     """Validate a chat-completions body; returns the arguments for the model.
 
-    ``max_tokens_cap``: the largest ``max_tokens`` accepted (None: no cap here).  Raises `BadRequest`."""
+    ``max_tokens_cap``: the largest ``max_tokens`` accepted (None: no cap here).  ``tools_allowed``:
+    the model can call tools (`accepts_tools`); else tools, tool calls and tool messages are a 400.
+    Raises `BadRequest`."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     messages = body.get("messages")
@@ -153,16 +215,28 @@ def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int |
         raise BadRequest("'messages' is required and must be a non-empty array", param="messages")
     if len(messages) > MAX_MESSAGES:
         raise BadRequest(f"'messages' has {len(messages)} items; at most {MAX_MESSAGES}", param="messages")
-    clean: list[dict[str, str]] = []
+    clean: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise BadRequest(f"messages[{i}] must be an object")
         role = m.get("role")
         if not isinstance(role, str) or role not in _ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {sorted(_ROLES)}")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise BadRequest(f"messages[{i}]: tool calls are not supported")
-        clean.append({"role": _ROLES[role], "content": _message_text(i, m.get("content"))})
+        if m.get("function_call"):
+            raise BadRequest(f"messages[{i}]: 'function_call' is not supported; use 'tool_calls'")
+        message: dict[str, Any] = {"role": _ROLES[role], "content": _message_text(i, m.get("content"))}
+        if (m.get("tool_calls") or role == "tool") and not tools_allowed:
+            raise BadRequest(NO_TOOLS, param="messages", code="tools_unsupported")
+        if m.get("tool_calls"):
+            if role != "assistant":
+                raise BadRequest(f"messages[{i}]: only an assistant message has tool_calls", param="messages")
+            message["tool_calls"] = _tool_calls_of(i, m["tool_calls"])
+            message["content"] = message["content"] or None
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise BadRequest(f"messages[{i}]: a tool message needs its 'tool_call_id'", param="messages")
+            message["tool_call_id"] = m["tool_call_id"]
+        clean.append(message)
 
     if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
         raise BadRequest("'model' must be a string")
@@ -206,8 +280,7 @@ def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int |
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         raise BadRequest("only n=1 is supported")
-    if body.get("tools") or body.get("functions"):
-        raise BadRequest("tools and functions are not supported")
+    tools = _tools_of(body, tools_allowed)
 
     stop = body.get("stop")
     if stop is None:
@@ -227,6 +300,7 @@ def parse_chat_request(body: Any, default_max_tokens: int, max_tokens_cap: int |
         "max_tokens": int(max_tokens),
         "temperature": float(temperature),
         "stops": stops,
+        "tools": tools,
     }
 
 
@@ -351,7 +425,7 @@ def add_openai_routes(
         except BadUrgency as exc:
             return _error_response(400, str(exc), "invalid_request_error", code="invalid_urgency")
         try:
-            req = parse_chat_request(body, default_max_tokens, max_tokens_cap)
+            req = parse_chat_request(body, default_max_tokens, max_tokens_cap, tools_allowed=accepts_tools(model))
             overflow = await asyncio.to_thread(context_overflow, model, req["messages"], req["max_tokens"])
             if overflow is not None:
                 raise overflow
@@ -362,6 +436,8 @@ def add_openai_routes(
         pinner.seen(req["messages"])
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         counted: dict[str, Any] = {} if usage is None else {"usage": usage}   # a model without the keyword: none
+        if req["tools"]:
+            counted["tools"] = req["tools"]
         ticket.mark_submitted()
         pieces = model.stream_chat(req["messages"], max_tokens=req["max_tokens"], temperature=req["temperature"],
                                    ticket=ticket, **counted)
@@ -413,14 +489,18 @@ def add_openai_routes(
             ticket.urgency = Urgency.SLACK
 
     async def _complete(
-        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str,
+        request: web.Request, pieces: AsyncIterator[str | ToolCall], req: dict[str, Any], completion_id: str,
         usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]], ticket: WorkTicket,
     ) -> web.StreamResponse:
         stop = _StopFilter(req["stops"])
         out: list[str] = []
+        calls: list[ToolCall] = []
         count = 0
         try:
             async for piece in pieces:
+                if isinstance(piece, ToolCall):
+                    calls.append(piece)
+                    continue
                 count += 1
                 counted_piece(ticket, count)
                 out.append(stop.feed(piece))
@@ -431,6 +511,11 @@ def add_openai_routes(
             return _error_response(status, message, err_type)
         out.append(stop.flush())
         finish = "length" if count >= req["max_tokens"] and not stop.stopped else "stop"
+        answer_message: dict[str, Any] = {"role": "assistant", "content": "".join(out)}
+        if calls:
+            finish = "tool_calls"
+            answer_message["content"] = answer_message["content"] or None
+            answer_message["tool_calls"] = [_wire_call(call) for call in calls]
         await close_model()
         return web.json_response({
             "id": completion_id,
@@ -439,14 +524,14 @@ def add_openai_routes(
             "model": model_name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(out)},
+                "message": answer_message,
                 "finish_reason": finish,
             }],
             "usage": openai_usage(usage),
         }, headers={"Server-Timing": server_timing(ticket), **echo_header(request)})
 
     async def _stream(
-        request: web.Request, pieces: AsyncIterator[str], req: dict[str, Any], completion_id: str,
+        request: web.Request, pieces: AsyncIterator[str | ToolCall], req: dict[str, Any], completion_id: str,
         usage: LlmUsage | None, close_model: Callable[[], Awaitable[None]], ticket: WorkTicket,
     ) -> web.StreamResponse:
         stop = _StopFilter(req["stops"])
@@ -454,7 +539,7 @@ def add_openai_routes(
         # Wait for the first piece before sending headers, so that a model that
         # fails at once gets a proper HTTP error status instead of an SSE event.
         try:
-            first: str | None = await it.__anext__()
+            first: str | ToolCall | None = await it.__anext__()
         except StopAsyncIteration:
             first = None
         except ModelError as exc:
@@ -474,7 +559,17 @@ def add_openai_routes(
             await resp.prepare(request)
             await resp.write(chunk(completion_id, {"role": "assistant", "content": ""}, None, with_usage=with_usage))
             piece = first
+            calls = 0
             while piece is not None:
+                if isinstance(piece, ToolCall):
+                    await resp.write(chunk(completion_id, {"tool_calls": [{"index": calls, **_wire_call(piece)}]},
+                                           None, with_usage=with_usage))
+                    calls += 1
+                    try:
+                        piece = await it.__anext__()
+                    except StopAsyncIteration:
+                        piece = None
+                    continue
                 count += 1
                 counted_piece(ticket, count)
                 text = stop.feed(piece)
@@ -492,6 +587,8 @@ def add_openai_routes(
             if tail:
                 await resp.write(chunk(completion_id, {"content": tail}, None, with_usage=with_usage))
             finish = "length" if count >= req["max_tokens"] and not stop.stopped else "stop"
+            if calls:
+                finish = "tool_calls"
             await resp.write(chunk(completion_id, {}, finish, with_usage=with_usage))
             if with_usage:
                 await close_model()
@@ -519,6 +616,11 @@ def add_openai_routes(
 
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
+
+
+def _wire_call(call: ToolCall) -> dict[str, Any]:
+    """A `ToolCall` in OpenAI's ``tool_calls`` shape."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 __all__ = ["add_openai_routes", "parse_chat_request", "BadRequest", "MODEL_USAGE_KEY"]
