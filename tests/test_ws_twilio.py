@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
-from sub300.agent.auth.memory_store import MemoryKeyStore
 from sub300.agent.auth.keys import new_key
+from sub300.agent.auth.memory_store import MemoryKeyStore
 from sub300.agent.auth.tokens import CallTokens
 from sub300.agent.calls import ObserverGroup
 from sub300.media.sip import g711

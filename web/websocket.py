@@ -35,7 +35,7 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from sub300.agent.admission import Admission, Refusal, Ticket
 from sub300.agent.auth.authenticator import AuthFailed, Principal
@@ -112,7 +112,7 @@ class _Routes:
         self._slots: dict[str, CallSlot] = {}       # call id → its calls-at-once slot (web/auth.py)
 
     # ------------------------------------------------------------ the routes
-    async def twilio(self, request: web.Request) -> web.WebSocketResponse:
+    async def twilio_route(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         try:
@@ -133,7 +133,7 @@ class _Routes:
                           lambda call, message: _on_twilio(call, message))
         return ws
 
-    async def pcm(self, request: web.Request) -> web.WebSocketResponse:
+    async def pcm_route(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         try:
@@ -148,7 +148,7 @@ class _Routes:
     # ------------------------------------------------------------ one call
     async def _serve(self, request: web.Request, ws: web.WebSocketResponse, transport: str, wire,
                      principal: Principal, rate: int, lead_s: float, marks: bool,
-                     on_message: Callable[[WebSocketCall, web.WSMessage], None]) -> None:
+                     on_message: Callable[[WebSocketCall, WSMessage], None]) -> None:
         ticket = self.admission.try_admit(transport)
         if isinstance(ticket, Refusal):
             await _refuse(ws, TRY_AGAIN_LATER, f"{ticket.reason}: {ticket.message}")
@@ -190,7 +190,7 @@ class _Routes:
                 await ws.close(code=code, message=reason.encode()[:_REASON_BYTES])
 
     async def _pump(self, ws: web.WebSocketResponse, call: WebSocketCall,
-                    on_message: Callable[[WebSocketCall, web.WSMessage], None]) -> str:
+                    on_message: Callable[[WebSocketCall, WSMessage], None]) -> str:
         """Read the client's messages into the call until either side ends; the reason."""
         receive: asyncio.Task | None = None
         ended = asyncio.ensure_future(call.ended.wait())
@@ -307,7 +307,7 @@ class _PcmWire:
         return [pcm.event_message(payload)]
 
 
-def _on_twilio(call: WebSocketCall, message: web.WSMessage) -> None:
+def _on_twilio(call: WebSocketCall, message: WSMessage) -> None:
     if message.type != WSMsgType.TEXT:
         call.bad_input(f"a {message.type.name} message (Twilio sends JSON text)")
         return
@@ -332,7 +332,7 @@ def _on_twilio(call: WebSocketCall, message: web.WSMessage) -> None:
         call.bad_input("a second start event")
 
 
-def _on_pcm(call: WebSocketCall, message: web.WSMessage, rate: int) -> None:
+def _on_pcm(call: WebSocketCall, message: WSMessage, rate: int) -> None:
     try:
         if message.type == WSMsgType.BINARY:
             call.caller_audio(pcm.decode_frame(message.data, rate))
@@ -359,8 +359,8 @@ def add_websocket_routes(app: web.Application, config: Config, engines: Engines,
     registry = WebSocketCalls()
     routes = _Routes(config, engines, signalling, admission, behaviour, registry)
     app[WS_CALLS_KEY] = registry
-    app.router.add_get("/ws/twilio", routes.twilio)
-    app.router.add_get("/ws/pcm", routes.pcm)
+    app.router.add_get("/ws/twilio", routes.twilio_route)
+    app.router.add_get("/ws/pcm", routes.pcm_route)
 
     async def close_all(app: web.Application) -> None:
         if registry.calls:

@@ -16,7 +16,9 @@ and offsets it came from, as an unconfirmed send numbered ``seq``:
   back) and leave the played counts (``played_fraction``, ``played_total``),
   so barge-in truncation keeps in the history only what the marks confirmed;
   ``on_unsent(samples)`` then tells the transport to flush the provider's
-  buffer (Twilio ``clear``).  A false interruption resumes from the start of
+  buffer (Twilio ``clear``) — whenever audio went out since the last time,
+  even with nothing taken back (a transport without marks: the client's own
+  buffer is flushed, though the history counted it as heard).  A false interruption resumes from the start of
   the cut segment, as with any other transport (the caller heard nothing of
   the unconfirmed audio: the clear dropped it).
 
@@ -59,8 +61,8 @@ class _Sent:
 class HeardPlayout(PlayoutQueue):
     """`PlayoutQueue` whose played counts follow the far end's confirmations (see the module docstring).
 
-    ``on_unsent(samples)``: called when unconfirmed audio was taken back (pause, flush, hold), with the
-    number of samples, so the transport clears the provider's buffer.
+    ``on_unsent(samples)``: called on a pause, flush or hold when audio went out since the last call, with
+    the number of samples taken back (0 without marks), so the transport clears the far end's buffer.
     """
 
     on_unsent: Callable[[int], None] | None = None
@@ -73,6 +75,7 @@ class HeardPlayout(PlayoutQueue):
     #: samples taken back so far (unsent after a pause, flush or hold)
     unsent_total: int = 0
     _overflow_logged: bool = False
+    _sent_since_clear: bool = False   # audio went out since the last `on_unsent`: the far end may buffer some
 
     @property
     def last_seq(self) -> int:
@@ -100,6 +103,7 @@ class HeardPlayout(PlayoutQueue):
             if seg.turn not in self.heard_turns:
                 self.first_seq.setdefault(seg.turn, self._seq)
         self._unconfirmed.append(_Sent(self._seq, chunks))
+        self._sent_since_clear = True
         if len(self._unconfirmed) > MAX_UNCONFIRMED:
             if not self._overflow_logged:
                 self._overflow_logged = True
@@ -139,10 +143,10 @@ class HeardPlayout(PlayoutQueue):
             del self.first_seq[turn]   # nothing of this turn was confirmed: its first frame is still to come
         if self._segments:
             self._idle.clear()
-        if taken_back:
-            self.unsent_total += taken_back
-            if self.on_unsent is not None:
-                self.on_unsent(taken_back)
+        self.unsent_total += taken_back
+        if self._sent_since_clear and self.on_unsent is not None:
+            self.on_unsent(taken_back)
+        self._sent_since_clear = False
         return taken_back
 
     @property
