@@ -354,3 +354,62 @@ async def test_auth_a_token_in_the_query_or_in_custom_parameters_wrong_ones_refu
             assert app.recorder.context.key_id == app.key_id
         await no_call_left(app)
     assert [t for t, _ in app.recorder.started] == ["twilio", "twilio"]
+
+
+@pytest.mark.looptime
+async def test_drain_says_goodbye_and_closes_call_limits_hang_up_admission_refuses(config):
+    from sub300.drain import Drain
+    from sub300.web.server import ADMISSION_KEY
+
+    engines = fake_engines(stt=FakeStt("Hello?"), llm=FakeLlm(["Hi."]), tts=FakeTts(ms_per_piece=300))
+    async with App(config, engines) as app:
+        twilio = FakeTwilio(await app.session.ws_connect(app.url("/ws/twilio")))
+        await twilio.begin()
+        talk = asyncio.ensure_future(twilio.speak(np.zeros(16000 * 20, np.int16)))   # a line with silence on it
+        await asyncio.sleep(0.5)
+        drain = Drain(app.app[ADMISSION_KEY], timeout_s=5, goodbye="We are closing, goodbye.")
+        drain.calls.append(app.app[WS_CALLS_KEY])
+        assert drain.active_calls() == 1
+        assert await drain.drain() == "drained"
+        await twilio.finish()
+        talk.cancel()
+        assert twilio.closed == (1001, "agent_hangup: drain")
+        assert np.abs(twilio.played).max() > 1000          # the goodbye was played before the socket closed
+        assert app.recorder.ended[-1][2] == "agent_hangup: drain"
+        refused = FakeTwilio(await app.session.ws_connect(app.url("/ws/twilio")))
+        await refused.begin()
+        await refused.finish()
+        assert refused.closed is not None and refused.closed[0] == 1013 and "draining" in refused.closed[1]
+        await no_call_left(app)
+    config = copy.deepcopy(config)
+    config.call.inactivity_timeout_s = 2.0
+    async with App(config, engines) as app:
+        twilio = FakeTwilio(await app.session.ws_connect(app.url("/ws/twilio")))
+        await twilio.begin()
+        talk = asyncio.ensure_future(twilio.speak(np.zeros(16000 * 20, np.int16)))
+        await twilio.finish()
+        talk.cancel()
+        assert twilio.closed == (1000, "agent_hangup: inactivity")
+        await no_call_left(app)
+
+
+def test_heard_playout_takes_back_unconfirmed_frames_across_segments():
+    from sub300.media.websocket.heard import HeardPlayout
+
+    unsent: list[int] = []
+    playout = HeardPlayout(8000, lambda: 0.0, on_unsent=unsent.append)
+    playout.push(np.arange(1, 201, dtype=np.int16), turn=1, piece=0)
+    playout.push(np.arange(201, 401, dtype=np.int16), turn=1, piece=1)
+    frames = [playout.pull(160) for _ in range(2)]            # 320 samples sent: all of piece 0, 120 of piece 1
+    assert frames[1] is not None and frames[1][0] == 161
+    assert playout.confirm(1) == [1]                          # frame 1 played: turn 1's first frame heard
+    assert playout.played_fraction(1, 0) == 1.0 and playout.played_fraction(1, 1) == 0.6
+    playout.pause()                                           # barge-in: frame 2 was not confirmed
+    assert unsent == [160] and playout.played_total == 160
+    assert playout.played_fraction(1, 0) == 0.8 and playout.played_fraction(1, 1) == 0.0
+    assert playout.confirm(2) == []                           # its mark, echoed after the clear, changes nothing
+    playout.resume(rewind=False)
+    again = playout.pull(160)
+    assert again is not None and again[0] == 161               # the caller hears what was cleared
+    playout.flush()
+    assert unsent == [160, 160] and playout.idle

@@ -186,7 +186,7 @@ class _Routes:
             reason = call.stop_reason or reason
             await call.close(reason)
             if not ws.closed:
-                code = WSCloseCode.GOING_AWAY if reason.startswith("drain") else WSCloseCode.OK
+                code = WSCloseCode.GOING_AWAY if "drain" in reason or reason == "shutdown" else WSCloseCode.OK
                 await ws.close(code=code, message=reason.encode()[:_REASON_BYTES])
 
     async def _pump(self, ws: web.WebSocketResponse, call: WebSocketCall,
