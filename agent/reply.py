@@ -54,6 +54,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -317,14 +318,14 @@ class Reply:
         settings = self._settings
         stream: AsyncGenerator[str | ToolCall, None] | None = None
         self.llm_usage = _usage_for(self._llm)
-        kwargs: dict[str, object] = {} if self.llm_usage is None else {"usage": self.llm_usage}
+        kwargs: dict[str, Any] = {} if self.llm_usage is None else {"usage": self.llm_usage}
         if self._tools:
             kwargs["tools"] = [tool.schema() for tool in self._tools.values()]
         ended = False       # the stream ran to its end (an engine that counts has given its usage then)
         calls: list[ToolCall] = []
         said: list[str] = []
         try:
-            stream = self._llm.stream_chat(messages, max_tokens=settings.max_tokens,  # type: ignore[call-arg]
+            stream = self._llm.stream_chat(messages, max_tokens=settings.max_tokens,
                                            temperature=settings.temperature, ticket=self._llm_ticket, **kwargs)
             async for text in stream:
                 if isinstance(text, ToolCall):

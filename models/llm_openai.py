@@ -66,7 +66,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import aiohttp
 
@@ -160,6 +160,16 @@ class OpenAIChatModel:
     def _error(self, what: str, cls: type[EndpointError] = EndpointProtocolError) -> EndpointError:
         """An error of kind ``cls`` whose message names this endpoint's URL."""
         return self.endpoint.error(what, cls)
+
+    @overload
+    def stream_chat(self, messages: Sequence[ChatMessage], *, max_tokens: int, temperature: float = 0.0,
+                    ticket: WorkTicket | None = None, usage: LlmUsage | None = None,
+                    tools: None = None) -> AsyncGenerator[str, None]: ...
+
+    @overload
+    def stream_chat(self, messages: Sequence[ChatMessage], *, max_tokens: int, temperature: float = 0.0,
+                    ticket: WorkTicket | None = None, usage: LlmUsage | None = None,
+                    tools: Sequence[Mapping[str, Any]]) -> AsyncGenerator[str | ToolCall, None]: ...
 
     async def stream_chat(
         self,

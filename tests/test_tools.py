@@ -18,7 +18,7 @@ from sub300.agent.ledger import TurnLedger
 from sub300.agent.metrics import MetricsObserver
 from sub300.agent.tools import ToolDefinitionError, ToolsUnsupported, function_tool, run_tool
 from sub300.models.llm_openai import OpenAIChatModel
-from sub300.models.protocols import EndpointProtocolError, ToolCall
+from sub300.models.protocols import EndpointProtocolError, ToolCall, accepts_tools
 from sub300.testing.fake_openai_tools import FakeToolLlm, FakeToolsApi, tool_call_deltas, weather_rules
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, fake_engines, speech
 from sub300.testing.scripted_caller import ScriptedCaller
@@ -356,6 +356,9 @@ async def test_a_speculation_calls_no_tool_before_the_turn_is_committed(configur
 
 
 async def test_tools_on_a_model_that_cannot_call_them_is_an_error(config):
+    from sub300.models.llm_ct2 import CTranslate2ChatModel
+
+    assert not accepts_tools(CTranslate2ChatModel) and accepts_tools(OpenAIChatModel)   # the embedded model: none
     with pytest.raises(ToolsUnsupported, match="cannot call tools"):
         on(FakeLlm(), config, get_weather())
 
