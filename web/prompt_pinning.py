@@ -63,10 +63,10 @@ class SystemPromptPinner:
             while len(self._counts) > self.max_candidates:
                 self._counts.popitem(last=False)
             return
-        if self._pin(system):
+        if self._pin(system):       # the model logs a prompt it newly caches (warm-up may have pinned this one)
             self._pinned.add(digest)
-            log.info("%s: a system prompt of %d characters seen in %d requests is pinned (cached static prompt)",
-                     self._name, len(system), count)
+            log.debug("%s: a system prompt of %d characters seen in %d requests is pinned", self._name,
+                      len(system), count)
         else:
             self.stopped = True
             log.warning("%s: a repeated system prompt could not be pinned (see above); the chat route pins no "
