@@ -31,8 +31,10 @@ SGLang, llama.cpp's server, a hosted API, or another sub300 with
   behind the ``max_connections`` streams), each post bounded by
   `URGENCY_UPDATE_TIMEOUT_S`.  A 404 before the request's first byte is
   tried again (`URGENCY_UPDATE_TRIES`: the node may not have read the
-  request yet); a 404 after the request ended is expected (nothing to
-  change).  Any other failure is logged and counted
+  request yet); a 404 after it (the node, which answered the id back, has
+  finished the request; its last bytes may still be on their way) or after
+  the request ended here is expected: nothing left to change.  Any other
+  failure is logged and counted
   (``urgency_updates_failed``); it never fails the request, which goes on in
   its old class there.  A node that does not answer the id back in its
   response (vLLM, SGLang, a hosted API) is sent no more changes (logged
@@ -375,12 +377,14 @@ class RemoteEndpoint:
                 break
             if status != 404:
                 break
-            if not followed.open:       # the request ended first: nothing left to change
+            if not followed.open or followed.answered:
+                # it ended here, or there: the node answered its id back, so it tracked it and has finished it
+                # (its last bytes may still be on their way); nothing left to change
                 log.debug("%s endpoint: urgency change for a finished request (%s)", self.what, what)
                 return
             if followed.pending is not None:    # a newer class follows: that one is sent (and tried) next
                 return
-            if followed.answered or attempt == URGENCY_UPDATE_TRIES:
+            if attempt == URGENCY_UPDATE_TRIES:
                 break
             await asyncio.sleep(URGENCY_UPDATE_RETRY_S)
         self.urgency_updates_failed += 1

@@ -551,3 +551,42 @@ async def test_an_endpoint_that_does_not_answer_the_id_back_is_sent_no_changes()
     assert len(server.requests[0]["headers"]["X-Sub300-Request-Id"]) >= 16
     assert "X-Sub300-Request-Id" not in server.requests[1]["headers"]
     assert stt.endpoint.urgency_updates_sent == stt.endpoint.urgency_updates_failed == 0
+
+
+async def test_a_failed_urgency_change_is_logged_and_counted_and_the_request_goes_on(caplog):
+    """The node answers the change 500: a warning, ``urgency_updates_failed``, and the audio still comes whole."""
+    import logging
+
+    async def speech(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "audio/pcm",
+                                           "X-Sub300-Request-Id": request.headers["X-Sub300-Request-Id"]})
+        await resp.prepare(request)
+        for _ in range(2):
+            await resp.write(PCM.astype("<i2").tobytes())
+            await asyncio.sleep(0.03)
+        await resp.write_eof()
+        return resp
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "broken"}}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_post("/v1/requests/{id}/urgency", broken)
+    ticket = WorkTicket(Urgency.SPECULATIVE)
+    async with serve(app) as base:
+        tts = tts_for(f"{base}/v1")
+        try:
+            with caplog.at_level(logging.WARNING, logger="sub300.models.remote"):
+                chunks = []
+                async for chunk in tts.synthesize_async("Hi.", ticket=ticket):
+                    chunks.append(chunk)
+                    ticket.urgency = Urgency.COMMITTED
+                async with asyncio.timeout(2):
+                    while tts.endpoint.urgency_updates_failed == 0:
+                        await asyncio.sleep(0.002)
+        finally:
+            await tts.aclose()
+    assert np.array_equal(np.concatenate(chunks), np.concatenate([PCM, PCM]))
+    assert tts.endpoint.urgency_updates_failed == 1 and tts.endpoint.urgency_updates_sent == 0
+    assert any("was not changed to committed (HTTP 500" in r.getMessage() for r in caplog.records)
