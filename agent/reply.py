@@ -169,6 +169,8 @@ class Reply:
         self.error: ModelError | None = None
         #: index in ``pieces`` of the fallback line, once queued
         self.fallback_piece: int | None = None
+        #: index in ``pieces`` of the tools' filler line, once queued
+        self.filler_piece: int | None = None
         self._tools = dict(tools or {})
         self._committed = asyncio.Event()     # tools wait for it: a speculation calls none
         #: the assistant ``tool_calls`` and ``tool`` messages of the rounds that completed (for the history)
@@ -293,8 +295,7 @@ class Reply:
             self.ledger.notes["unspoken"] = rest.pop()
         for piece in rest:
             self._queue_piece(piece, queue, queued)
-        filler = self.ledger.notes.get("filler")
-        if self.error is None and not any(has_words(piece) for piece in queued if piece is not filler):
+        if self.error is None and not any(has_words(piece) for i, piece in enumerate(queued) if i != self.filler_piece):
             self.error = EmptyReply(f"LLM {_endpoint_of(self._llm)}: empty answer, no text to speak "
                                     f"({len(queued)} pieces, {sum(map(len, queued))} characters)")
         self.ledger.mark("llm_done", self._clock())
@@ -367,6 +368,7 @@ class Reply:
                     _done, running = await asyncio.wait(tasks, timeout=settings.tool_filler_ms / 1000.0)
                     if running:
                         self.ledger.notes["filler"] = filler
+                        self.filler_piece = len(queued)
                         log.info("turn %d: tools still running after %g ms: the filler %r is said",
                                  self.turn, settings.tool_filler_ms, filler)
                         self._queue_piece(filler, queue, queued)
