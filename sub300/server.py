@@ -1,7 +1,8 @@
 """Serving an agent: `serve` (``sub300 serve`` runs exactly this), `serve_async`, and `Server` for one's own loop.
 
-The web app (page, signalling, metrics, the OpenAI API, every transport of
-web/server.py) and, when enabled, the SIP service share one set of engines
+The web app (page, WebRTC signalling, the WebSocket media routes /ws/twilio
+and /ws/pcm, metrics, the OpenAI API: web/server.py) and, when enabled, the
+SIP service share one set of engines
 and one admission (a call counts against one capacity, whatever its
 transport); every call gets the agent's `Behaviour` (instructions, tools)
 and is watched by its hooks (sub300/hooks.py) beside the metrics, the
@@ -159,6 +160,7 @@ class Server:
         from sub300.sd_notify import notify
         from sub300.web.auth import add_auth_routes
         from sub300.web.server import MODEL_REQUESTS_KEY, SIGNALLING_KEY, Readiness, build_app
+        from sub300.web.websocket import WS_CALLS_KEY
 
         if self.drain is not None:
             raise RuntimeError("this server was started already")
@@ -203,6 +205,8 @@ class Server:
             # the web app's cleanup closes every WebRTC call left and the engines (web/server.py)
             drain.closers[:] = [("the web app", runner.cleanup)]
             drain.calls.append(WebRtcCalls(app[SIGNALLING_KEY]))
+            if WS_CALLS_KEY in app:   # /ws/twilio, /ws/pcm (not on a model node)
+                drain.calls.append(app[WS_CALLS_KEY])
             drain.calls.append(app[MODEL_REQUESTS_KEY])   # model requests in flight finish their answer
             if records is not None:   # records: last, once every call ended: writes what is queued
                 drain.closers.append(("the records", records.aclose))
@@ -225,8 +229,9 @@ class Server:
         except BaseException:
             await self._close(drain.close())
             raise
-        routes = {"all": "/ demo page, /offer, /metrics, /livez, /readyz, /v1/chat/completions, /v1/audio/*",
-                  "media": "/ demo page, /offer, /metrics, /livez, /readyz",
+        routes = {"all": "/ demo page, /offer, /ws/twilio, /ws/pcm, /metrics, /livez, /readyz, /v1/chat/completions, "
+                         "/v1/audio/*",
+                  "media": "/ demo page, /offer, /ws/twilio, /ws/pcm, /metrics, /livez, /readyz",
                   "model": "/v1/chat/completions, /v1/audio/transcriptions, /v1/audio/speech, /v1/models, "
                            "/metrics, /livez, /readyz; no calls"}[role]
         hooks = f"; hooks: {', '.join(agent.hooks.names())}" if agent.hooks else ""
