@@ -53,9 +53,11 @@ class Recorder:
 
 
 class App:
-    def __init__(self, config, engines, *, auth: bool = False) -> None:
+    def __init__(self, config, engines, *, auth: bool = False, own_engines: bool = True) -> None:
         self.config = copy.deepcopy(config)
         self.app = build_app(self.config, engines)
+        if not own_engines:
+            self.app.on_cleanup.clear()   # the session's engines outlive this app (the fixture owns them)
         self.recorder = Recorder()
         signalling = self.app[SIGNALLING_KEY]
         signalling.observer = ObserverGroup([signalling.observer, self.recorder])
@@ -165,6 +167,10 @@ class FakeTwilio:
     async def finish(self) -> None:
         await asyncio.wait_for(self.tasks[0], 5)
         self.tasks[1].cancel()
+
+
+def words(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
 
 
 def events(recorder: Recorder, kind: str) -> list:
@@ -413,3 +419,33 @@ def test_heard_playout_takes_back_unconfirmed_frames_across_segments():
     assert again is not None and again[0] == 161               # the caller hears what was cleared
     playout.flush()
     assert unsent == [160, 160] and playout.idle
+
+
+@pytest.mark.slow
+async def test_a_spoken_question_over_twilio_gets_a_spoken_answer(config, engines):
+    """Real engines, real time: Piper's question as μ-law media, the agent's answer transcribed back."""
+    from sub300.agent.audio import int16_to_float32, resample
+
+    from .speech import silence, speak
+
+    async with App(config, engines, own_engines=False) as app:
+        twilio = FakeTwilio(await app.session.ws_connect(app.url("/ws/twilio")))
+        await twilio.begin()
+        await twilio.speak(np.concatenate([silence(0.3), speak("What is the capital of France?")]))
+        for _ in range(300):   # up to 15 s of silence: the answer plays meanwhile
+            if events(app.recorder, "turn") and not twilio.buffer and len(twilio.played) > 8000:
+                break
+            await twilio.speak(silence(0.05))
+        await asyncio.sleep(0.5)
+        await twilio.stop()
+        await twilio.finish()
+        await no_call_left(app)
+    turns = events(app.recorder, "turn")
+    assert turns, "no answered turn"
+    assert "france" in turns[0].transcript.lower() or "capital" in turns[0].transcript.lower()
+    heard = events(app.recorder, "turn_heard")
+    assert heard and heard[0].ledger.notes["heard_by"] == "mark"
+    answer = await asyncio.to_thread(engines.stt.transcribe, int16_to_float32(resample(twilio.played, 8000, 16000)))
+    # the reply's words, as the caller heard them over μ-law (tiny.en: allow a word or two to differ)
+    said, understood = set(words(turns[0].reply)), set(words(answer.text))
+    assert understood and len(said & understood) >= len(said) // 2, (turns[0].reply, answer.text)
