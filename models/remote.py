@@ -31,10 +31,11 @@ SGLang, llama.cpp's server, a hosted API, or another sub300 with
   behind the ``max_connections`` streams), each post bounded by
   `URGENCY_UPDATE_TIMEOUT_S`.  A 404 before the request's first byte is
   tried again (`URGENCY_UPDATE_TRIES`: the node may not have read the
-  request yet); a 404 after it (the node, which answered the id back, has
-  finished the request; its last bytes may still be on their way) or after
-  the request ended here is expected: nothing left to change.  Any other
-  failure is logged and counted
+  request yet); a 404 with code ``request_finished`` (the node finished it;
+  its last bytes may still be on their way) or after the request ended here
+  is expected: nothing left to change.  A plain 404 after the first byte
+  means the change reached another node than the request (a balancer between
+  them) or was lost.  Any failure is logged and counted
   (``urgency_updates_failed``); it never fails the request, which goes on in
   its old class there.  A node that does not answer the id back in its
   response (vLLM, SGLang, a hosted API) is sent no more changes (logged
@@ -363,30 +364,33 @@ class RemoteEndpoint:
     async def _send_change(self, followed: Followed, urgency: Urgency) -> None:
         assert self.requests_url is not None
         url = f"{self.requests_url}/{followed.request_id}/urgency"
-        what, status = "", 0
+        what, status, code = "", 0, None
         for attempt in range(1, URGENCY_UPDATE_TRIES + 1):
             try:
                 async with self._control_session().post(url, json={"urgency": urgency.name.lower()}) as resp:
                     if resp.status < 300:
                         self.urgency_updates_sent += 1
                         return
-                    what = f"HTTP {resp.status}" + await body_excerpt(resp, URGENCY_UPDATE_TIMEOUT_S)
-                    status = resp.status
+                    status, raw = resp.status, await resp.content.read(4096)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 break
+            code, message = _error_code(raw)
+            what = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
             if status != 404:
                 break
-            if not followed.open or followed.answered:
-                # it ended here, or there: the node answered its id back, so it tracked it and has finished it
-                # (its last bytes may still be on their way); nothing left to change
+            if code == "request_finished" or not followed.open:
+                # it finished there (its last bytes may still be on their way) or here: nothing left to change
                 log.debug("%s endpoint: urgency change for a finished request (%s)", self.what, what)
                 return
             if followed.pending is not None:    # a newer class follows: that one is sent (and tried) next
                 return
-            if attempt == URGENCY_UPDATE_TRIES:
+            if followed.answered or attempt == URGENCY_UPDATE_TRIES:
+                if followed.answered:
+                    what += ("; the node that answered the request does not have it: does a balancer send "
+                             "the change to another node?")
                 break
-            await asyncio.sleep(URGENCY_UPDATE_RETRY_S)
+            await asyncio.sleep(URGENCY_UPDATE_RETRY_S)     # not answered yet: the node may not have read it yet
         self.urgency_updates_failed += 1
         log.warning("%s endpoint %s: the urgency of request %s… was not changed to %s (%s); it goes on in its "
                     "old class there", self.what, self.url, followed.request_id[:8], urgency.name.lower(), what)
@@ -500,6 +504,19 @@ class RemoteEndpoint:
             attempt += 1
             log.warning("%s (%s); retry %d of %d in %.2f s", failure, failure.kind, attempt, retries, wait)
             await asyncio.sleep(wait)
+
+
+def _error_code(raw: bytes) -> tuple[str | None, str]:
+    """OpenAI's ``{"error": {"code", "message"}}`` of an error body → (code or None, message excerpt)."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        err = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return None, " ".join(text.split())[:BODY_EXCERPT_CHARS]
+    if not isinstance(err, dict):
+        return None, str(err)[:BODY_EXCERPT_CHARS]
+    code = err.get("code")
+    return (code if isinstance(code, str) else None), str(err.get("message") or "")[:BODY_EXCERPT_CHARS]
 
 
 async def body_excerpt(resp: aiohttp.ClientResponse, timeout_s: float = 2.0) -> str:

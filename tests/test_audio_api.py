@@ -317,7 +317,8 @@ async def test_a_draining_node_refuses_new_model_requests_with_retry_after(confi
 
 async def test_an_urgency_change_reaches_the_running_requests_ticket_for_its_own_key_only(config):
     """POST /v1/requests/{id}/urgency: the running request's ticket takes the new class; another key, an
-    unknown id, a finished one get 404; the id is answered back; a malformed or reused id is refused."""
+    unknown id, a finished one get 404 (``request_finished`` for its own key: its last bytes may still be on their
+    way); the id is answered back; a malformed or reused id is refused."""
     llm = FakeLlm(["One", " two", " three."], first_token_s=0.005, per_token_s=0.05)
     async with Node(config, auth=True, engines=fake_engines(llm=llm)) as node:
         other, other_secret = new_key("other", "model")
@@ -326,9 +327,12 @@ async def test_an_urgency_change_reaches_the_running_requests_ticket_for_its_own
         theirs = {"Authorization": f"Bearer {other_secret}"}
         rid = "r" * 22
 
+        codes = []
+
         async def change(request_id: str, urgency: str, headers) -> int:
             async with node.session.post(node.url(f"/v1/requests/{request_id}/urgency"), headers=headers,
                                          json={"urgency": urgency}) as r:
+                codes.append((await r.json())["error"]["code"] if r.status != 200 else None)
                 return r.status
 
         async with node.session.post(node.url("/v1/chat/completions"), json={
@@ -346,7 +350,8 @@ async def test_an_urgency_change_reaches_the_running_requests_ticket_for_its_own
                 assert again.status == 409                # one id, one request
             assert await change(rid, "committed", mine) == 200 and ticket.urgency == Urgency.COMMITTED
             await r.read()
-        assert await change(rid, "slack", mine) == 404    # finished
+        assert await change(rid, "slack", theirs) == 404 and codes[-1] == "not_found"
+        assert await change(rid, "slack", mine) == 404 and codes[-1] == "request_finished"   # its own key learns it
         bad = {**mine, "X-Sub300-Request-Id": "short"}
         assert (await node.speak({"input": "Hi."}, headers=bad))[0] == 400
 

@@ -553,8 +553,13 @@ async def test_an_endpoint_that_does_not_answer_the_id_back_is_sent_no_changes()
     assert stt.endpoint.urgency_updates_sent == stt.endpoint.urgency_updates_failed == 0
 
 
-async def test_a_failed_urgency_change_is_logged_and_counted_and_the_request_goes_on(caplog):
-    """The node answers the change 500: a warning, ``urgency_updates_failed``, and the audio still comes whole."""
+@pytest.mark.parametrize("status, code, said", [
+    (500, None, "(HTTP 500: broken)"),
+    (404, "not_found", "does a balancer send the change to another node?"),     # after the first byte
+])
+async def test_a_failed_urgency_change_is_logged_and_counted_and_the_request_goes_on(caplog, status, code, said):
+    """The node answers the change 500, or 404 for a request it answered (another node got the change): a
+    warning, ``urgency_updates_failed``, and the audio still comes whole."""
     import logging
 
     async def speech(request: web.Request) -> web.StreamResponse:
@@ -568,7 +573,7 @@ async def test_a_failed_urgency_change_is_logged_and_counted_and_the_request_goe
         return resp
 
     async def broken(request: web.Request) -> web.Response:
-        return web.json_response({"error": {"message": "broken"}}, status=500)
+        return web.json_response({"error": {"message": "broken", "code": code}}, status=status)
 
     app = web.Application()
     app.router.add_post("/v1/audio/speech", speech)
@@ -589,4 +594,4 @@ async def test_a_failed_urgency_change_is_logged_and_counted_and_the_request_goe
             await tts.aclose()
     assert np.array_equal(np.concatenate(chunks), np.concatenate([PCM, PCM]))
     assert tts.endpoint.urgency_updates_failed == 1 and tts.endpoint.urgency_updates_sent == 0
-    assert any("was not changed to committed (HTTP 500" in r.getMessage() for r in caplog.records)
+    assert any("was not changed to committed" in r.getMessage() and said in r.getMessage() for r in caplog.records)

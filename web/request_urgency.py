@@ -21,7 +21,12 @@ final transcript is promoted when the caller stops talking
   and serves the request in its new class from its next decision on.  Answers
   ``200 {"id", "urgency", "previous"}``; 400 for a body that is not one of the
   three; 404 for an id that is unknown, already finished, or tracked for
-  another API key (the same answer, so a key cannot learn which ids exist).
+  another API key (the same answer, code ``not_found``, so a key cannot learn
+  which ids exist) — except that the key that made a request finished in the
+  last `FINISHED_KEPT_S` seconds gets code ``request_finished``: its last
+  bytes may still be on their way, a change that crossed them is no failure,
+  whereas ``not_found`` for a request the client still reads means the change
+  went to another node than the request (a balancer between them) or was lost.
 
 Owner: the API key that made the request (``request[PRINCIPAL].key_id``,
 web/auth.py); without one (authentication off and no key given, or an app
@@ -38,6 +43,9 @@ import hmac
 import json
 import logging
 import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -53,6 +61,11 @@ REQUEST_ID_HEADER = "X-Sub300-Request-Id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 _URGENCIES = {u.name.lower(): u for u in Urgency}
 _ENTRY = web.RequestKey("sub300_request_id", str)
+#: seconds a finished request's id is remembered (for ``request_finished``), and how many at most
+FINISHED_KEPT_S = 10.0
+FINISHED_KEPT_MAX = 4096
+#: what `InFlightRequests.change` answers for a request its owner made that has finished
+FINISHED = "finished"
 
 
 class RequestIdError(ValueError):
@@ -86,10 +99,13 @@ def _owner(request: web.BaseRequest) -> str:
 
 
 class InFlightRequests:
-    """The model requests in flight that carry an id: id → (ticket, owner).  Event-loop only."""
+    """The model requests in flight that carry an id: id → (ticket, owner); and those finished in the last
+    `FINISHED_KEPT_S` (id → owner, finish time on ``clock``).  Event-loop only."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._tracked: dict[str, _Tracked] = {}
+        self._finished: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.clock = clock
 
     def __len__(self) -> int:
         return len(self._tracked)
@@ -119,14 +135,25 @@ class InFlightRequests:
     def forget(self, request: web.BaseRequest) -> None:
         """Stop tracking what ``request`` registered (idempotent; nothing when it registered nothing)."""
         request_id = request.pop(_ENTRY, None)
-        if request_id is not None:
-            self._tracked.pop(request_id, None)
+        if request_id is None:
+            return
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is not None:
+            now = self.clock()
+            self._finished[request_id] = (tracked.owner, now)
+            while self._finished and (len(self._finished) > FINISHED_KEPT_MAX
+                                      or next(iter(self._finished.values()))[1] < now - FINISHED_KEPT_S):
+                self._finished.popitem(last=False)
 
-    def change(self, request_id: str, owner: str, urgency: Urgency) -> Urgency | None:
-        """Set the urgency of ``request_id``'s ticket when ``owner`` made it; its previous urgency, or None
-        (unknown, finished, or another owner's)."""
+    def change(self, request_id: str, owner: str, urgency: Urgency) -> Urgency | str | None:
+        """Set the urgency of ``request_id``'s ticket when ``owner`` made it; its previous urgency, `FINISHED`
+        (``owner``'s request finished in the last `FINISHED_KEPT_S`), or None (unknown, or another owner's)."""
         tracked = self._tracked.get(request_id)
         if tracked is None or not hmac.compare_digest(tracked.owner, owner):
+            finished = self._finished.get(request_id)
+            if (finished is not None and finished[1] >= self.clock() - FINISHED_KEPT_S
+                    and hmac.compare_digest(finished[0], owner)):
+                return FINISHED
             return None
         previous = tracked.ticket.urgency
         tracked.ticket.urgency = urgency
@@ -180,7 +207,9 @@ async def change_urgency(request: web.Request) -> web.Response:
     if urgency is None:
         return _error(400, f'body must be {{"urgency": "{"|".join(_URGENCIES)}"}}', "invalid_urgency")
     previous = request.app[IN_FLIGHT_KEY].change(request_id, _owner(request), urgency)
-    if previous is None:
+    if previous == FINISHED:
+        return _error(404, "this request has finished here", "request_finished")
+    if not isinstance(previous, Urgency):
         return _error(404, "no such request in flight here (unknown, finished, or another key's)", "not_found")
     return web.json_response({"id": request_id, "urgency": urgency.name.lower(),
                               "previous": previous.name.lower()})
@@ -193,5 +222,5 @@ def add_request_routes(app: web.Application) -> InFlightRequests:
     return in_flight
 
 
-__all__ = ["IN_FLIGHT_KEY", "REQUEST_ID_HEADER", "InFlightRequests", "RequestIdError", "add_request_routes",
+__all__ = ["FINISHED_KEPT_S", "IN_FLIGHT_KEY", "REQUEST_ID_HEADER", "InFlightRequests", "RequestIdError", "add_request_routes",
            "change_urgency", "echo_header", "forget", "track"]
