@@ -60,8 +60,8 @@ async def test_round_trip_at_the_query_strings_rate(config, rate):
                            tts=FakeTts(ms_per_piece=300))
     async with App(config, engines) as app:
         client = PcmClient(await app.session.ws_connect(app.url(f"/ws/pcm?rate={rate}")), rate)
-        await client.speak(speech(0.6))
-        await client.speak(np.zeros(16000 * 2, np.int16))
+        await client.speak(speech(0.4))
+        await client.speak(np.zeros(int(16000 * 1.1), np.int16))
         await client.ws.send_str(json.dumps({"type": "hangup"}))
         await asyncio.wait_for(client.reader, 5)
         await no_call_left(app)

@@ -296,8 +296,8 @@ async def test_malformed_messages_are_logged_and_the_call_goes_on(config, caplog
                         json.dumps({"event": "mark", "mark": {"name": "not ours"}})):
                 await ws.send_str(bad)
             await ws.send_bytes(b"\x00\x01")
-            await twilio.speak(speech(0.6))
-            await twilio.speak(np.zeros(16000, np.int16))
+            await twilio.speak(speech(0.4))
+            await twilio.speak(np.zeros(int(16000 * 0.7), np.int16))
             await twilio.stop()
             await twilio.finish()
         await no_call_left(app)
