@@ -198,6 +198,7 @@ async def test_a_question_gets_media_and_marks_and_the_ledger_hears_by_mark(conf
         await twilio.stop()
         await twilio.finish()
         await no_call_left(app)
+        metrics = await (await app.session.get(app.url("/metrics"))).text()
     assert twilio.closed is not None and twilio.closed[0] == 1000
     assert app.recorder.started[0][0] == "twilio" and app.recorder.ended[0][2] == "stop"
     assert twilio.received_samples >= 0.4 * 8000 and np.abs(twilio.played).max() > 1000   # the agent's tone
@@ -210,6 +211,9 @@ async def test_a_question_gets_media_and_marks_and_the_ledger_hears_by_mark(conf
     # the provider plays a frame 20 ms after it arrives and echoes its mark then: ~20 ms on loopback
     assert 0 <= ledger.transport_ms["playout"] <= 60
     assert ledger.marks["first_audio_heard"] > ledger.marks["first_audio_out"]
+    assert 'sub300_calls_total{transport="twilio"} 1.0' in metrics
+    usage = events(app.recorder, "call_usage")   # usage metering: what the call consumed after its last turn
+    assert len(usage) == 1 and ledger.usage["agent_audio_s"] > 0
 
 
 def heard_words(pieces: list[str], piece_samples: int, played: int) -> int:
@@ -387,6 +391,16 @@ async def test_drain_says_goodbye_and_closes_call_limits_hang_up_admission_refus
         await refused.finish()
         assert refused.closed is not None and refused.closed[0] == 1013 and "draining" in refused.closed[1]
         await no_call_left(app)
+    async with App(config, engines) as app:   # a forced drain ends the calls left at once
+        twilio = FakeTwilio(await app.session.ws_connect(app.url("/ws/twilio")))
+        await twilio.begin()
+        talk = asyncio.ensure_future(twilio.speak(np.zeros(16000 * 20, np.int16)))
+        await asyncio.sleep(0.3)
+        await app.app[WS_CALLS_KEY].end_now("drain forced")
+        await twilio.finish()
+        talk.cancel()
+        assert twilio.closed == (1001, "server shutting down") and app.recorder.ended[-1][2] == "drain forced"
+        assert not app.app[WS_CALLS_KEY].calls
     config = copy.deepcopy(config)
     config.call.inactivity_timeout_s = 2.0
     async with App(config, engines) as app:
