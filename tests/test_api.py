@@ -109,10 +109,23 @@ async def test_a_server_in_the_programs_own_loop_on_port_0(config, tmp_path):
     config = config.model_copy(deep=True)   # the session's is shared
     config.records.enabled, config.records.url = False, f"sqlite:///{tmp_path}/keys.db"
     agent = Agent(config=config, engines=fakes())
+    calls: list[object] = []
+    agent.on("call_started")(calls.append)
+    agent.on("call_ended")(calls.append)
     async with Server(agent, port=0) as server, aiohttp.ClientSession() as session:
         assert server.port and server.url == f"http://127.0.0.1:{server.port}"
         async with session.get(server.url + "/readyz") as ready:
             assert ready.status == 200
+        async with session.ws_connect(server.url + "/ws/pcm?rate=16000") as ws:   # a call: the hooks watch it
+            await ws.send_bytes(bytes(640))
+            await ws.close()
+        for _ in range(100):
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.01)
     assert server.status == 0
+    started, ended = calls
+    assert isinstance(started, CallStarted) and started.transport == "pcm"
+    assert isinstance(ended, CallEnded) and ended.call_id == started.call_id
     with pytest.raises(ToolsUnsupported, match="cannot call tools"):     # the embedded-like fake has no tools=
         await Server(Agent(config=config, engines=fakes(), tools=[get_weather]), port=0).start()
