@@ -395,7 +395,7 @@ async def test_conversation_with_the_real_client_on_a_failing_endpoint(config, c
                 await caller.silence(0.1)
                 await caller.say(speech(0.4))
                 await caller.until_idle()
-                llm.url = f"{url}/ok/chat/completions"     # the endpoint recovers: the call goes on
+                llm.endpoint.url = f"{url}/ok/chat/completions"     # the endpoint recovers: the call goes on
                 await caller.silence(0.1)
                 await caller.say(speech(0.4))
                 await caller.until_idle()
