@@ -319,7 +319,17 @@ async def test_an_urgency_change_reaches_the_running_requests_ticket_for_its_own
     """POST /v1/requests/{id}/urgency: the running request's ticket takes the new class; another key, an
     unknown id, a finished one get 404 (``request_finished`` for its own key: its last bytes may still be on their
     way); the id is answered back; a malformed or reused id is refused."""
-    llm = FakeLlm(["One", " two", " three."], first_token_s=0.005, per_token_s=0.05)
+    release = asyncio.Event()
+
+    class HeldLlm(FakeLlm):     # the request runs until the test releases it
+        async def stream_chat(self, messages, *, max_tokens, temperature=0.0, ticket=None, usage=None):
+            self.tickets.append(ticket)
+            ticket.mark_started()
+            yield "One"
+            await release.wait()
+            yield " two."
+
+    llm = HeldLlm()
     async with Node(config, auth=True, engines=fake_engines(llm=llm)) as node:
         other, other_secret = new_key("other", "model")
         node.store.add_key(other)
@@ -349,6 +359,7 @@ async def test_an_urgency_change_reaches_the_running_requests_ticket_for_its_own
                                          json={"messages": [{"role": "user", "content": "Hi"}]}) as again:
                 assert again.status == 409                # one id, one request
             assert await change(rid, "committed", mine) == 200 and ticket.urgency == Urgency.COMMITTED
+            release.set()
             await r.read()
         assert await change(rid, "slack", theirs) == 404 and codes[-1] == "not_found"
         assert await change(rid, "slack", mine) == 404 and codes[-1] == "request_finished"   # its own key learns it

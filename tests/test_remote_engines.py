@@ -489,22 +489,47 @@ async def test_remote_engines_skip_warm_up_and_the_local_tts_pool(config, caplog
 # ------------------------------------------------------------------ urgency changes across the hop
 @pytest.mark.parametrize("stage", ["llm", "stt", "tts"])
 async def test_a_promotion_on_the_media_node_reaches_the_model_nodes_ticket_while_it_runs(config, stage):
-    """A request sent SPECULATIVE, promoted to COMMITTED on the media node while the model node works on it:
-    the model node's ticket (the fake engine's) turns COMMITTED too; the endpoint answered the id back."""
+    """A request sent SPECULATIVE, promoted to COMMITTED on the media node while the model node works on it
+    (its engine holds the request until the test releases it): the model node's ticket turns COMMITTED too;
+    the endpoint answered the id back.  The STT's change is sent before its answer's first byte, the LLM's
+    and TTS's after it."""
     from sub300.models.llm_openai import OpenAIChatModel
     from sub300.testing.fakes import FakeStt, FakeTts, fake_engines
     from sub300.web.server import build_app
 
+    release = asyncio.Event()
+    held: list[WorkTicket] = []
+
+    class HeldLlm(FakeLlm):
+        async def stream_chat(self, messages, *, max_tokens, temperature=0.0, ticket=None, usage=None):
+            held.append(ticket)
+            ticket.mark_started()
+            yield "One"
+            await release.wait()
+            yield " two."
+
+    class HeldStt(FakeStt):
+        async def transcribe_async(self, audio, *, ticket=None):
+            held.append(ticket)
+            await release.wait()
+            return await super().transcribe_async(audio, ticket=ticket)
+
+    class HeldTts(FakeTts):
+        async def synthesize_async(self, text, *, ticket=None):
+            held.append(ticket)
+            ticket.mark_started()
+            yield np.zeros(240, np.int16)
+            await release.wait()
+            yield np.zeros(240, np.int16)
+
     c = config.model_copy(deep=True)
     c.server.role = "model"
-    node = fake_engines(llm=FakeLlm(["One", " two", " three."], first_token_s=0.005, per_token_s=0.05),
-                        stt=FakeStt("Hello there.", delay_s=0.1), tts=FakeTts(delay_s=0.05, ms_per_piece=100))
+    node = fake_engines(llm=HeldLlm(), stt=HeldStt("Hello there.", delay_s=0.0), tts=HeldTts())
     ticket = WorkTicket(Urgency.SPECULATIVE, label=stage)
     async with serve(build_app(c, node)) as base:
         url = f"{base}/v1"
         engine = {"llm": lambda: OpenAIChatModel(url, "m"), "stt": lambda: stt_for(url),
                   "tts": lambda: tts_for(url)}[stage]()
-        fake = {"llm": node.llm, "stt": node.stt, "tts": node.tts}[stage]
 
         async def run() -> None:
             if stage == "llm":
@@ -516,21 +541,20 @@ async def test_a_promotion_on_the_media_node_reaches_the_model_nodes_ticket_whil
                 async for _ in engine.synthesize_async("One. Two. Three.", ticket=ticket):
                     pass
 
-        async def remote_urgency() -> Urgency:
-            while not fake.tickets:
-                await asyncio.sleep(0.002)
-            return fake.tickets[-1].urgency
-
+        task = asyncio.create_task(run())
         try:
-            task = asyncio.create_task(run())
-            assert await asyncio.wait_for(remote_urgency(), 2) == Urgency.SPECULATIVE
-            ticket.urgency = Urgency.COMMITTED              # the turn ended
             async with asyncio.timeout(2):
-                while fake.tickets[-1].urgency != Urgency.COMMITTED:
+                while not held:
                     await asyncio.sleep(0.002)
-            assert not task.done()                          # while it runs
+                assert held[0].urgency == Urgency.SPECULATIVE
+                ticket.urgency = Urgency.COMMITTED              # the turn ended
+                while held[0].urgency != Urgency.COMMITTED:
+                    await asyncio.sleep(0.002)
+            assert not task.done()                              # while it runs
+            release.set()
             await asyncio.wait_for(task, 5)
         finally:
+            release.set()
             await engine.aclose()
     assert engine.endpoint.takes_urgency_changes is True
     assert engine.endpoint.urgency_updates_sent == 1 and engine.endpoint.urgency_updates_failed == 0
