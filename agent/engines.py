@@ -260,24 +260,25 @@ def load_engines(config: Config, progress: Progress = print, given: Mapping[str,
     if unknown:
         raise ValueError(f"engines: unknown stage(s) {', '.join(sorted(unknown))} (stages: {', '.join(STAGES)})")
 
-    def timed(what: str, stage: str, registry: EngineRegistry[Any], name: str):
+    def timed(what: str, stage: str, name: str):
         if stage in given:
             engine = given[stage]
             progress(f"using the given {what}: {getattr(engine, 'name', type(engine).__name__)}")
             return engine
         t0 = time.perf_counter()
-        engine = registry[name](config)
+        engine = plugins.load_factory(stage, name)(config)   # PluginError: not installed, or fails to import
         progress(f"loaded {what}: {getattr(engine, 'name', '?')} in {time.perf_counter() - t0:.1f} s")
         return engine
 
-    tts = timed("TTS", "tts", TTS_ENGINES, config.tts.engine)
+    vad = timed("VAD", "vad", config.vad.engine)
+    stt = timed("STT", "stt", config.stt.engine)
+    llm = timed("LLM", "llm", config.llm.engine)
+    tts = timed("TTS", "tts", config.tts.engine)
     turn = None
     if "turn" in given or config.turn.detector != "vad":
-        turn = timed("turn model", "turn", TURN_MODELS, config.turn.detector)
+        turn = timed("turn model", "turn", config.turn.detector)
     return Engines(
-        vad=timed("VAD", "vad", VAD_ENGINES, config.vad.engine),
-        stt=timed("STT", "stt", STT_ENGINES, config.stt.engine),
-        llm=timed("LLM", "llm", LLM_ENGINES, config.llm.engine),
+        vad=vad, stt=stt, llm=llm,
         tts=tts if "tts" in given else scheduled_tts(tts, config),
         turn=turn,
         given=frozenset(given),

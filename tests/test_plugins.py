@@ -150,3 +150,18 @@ def test_a_pip_installed_plugin_is_a_choice_of_sub300_config(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "sub300.cli", "config"], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "expected one of 'faster-whisper', 'openai'" in refused.stderr
+
+
+def test_an_uninstalled_checkout_says_sub300_must_be_installed(monkeypatch):
+    """Run from a source tree that was never installed: no entry point, so no engine -- said in one line."""
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [])
+    plugins.refresh()
+    try:
+        with pytest.raises(plugins.PluginError, match=r"no VAD engine is installed \(entry-point group sub300\.vad "
+                                                      r"is empty\): sub300 itself must be installed"):
+            load_engines(load_config(environ={}), progress=lambda line: None)
+        with pytest.raises(ConfigError, match=r"stt\.engine = 'openai' .*no STT engine is installed"):
+            load_config(environ={"SUB300_STT_ENGINE": "openai"})
+    finally:
+        monkeypatch.undo()
+        plugins.refresh()
