@@ -17,6 +17,8 @@ hook                the function receives                when
                     final)                               transcript of the caller's turn
 ``agent_speech``    `AgentSpeech` (turn, text)           a piece of the reply goes to TTS (the agent
                                                          is about to say it)
+``tool_called``     `ToolCalled` (name, arguments,        a tool call the model asked for ended
+                    duration_ms, outcome, result)        (agent/tools.py)
 ``barge_in``        `BargeInEvent` (outcome: paused |    the caller spoke over the agent
                     interrupted | resumed, reaction_ms)
 ``turn_ended``      `TurnFinished` (turn, transcript,    a turn was answered; ``ledger``: every
@@ -65,6 +67,7 @@ from sub300.agent.events import (
     Event,
     HangupRequested,
     StateChanged,
+    ToolCalled,
     TranscriptEvent,
     TurnDiscarded,
     TurnFailed,
@@ -110,6 +113,7 @@ HOOKS: dict[str, Callable[[Any], bool]] = {
     "turn_started": lambda e: isinstance(e, StateChanged) and e.state == TurnState.CALLER_SPEAKING,
     "transcript": lambda e: isinstance(e, TranscriptEvent),
     "agent_speech": lambda e: isinstance(e, AgentSpeech),
+    "tool_called": lambda e: isinstance(e, ToolCalled),
     "barge_in": lambda e: isinstance(e, BargeInEvent),
     "turn_ended": lambda e: isinstance(e, TurnFinished),
     "turn_failed": lambda e: isinstance(e, TurnFailed),

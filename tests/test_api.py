@@ -12,7 +12,7 @@ import pytest
 from sub300 import Agent, CallEnded, CallStarted, Server, Tool, function_tool
 from sub300.agent.config import ConfigError, load_config
 from sub300.agent.engines import Engines
-from sub300.agent.events import AgentSpeech, CallUsage, StateChanged, TranscriptEvent, TurnFinished
+from sub300.agent.events import AgentSpeech, CallUsage, StateChanged, ToolCalled, TranscriptEvent, TurnFinished
 from sub300.agent.tools import ToolsUnsupported
 from sub300.testing.fakes import FakeLlm, FakeStt, FakeTts, FakeVad, speech
 from sub300.testing.scripted_caller import ScriptedCaller
@@ -103,6 +103,19 @@ async def test_hooks_hear_a_call_sync_and_async_owned_by_the_call(config, caplog
     assert "hook turn_ended (test_hooks_hear_a_call_sync_and_async_owned_by_the_call.<locals>.broken) failed" \
         in caplog.text
     assert "1 hook(s) still running 5 s after the call ended; cancelled" in caplog.text
+
+
+async def test_the_tool_called_hook_hears_tool_calls_only(config):
+    agent = Agent(config=config)
+    heard: list[object] = []
+    agent.on("tool_called")(heard.append)
+    listen = agent.hooks.call_started("test", "call-2")
+    call = ToolCalled(1, "get_weather", '{"city": "Paris"}', 12.0, "ok", "Sunny")
+    for event in (StateChanged("caller_speaking"), call, AgentSpeech(1, "Sunny.")):
+        listen(event)
+    agent.hooks.call_ended("test", "call-2", "hung up")
+    await agent.hooks.aclose()
+    assert heard == [call]
 
 
 async def test_a_server_in_the_programs_own_loop_on_port_0(config, tmp_path):

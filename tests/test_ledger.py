@@ -53,3 +53,16 @@ def test_table_mentions_budget():
     ledger = ledger_with(speech_end=0.0, endpoint=0.1, stt_final=0.1, llm_first_token=0.1,
                          first_piece=0.1, tts_first_audio=0.1, first_audio_out=0.4)
     assert "over the 300 ms budget" in ledger.format_table(300)
+
+
+def test_the_latency_page_draws_every_critical_path_stage_in_the_ledgers_order():
+    import re
+    from pathlib import Path
+
+    from sub300.agent.ledger import STAGES
+
+    page = (Path(__file__).resolve().parent.parent / "web" / "static" / "latency.js").read_text()
+    block = page.split("export const STAGES = [", 1)[1].split("];", 1)[0]
+    assert re.findall(r'\["(\w+)",', block) == [stage for stage, _ in STAGES]
+    css = (Path(__file__).resolve().parent.parent / "web" / "static" / "style.css").read_text()
+    assert all(f"--{stage}:" in css for stage, _ in STAGES)   # each stage has its colour

@@ -134,6 +134,9 @@ function onEvent(ev) {
       partialBubbles.get(ev.turn)?.remove();
       partialBubbles.delete(ev.turn);
       break;
+    case "tool_called":
+      bubble("system", "", `tool ${ev.name}(${ev.arguments}): ${ev.outcome} in ${Math.round(ev.duration_ms)} ms`);
+      break;
     case "turn_failed":
       bubble("system", "", `turn ${ev.turn} failed: ${ev.error}`);
       break;

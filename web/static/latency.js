@@ -11,6 +11,8 @@
 export const STAGES = [
   ["endpointing", "endpointing"],
   ["stt", "speech-to-text"],
+  ["llm_tool_call", "LLM tool call"],   // tool turns only: the model's answer up to its tool call
+  ["tool", "tools"],                    // the tools and the model's rounds between them
   ["llm_first_token", "LLM first token"],
   ["first_piece", "first piece"],
   ["tts_first_audio", "TTS first audio"],
