@@ -142,3 +142,24 @@ async def test_a_server_in_the_programs_own_loop_on_port_0(config, tmp_path):
     assert isinstance(ended, CallEnded) and ended.call_id == started.call_id
     with pytest.raises(ToolsUnsupported, match="cannot call tools"):     # the embedded-like fake has no tools=
         await Server(Agent(config=config, engines=fakes(), tools=[get_weather]), port=0).start()
+
+
+async def test_the_readmes_tools_snippet_runs_as_written():
+    """README *Tools*: the block defines two tools and an agent; executed as written, the schemas are
+    the ones its text describes and the async tool answers."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("### Tools", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, object] = {}
+    exec(compile(block, "README.md (Tools)", "exec"), scope)
+    agent = scope["agent"]
+    assert isinstance(agent, Agent)
+    schemas = {tool.name: tool.schema()["function"] for tool in agent.behaviour.tools}
+    assert set(schemas) == {"get_weather", "find_order"}
+    weather = schemas["get_weather"]
+    assert weather["description"] == "Today's weather in a city."
+    assert weather["parameters"]["required"] == ["city"]
+    assert weather["parameters"]["properties"]["unit"]["enum"] == ["celsius", "fahrenheit"]
+    assert schemas["find_order"]["parameters"]["properties"]["order_id"]["type"] == "integer"
+    assert await scope["get_weather"].function(city="Paris") == "Sunny and 22 degrees in Paris."
