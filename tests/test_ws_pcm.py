@@ -62,6 +62,8 @@ async def test_round_trip_at_the_query_strings_rate(config, rate):
         client = PcmClient(await app.session.ws_connect(app.url(f"/ws/pcm?rate={rate}")), rate)
         await client.speak(speech(0.4))
         await client.speak(np.zeros(int(16000 * 1.1), np.int16))
+        health = await (await app.session.get(app.url("/healthz"))).json()
+        assert [(c["transport"], c["call_id"]) for c in health["calls"]] == [("pcm", client.texts[0]["call_id"])]
         await client.ws.send_str(json.dumps({"type": "hangup"}))
         await asyncio.wait_for(client.reader, 5)
         await no_call_left(app)

@@ -42,7 +42,7 @@ from .audio_api import add_audio_routes
 from .openai_api import add_openai_routes
 from .request_urgency import add_request_routes
 from .signalling import Signalling, describe_calls
-from .websocket import add_websocket_routes
+from .websocket import WS_CALLS_KEY, add_websocket_routes
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -129,7 +129,8 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "ok",
         "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 1),
         "engines": engines.describe(),
-        "calls": describe_calls(request.app[SIGNALLING_KEY]),
+        "calls": describe_calls(request.app[SIGNALLING_KEY])
+        + (request.app[WS_CALLS_KEY].describe() if WS_CALLS_KEY in request.app else []),
         "admission": request.app[ADMISSION_KEY].describe(),
     })
 

@@ -76,6 +76,11 @@ class WebSocketCalls:
     def active_calls(self) -> int:
         return len(self.calls)
 
+    def describe(self) -> list[dict[str, str]]:
+        """For /healthz: each call's id, transport (twilio | pcm) and turn state."""
+        return [{"call_id": call.call_id, "transport": call.transport, "state": call.conversation.state.value}
+                for call, _ws in self.calls.values()]
+
     def end_politely(self, goodbye: str) -> None:
         for call, _ws in list(self.calls.values()):
             call.end_politely(goodbye)
