@@ -25,6 +25,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from .admission import REASONS, Admission, Refusal
 from .calls import CallContext
@@ -177,6 +178,10 @@ class MetricsObserver:
         for stage, engine in (("stt", engines.stt), ("llm", engines.llm), ("tts", engines.tts)):
             if hasattr(engine, "waiting"):
                 waiting.labels(stage).set_function(reader(engine))
+        remote = {stage: endpoint for stage, engine in (("stt", engines.stt), ("llm", engines.llm), ("tts", engines.tts))
+                  if hasattr(endpoint := getattr(engine, "endpoint", None), "urgency_updates_sent")}
+        if remote:
+            self.registry.register(_UrgencyUpdates(remote))
 
     def watch(self, admission: Admission) -> None:
         """Show ``admission``'s capacity and remaining calls (read at each scrape), count its refusals,
@@ -305,6 +310,24 @@ class MetricsObserver:
     def active_calls(self, transport: str | None = None) -> int:
         samples = next(iter(self.calls_active.collect())).samples
         return int(sum(s.value for s in samples if transport is None or s.labels["transport"] == transport))
+
+
+class _UrgencyUpdates:
+    """``sub300_remote_urgency_updates_total{stage,result}``: urgency changes a remote engine posted to its
+    endpoint (models/remote.py: ``sent`` accepted, ``failed`` logged and not delivered), read at each scrape."""
+
+    def __init__(self, endpoints: dict[str, object]) -> None:
+        self._endpoints = endpoints
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "sub300_remote_urgency_updates", "Urgency changes posted to a remote engine's endpoint "
+            "(POST /v1/requests/{id}/urgency), by result: sent (accepted) | failed (logged, not delivered)",
+            labels=["stage", "result"])
+        for stage, endpoint in self._endpoints.items():
+            family.add_metric([stage, "sent"], float(getattr(endpoint, "urgency_updates_sent", 0)))
+            family.add_metric([stage, "failed"], float(getattr(endpoint, "urgency_updates_failed", 0)))
+        yield family
 
 
 def _seconds(ms: float | None) -> float:

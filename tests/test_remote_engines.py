@@ -619,3 +619,18 @@ async def test_a_failed_urgency_change_is_logged_and_counted_and_the_request_goe
     assert np.array_equal(np.concatenate(chunks), np.concatenate([PCM, PCM]))
     assert tts.endpoint.urgency_updates_failed == 1 and tts.endpoint.urgency_updates_sent == 0
     assert any("was not changed to committed" in r.getMessage() and said in r.getMessage() for r in caplog.records)
+    # ... and visible in /metrics
+    from prometheus_client import CollectorRegistry
+
+    from sub300.agent.engines import Engines
+    from sub300.agent.metrics import MetricsObserver
+    from sub300.testing.fakes import FakeStt, FakeVad
+
+    metrics = MetricsObserver(1000.0, registry=CollectorRegistry())
+    metrics.watch_engines(Engines(vad=FakeVad(), stt=FakeStt("hi"), llm=FakeLlm(["Hi."]), tts=tts))
+    assert metrics.registry.get_sample_value("sub300_remote_urgency_updates_total",
+                                             {"stage": "tts", "result": "failed"}) == 1.0
+    assert metrics.registry.get_sample_value("sub300_remote_urgency_updates_total",
+                                             {"stage": "tts", "result": "sent"}) == 0.0
+    assert metrics.registry.get_sample_value("sub300_remote_urgency_updates_total", {"stage": "stt",
+                                                                                   "result": "sent"}) is None
