@@ -22,15 +22,14 @@ import time
 from sub300.agent.config import Config, ConfigError, load_config, override, to_toml
 from sub300.agent.log_format import configure_logging
 from sub300.agent.plugins import PluginError
-from sub300.models.protocols import ModelError, ModelUnavailable
+from sub300.agent.tools import ToolsUnsupported
+from sub300.failures import EXIT_BAD_INPUT, EXIT_MODEL, startup_failure
+from sub300.models.protocols import ModelError
 from sub300.server import describe_role, serve
 
 __all__ = ["build_parser", "describe_role", "main", "serve"]
 
 log = logging.getLogger("sub300")
-
-EXIT_BAD_INPUT = 2
-EXIT_MODEL = 3
 
 
 #: telemetry.log_format = "json": progress lines go through logging too, so stderr is one JSON object a line
@@ -192,18 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         global _progress_as_log
         _progress_as_log = config.telemetry.log_format == "json"
         return args.run(args, config)
-    except ConfigError as error:
-        print(f"sub300: configuration error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ModelUnavailable as error:
-        print(f"sub300: model unavailable: {error}", file=sys.stderr)
-        return EXIT_MODEL
-    except PluginError as error:   # an engine plugin that does not import (agent/plugins.py)
-        print(f"sub300: engine plugin: {error}", file=sys.stderr)
-        return EXIT_MODEL
-    except ModelError as error:
-        print(f"sub300: model error: {error}", file=sys.stderr)
-        return EXIT_MODEL
+    except (ConfigError, ModelError, PluginError, ToolsUnsupported) as error:
+        status, line = startup_failure(error) or (EXIT_MODEL, str(error))
+        print(line, file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         return 130
     except Exception as error:

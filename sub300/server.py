@@ -34,11 +34,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from sub300.agent.config import Config, override
+from sub300.agent.log_format import configure_logging
+from sub300.failures import startup_failure
 
 from .api import Agent
 
@@ -293,8 +297,30 @@ def serve(agent: Agent | None = None, *, host: str | None = None, port: int | No
           progress: Progress | None = None) -> int:
     """Run the server for ``agent`` (default: ``Agent()``, the configuration alone) until SIGTERM/SIGINT,
     then drain and return the exit status: what ``sub300 serve`` does (sub300/cli.py calls this).
-    Ctrl-C before the server took the signals (loading the engines): 130."""
+
+    A program that has not set up logging gets the command's: plain or JSON lines on stderr
+    (``telemetry.log_format``, level ``$SUB300_LOG_LEVEL``), and the start-up lines (``progress``,
+    default: ``[sub300] ...`` on stderr).  An error that stops the start (a bad configuration, a model,
+    plugin or tool set that cannot run: sub300/failures.py) is one line on stderr and exit status 2 or 3,
+    as for the command.  Ctrl-C before the server took the signals (loading the engines): 130."""
     try:
+        agent = agent if agent is not None else Agent()
+        if not logging.getLogger().handlers:
+            config = agent.config
+            configure_logging(os.environ.get("SUB300_LOG_LEVEL", "INFO"), config.telemetry.log_format,
+                              config.records.redact)
+        if progress is None:
+            progress = _print_progress
         return asyncio.run(serve_async(agent, host=host, port=port, sip=sip, role=role, progress=progress))
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        failure = startup_failure(error)
+        if failure is None:
+            raise
+        print(failure[1], file=sys.stderr, flush=True)
+        return failure[0]
+
+
+def _print_progress(message: str) -> None:
+    print(f"[sub300] {message}", file=sys.stderr, flush=True)

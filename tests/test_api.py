@@ -163,3 +163,12 @@ async def test_the_readmes_tools_snippet_runs_as_written():
     assert weather["parameters"]["properties"]["unit"]["enum"] == ["celsius", "fahrenheit"]
     assert schemas["find_order"]["parameters"]["properties"]["order_id"]["type"] == "integer"
     assert await scope["get_weather"].function(city="Paris") == "Sunny and 22 degrees in Paris."
+
+
+def test_serve_says_a_bad_configuration_in_one_line_and_exits_2(config, capsys):
+    """As `sub300 serve` does: no traceback for an error the user must fix."""
+    from sub300 import serve
+
+    assert serve(Agent(config=config), port=70000) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sub300: configuration error: server.port") and "70000" in err[0]

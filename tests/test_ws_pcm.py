@@ -90,6 +90,23 @@ async def test_a_bad_rate_is_refused_with_a_clear_reason(config):
 
 
 @pytest.mark.looptime
+async def test_a_second_of_48_khz_in_one_frame_is_taken_and_a_bigger_message_closes_1009(config):
+    async with App(config, fake_engines()) as app:
+        client = PcmClient(await app.session.ws_connect(app.url("/ws/pcm?rate=48000")), 48000)
+        await client.ws.send_bytes(np.zeros(48000, "<i2").tobytes())    # 96 000 bytes: the documented maximum
+        await client.ws.send_str(json.dumps({"type": "hangup"}))
+        await asyncio.wait_for(client.reader, 5)
+        assert client.closed == (1000, "hangup")
+        ws = await app.session.ws_connect(app.url("/ws/pcm?rate=48000"))
+        await ws.receive(timeout=5)                                      # hello
+        await ws.send_bytes(bytes(200_000))
+        while (await ws.receive(timeout=5)).type != aiohttp.WSMsgType.CLOSE:
+            pass
+        assert ws.close_code == 1009
+        await no_call_left(app)
+
+
+@pytest.mark.looptime
 async def test_barge_in_sends_clear_bad_frames_and_floods_are_survived(config, caplog):
     llm = FakeLlm(lambda messages: ["Once upon a time there were three bears in a wood."]
                   if len(messages) <= 2 else ["Sure."])

@@ -24,7 +24,7 @@ registry): 1000 the call ended (the reason says why: ``agent_hangup``,
 1008 refused (authentication; a bad ``rate``; no ``start`` within
 `START_TIMEOUT_S`; a ``start`` that is not μ-law 8 kHz mono); 1013 not
 admitted (draining, full, saturated: agent/admission.py's message).
-Messages are at most `MAX_MESSAGE_BYTES`; aiohttp pings every
+Messages are at most `MAX_MESSAGE_BYTES` (a larger one: 1009, "message too big"); aiohttp pings every
 `HEARTBEAT_S` and closes a socket that does not answer (a client gone
 without a close frame), besides the call's own no-media watchdog.
 """
@@ -59,7 +59,8 @@ TWILIO_LEAD_S = 0.100
 PCM_LEAD_S = TICK_S
 #: the ``start`` event must come this soon after the upgrade
 START_TIMEOUT_S = 10.0
-MAX_MESSAGE_BYTES = 64 * 1024
+#: one message at most (bytes): 1 s of 48 kHz 16-bit PCM (96 000) fits; larger closes with 1009 (RFC 6455 §7.4.1)
+MAX_MESSAGE_BYTES = 128 * 1024
 HEARTBEAT_S = 10.0
 TRY_AGAIN_LATER = 1013
 _REASON_BYTES = 120   # a close reason is at most 123 bytes (RFC 6455 §5.5)

@@ -9,9 +9,10 @@ client that sends nothing for 10 s is taken as gone).  The server sends the
 agent's audio as binary frames of 20 ms, in real time (one frame per 20 ms
 tick: nothing is sent ahead, so what was sent is what the client is about
 to play).  Text frames from the server are JSON: ``{"kind": "hello",
-"call_id", "rate"}`` first, then the conversation's events exactly as the
-WebRTC data channel carries them (``event_to_dict``: ``state``,
-``transcript``, ``agent_speech``, ``turn_finished`` with its ledger, …), and
+"call_id", "rate", "budget_ms"}`` first, then the conversation's events exactly
+as the WebRTC data channel carries them (``event_to_dict``; their ``kind``:
+``state``, ``transcript``, ``agent_text``, ``tool_called``, ``turn`` with its
+ledger, ``turn_failed``, ``barge_in``, ``hangup``, …), and
 ``{"kind": "clear"}`` when the caller barges in: the client drops the agent
 audio it still buffers.  Text frames from the client: ``{"type": "hangup"}``
 and ``{"type": "dtmf", "digit": "5"}``; anything else is logged and ignored.

@@ -1,6 +1,8 @@
 """A weather line: one tool, served over WebRTC, SIP and the WebSocket transports at once.
 
-    SUB300_LLM_BASE_URL=http://127.0.0.1:8000/v1 python scripts/examples/weather_agent.py
+    SUB300_LLM_BASE_URL=http://127.0.0.1:8000/v1 .venv/bin/python scripts/examples/weather_agent.py
+
+No tool-calling model at hand?  `.venv/bin/python -m sub300.testing.fake_openai_tools` serves a FAKE one there.
 """
 from typing import Annotated
 

@@ -226,3 +226,19 @@ class FakeToolLlm:
 
 
 __all__ = ["FakeToolsApi", "FakeToolLlm", "weather_rules", "tool_call_deltas", "split_in_three"]
+
+
+async def _serve_forever(port: int) -> None:
+    async with FakeToolsApi(port=port) as api:
+        print(f"FAKE tool-calling chat API (weather rules) on {api.base_url}; Ctrl-C stops it", flush=True)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":   # a demo LLM for scripts/examples/weather_agent.py: python -m ... [--port 8000]
+    import argparse
+    import contextlib
+
+    parser = argparse.ArgumentParser(description="a FAKE OpenAI-compatible API that streams tool calls")
+    parser.add_argument("--port", type=int, default=8000)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(parser.parse_args().port))
