@@ -53,7 +53,7 @@ async def main_async(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_sip_"))
     goodbye = np.concatenate([np.zeros(4800, np.int16), spoken(engines.tts, "Goodbye."), np.zeros(16000, np.int16)])
     write_wav(tmp / "goodbye.wav", goodbye, 16000)
-    subprocess.run(["sox", str(tmp / "goodbye.wav"), "-r", "8000", "-c", "1", "-t", "ul", str(tmp / "goodbye.ulaw")],
+    subprocess.run(["sox", "-D", str(tmp / "goodbye.wav"), "-r", "8000", "-c", "1", "-t", "ul", str(tmp / "goodbye.ulaw")],
                    check=True)
     sip_ledgers, file_ledgers, heard = [], [], 0
     try:
@@ -61,7 +61,7 @@ async def main_async(args) -> None:
             pcm = np.concatenate([np.zeros(8000, np.int16), spoken(engines.tts, text), np.zeros(16000, np.int16)])
             wav, ulaw = tmp / f"q{i}.wav", tmp / f"q{i}.ulaw"
             write_wav(wav, pcm, 16000)
-            subprocess.run(["sox", str(wav), "-r", "8000", "-c", "1", "-t", "ul", str(ulaw)], check=True)
+            subprocess.run(["sox", "-D", str(wav), "-r", "8000", "-c", "1", "-t", "ul", str(ulaw)], check=True)
             before = set(observer.calls)
             peer = sipp(tmp, scenario_call(str(ulaw), timeout_ms=60000, goodbye=str(tmp / "goodbye.ulaw")),
                         service.address, f"sipp{i}")

@@ -148,7 +148,10 @@ def ulaw_question(tmp, name: str, *parts) -> tuple[str, float]:
     pcm = compose(*[speak(p) if isinstance(p, str) else p for p in parts])
     wav = save(tmp / f"{name}.wav", pcm)
     out = tmp / f"{name}.ulaw"
-    subprocess.run(["sox", str(wav), "-r", "8000", "-c", "1", "-t", "ul", str(out)], check=True)
+    # -D: no dither.  sox dithers by default when it resamples, even digital silence (about a quarter of a
+    # silent second's bytes came out 0xFE/0x7E, ±8), so "silence" was random noise that a fake VAD took for
+    # speech in some runs (test_call_limits' silent caller was answered in one CI run)
+    subprocess.run(["sox", "-D", str(wav), "-r", "8000", "-c", "1", "-t", "ul", str(out)], check=True)
     return str(out), len(pcm) / 16000
 
 
