@@ -23,6 +23,9 @@ WINDOW_S = 0.16
 #: while the agent speaks, inbound frames quieter than this (about -50 dBFS) are
 #: not a voice to interrupt with; webrtcvad would call some of them voiced
 MIN_RMS = 100.0
+#: silent samples fed after the last sound before the resampler's filter holds none of it (16 kHz; its
+#: delay is a few dozen samples, so this is a wide margin)
+_RESAMPLER_TAIL = 1024
 
 
 class EchoGuard:
@@ -32,15 +35,24 @@ class EchoGuard:
         self._history = np.zeros(int(HISTORY_S * SAMPLE_RATE), np.float32)
         self._last_played = float("-inf")
         self._inbound = np.zeros(int(WINDOW_S * SAMPLE_RATE), np.float32)
+        #: silent samples at the end of the history (it starts silent)
+        self._quiet = len(self._history) + _RESAMPLER_TAIL
 
     def note_played(self, pcm: np.ndarray, at: float) -> None:
-        """Called by the playout queue for every frame of agent audio that went out."""
+        """Called by the playout queue for every frame that went out: agent audio, or the silence
+        between replies and pieces (agent/playout.py)."""
+        if self._quiet >= len(self._history) + _RESAMPLER_TAIL and not pcm.any():
+            return   # the history is silence already and the resampler holds no sound: nothing to add
         audio = self._resampler.process(pcm).astype(np.float32)
         if len(audio) == 0:
             return
         _shift_in(self._history, audio)
-        if np.any(audio):
+        loud = np.flatnonzero(audio)
+        if len(loud):
             self._last_played = at
+            self._quiet = len(audio) - 1 - int(loud[-1])
+        else:
+            self._quiet += len(audio)
 
     def active(self, now: float) -> bool:
         return now - self._last_played < HISTORY_S

@@ -25,7 +25,7 @@ def _burst(seconds: float, seed: int) -> np.ndarray:
     return (rng.standard_normal(int(seconds * RATE)) * 3000).astype(np.int16)
 
 
-@pytest.mark.parametrize("gap_s", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("gap_s", [0.0, 0.1, 0.3, 1.5])   # 1.5: the history is all silence, then a new piece
 def test_the_echo_of_a_piece_after_a_gap_is_still_echo(gap_s):
     """A reply's second piece comes ``gap_s`` after the first (its synthesis was late): every loud echoed
     frame, the second piece's onset after the silent gap included, must be recognised as echo."""
