@@ -73,7 +73,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -328,10 +328,17 @@ class AudioApi:
 
     # ------------------------------------------------------------ transcriptions
     async def transcriptions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._transcribe)
+
+    async def _answer(self, request: web.Request,
+                      work: Callable[[web.Request, dict[str, float]], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        """Run one route's ``work(request, usage)``; whatever happens, the request's urgency entry is
+        forgotten and its usage reported with the status answered (500 when it raised)."""
         usage: dict[str, float] = {}
         response: web.StreamResponse | None = None
         try:
-            response = await self._transcribe(request, usage)
+            response = await work(request, usage)
             return response
         finally:
             forget(request)
@@ -391,14 +398,7 @@ class AudioApi:
 
     # ------------------------------------------------------------ speech
     async def speech(self, request: web.Request) -> web.StreamResponse:
-        usage: dict[str, float] = {}
-        response: web.StreamResponse | None = None
-        try:
-            response = await self._speak(request, usage)
-            return response
-        finally:
-            forget(request)
-            self._report(request, usage, 500 if response is None else response.status)
+        return await self._answer(request, self._speak)
 
     async def _speak(self, request: web.Request, usage: dict[str, float]) -> web.StreamResponse:
         try:
