@@ -466,11 +466,11 @@ class LlmConfig(Section):
 
 
 class TtsConfig(Section):
-    """Speech synthesis: Piper (GPL-3.0), espeak-ng, or an OpenAI-compatible endpoint."""
+    """Speech synthesis: Piper (GPL-3.0), espeak-ng, Coqui TTS, or an OpenAI-compatible endpoint."""
 
     engine: Annotated[str, _engine("tts", "piper")] = Field(
         default="piper",
-        description="piper (GPL-3.0) | espeak | openai (POST {base_url}/audio/speech, streamed PCM: another "
+        description="piper (GPL-3.0) | espeak | coqui (extra sub300[coqui]: XTTS streamed, VITS by sentence) | openai (POST {base_url}/audio/speech, streamed PCM: another "
         "sub300 with server.role = model, ...) | a plugin's name (entry points sub300.tts)",
         json_schema_extra={"engine_stage": "tts"},
     )
@@ -480,17 +480,34 @@ class TtsConfig(Section):
         default=defaults.PIPER_THREADS,
         ge=1,
         le=64,
-        description="piper: ONNX threads per synthesis (the LLM pauses while the first piece is made)",
+        description="piper: ONNX threads per synthesis (the LLM pauses while the first piece is made); "
+        "coqui: PyTorch CPU threads",
     )
     device: Device = Field(
         default="auto",
         description="piper: auto (ONNX Runtime's CUDA provider when onnxruntime-gpu is installed and a GPU is "
-        "visible) | cpu | cuda",
+        "visible) | cpu | cuda; coqui: auto (CUDA when PyTorch sees a GPU) | cpu | cuda",
     )
     workers: int = Field(
         default=0, ge=0, le=64,
         description="syntheses at once for all calls, first pieces first (0 = auto: 1, as one Piper run "
         "already uses every core)",
+    )
+    coqui_model: str = Field(
+        default="tts_models/multilingual/multi-dataset/xtts_v2", min_length=1,
+        description="coqui: a model folder (config.json + checkpoint) | a Coqui name tts_models/<lang>/<dataset>/"
+        "<model> (see models.allow_download)",
+    )
+    coqui_speaker: str = Field(
+        default="", description="coqui: a speaker of a multi-speaker model (XTTS: of its speaker file; empty = the first)"
+    )
+    coqui_speaker_wav: str = Field(
+        default="", description="coqui, XTTS: a recording (any format PyAV reads) to clone the voice from"
+    )
+    coqui_language: str = Field(default="", description="coqui: language of a multilingual model (XTTS: empty = en)")
+    coqui_stream_chunk_size: int = Field(
+        default=defaults.COQUI_STREAM_CHUNK_SIZE, ge=1, le=400,
+        description="coqui, XTTS: GPT audio tokens per streamed chunk (fewer: sooner first audio, more decoder runs)",
     )
     espeak_voice: str = Field(
         default=defaults.ESPEAK_VOICE, min_length=1, description="espeak: voice name (espeak-ng --voices)"

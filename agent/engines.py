@@ -149,6 +149,21 @@ def _piper(c: Config) -> SpeechSynthesizer:
     return PiperSynthesizer(c.tts.voice, threads=c.tts.threads, device=c.tts.device)
 
 
+def _coqui(c: Config) -> SpeechSynthesizer:
+    from sub300.models.tts_coqui import CoquiSynthesizer
+
+    return CoquiSynthesizer(
+        c.tts.coqui_model,
+        device=c.tts.device,
+        speaker=c.tts.coqui_speaker or None,
+        language=c.tts.coqui_language or None,
+        speaker_wav=c.tts.coqui_speaker_wav or None,
+        stream_chunk_size=c.tts.coqui_stream_chunk_size,
+        threads=c.tts.threads,
+        allow_download=c.models.allow_download,
+    )
+
+
 def _espeak(c: Config) -> SpeechSynthesizer:
     from sub300.models.tts_espeak import EspeakSynthesizer
 

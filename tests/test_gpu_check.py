@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh --dry-run: the GPU check runs end to end on the CPU (tiny durations, N = 1, 2).
 
-It runs the real engines through its three benchmarks (about two minutes), so it is
+It runs the real engines through its four benchmarks (about two minutes), so it is
 in the slow tier; on a GPU machine the same script runs without --dry-run.
 """
 from __future__ import annotations
@@ -28,7 +28,11 @@ def test_gpu_check_dry_run_writes_a_row_per_n(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["ok"]
-    assert [s["step"] for s in summary["steps"]] == ["bench_turns", "bench_webrtc", "bench_load"]
+    assert [s["step"] for s in summary["steps"]] == ["bench_turns", "bench_webrtc", "bench_tts_engines", "bench_load"]
+    assert summary["torch_cuda_devices"] == "0"                   # no GPU here; PyTorch (sub300[coqui]) says so
+    tts = (out / "tts.md").read_text()                             # Piper beside the Coqui engine, labelled
+    assert "| piper (bundled voice joe) |" in tts
+    assert "tiny random VITS — plumbing cost, not a voice" in tts and "tiny random XTTS streamed" in tts
     turns = (out / "turns.md").read_text()
     assert "voice_to_voice" in turns and "### vad 250 ms" in turns and "### smart-turn" in turns
     webrtc = (out / "webrtc.md").read_text()

@@ -71,7 +71,7 @@ def site(tmp_path, monkeypatch):
 
 def test_the_builtin_engines_are_the_sub300_distributions_entry_points():
     for stage, names in {"vad": {"webrtc", "silero"}, "stt": {"faster-whisper", "openai"},
-                         "llm": {"embedded", "openai"}, "tts": {"piper", "espeak", "openai"},
+                         "llm": {"embedded", "openai"}, "tts": {"piper", "espeak", "coqui", "openai"},
                          "turn": {"vad", "smart-turn"}}.items():
         assert names <= set(plugins.engine_names(stage))
         assert all(plugins.is_builtin(stage, name) for name in names)
