@@ -272,19 +272,22 @@ class CoquiSynthesizer:
 
         assert self._latents is not None
         gpt_cond_latent, speaker_embedding = self._latents
-        stream = self._model.inference_stream(
-            text, self.language, gpt_cond_latent, speaker_embedding,
-            stream_chunk_size=self.stream_chunk_size, enable_text_splitting=True,
-        )
-        try:
-            while True:
-                with torch.inference_mode():  # per step: the mode is the thread's, and we yield between steps
-                    chunk = next(stream, None)
-                if chunk is None:
-                    return
-                yield chunk.detach().float().cpu().numpy().reshape(-1)
-        finally:
-            stream.close()
+        # Sentences split here, by the same pySBD segmenter as for VITS: XTTS's own splitting
+        # (enable_text_splitting) needs spaCy, which coqui-tts does not install.
+        for sentence in self._coqui.split_into_sentences(text, self.language):
+            stream = self._model.inference_stream(
+                sentence, self.language, gpt_cond_latent, speaker_embedding,
+                stream_chunk_size=self.stream_chunk_size, enable_text_splitting=False,
+            )
+            try:
+                while True:
+                    with torch.inference_mode():  # per step: the mode is the thread's, and we yield between steps
+                        chunk = next(stream, None)
+                    if chunk is None:
+                        break
+                    yield chunk.detach().float().cpu().numpy().reshape(-1)
+            finally:
+                stream.close()
 
     def _sentences(self, text: str) -> Generator[np.ndarray, None, None]:
         import torch

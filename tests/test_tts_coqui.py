@@ -23,7 +23,14 @@ from sub300.models.protocols import ModelUnavailable, SpeechSynthesizer
 from sub300.models.scheduling import Urgency, WorkTicket
 from sub300.models.tts_coqui import CoquiSynthesizer
 from sub300.models.tts_service import ScheduledSynthesizer
-from sub300.testing.tiny_coqui import TINY_VITS_HOP_LENGTH, TINY_VITS_SAMPLE_RATE, build_tiny_vits
+from sub300.testing.tiny_coqui import (
+    TINY_VITS_HOP_LENGTH,
+    TINY_VITS_SAMPLE_RATE,
+    TINY_XTTS_SAMPLE_RATE,
+    TINY_XTTS_SPEAKER,
+    build_tiny_vits,
+    build_tiny_xtts,
+)
 
 #: real engines (PyTorch, Coqui's loading and inference code): the slow tier
 pytestmark = pytest.mark.slow
@@ -203,3 +210,116 @@ async def test_a_call_hears_the_engine_resampled_with_the_ledgers_tts_marks(vits
     assert np.abs(np.concatenate(client.audio)).max() > 100      # the tiny model's noise arrived
     assert 0 < marks["tts_start"] <= marks["tts_first_audio"] <= marks["first_audio_out"], marks
     assert turn["ledger"]["work_ms"]["tts"] > 0 and turn["ledger"]["notes"]["engines"]["tts"] == "coqui"
+
+
+# ---------------------------------------------------------------- XTTS: streamed
+#: the tiny XTTS's random GPT never emits its stop token: every sentence is 37 audio tokens
+XTTS_SENTENCE_SAMPLES = 41_216
+
+
+@pytest.fixture(scope="module")
+def tiny_xtts_folder(tmp_path_factory) -> Path:
+    return build_tiny_xtts(tmp_path_factory.mktemp("coqui") / "tiny-xtts")
+
+
+@pytest.fixture(scope="module")
+def xtts(tiny_xtts_folder) -> CoquiSynthesizer:
+    return CoquiSynthesizer(tiny_xtts_folder, device="cpu", threads=2, stream_chunk_size=10)
+
+
+class Progress:
+    """Counts, with forward hooks on the real modules, the XTTS GPT's forward passes (a prefill, then one per
+    audio token) and the HiFi-GAN decoder's runs (one per streamed chunk)."""
+
+    def __init__(self, engine: CoquiSynthesizer) -> None:
+        self.model = engine._model
+        self.gpt = self.decoder = 0
+
+    def __enter__(self) -> Progress:
+        def gpt(*_):
+            self.gpt += 1
+
+        def decoder(*_):
+            self.decoder += 1
+
+        self.hooks = [self.model.gpt.gpt_inference.register_forward_hook(gpt),
+                      self.model.hifigan_decoder.register_forward_hook(decoder)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def test_xtts_loads_as_a_streaming_engine_with_its_speaker_file(xtts, tiny_xtts_folder):
+    assert isinstance(xtts, SpeechSynthesizer)
+    assert (xtts.model_type, xtts.streaming, xtts.sample_rate) == ("xtts", True, TINY_XTTS_SAMPLE_RATE)
+    assert (xtts.speaker, xtts.language, xtts.folder) == (TINY_XTTS_SPEAKER, "en", tiny_xtts_folder)
+
+
+def test_xtts_chunks_leave_while_the_gpt_is_still_generating(xtts):
+    with Progress(xtts) as progress:
+        seen = [(chunk, progress.gpt, progress.decoder) for chunk in xtts.synthesize("Hello world.")]
+        gpt_passes = progress.gpt
+    assert [decoded for _, _, decoded in seen] == [1, 2, 3, 4]   # 37 tokens by 10: a chunk per decoder run
+    assert seen[0][1] <= 1 + 10 < gpt_passes                     # the first was out after 10 of the 37 tokens
+    assert [passes for _, passes, _ in seen] == sorted({passes for _, passes, _ in seen})
+    assert all(chunk.dtype == np.int16 and chunk.ndim == 1 and len(chunk) for chunk, _, _ in seen)
+    assert sum(len(chunk) for chunk, _, _ in seen) == XTTS_SENTENCE_SAMPLES
+
+
+def test_xtts_streamed_chunks_add_up_to_the_unstreamed_audio(xtts, tiny_xtts_folder):
+    whole = CoquiSynthesizer(tiny_xtts_folder, device="cpu", threads=2, stream_chunk_size=400)
+    assert [len(c) for c in whole.synthesize("Hello world.")] == [XTTS_SENTENCE_SAMPLES]
+    assert len(list(xtts.synthesize("Hello world."))) == 4
+
+
+def test_xtts_streams_sentence_after_sentence(xtts):
+    one = [len(c) for c in xtts.synthesize("Hi there.")]
+    assert [len(c) for c in xtts.synthesize("Hi there. How are you today?")] == one + one
+
+
+async def test_xtts_barge_in_stops_the_gpt_at_the_next_chunk(xtts):
+    service = ScheduledSynthesizer(xtts, workers=1)
+    text = "This is a long answer. It has three sentences. Nobody will hear the rest."
+    with Progress(xtts) as progress:
+        stream = service.synthesize_async(text, ticket=WorkTicket(Urgency.COMMITTED, label="test"))
+        first = await anext(stream)
+        await stream.aclose()
+        await asyncio.sleep(2.0)            # unstopped, the GPT went on: 30 passes and 2 chunks after 1 s here
+        passes, decoded = progress.gpt, progress.decoder
+    assert first.dtype == np.int16 and len(first) > 0
+    assert decoded <= 2, decoded              # the first chunk's run, at most the one in progress
+    assert passes <= 1 + 2 * 10, passes       # not the 3 x 38 passes of the whole text
+
+
+def write_wav(path: Path, seconds: float, rate: int = 16_000) -> Path:
+    import wave
+
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (8000 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+def test_xtts_clones_a_voice_from_a_recording_decoded_by_pyav(tiny_xtts_folder, tmp_path):
+    engine = CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker_wav=write_wav(tmp_path / "me.wav", 2.0))
+    latent, embedding = engine._latents
+    assert tuple(latent.shape) == (1, 32, 64) and tuple(embedding.shape) == (1, 512, 1)
+    stored = engine._model.speaker_manager.speakers[TINY_XTTS_SPEAKER]["speaker_embedding"]
+    assert not np.allclose(embedding.numpy(), stored.numpy())          # this voice, not the speaker file's
+    assert sum(len(c) for c in engine.synthesize("Hello.")) == XTTS_SENTENCE_SAMPLES
+
+
+def test_xtts_voice_errors_are_clear(tiny_xtts_folder, tmp_path):
+    with pytest.raises(ModelUnavailable, match="needs >= 0.33 s"):
+        CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker_wav=write_wav(tmp_path / "short.wav", 0.1))
+    (tmp_path / "not-audio.wav").write_text("hello")
+    with pytest.raises(ModelUnavailable, match="cannot read the voice recording"):
+        CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker_wav=tmp_path / "not-audio.wav")
+    with pytest.raises(ModelUnavailable, match="'Nobody' is not in"):
+        CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker="Nobody")
