@@ -150,7 +150,7 @@ def decode_reference(path: str | Path, rate: int = _XTTS_REFERENCE_RATE) -> np.n
     resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
     pieces: list[np.ndarray] = []
     try:
-        with av.open(str(path)) as container:
+        with av.open(os.path.expanduser(str(path))) as container:
             for frame in container.decode(audio=0):
                 pieces.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             pieces.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
@@ -184,8 +184,8 @@ class CoquiSynthesizer:
         ``language``: for multilingual models (XTTS: ``en``, ``de``, ...; default ``en``);
         ``speaker_wav``: XTTS only, a recording to clone the voice from;
         ``stream_chunk_size``: XTTS only, GPT audio tokens per streamed chunk (Coqui's default 20).
-        Raises `ModelUnavailable` (missing package, folder, checkpoint, speaker or device) or
-        `ValueError` (bad arguments)."""
+        Raises `ModelUnavailable` (missing package, folder, checkpoint, speaker, recording or device)
+        or `ValueError` (bad numbers)."""
         if stream_chunk_size < 1:
             raise ValueError(f"stream_chunk_size must be >= 1, got {stream_chunk_size!r}")
         if threads < 1:
@@ -222,9 +222,27 @@ class CoquiSynthesizer:
             self.language = language or "en"
             self._latents = self._xtts_voice(speaker, speaker_wav)
         elif speaker_wav is not None:
-            raise ValueError(f"tts coqui: speaker_wav needs a model that clones voices (XTTS), not {self.model_type}")
+            raise ModelUnavailable(f"tts coqui: a voice recording needs a model that clones voices (XTTS), "
+                                   f"not {self.model_type}")
+        else:
+            self.speaker = self._speaker_of(speaker)
         log.info("tts coqui: %s from %s on %s, %d Hz, %s", self.model_type, self.folder, self.device, self.sample_rate,
                  f"streamed every {stream_chunk_size} tokens" if self.streaming else "sentence by sentence")
+
+    def _speaker_of(self, speaker: str | None) -> str | None:
+        """A multi-speaker model's speaker: ``speaker``, or its first one when none is asked for."""
+        manager = getattr(self._model, "speaker_manager", None)
+        names = list(getattr(manager, "speaker_names", None) or [])
+        if not names:
+            if speaker:
+                raise ModelUnavailable(f"tts coqui: speaker {speaker!r} asked of {self.folder}, which has one voice")
+            return None
+        if speaker is None:
+            log.info("tts coqui: no speaker set, using %r of %d", names[0], len(names))
+            return names[0]
+        if speaker not in names:
+            raise ModelUnavailable(f"speaker {speaker!r} is not among {self.folder}'s ({', '.join(names[:8])}, ...)")
+        return speaker
 
     def _xtts_voice(self, speaker: str | None, speaker_wav: str | Path | None) -> tuple[Any, Any]:
         """(gpt_cond_latent, speaker_embedding), computed once."""

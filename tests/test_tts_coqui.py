@@ -177,8 +177,22 @@ def test_cuda_without_a_gpu_is_refused_not_hidden(tiny_vits_folder):
 
 
 def test_a_voice_recording_needs_a_model_that_clones(tiny_vits_folder, tmp_path):
-    with pytest.raises(ValueError, match="clones voices"):
+    with pytest.raises(ModelUnavailable, match="clones voices"):
         CoquiSynthesizer(tiny_vits_folder, device="cpu", speaker_wav=tmp_path / "voice.wav")
+
+
+def test_a_multi_speaker_model_speaks_with_the_speaker_asked_for(tmp_path, tiny_vits_folder):
+    folder = build_tiny_vits(tmp_path / "two-voices", speakers=["ana", "bob"])
+    first = CoquiSynthesizer(folder, device="cpu")
+    ana, bob = (CoquiSynthesizer(folder, device="cpu", speaker=name) for name in ("ana", "bob"))
+    assert (first.speaker, ana.speaker, bob.speaker) == ("ana", "ana", "bob")     # none asked: the first
+    said = {e.speaker + str(i): np.concatenate(list(e.synthesize("Hello there."))) for i, e in enumerate((first, ana, bob))}
+    np.testing.assert_array_equal(said["ana0"], said["ana1"])
+    assert len(said["ana1"]) != len(said["bob2"]) or not np.array_equal(said["ana1"], said["bob2"])
+    with pytest.raises(ModelUnavailable, match="'carl' is not among"):
+        CoquiSynthesizer(folder, device="cpu", speaker="carl")
+    with pytest.raises(ModelUnavailable, match="which has one voice"):
+        CoquiSynthesizer(tiny_vits_folder, device="cpu", speaker="ana")
 
 
 async def test_a_call_hears_the_engine_resampled_with_the_ledgers_tts_marks(vits, config):
@@ -306,8 +320,10 @@ def write_wav(path: Path, seconds: float, rate: int = 16_000) -> Path:
     return path
 
 
-def test_xtts_clones_a_voice_from_a_recording_decoded_by_pyav(tiny_xtts_folder, tmp_path):
-    engine = CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker_wav=write_wav(tmp_path / "me.wav", 2.0))
+def test_xtts_clones_a_voice_from_a_recording_decoded_by_pyav(tiny_xtts_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))                  # the README writes the path as ~/voices/me.wav
+    write_wav(tmp_path / "me.wav", 2.0)
+    engine = CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker_wav="~/me.wav")
     latent, embedding = engine._latents
     assert tuple(latent.shape) == (1, 32, 64) and tuple(embedding.shape) == (1, 512, 1)
     stored = engine._model.speaker_manager.speakers[TINY_XTTS_SPEAKER]["speaker_embedding"]

@@ -16,13 +16,15 @@ TINY_VITS_SAMPLE_RATE = 16_000
 TINY_VITS_HOP_LENGTH = 256
 
 
-def build_tiny_vits(folder: Path, *, seed: int = 0) -> Path:
+def build_tiny_vits(folder: Path, *, seed: int = 0, speakers: list[str] | None = None) -> Path:
     """Write a random-weight VITS (about 260 k parameters, 1 MB) into ``folder``; returns ``folder``.
 
     Deterministic: the same ``seed`` gives the same weights, and with ``inference_noise_scale``
     0 and the deterministic duration predictor (``use_sdp`` False) the same text gives the
     same audio, ``TINY_VITS_HOP_LENGTH`` samples per predicted frame at ``TINY_VITS_SAMPLE_RATE``.
-    Characters only (no phonemizer), English cleaners.  Needs the ``sub300[coqui]`` extra."""
+    Characters only (no phonemizer), English cleaners.  With ``speakers``, a multi-speaker
+    VITS whose ``speakers.pth`` (name -> id, as Coqui writes it) lies in ``folder``.
+    Needs the ``sub300[coqui]`` extra."""
     import torch
     from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
     from TTS.tts.models.vits import Vits
@@ -37,11 +39,16 @@ def build_tiny_vits(folder: Path, *, seed: int = 0) -> Path:
         upsample_rates_decoder=[8, 8, 4], upsample_initial_channel_decoder=32, upsample_kernel_sizes_decoder=[16, 16, 8],
     )
     config = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="english_cleaners")
+    folder.mkdir(parents=True, exist_ok=True)
+    if speakers:
+        torch.save({name: n for n, name in enumerate(speakers)}, folder / "speakers.pth")
+        args.use_speaker_embedding = config.use_speaker_embedding = True
+        args.speaker_embedding_channels = 8
+        args.speakers_file = config.speakers_file = str(folder / "speakers.pth")
     config.audio.sample_rate = TINY_VITS_SAMPLE_RATE
     config.audio.hop_length = TINY_VITS_HOP_LENGTH
     config.audio.do_trim_silence = False  # every frame's samples come out: durations are exact
     model = Vits(config)
-    folder.mkdir(parents=True, exist_ok=True)
     config.save_json(str(folder / "config.json"))
     torch.save({"model": model.state_dict()}, folder / "model.pth")
     return folder
