@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from sub300.agent.config import ServerConfig
 from sub300.testing.aiortc_caller import AiortcCaller
 
+from .server_process import ServerProcess, free_port
 from .speech import compose, speak
 
 pytestmark = pytest.mark.slow
@@ -32,55 +32,18 @@ GOODBYE = ServerConfig().drain_goodbye
 QUESTION = "Tell me a long story about the history of Rome, please."
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`sub300 serve` in a subprocess; its log in ``log_path``; stopped by its PID, never by name."""
+class Server(ServerProcess):
+    """`sub300 serve` in a subprocess; its log (stdout and stderr) in ``tmp/server.log``."""
 
     def __init__(self, tmp: Path, **settings: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "server.log"
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
         env.update({"SUB300_LLM_MAX_TOKENS": "60", **settings})
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1",
-                                          "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=ROOT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__([sys.executable, "-m", "sub300.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                         port=port, env=env, cwd=ROOT, out=tmp / "server.log")
 
     async def ready(self, session: aiohttp.ClientSession, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}: {self.log()[-3000:]}"
-            try:
-                async with session.get(self.base + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-        raise TimeoutError(f"server not ready: {self.log()[-3000:]}")
-
-    async def exited(self, timeout: float) -> tuple[int, float]:
-        """(exit status, seconds waited)."""
-        t0 = time.monotonic()
-        while self.proc.poll() is None:
-            if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"server still running {timeout} s after SIGTERM: {self.log()[-3000:]}")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode, time.monotonic() - t0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        await super().ready(session, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +93,7 @@ async def test_sigterm_mid_reply_plays_the_reply_then_the_goodbye_and_exits_0(tm
             finally:
                 await caller.vanish()
     finally:
-        server.stop()
+        server.kill()
     log = server.log()
     assert status == 0 and waited < 40 + 10, log[-3000:]
     (turn,) = caller.events_of("turn")   # the turn in flight finished, its reply whole
@@ -159,7 +122,7 @@ async def test_a_forced_drain_ends_the_call_at_once_and_exits_0(tmp_path, questi
             finally:
                 await caller.vanish()
     finally:
-        server.stop()
+        server.kill()
     log = server.log()
     assert status == 0 and waited < 15, log[-3000:]
     assert all(line in log for line in said), log[-3000:]
@@ -198,7 +161,7 @@ async def test_sip_call_mid_reply_gets_the_goodbye_and_a_bye_and_a_new_invite_50
                 phone.stop()
             status, waited = await server.exited(15)
     finally:
-        server.stop()
+        server.kill()
     log = server.log()
     assert status == 0, log[-3000:]
     assert "ending the call politely (drain)" in log and "agent hung up" in log

@@ -11,9 +11,7 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -22,17 +20,12 @@ import pytest
 from sub300.testing.aiortc_caller import AiortcCaller
 from sub300.testing.fake_openai_tools import FakeToolsApi
 
+from .server_process import ServerProcess, free_port
 from .speech import compose, speak
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "scripts" / "examples").glob("*.py"))
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sip_options(port: int) -> bytes:
@@ -41,47 +34,24 @@ def sip_options(port: int) -> bytes:
             "Content-Length: 0\r\n\r\n").encode()
 
 
-class Example:
+class Example(ServerProcess):
     """``python EXAMPLE`` as a user runs it, with the ports, the records and the LLM endpoint in its environment."""
 
     def __init__(self, path: Path, tmp: Path, llm_url: str) -> None:
-        self.port, self.sip_port = free_port(), free_port(socket.SOCK_DGRAM)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.out, self.err = tmp / "stdout.txt", tmp / "stderr.txt"
+        port, self.sip_port = free_port(), free_port(socket.SOCK_DGRAM)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUB300_")}
-        env.update(SUB300_SERVER_PORT=str(self.port), SUB300_SIP_PORT=str(self.sip_port),
+        env.update(SUB300_SERVER_PORT=str(port), SUB300_SIP_PORT=str(self.sip_port),
                    SUB300_LLM_BASE_URL=llm_url, SUB300_RECORDS_URL=f"sqlite:///{tmp}/records.db")
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(path)], stdout=out, stderr=err, env=env, cwd=tmp)
-
-    def log(self) -> str:
-        return self.err.read_text(errors="replace")[-3000:]
+        super().__init__([sys.executable, str(path)], port=port, env=env, cwd=tmp, out=tmp / "stdout.txt",
+                         err=tmp / "stderr.txt")
 
     async def ready(self, session: aiohttp.ClientSession, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"exited with {self.proc.returncode}: {self.log()}"
-            try:
-                async with session.get(self.base + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-        raise TimeoutError(f"not ready: {self.log()}")
+        await super().ready(session, timeout)
 
     async def terminated(self, timeout: float = 60.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            assert time.monotonic() < deadline, f"still running {timeout} s after SIGTERM: {self.log()}"
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        status, _waited = await self.exited(timeout)
+        return status
 
 
 async def sip_answers_options(port: int) -> str:
@@ -131,7 +101,7 @@ async def test_weather_agent_answers_with_its_tool_over_webrtc_sip_and_websocket
             assert "Paris" in turn["transcript"]
             assert "Sunny and 22 degrees in Paris" in turn["reply"]       # the tool's result, spoken
             assert any(m.get("role") == "tool" for m in api.requests[-1]["messages"])
-            assert await example.terminated() == 0, example.log()
+            assert await example.terminated() == 0, example.tail()
         finally:
             example.kill()
     printed = example.out.read_text()

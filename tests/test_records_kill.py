@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 
 import aiohttp
@@ -20,15 +19,10 @@ from sub300.agent.records import open_store
 from sub300.testing.aiortc_caller import AiortcCaller
 
 from .browser_calls import start_server, wait_healthy
+from .server_process import free_port
 from .speech import compose, speak
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def turns_in(db_url: str) -> int:
