@@ -92,6 +92,10 @@ SLACK_POLL_S = 0.05
 SEAM_KEEP_MS = 30
 #: a 10 ms block this far under the piece's loudest is silence (dB)
 SEAM_SILENCE_DB = 40.0
+#: of a piece cut inside a sentence, the audio held back until the next chunk or the piece's end (ms):
+#: longer than the silence TTS ends a piece with (Piper 150-220 ms), so that it can be trimmed, and no
+#: more, so a streaming engine's chunk (XTTS) goes on at once but for this tail (`SeamHold`)
+SEAM_HOLD_MS = 400
 #: silence kept before the first sound of a reply (ms): Piper starts every piece with 20-40 ms under
 #: -55 dBFS, which the caller waits through (the ledger's transport part `quiet_lead`, issue 11)
 LEAD_KEEP_MS = 5
@@ -455,9 +459,8 @@ class Reply:
                 self._charge({TTS_CHARS: len(words)})
             chunks = _tts_chunks(self._tts, words, ticket)
             self._tts_ticket = ticket
-            # a piece cut inside a sentence: its last chunk is held until the piece ends, to trim its silence
-            held: np.ndarray | None = None
-            mid_sentence = not _PAUSE_END.search(piece)
+            # a piece cut inside a sentence: the end of its audio is held until the piece ends, to trim its silence
+            seam = None if _PAUSE_END.search(piece) else SeamHold(self._tts.sample_rate)
             # the reply's first chunk: its leading silence goes (the caller waits through it).  Not later
             # pieces': trimming those made the echo guard (agent/echo.py) miss the echo of a piece's start
             # on a phone line (tests/test_sip_echo.py after another call had run); not understood yet
@@ -471,15 +474,12 @@ class Reply:
                     if index == 0 and not self.ledger.has("tts_first_audio"):
                         self.ledger.record_engine("tts", ticket, work_end=self._clock())
                     self.ledger.mark("tts_first_audio", self._clock())
-                    if mid_sentence:
-                        if held is not None:
-                            self._push(resampler.process(held), index)
-                        held = chunk
+                    if seam is not None and not len(chunk := seam.add(chunk)):
                         continue
                     self._push(resampler.process(chunk), index)
                     self._first_audio.set()
-                if held is not None:
-                    self._push(resampler.process(trim_trailing_silence(held, self._tts.sample_rate)), index)
+                if seam is not None:
+                    self._push(resampler.process(seam.end()), index)
                     self._first_audio.set()
                 if ticket.work_s is not None and made:   # the reply's synthesis: the TTS real-time factor
                     notes = self.ledger.notes
@@ -586,8 +586,10 @@ def trim_leading_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float | Non
     return pcm[start:]
 
 
-def trim_trailing_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float | None = None) -> np.ndarray:
-    """``pcm`` (int16) up to ``keep_ms`` after its last 10 ms block within `SEAM_SILENCE_DB` of its loudest.
+def trim_trailing_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float | None = None, *,
+                          loudest_db: float | None = None) -> np.ndarray:
+    """``pcm`` (int16) up to ``keep_ms`` after its last 10 ms block within `SEAM_SILENCE_DB` of the loudest
+    (``loudest_db``, the dB of a 10 ms block as `_block_levels_db` gives it; None: ``pcm``'s own loudest).
 
     For a piece cut inside a sentence: TTS ends every piece as an utterance, with 150-220 ms of
     silence (Piper, measured by scripts/bench_first_piece.py); the next piece goes on the sentence."""
@@ -595,7 +597,37 @@ def trim_trailing_silence(pcm: np.ndarray, sample_rate: int, keep_ms: float | No
     block, level = _block_levels_db(pcm, sample_rate)
     if len(level) == 0:
         return pcm
-    voiced = np.flatnonzero(level >= level.max() - SEAM_SILENCE_DB)
-    end = (int(voiced[-1]) + 1) * block + int(keep_ms * sample_rate / 1000)
-    return pcm[:end]
+    voiced = np.flatnonzero(level >= (level.max() if loudest_db is None else loudest_db) - SEAM_SILENCE_DB)
+    last = int(voiced[-1]) + 1 if len(voiced) else 0
+    return pcm[: last * block + int(keep_ms * sample_rate / 1000)]
+
+
+class SeamHold:
+    """The audio of a piece cut inside a sentence, chunk by chunk: `add` gives what may be played now,
+    all but the last `SEAM_HOLD_MS`; `end` gives the held rest with the piece's trailing silence
+    trimmed against the loudest 10 ms of the whole piece.  Piper makes one chunk a piece; a streaming
+    engine (XTTS) several, and holding whole chunks kept its first one back until its second was made."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self.hold = int(SEAM_HOLD_MS * sample_rate / 1000)
+        self.block = max(1, sample_rate // 100)   # `_block_levels_db`'s
+        self.held = np.zeros(0, np.int16)
+        self.given = 0                            # samples of the piece given so far
+        self.loudest_db = -np.inf
+
+    def add(self, chunk: np.ndarray) -> np.ndarray:
+        _block, level = _block_levels_db(chunk, self.sample_rate)
+        if len(level):
+            self.loudest_db = max(self.loudest_db, float(level.max()))
+        pending = np.concatenate([self.held, chunk]) if len(self.held) else chunk
+        cut = len(pending) - self.hold
+        cut = max(0, cut - (self.given + cut) % self.block)   # the held part starts on the piece's 10 ms grid,
+        self.given += cut                                      # so `end` trims it as the whole piece would be
+        self.held = pending[cut:]
+        return pending[:cut]
+
+    def end(self) -> np.ndarray:
+        loudest = None if self.loudest_db == -np.inf else self.loudest_db
+        return trim_trailing_silence(self.held, self.sample_rate, loudest_db=loudest)
 

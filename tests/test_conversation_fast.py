@@ -328,3 +328,22 @@ async def test_partials_are_skipped_while_the_shared_recogniser_has_a_queue(conf
     partials = [e for e in of(caller, TranscriptEvent) if not e.final]
     assert partials == [] and len(eng.stt.calls) == 1       # only the final
     assert len(of(caller, TurnFinished)) == 1
+
+
+async def test_a_streaming_engines_first_chunk_goes_out_before_a_mid_sentence_piece_ends(configured):
+    """A first piece cut inside a sentence ("The capital of France", 3 words) on an engine that streams
+    (FakeTts in 3 chunks, like XTTS): its first chunk goes out at once, but for the tail held to trim
+    the piece's trailing silence (agent/reply.py SeamHold); it is not held until the second chunk."""
+    tokens = ["The", " capital", " of", " France", " is", " Paris", "."]
+    eng = fake_engines(stt=FakeStt("What is the capital of France?", delay_s=STT_S),
+                       llm=FakeLlm(tokens, first_token_s=FIRST_TOKEN_S, per_token_s=TOKEN_S),
+                       tts=FakeTts(delay_s=0.3, ms_per_piece=1500.0, chunks=3))
+    caller = caller_on(eng, configured(stt__early_final=False, llm__speculate=False, tts__first_piece_max_words=3))
+    await one_question(caller)
+    (turn,) = of(caller, TurnFinished)
+    marks = turn.ledger.marks
+    assert eng.tts.pieces[0] == "The capital of"
+    first_chunk = marks["tts_start"] + 0.3               # 500 ms of tone, of which all but 400 ms go on
+    assert marks["tts_first_audio"] == approx(first_chunk)
+    assert 0.0 <= marks["first_audio_out"] - first_chunk <= 0.02    # on the next 20 ms pull
+    assert eng.tts.pieces == ["The capital of", "France is Paris."]

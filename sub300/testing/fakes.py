@@ -188,30 +188,38 @@ class FakeLlm:
 
 # ------------------------------------------------------------------ TTS
 class FakeTts:
-    """``ms_per_piece`` of a 440 Hz tone per piece of text, in one chunk, after ``delay_s``.
+    """``ms_per_piece`` of a 440 Hz tone per piece of text, in ``chunks`` equal chunks (a streaming
+    engine's, as XTTS's) each after ``delay_s``.
 
     ``pieces`` records the texts asked for.
     """
 
     name = "fake-tts"
 
-    def __init__(self, *, delay_s: float = 0.03, ms_per_piece: float = 500.0, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, *, delay_s: float = 0.03, ms_per_piece: float = 500.0, sample_rate: int = SAMPLE_RATE,
+                 chunks: int = 1):
         self.delay_s, self.ms_per_piece, self.sample_rate = delay_s, ms_per_piece, sample_rate
+        self.chunks = chunks
         self.pieces: list[str] = []
         self.tickets: list[WorkTicket | None] = []
 
+    def _chunks(self) -> list[np.ndarray]:
+        return np.array_split(tone(self.ms_per_piece, self.sample_rate), self.chunks)
+
     def synthesize(self, text: str) -> Iterator[np.ndarray]:
         self.pieces.append(text)
-        time.sleep(self.delay_s)
-        yield tone(self.ms_per_piece, self.sample_rate)
+        for chunk in self._chunks():
+            time.sleep(self.delay_s)
+            yield chunk
 
     async def synthesize_async(self, text: str, *, ticket: WorkTicket | None = None) -> AsyncIterator[np.ndarray]:
         self.pieces.append(text)
         self.tickets.append(ticket)
         if ticket is not None:
             ticket.mark_started()          # a fake has no queue
-        await asyncio.sleep(self.delay_s)
-        yield tone(self.ms_per_piece, self.sample_rate)
+        for chunk in self._chunks():
+            await asyncio.sleep(self.delay_s)
+            yield chunk
         if ticket is not None:
             ticket.mark_finished()
 
