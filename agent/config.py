@@ -549,6 +549,13 @@ class TtsConfig(Section):
     )
     _http_url = field_validator("base_url")(classmethod(lambda cls, url: http_url(url)))
 
+    @model_validator(mode="after")
+    def _one_coqui_voice(self) -> TtsConfig:
+        if self.coqui_speaker and self.coqui_speaker_wav:
+            raise ValueError("coqui_speaker and coqui_speaker_wav are both set: a speaker of the model's, or a "
+                             "recording to clone, not both")
+        return self
+
     min_clause_chars: int = Field(
         default=12, ge=0, le=1000, description="a clause shorter than this waits for more text before TTS (characters)"
     )

@@ -103,6 +103,11 @@ def locate_coqui_model(model: str | Path, *, allow_download: bool = False) -> Pa
     except KeyError:
         raise ModelUnavailable(f"unknown Coqui model {text!r} (see `tts --list_models`)") from None
     if allow_download:
+        if not manager.tos_agreed(item, Path(manager.output_prefix) / "--".join(parts)):
+            # Coqui would ask on stdin ([y/n]), which a server has not: a start that hangs, or fails on EOF
+            raise ModelUnavailable(
+                f"Coqui model {text!r} is under {item.get('license', 'a licence')} that must be accepted before "
+                f"its download: read it, then set COQUI_TOS_AGREED=1 in sub300's environment")
         try:
             checkpoint, _config, _item = manager.download_model(text)
         except Exception as exc:  # network, hub and archive errors all end here
@@ -113,8 +118,8 @@ def locate_coqui_model(model: str | Path, *, allow_download: bool = False) -> Pa
 
 def _cached_folder(name: str, item: dict[str, Any], legacy_folder: Path) -> Path:
     """Where a previous download of ``name`` lies, without touching the network."""
-    off = (f"Coqui model {name!r} is not downloaded and downloads are off (models.allow_download = false); "
-           f"use a local model folder, or allow one download")
+    off = (f"Coqui model {name!r} is not downloaded and downloads are off: set tts.coqui_model to a local "
+           f"model folder, or models.allow_download = true")
     if "repo_id" in item:  # hub-hosted (XTTS v2 and newer): the Hugging Face cache, as Coqui's manager uses it
         from huggingface_hub import snapshot_download
 
@@ -160,6 +165,11 @@ def decode_reference(path: str | Path, rate: int = _XTTS_REFERENCE_RATE) -> np.n
     if audio.size < rate // 3:  # XTTS ignores references under 0.33 s
         raise ModelUnavailable(f"the voice recording {path} holds {audio.size / rate:.2f} s of audio; XTTS needs >= 0.33 s")
     return audio
+
+
+def _listed(names: Any, shown: int = 8) -> str:
+    names = list(names)
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 # ------------------------------------------------------------------ the engine
@@ -218,8 +228,8 @@ class CoquiSynthesizer:
         self.stream_chunk_size = stream_chunk_size
         self.streaming = hasattr(self._model, "inference_stream")
         self._latents: tuple[Any, Any] | None = None
+        self.language = self._language_of(language, default="en" if self.streaming else None)
         if self.streaming:
-            self.language = language or "en"
             self._latents = self._xtts_voice(speaker, speaker_wav)
         elif speaker_wav is not None:
             raise ModelUnavailable(f"tts coqui: a voice recording needs a model that clones voices (XTTS), "
@@ -228,6 +238,17 @@ class CoquiSynthesizer:
             self.speaker = self._speaker_of(speaker)
         log.info("tts coqui: %s from %s on %s, %d Hz, %s", self.model_type, self.folder, self.device, self.sample_rate,
                  f"streamed every {stream_chunk_size} tokens" if self.streaming else "sentence by sentence")
+
+    def _language_of(self, language: str | None, *, default: str | None) -> str | None:
+        """``language`` checked against the model's own list (XTTS: its config's; a multilingual VITS: its
+        language manager's), or ``default``; a one-language model takes any (Coqui ignores it)."""
+        manager = getattr(self._model, "language_manager", None)
+        names = list(self._coqui.tts_config.get("languages") or []) if self.streaming else list(
+            getattr(manager, "language_names", None) or [])
+        language = language or default
+        if language is None or len(names) < 2 or language in names or language.split("-")[0] in names:
+            return language
+        raise ModelUnavailable(f"tts coqui: language {language!r} is not one of {self.folder}'s: {_listed(names)}")
 
     def _speaker_of(self, speaker: str | None) -> str | None:
         """A multi-speaker model's speaker: ``speaker``, or its first one when none is asked for."""
@@ -241,7 +262,7 @@ class CoquiSynthesizer:
             log.info("tts coqui: no speaker set, using %r of %d", names[0], len(names))
             return names[0]
         if speaker not in names:
-            raise ModelUnavailable(f"speaker {speaker!r} is not among {self.folder}'s ({', '.join(names[:8])}, ...)")
+            raise ModelUnavailable(f"speaker {speaker!r} is not among {self.folder}'s: {_listed(names)}")
         return speaker
 
     def _xtts_voice(self, speaker: str | None, speaker_wav: str | Path | None) -> tuple[Any, Any]:
@@ -259,8 +280,7 @@ class CoquiSynthesizer:
             raise ModelUnavailable(f"the XTTS model in {self.folder} has no speaker file; set tts.coqui_speaker_wav")
         name = speaker or next(iter(speakers))
         if name not in speakers:
-            shown = ", ".join(list(speakers)[:8])
-            raise ModelUnavailable(f"XTTS speaker {name!r} is not in {self.folder}'s speaker file ({shown}, ...)")
+            raise ModelUnavailable(f"XTTS speaker {name!r} is not in {self.folder}'s speaker file: {_listed(speakers)}")
         self.speaker = name
         return speakers[name]["gpt_cond_latent"], speakers[name]["speaker_embedding"]
 

@@ -337,5 +337,27 @@ def test_xtts_voice_errors_are_clear(tiny_xtts_folder, tmp_path):
     (tmp_path / "not-audio.wav").write_text("hello")
     with pytest.raises(ModelUnavailable, match="cannot read the voice recording"):
         CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker_wav=tmp_path / "not-audio.wav")
-    with pytest.raises(ModelUnavailable, match="'Nobody' is not in"):
+    with pytest.raises(ModelUnavailable, match="'Nobody' is not in .*speaker file: Tiny Speaker$"):
         CoquiSynthesizer(tiny_xtts_folder, device="cpu", speaker="Nobody")
+
+
+def test_xtts_languages_are_checked_at_load(tiny_xtts_folder):
+    with pytest.raises(ModelUnavailable, match=r"language 'xx' is not one of .*: en, es, fr, de, it, pt, pl, tr, \.\.\. \(17 in all\)"):
+        CoquiSynthesizer(tiny_xtts_folder, device="cpu", language="xx")
+    assert CoquiSynthesizer(tiny_xtts_folder, device="cpu", language="de").language == "de"
+
+
+def test_a_licence_to_accept_stops_an_allowed_download_before_it_starts(tmp_path, monkeypatch):
+    """XTTS v2's CPML must be accepted: Coqui would ask on stdin, which a server has not."""
+    monkeypatch.setenv("TTS_HOME", str(tmp_path))
+    monkeypatch.delenv("COQUI_TOS_AGREED", raising=False)
+    with pytest.raises(ModelUnavailable, match="set COQUI_TOS_AGREED=1"):
+        CoquiSynthesizer("tts_models/multilingual/multi-dataset/xtts_v2", device="cpu", allow_download=True)
+    assert not (tmp_path / "tts").exists() or not any((tmp_path / "tts").iterdir())   # nothing made, nothing fetched
+
+
+def test_a_speaker_and_a_recording_together_are_a_configuration_error():
+    from sub300.agent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="coqui_speaker and coqui_speaker_wav are both set"):
+        load_config(environ={"SUB300_TTS_COQUI_SPEAKER": "Ana", "SUB300_TTS_COQUI_SPEAKER_WAV": "/tmp/me.wav"})
