@@ -195,11 +195,13 @@ class CoquiSynthesizer:
         ``speaker_wav``: XTTS only, a recording to clone the voice from;
         ``stream_chunk_size``: XTTS only, GPT audio tokens per streamed chunk (Coqui's default 20).
         Raises `ModelUnavailable` (missing package, folder, checkpoint, speaker, recording or device)
-        or `ValueError` (bad numbers)."""
+        or `ValueError` (bad numbers, or both ``speaker`` and ``speaker_wav``)."""
         if stream_chunk_size < 1:
             raise ValueError(f"stream_chunk_size must be >= 1, got {stream_chunk_size!r}")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
+        if speaker and speaker_wav:
+            raise ValueError("a speaker of the model's or a recording to clone, not both")
         synthesizer_module = _import_coqui()
         import torch
 
@@ -224,7 +226,6 @@ class CoquiSynthesizer:
         self.model_type = str(config.get("model"))
         self.sample_rate: int = int(self._coqui.output_sample_rate)
         self.speaker = speaker
-        self.language = language
         self.stream_chunk_size = stream_chunk_size
         self.streaming = hasattr(self._model, "inference_stream")
         self._latents: tuple[Any, Any] | None = None
