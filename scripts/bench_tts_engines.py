@@ -31,22 +31,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_tts_pool import PIECES  # the same first pieces as the pool benchmark
 from machine_info import describe_machine, percentile
 
 from sub300.models.protocols import SpeechSynthesizer
 from sub300.models.scheduling import Urgency, WorkTicket
 from sub300.models.tts_service import ScheduledSynthesizer
 
-PIECES = [
-    "The capital of France is Paris.",
-    "A week has seven days.",
-    "The sky is blue on a clear day,",
-    "One good book is Dune,",
-    "Two plus two is four.",
-    "Cats sleep most of the day,",
-    "The Pacific is the largest ocean.",
-    "Boil the egg for nine minutes.",
-]
 LABELS = {
     "piper": "piper (bundled voice joe)",
     "coqui-tiny-vits": "coqui, tiny random VITS — plumbing cost, not a voice",
