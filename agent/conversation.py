@@ -43,7 +43,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sub300.models.protocols import SAMPLE_RATE, ModelError
 
@@ -61,6 +61,7 @@ from .engines import Engines
 from .events import (
     AgentSpeech,
     CallHeld,
+    CallRecorded,
     CallResumed,
     CallUsage,
     Event,
@@ -89,6 +90,9 @@ from .turn_state import TurnEvent as E
 from .turn_state import TurnState, TurnStateMachine
 from .usage import STT_AUDIO_S, TTS_CHARS, add_usage
 from .words import has_words
+
+if TYPE_CHECKING:
+    from .recording import CallRecording
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -148,8 +152,8 @@ class Conversation:
         self.ended_by: LimitReached | None = None   # the call limit that ended this call (call_limits.py)
         self._farewell = TaskOwner("farewell", expected=(ModelError,))
         self._echo = EchoGuard(self.playout.sample_rate, interrupt.echo_correlation) if interrupt.echo_guard else None
-        if self._echo is not None:
-            self.playout.on_played = self._echo.note_played
+        self.recording: CallRecording | None = None
+        self.playout.on_played = self._on_played
         self._on_endpoint: dict[type, Callable[[Any], None]] = {VoiceOnset: self._on_voice_onset, SpeechStarted: self._on_speech_started,
                              SpeechPaused: self._on_speech_paused, SpeechResumed: self._on_speech_resumed,
                              SpeechEnded: self._on_speech_ended}
@@ -170,11 +174,24 @@ class Conversation:
         for event in self.endpointer.decide_hangover(hangover_ms, pause, self.clock()):
             self._on_endpoint[type(event)](event)
 
+    def record_to(self, recording: CallRecording | None) -> None:
+        """Record the call from now on (agent/recording.py): the caller's frames and the agent's as played."""
+        self.recording = recording
+
+    def _on_played(self, pcm, at: float) -> None:
+        """Every frame the transport took from the playout queue, agent audio or silence."""
+        if self._echo is not None:
+            self._echo.note_played(pcm, at)
+        if self.recording is not None:
+            self.recording.agent(pcm)
+
     # ------------------------------------------------------------ input
     def push_frame(self, frame: AudioFrame) -> None:
         """Feed one frame of caller audio (call from the event loop)."""
         if not self._closed:
             self.meter.caller_audio(len(frame.samples))   # received, speech or not (usage: caller audio)
+            if self.recording is not None:
+                self.recording.caller(frame.samples)
         if self._closed or self.ended_by is not None:
             return
         suppressed = False
@@ -478,5 +495,9 @@ class Conversation:
         self.playout.flush()
         await self._farewell.aclose()
         await self._tasks.aclose()
+        if self.recording is not None and not self.recording.closed:
+            path = self.recording.close()
+            if path is not None:
+                self._emit(CallRecorded(str(path), round(self.recording.seconds, 3)))
         if not self.meter.closed:
             self._emit(CallUsage(self.meter.close()))

@@ -155,6 +155,16 @@ class CallUsage:
 
 
 @dataclass(frozen=True)
+class CallRecorded:
+    """The call's audio was recorded (agent/recording.py): the WAV's path and length (seconds), emitted once
+    by `Conversation.aclose()`, before `CallUsage`; the records store keeps the path."""
+
+    path: str
+    seconds: float
+    kind: str = "call_recorded"
+
+
+@dataclass(frozen=True)
 class TransportStats:
     """A transport's packet counts of the call, reported once before it ends (the metrics count them).
 
@@ -168,7 +178,7 @@ class TransportStats:
     kind: str = "transport_stats"
 
 
-Event = ToolCalled | TransportStats | CallUsage | CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnHeard | TurnDiscarded | TurnFailed
+Event = ToolCalled | TransportStats | CallRecorded | CallUsage | CallHeld | CallResumed | BargeInEvent | HangupRequested | StateChanged | TranscriptEvent | AgentSpeech | TurnFinished | TurnHeard | TurnDiscarded | TurnFailed
 EventHandler = Callable[[Event], None]
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from sub300.agent.events import AgentSpeech, CallHeld, CallResumed, TranscriptEvent, TurnFinished
+from sub300.agent.events import AgentSpeech, CallHeld, CallRecorded, CallResumed, TranscriptEvent, TurnFinished
 
 from .speech import speak
+from .test_recording import read_wav
 from .test_sip_support import (
     poke_when,
     scenario_call,
@@ -67,6 +70,8 @@ def _sipp_media_port_bound(pid: int, port: int) -> bool:
 
 
 async def test_sipp_call_is_heard_answered_and_hung_up_by_the_agent(config, engines, audio, tmp_path):
+    config = config.model_copy(deep=True)        # and records the call (agent/recording.py)
+    config.records.record_audio, config.records.recordings_dir = True, str(tmp_path / "recordings")
     async with sip_service(config, engines) as (service, observer):
         peer = sipp(tmp_path, scenario_call(audio["question"][0], goodbye=audio["goodbye"][0]), service.address)
         try:
@@ -97,6 +102,11 @@ async def test_sipp_call_is_heard_answered_and_hung_up_by_the_agent(config, engi
     assert ledger.transport_ms["jitter_buffer_in"] < 5.0 and ledger.notes["pacing_late_ms"] >= 0, ledger.to_dict()
     summary = service.uas.ended_calls[-1]
     assert summary["rtp_received"] > 100 and summary["rtp_sent"] > 100, summary
+    [recorded] = [e for e in call.events if isinstance(e, CallRecorded)]
+    rate, channels, frames = read_wav(Path(recorded.path))        # the caller left, the agent right (8 kHz line)
+    caller_side, agent_side = np.abs(frames[:, 0].astype(np.int32)), np.abs(frames[:, 1].astype(np.int32))
+    assert (rate, channels) == (16_000, 2) and recorded.seconds == pytest.approx(len(frames) / rate, abs=1e-3)
+    assert np.flatnonzero(caller_side > 1000)[0] < np.flatnonzero(agent_side > 1000)[0]   # asked, then answered
 
 
 async def test_cancel_while_ringing(config, engines, tmp_path):

@@ -22,6 +22,7 @@ from sub300.testing.aiortc_caller import AiortcCaller
 from sub300.web.server import METRICS_KEY, SIGNALLING_KEY, build_app
 
 from .speech import compose, speak
+from .test_recording import read_wav
 
 pytestmark = pytest.mark.slow
 TURN_TIMEOUT = 90   # 2 slow cores: STT + LLM + TTS of one turn, with margin
@@ -105,7 +106,9 @@ async def test_page_health_metrics_and_config_are_served(config, engines):
             assert (await r.json())["status"] == "ok"
 
 
-async def test_call_answers_a_spoken_question_over_webrtc(config, engines, question):
+async def test_call_answers_a_spoken_question_over_webrtc(config, engines, question, tmp_path):
+    config = config.model_copy(deep=True)        # and records the call (agent/recording.py)
+    config.records.record_audio, config.records.recordings_dir = True, str(tmp_path)
     async with Server(config, engines) as s:
         caller = s.caller()
         await caller.connect()
@@ -138,6 +141,10 @@ async def test_call_answers_a_spoken_question_over_webrtc(config, engines, quest
         assert 'sub300_voice_to_voice_seconds_count{transport="webrtc"} 1.0' in metrics
         assert 'sub300_mouth_to_ear_estimate_seconds_count{transport="webrtc"} 1.0' in metrics
         assert 'sub300_mouth_to_ear_reported_seconds_count{transport="webrtc"} 1.0' in metrics
+    rate, channels, frames = read_wav(tmp_path / f"{caller.call_id}.wav")   # the caller left, the agent right
+    caller_side, agent_side = np.abs(frames[:, 0].astype(np.int32)), np.abs(frames[:, 1].astype(np.int32))
+    assert (rate, channels) == (16_000, 2) and len(frames) > 3 * rate
+    assert np.flatnonzero(caller_side > 1000)[0] < np.flatnonzero(agent_side > 1000)[0]   # asked, then answered
 
 
 async def test_caller_vanishing_mid_reply_tears_the_call_down(config, engines, long_question):

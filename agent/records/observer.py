@@ -18,8 +18,8 @@ call's usage (a `CallUsage` event, kind "call_usage") as ``<call_id>/end``,
 and the end time and cause at `call_ended`.  Transcripts, replies and
 error lines are redacted (``records.redact``) before they are queued.
 
-Audio is never recorded here: recording would need the transports' audio,
-which conversation events do not carry (see the README).
+A recorded call's WAV (agent/recording.py, `CallRecorded`) is kept as the
+call's ``recording_path``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..calls import CallContext
-from ..events import Event, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
+from ..events import CallRecorded, Event, TurnDiscarded, TurnFailed, TurnFinished, TurnHeard
 from .redaction import Redactor
 from .store import RecordStore
 
@@ -105,6 +105,8 @@ class RecordsObserver:
         elif isinstance(event, TurnHeard):
             self._submit(f"call {call_id} turn {event.turn} heard", self.store.update_ledger, call_id, event.turn,
                          self._ledger(event.ledger))
+        elif isinstance(event, CallRecorded):
+            self._submit(f"call {call_id} recording", self.store.set_recording, call_id, event.path)
         elif getattr(event, "kind", None) == "call_usage":   # agent.events.CallUsage: the call's remainder
             usage = dict(getattr(event, "usage", {}) or {})
             if any(usage.values()):

@@ -18,6 +18,7 @@ from sub300.agent.auth.limits import Limits
 from sub300.agent.behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from sub300.agent.calls import CallObserver, LoggingObserver
 from sub300.agent.playout import PlayoutQueue
+from sub300.agent.recording import open_recording
 
 from .auth import DigestAuth, SourceFilter
 from .call import CallAgent, CallFactory, CallSetup
@@ -42,7 +43,10 @@ def conversation_calls(engines: Engines, config: Config, behaviour: Behaviour = 
 
     def make(setup: CallSetup) -> CallAgent:
         playout = PlayoutQueue(setup.sample_rate, setup.clock)
-        return Conversation(engines, config, playout, setup.clock, behaviour=behaviour)
+        conversation = Conversation(engines, config, playout, setup.clock, behaviour=behaviour)
+        # SIP has no keys: records.record_audio alone asks (the CallContext the dialog layer reports says so too)
+        conversation.record_to(open_recording(config, setup.call_id, None, setup.sample_rate))
+        return conversation
 
     return make
 

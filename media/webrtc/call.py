@@ -75,6 +75,7 @@ from sub300.agent.events import (
 from sub300.agent.ledger import TurnLedger
 from sub300.agent.log_format import call_context
 from sub300.agent.playout import PlayoutQueue
+from sub300.agent.recording import open_recording
 from sub300.agent.tasks import TaskOwner
 
 from .ear_report import KIND as EAR_REPORT
@@ -134,6 +135,7 @@ class WebRtcCall:
         self.listener = listener = observer.call_started(TRANSPORT, call_id, self.context)
         self.conversation = Conversation(engines, config, self.playout, clock, listeners=[listener, self._on_event],
                                          behaviour=behaviour)
+        self.conversation.record_to(open_recording(config, call_id, self.context, PLAYOUT_RATE))
         self.tasks = TaskOwner(f"webrtc-{call_id}")
         self._io = self.tasks.child("io")   # what closing cancels: the reader, the hang-up timer
         self.reader: asyncio.Task | None = None

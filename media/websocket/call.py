@@ -68,6 +68,7 @@ from sub300.agent.engines import Engines
 from sub300.agent.events import Event, HangupRequested, TurnFailed, TurnFinished, TurnHeard, event_to_dict
 from sub300.agent.ledger import TurnLedger
 from sub300.agent.log_format import call_context
+from sub300.agent.recording import open_recording
 from sub300.agent.tasks import TaskOwner
 from sub300.models.protocols import SAMPLE_RATE
 
@@ -148,6 +149,7 @@ class WebSocketCall:
         self.listener = observer.call_started(transport, call_id, self.context)
         self.conversation = Conversation(engines, config, self.playout, clock,
                                          listeners=[self._on_event, self._safe_listener], behaviour=behaviour)
+        self.conversation.record_to(open_recording(config, call_id, self.context, wire_rate))
         self.tasks = TaskOwner(f"{transport}-{call_id}")
         self.started = clock()
         self.close_reason: str | None = None
