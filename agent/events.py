@@ -159,8 +159,8 @@ class CallRecorded:
     """The call's audio was recorded (agent/recording.py): the WAV's path and length (seconds), emitted once
     by `Conversation.aclose()`, before `CallUsage`; the records store keeps the path."""
 
-    path: str
-    seconds: float
+    path: str = dataclasses.field(metadata={"server_only": True})   # never sent to the caller
+    seconds: float = 0.0
     kind: str = "call_recorded"
 
 
@@ -183,8 +183,11 @@ EventHandler = Callable[[Event], None]
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
+    """The event as JSON for the caller's data channel or WebSocket: fields marked ``server_only`` left out."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(event):
+        if f.metadata.get("server_only"):
+            continue
         value = getattr(event, f.name)
         if isinstance(value, TurnLedger):
             value = value.to_dict()

@@ -85,6 +85,13 @@ def test_only_a_key_or_the_configuration_asks_for_a_recording(tmp_path):
         r.close()
 
 
+def test_the_caller_is_never_sent_the_recordings_path():
+    from sub300.agent.events import event_to_dict
+
+    assert event_to_dict(CallRecorded("/var/lib/sub300/recordings/c1.wav", 2.5)) == {"seconds": 2.5,
+                                                                                      "kind": "call_recorded"}
+
+
 async def test_the_records_keep_the_recording_and_forget_deletes_it(tmp_path):
     config = load_config(environ={"SUB300_RECORDS_URL": f"sqlite:///{tmp_path / 'r.db'}"})
     store = open_store(config)
@@ -121,6 +128,7 @@ async def test_a_ws_pcm_call_with_recording_on_leaves_a_stereo_wav(config, tmp_p
         await asyncio.wait_for(client.reader, 5)
         await no_call_left(app)
     call_id = client.texts[0]["call_id"]
+
     rate, channels, frames = read_wav(tmp_path / f"{call_id}.wav")
     assert (rate, channels) == (RECORDING_RATE, 2) and len(frames) >= 1.6 * RECORDING_RATE
     caller, agent = np.abs(frames[:, 0]), np.abs(frames[:, 1])
