@@ -121,13 +121,12 @@ def _cached_folder(name: str, item: dict[str, Any], legacy_folder: Path) -> Path
     off = (f"Coqui model {name!r} is not downloaded and downloads are off: set tts.coqui_model to a local "
            f"model folder, or models.allow_download = true")
     if "repo_id" in item:  # hub-hosted (XTTS v2 and newer): the Hugging Face cache, as Coqui's manager uses it
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import try_to_load_from_cache   # a lookup in the cache folder: never the network
 
-        try:
-            folder = Path(snapshot_download(item["repo_id"], allow_patterns=item.get("allow"),
-                                            ignore_patterns=item.get("ignore"), local_files_only=True))
-        except Exception as exc:  # LocalEntryNotFoundError and friends
-            raise ModelUnavailable(off) from exc
+        cached = try_to_load_from_cache(item["repo_id"], "config.json")
+        if not isinstance(cached, str):   # None, or the cache's "known not to exist"
+            raise ModelUnavailable(off)
+        folder = Path(cached).parent      # the snapshot: config.json beside the checkpoint
     else:  # older models: unpacked under Coqui's data folder as <kind>--<lang>--<dataset>--<model>
         folder = legacy_folder
     if not (folder / "config.json").is_file():

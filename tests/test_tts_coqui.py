@@ -135,11 +135,25 @@ def test_a_name_loads_from_coquis_download_folder_and_is_never_fetched(tiny_vits
     assert engine.folder == folder and len(np.concatenate(list(engine.synthesize("Hi there.")))) > 0
 
 
-def test_a_hub_hosted_name_is_looked_up_in_the_local_cache_only(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+def test_a_hub_hosted_name_is_looked_up_in_the_local_cache_only(tmp_path, monkeypatch, tiny_xtts_folder):
+    """XTTS v2 by name: found in the Hugging Face cache where Coqui's manager downloads it (repository
+    tts-hub/XTTS-v2, the cache's own layout), refused while it is not there."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    name = "tts_models/multilingual/multi-dataset/xtts_v2"
     with pytest.raises(ModelUnavailable, match="downloads are off"):
-        CoquiSynthesizer("tts_models/multilingual/multi-dataset/xtts_v2", device="cpu")
+        CoquiSynthesizer(name, device="cpu")
+    repo = tmp_path / "hub" / "models--tts-hub--XTTS-v2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for file in tiny_xtts_folder.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    engine = CoquiSynthesizer(name, device="cpu", stream_chunk_size=400)
+    assert engine.folder == snapshot and engine.model_type == "xtts"
+    assert [len(c) for c in engine.synthesize("Hi.")] == [XTTS_SENTENCE_SAMPLES]
 
 
 @pytest.mark.parametrize("model, match", [
