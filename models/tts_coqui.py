@@ -121,7 +121,8 @@ def _cached_folder(name: str, item: dict[str, Any], legacy_folder: Path) -> Path
     off = (f"Coqui model {name!r} is not downloaded and downloads are off: set tts.coqui_model to a local "
            f"model folder, or models.allow_download = true")
     if "repo_id" in item:  # hub-hosted (XTTS v2 and newer): the Hugging Face cache, as Coqui's manager uses it
-        from huggingface_hub import try_to_load_from_cache   # a lookup in the cache folder: never the network
+        # a lookup in the cache folder, which never touches the network
+        from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(item["repo_id"], "config.json")
         if not isinstance(cached, str):   # None, or the cache's "known not to exist"
