@@ -153,7 +153,7 @@ class Conversation:
         self._farewell = TaskOwner("farewell", expected=(ModelError,))
         self._echo = EchoGuard(self.playout.sample_rate, interrupt.echo_correlation) if interrupt.echo_guard else None
         self.recording: CallRecording | None = None
-        self.playout.on_played = self._on_played
+        self._listen_to_playout()
         self._on_endpoint: dict[type, Callable[[Any], None]] = {VoiceOnset: self._on_voice_onset, SpeechStarted: self._on_speech_started,
                              SpeechPaused: self._on_speech_paused, SpeechResumed: self._on_speech_resumed,
                              SpeechEnded: self._on_speech_ended}
@@ -177,6 +177,12 @@ class Conversation:
     def record_to(self, recording: CallRecording | None) -> None:
         """Record the call from now on (agent/recording.py): the caller's frames and the agent's as played."""
         self.recording = recording
+        self._listen_to_playout()
+
+    def _listen_to_playout(self) -> None:
+        # only when the echo guard or a recording listens: an idle queue then makes no silence for nobody
+        wanted = self._echo is not None or self.recording is not None
+        self.playout.on_played = self._on_played if wanted else None
 
     def _on_played(self, pcm, at: float) -> None:
         """Every frame the transport took from the playout queue, agent audio or silence."""

@@ -48,12 +48,12 @@ import numpy as np
 
 from . import defaults
 from .bundled import not_installed
-from .protocols import ModelError, ModelUnavailable
+from .protocols import ModelUnavailable
+from .synthesis import float_to_int16, synthesis_errors
 from .torch_device import select_torch_device
 
 log = logging.getLogger(__name__)
 
-_MAX_INT16 = 32767.0
 #: checkpoint file names Coqui's own model manager looks for, in its order (TTS/utils/manage.py)
 _CHECKPOINT_NAMES = ("model_file.pth", "model_file.pth.tar", "model.pth", "checkpoint.pth", "best_model.pth")
 #: the rate XTTS computes its conditioning latents at (TTS/tts/models/xtts.py, ``load_sr``)
@@ -294,15 +294,10 @@ class CoquiSynthesizer:
             return
         chunks = self._stream(text) if self.streaming else self._sentences(text)
         try:
-            for wave in chunks:
-                if wave.size:
-                    yield np.clip(wave * _MAX_INT16, -_MAX_INT16, _MAX_INT16).astype(np.int16)
-        except GeneratorExit:
-            raise
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"Coqui synthesis failed for {text[:60]!r}: {exc}") from exc
+            with synthesis_errors("Coqui", text):
+                for wave in chunks:
+                    if wave.size:
+                        yield float_to_int16(wave)
         finally:
             chunks.close()  # an XTTS stream holds the GPT's generator: end it in this thread
 

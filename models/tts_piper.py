@@ -26,9 +26,8 @@ import numpy as np
 from . import defaults
 from .bundled import is_bundled, not_installed, resolve_bundled
 from .onnx import onnx_session, session_device
-from .protocols import ModelError, ModelUnavailable
-
-_MAX_INT16 = 32767.0
+from .protocols import ModelUnavailable
+from .synthesis import float_to_int16, synthesis_errors
 
 
 def _resolve_voice(voice: str | Path) -> tuple[Path, Path]:
@@ -91,19 +90,11 @@ class PiperSynthesizer:
         """Yield int16 mono chunks at ``sample_rate``, one per sentence."""
         if not text or not text.strip():
             return
-        try:
-            chunks = self._voice.synthesize(text, syn_config=self._syn_config)
-            for chunk in chunks:
+        with synthesis_errors("Piper", text):
+            for chunk in self._voice.synthesize(text, syn_config=self._syn_config):
                 audio = chunk.audio_float_array
-                if audio.size == 0:
-                    continue
-                yield np.clip(audio * _MAX_INT16, -_MAX_INT16, _MAX_INT16).astype(np.int16)
-        except GeneratorExit:
-            raise
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"Piper synthesis failed for {text[:60]!r}: {exc}") from exc
+                if audio.size:
+                    yield float_to_int16(audio)
 
     def __repr__(self) -> str:
         return f"PiperSynthesizer({str(self.voice_path)!r}, threads={self.threads}, device={self.device!r})"
